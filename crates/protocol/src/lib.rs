@@ -1,0 +1,29 @@
+//! The Netbore tunnel wire protocol, without sockets or clocks.
+//!
+//! One WebSocket connection between an agent and an edge carries many concurrent
+//! streams. It opens with a JSON handshake ([`handshake`]), after which every binary
+//! WebSocket message carries one or more [`Frame`]s ([`frame`]). Each stream is a
+//! viewer request (or an upgraded byte stream) and is governed by a small state
+//! machine ([`stream`]) and by credit windows ([`flow`]) that bound how much either
+//! side may buffer.
+//!
+//! Everything here is plain data: feed it bytes, get frames back. The multiplexer in
+//! `netbore-mux` owns the socket; tests and fuzzers drive this crate directly.
+//! The normative description is `docs/protocol.md`.
+
+pub mod flow;
+pub mod frame;
+pub mod handshake;
+pub mod stream;
+
+pub use flow::{FlowError, RecvWindow, SendWindow};
+pub use frame::{
+    DecodeError, Frame, FrameType, GoAway, Header, RequestHead, ResetCode, ResponseHead, decode,
+    encode,
+};
+pub use handshake::{AgentHello, EdgeReply, Limits, Refusal, Welcome};
+pub use stream::{StreamError, StreamEvent, StreamState};
+
+/// The protocol version this build speaks. A peer that announces another version is
+/// refused during the handshake with [`handshake::RefusalCode::UnsupportedVersion`].
+pub const PROTOCOL_VERSION: u32 = 1;
