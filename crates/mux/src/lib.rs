@@ -1,1 +1,1038 @@
-//! placeholder
+//! Runs the Netbore tunnel protocol over one WebSocket connection.
+//!
+//! A [`Mux`] owns a WebSocket after the handshake and carries many concurrent streams on
+//! it. The edge opens streams with [`Mux::open`]; the agent takes them from
+//! [`Incoming`]. Each stream is a [`StreamSender`] and a [`StreamReceiver`], usable from
+//! different tasks.
+//!
+//! Three tasks serve a connection: a reader that decodes frames and routes them to
+//! streams, a writer that batches queued frames into as few WebSocket messages as it can
+//! (one write per burst, not per frame), and a heartbeat. Memory is bounded by the
+//! protocol's credit windows: a sender waits for credit before queuing data, and a
+//! receiver returns credit only for bytes its consumer has taken, so a slow viewer or
+//! origin never makes either side buffer more than a window.
+//!
+//! Dropping a [`StreamSender`] that has not finished, or a [`StreamReceiver`] before the
+//! peer finished, resets the stream: a forgotten stream frees itself.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use netbore_protocol::{
+    Frame, GoAway, Header, Limits, RecvWindow, RequestHead, ResetCode, ResponseHead, StreamEvent,
+    StreamState, decode, encode,
+};
+use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+/// Largest data payload put in one frame. Big enough that bulk transfer is not
+/// dominated by per-frame cost, small enough that streams interleave fairly.
+pub const MAX_DATA_CHUNK: usize = 64 * 1024;
+
+/// The writer stops adding frames to one WebSocket message beyond this many bytes.
+pub const MAX_BATCH_BYTES: usize = 256 * 1024;
+
+/// Missing this many heartbeat intervals without hearing anything from the peer means
+/// the link is dead.
+pub const HEARTBEAT_MISSES: u32 = 3;
+
+/// Which end of the tunnel this is. The edge opens streams; the agent accepts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The edge side.
+    Edge,
+    /// The agent side.
+    Agent,
+}
+
+/// Settings for one connection, mostly from the handshake.
+#[derive(Debug, Clone)]
+pub struct MuxConfig {
+    /// Which side we are.
+    pub role: Role,
+    /// Limits agreed in the handshake.
+    pub limits: Limits,
+    /// Ping when quiet this long; dead after [`HEARTBEAT_MISSES`] of them.
+    pub heartbeat_interval: Duration,
+    /// A label for logs (session id).
+    pub label: String,
+}
+
+/// Why a connection or stream operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MuxError {
+    /// The connection is gone.
+    #[error("tunnel connection closed: {0}")]
+    Closed(String),
+    /// The peer (or we) reset the stream.
+    #[error("stream reset ({code:?}): {message}")]
+    Reset {
+        /// Reset reason.
+        code: ResetCode,
+        /// Detail.
+        message: String,
+    },
+    /// The connection is at its concurrent stream limit, or going away.
+    #[error("tunnel connection refuses new streams: {0}")]
+    Refused(&'static str),
+    /// The caller misused the stream (a bug, reported rather than panicking).
+    #[error("stream misuse: {0}")]
+    Misuse(String),
+}
+
+/// What a [`StreamReceiver`] yields.
+#[derive(Debug)]
+pub enum Event {
+    /// The response head (edge side only).
+    Head(ResponseHead),
+    /// Body bytes (or raw bytes of an upgraded stream).
+    Data(Bytes),
+    /// Trailers; the peer's half is finished.
+    Trailers(Vec<Header>),
+    /// The peer's half finished cleanly.
+    End,
+    /// The stream was reset; nothing more follows.
+    Reset(ResetCode, String),
+}
+
+/// Per-stream state shared between the reader and the stream's two handles.
+struct StreamCtl {
+    id: u32,
+    /// Send credit in bytes. Closed when the stream is reset.
+    send_credit: Semaphore,
+    recv_window: Mutex<RecvWindow>,
+    reset: AtomicBool,
+    /// The receiver was dropped before the peer finished; reset once we finish too.
+    recv_dropped: AtomicBool,
+}
+
+struct Entry {
+    tx: mpsc::UnboundedSender<Event>,
+    ctl: Arc<StreamCtl>,
+    state: StreamState,
+    local_done: bool,
+}
+
+struct Shared {
+    cfg: MuxConfig,
+    out: mpsc::UnboundedSender<Frame>,
+    streams: Mutex<HashMap<u32, Entry>>,
+    next_id: AtomicU32,
+    last_remote_id: AtomicU32,
+    conn_credit: Semaphore,
+    conn_recv: Mutex<RecvWindow>,
+    cancel: CancellationToken,
+    close_reason: Mutex<Option<String>>,
+    going_away: AtomicBool,
+    going_away_notify: Notify,
+    idle_notify: Notify,
+    started: Instant,
+    last_heard_ms: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+}
+
+/// A handle to one multiplexed connection; cheap to clone.
+#[derive(Clone)]
+pub struct Mux {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Mux {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mux")
+            .field("label", &self.shared.cfg.label)
+            .field("open_streams", &self.open_streams())
+            .finish()
+    }
+}
+
+/// Streams the edge opens, as the agent receives them.
+pub struct Incoming {
+    rx: mpsc::Receiver<IncomingStream>,
+}
+
+impl Incoming {
+    /// The next stream, or `None` once the connection is closed.
+    pub async fn accept(&mut self) -> Option<IncomingStream> {
+        self.rx.recv().await
+    }
+}
+
+/// A stream opened by the edge: a viewer's request.
+pub struct IncomingStream {
+    /// The request head.
+    pub head: RequestHead,
+    /// True when the request has no body.
+    pub end_stream: bool,
+    /// Sends the response.
+    pub sender: StreamSender,
+    /// Receives the request body.
+    pub receiver: StreamReceiver,
+}
+
+impl Mux {
+    /// Starts serving `ws` (already past the handshake). Returns the handle and, for the
+    /// agent role, the stream of incoming streams. The connection closes when `cancel`
+    /// fires, the peer goes away, or the link dies.
+    pub fn start<S>(
+        ws: WebSocketStream<S>,
+        cfg: MuxConfig,
+        cancel: CancellationToken,
+    ) -> (Mux, Option<Incoming>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        let limits = cfg.limits;
+        let role = cfg.role;
+        let shared = Arc::new(Shared {
+            out: out_tx,
+            streams: Mutex::new(HashMap::new()),
+            next_id: AtomicU32::new(1),
+            last_remote_id: AtomicU32::new(0),
+            conn_credit: Semaphore::new(limits.connection_window as usize),
+            conn_recv: Mutex::new(RecvWindow::new(limits.connection_window)),
+            cancel,
+            close_reason: Mutex::new(None),
+            going_away: AtomicBool::new(false),
+            going_away_notify: Notify::new(),
+            idle_notify: Notify::new(),
+            started: Instant::now(),
+            last_heard_ms: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            cfg,
+        });
+        let (accept_tx, incoming) = if role == Role::Agent {
+            let (tx, rx) = mpsc::channel(limits.max_concurrent_streams.max(1) as usize);
+            (Some(tx), Some(Incoming { rx }))
+        } else {
+            (None, None)
+        };
+        let (sink, stream) = ws.split();
+        let mux = Mux {
+            shared: shared.clone(),
+        };
+        tokio::spawn(writer(shared.clone(), sink, out_rx));
+        tokio::spawn(reader(shared.clone(), stream, accept_tx));
+        tokio::spawn(heartbeat(shared));
+        (mux, incoming)
+    }
+
+    /// Opens a stream carrying `head` (edge side). Returns immediately; the request
+    /// head is queued for the writer.
+    pub fn open(
+        &self,
+        head: RequestHead,
+        end_stream: bool,
+    ) -> Result<(StreamSender, StreamReceiver), MuxError> {
+        let sh = &self.shared;
+        if sh.cancel.is_cancelled() {
+            return Err(MuxError::Closed(self.close_reason()));
+        }
+        if sh.going_away.load(Ordering::Acquire) {
+            return Err(MuxError::Refused("the connection is going away"));
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let id = sh.next_id.fetch_add(1, Ordering::Relaxed);
+        let ctl = new_ctl(id, &sh.cfg.limits);
+        let mut state = StreamState::new();
+        state
+            .on_send(StreamEvent::Head { end_stream })
+            .map_err(|e| MuxError::Misuse(e.to_string()))?;
+        {
+            let mut streams = sh.streams.lock();
+            if streams.len() >= sh.cfg.limits.max_concurrent_streams as usize {
+                return Err(MuxError::Refused("too many concurrent streams"));
+            }
+            streams.insert(
+                id,
+                Entry {
+                    tx,
+                    ctl: ctl.clone(),
+                    state,
+                    local_done: end_stream,
+                },
+            );
+        }
+        sh.send(Frame::RequestHead {
+            stream_id: id,
+            head,
+            end_stream,
+        })?;
+        Ok(self.handles(ctl, rx, state))
+    }
+
+    fn handles(
+        &self,
+        ctl: Arc<StreamCtl>,
+        rx: mpsc::UnboundedReceiver<Event>,
+        state: StreamState,
+    ) -> (StreamSender, StreamReceiver) {
+        (
+            StreamSender {
+                shared: self.shared.clone(),
+                ctl: ctl.clone(),
+                state,
+            },
+            StreamReceiver {
+                shared: self.shared.clone(),
+                ctl,
+                rx,
+                finished: false,
+            },
+        )
+    }
+
+    /// Tells the agent this edge is leaving (edge side). No new streams are opened
+    /// here afterwards; open ones run to completion.
+    pub fn go_away(&self, message: &str) {
+        let sh = &self.shared;
+        if !sh.going_away.swap(true, Ordering::AcqRel) {
+            let _ = sh.send(Frame::GoAway(GoAway {
+                last_stream_id: sh.next_id.load(Ordering::Relaxed).saturating_sub(1),
+                message: message.to_string(),
+            }));
+            sh.going_away_notify.notify_waiters();
+        }
+    }
+
+    /// True once either side announced go-away.
+    pub fn is_going_away(&self) -> bool {
+        self.shared.going_away.load(Ordering::Acquire)
+    }
+
+    /// Resolves when the peer (or we) announced go-away, or the connection closed.
+    pub async fn going_away(&self) {
+        let sh = &self.shared;
+        loop {
+            let notified = sh.going_away_notify.notified();
+            if sh.going_away.load(Ordering::Acquire) || sh.cancel.is_cancelled() {
+                return;
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = sh.cancel.cancelled() => return,
+            }
+        }
+    }
+
+    /// Closes the connection now; open streams are reset.
+    pub fn close(&self, reason: &str) {
+        self.shared.close(reason);
+    }
+
+    /// True once the connection is closed.
+    pub fn is_closed(&self) -> bool {
+        self.shared.cancel.is_cancelled()
+    }
+
+    /// Resolves when the connection is closed.
+    pub async fn closed(&self) {
+        self.shared.cancel.cancelled().await
+    }
+
+    /// Why the connection closed (empty while open).
+    pub fn close_reason(&self) -> String {
+        self.shared.close_reason.lock().clone().unwrap_or_default()
+    }
+
+    /// Streams currently open on this connection.
+    pub fn open_streams(&self) -> usize {
+        self.shared.streams.lock().len()
+    }
+
+    /// Resolves when no stream is open (for draining).
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.shared.idle_notify.notified();
+            if self.open_streams() == 0 || self.is_closed() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Payload bytes received and sent so far.
+    pub fn bytes(&self) -> (u64, u64) {
+        (
+            self.shared.bytes_in.load(Ordering::Relaxed),
+            self.shared.bytes_out.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The label given in the config (the session id).
+    pub fn label(&self) -> &str {
+        &self.shared.cfg.label
+    }
+}
+
+fn new_ctl(id: u32, limits: &Limits) -> Arc<StreamCtl> {
+    Arc::new(StreamCtl {
+        id,
+        send_credit: Semaphore::new(limits.initial_stream_window as usize),
+        recv_window: Mutex::new(RecvWindow::new(limits.initial_stream_window)),
+        reset: AtomicBool::new(false),
+        recv_dropped: AtomicBool::new(false),
+    })
+}
+
+impl Shared {
+    fn send(&self, frame: Frame) -> Result<(), MuxError> {
+        self.out
+            .send(frame)
+            .map_err(|_| MuxError::Closed(self.close_reason.lock().clone().unwrap_or_default()))
+    }
+
+    fn close(&self, reason: &str) {
+        {
+            let mut r = self.close_reason.lock();
+            if r.is_none() {
+                *r = Some(reason.to_string());
+            }
+        }
+        self.cancel.cancel();
+        let drained: Vec<Entry> = self.streams.lock().drain().map(|(_, e)| e).collect();
+        for e in drained {
+            e.ctl.reset.store(true, Ordering::Release);
+            e.ctl.send_credit.close();
+            let _ = e.tx.send(Event::Reset(
+                ResetCode::Cancel,
+                format!("tunnel connection closed: {reason}"),
+            ));
+        }
+        self.conn_credit.close();
+        self.going_away_notify.notify_waiters();
+        self.idle_notify.notify_waiters();
+    }
+
+    /// Marks our half done; forgets the stream when both halves are.
+    fn local_done(&self, id: u32) {
+        let mut streams = self.streams.lock();
+        if let Some(e) = streams.get_mut(&id) {
+            e.local_done = true;
+            if e.state.remote() == netbore_protocol::stream::Half::Closed {
+                streams.remove(&id);
+                if streams.is_empty() {
+                    self.idle_notify.notify_waiters();
+                }
+            } else if e.ctl.recv_dropped.load(Ordering::Acquire) {
+                drop(streams);
+                self.reset_stream(id, ResetCode::Cancel, "nobody reads the rest of the stream");
+            }
+        }
+    }
+
+    fn is_local_done(&self, id: u32) -> bool {
+        self.streams.lock().get(&id).is_none_or(|e| e.local_done)
+    }
+
+    /// Resets a stream from our side: tells the peer, fails our handles.
+    fn reset_stream(&self, id: u32, code: ResetCode, message: &str) {
+        let entry = self.streams.lock().remove(&id);
+        if let Some(e) = entry {
+            e.ctl.reset.store(true, Ordering::Release);
+            e.ctl.send_credit.close();
+            let _ = e.tx.send(Event::Reset(code, message.to_string()));
+            if self.streams.lock().is_empty() {
+                self.idle_notify.notify_waiters();
+            }
+        }
+        let _ = self.send(Frame::Reset {
+            stream_id: id,
+            code,
+            message: message.to_string(),
+        });
+    }
+
+    fn credit_connection(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let inc = self.conn_recv.lock().on_consumed(n);
+        if let Some(increment) = inc {
+            let _ = self.send(Frame::WindowUpdate {
+                stream_id: 0,
+                increment,
+            });
+        }
+    }
+
+    fn heard(&self) {
+        self.last_heard_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Sends one direction of a stream.
+pub struct StreamSender {
+    shared: Arc<Shared>,
+    ctl: Arc<StreamCtl>,
+    state: StreamState,
+}
+
+impl StreamSender {
+    /// The stream id.
+    pub fn id(&self) -> u32 {
+        self.ctl.id
+    }
+
+    fn check(&mut self, ev: StreamEvent) -> Result<(), MuxError> {
+        if self.ctl.reset.load(Ordering::Acquire) {
+            return Err(MuxError::Reset {
+                code: ResetCode::Cancel,
+                message: "stream was reset".into(),
+            });
+        }
+        self.state
+            .on_send(ev)
+            .map_err(|e| MuxError::Misuse(e.to_string()))
+    }
+
+    fn after_send(&mut self) {
+        if self.state.local() == netbore_protocol::stream::Half::Closed {
+            self.shared.local_done(self.ctl.id);
+        }
+    }
+
+    /// Sends the response head (agent side).
+    pub fn send_response(&mut self, head: ResponseHead, end_stream: bool) -> Result<(), MuxError> {
+        self.check(StreamEvent::Head { end_stream })?;
+        self.shared.send(Frame::ResponseHead {
+            stream_id: self.ctl.id,
+            head,
+            end_stream,
+        })?;
+        self.after_send();
+        Ok(())
+    }
+
+    /// Sends body bytes, waiting for credit as needed, split into frames of at most
+    /// [`MAX_DATA_CHUNK`] bytes.
+    pub async fn send_data(&mut self, mut data: Bytes) -> Result<(), MuxError> {
+        if self.state.local() != netbore_protocol::stream::Half::Body {
+            self.check(StreamEvent::Data { end_stream: false })?;
+        }
+        while !data.is_empty() {
+            let want = data.len().min(MAX_DATA_CHUNK);
+            let n = self.acquire_credit(want).await?;
+            let chunk = data.split_to(n);
+            self.shared.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+            self.shared.send(Frame::Data {
+                stream_id: self.ctl.id,
+                data: chunk,
+                end_stream: false,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Takes between 1 and `want` bytes of both stream and connection credit.
+    async fn acquire_credit(&self, want: usize) -> Result<usize, MuxError> {
+        let closed = || MuxError::Reset {
+            code: ResetCode::Cancel,
+            message: "stream was reset or its connection closed".into(),
+        };
+        let n = take_some(&self.ctl.send_credit, want)
+            .await
+            .ok_or_else(closed)?;
+        let m = take_some(&self.shared.conn_credit, n)
+            .await
+            .ok_or_else(closed)?;
+        if m < n {
+            self.ctl.send_credit.add_permits(n - m);
+        }
+        Ok(m)
+    }
+
+    /// Ends our half with trailers.
+    pub fn send_trailers(&mut self, headers: Vec<Header>) -> Result<(), MuxError> {
+        self.check(StreamEvent::Trailers)?;
+        self.shared.send(Frame::Trailers {
+            stream_id: self.ctl.id,
+            headers,
+        })?;
+        self.after_send();
+        Ok(())
+    }
+
+    /// Ends our half cleanly.
+    pub fn finish(&mut self) -> Result<(), MuxError> {
+        self.check(StreamEvent::Data { end_stream: true })?;
+        self.shared.send(Frame::Data {
+            stream_id: self.ctl.id,
+            data: Bytes::new(),
+            end_stream: true,
+        })?;
+        self.after_send();
+        Ok(())
+    }
+
+    /// Abandons the stream in both directions.
+    pub fn reset(&mut self, code: ResetCode, message: &str) {
+        if !self.ctl.reset.load(Ordering::Acquire) && !self.state.is_closed() {
+            let _ = self.state.on_send(StreamEvent::Reset);
+            self.shared.reset_stream(self.ctl.id, code, message);
+        }
+    }
+
+    /// True once our half is finished or the stream was reset.
+    pub fn is_done(&self) -> bool {
+        self.state.local() == netbore_protocol::stream::Half::Closed
+            || self.ctl.reset.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for StreamSender {
+    fn drop(&mut self) {
+        if !self.is_done() {
+            self.reset(
+                ResetCode::Cancel,
+                "sender dropped before the end of the stream",
+            );
+        }
+    }
+}
+
+async fn take_some(sem: &Semaphore, want: usize) -> Option<usize> {
+    let first = sem.acquire().await.ok()?;
+    first.forget();
+    let extra = (want - 1).min(sem.available_permits());
+    if extra > 0
+        && let Ok(p) = sem.try_acquire_many(extra as u32)
+    {
+        p.forget();
+        return Some(1 + extra);
+    }
+    Some(1)
+}
+
+/// Receives one direction of a stream.
+pub struct StreamReceiver {
+    shared: Arc<Shared>,
+    ctl: Arc<StreamCtl>,
+    rx: mpsc::UnboundedReceiver<Event>,
+    finished: bool,
+}
+
+impl StreamReceiver {
+    /// The stream id.
+    pub fn id(&self) -> u32 {
+        self.ctl.id
+    }
+
+    /// The next event, or `None` after the last one. Receiving data returns its credit
+    /// to the peer.
+    pub async fn recv(&mut self) -> Option<Event> {
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// Poll form of [`StreamReceiver::recv`], for `http_body::Body` impls.
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        if self.finished {
+            return Poll::Ready(None);
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(ev)) => {
+                match &ev {
+                    Event::Data(d) => self.consumed(d.len()),
+                    Event::End | Event::Trailers(_) | Event::Reset(..) => self.finished = true,
+                    Event::Head(_) => {}
+                }
+                Poll::Ready(Some(ev))
+            }
+            Poll::Ready(None) => {
+                self.finished = true;
+                Poll::Ready(Some(Event::Reset(
+                    ResetCode::Cancel,
+                    "tunnel connection closed".into(),
+                )))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn consumed(&self, n: usize) {
+        let inc = self.ctl.recv_window.lock().on_consumed(n);
+        if let Some(increment) = inc {
+            let _ = self.shared.send(Frame::WindowUpdate {
+                stream_id: self.ctl.id,
+                increment,
+            });
+        }
+        self.shared.credit_connection(n);
+    }
+}
+
+impl Drop for StreamReceiver {
+    fn drop(&mut self) {
+        // Return the connection credit held by data nobody will read.
+        let mut unread = 0;
+        while let Ok(ev) = self.rx.try_recv() {
+            match ev {
+                Event::Data(d) => unread += d.len(),
+                Event::End | Event::Trailers(_) | Event::Reset(..) => self.finished = true,
+                Event::Head(_) => {}
+            }
+        }
+        self.shared.credit_connection(unread);
+        if !self.finished && !self.ctl.reset.load(Ordering::Acquire) {
+            // While we are still answering, only stop reading: the reply may go on (an
+            // origin that answers before reading the whole upload). Reset once both
+            // halves are of no more use.
+            self.ctl.recv_dropped.store(true, Ordering::Release);
+            if !self.shared.is_local_done(self.ctl.id) {
+                return;
+            }
+            self.shared.reset_stream(
+                self.ctl.id,
+                ResetCode::Cancel,
+                "receiver dropped before the end of the stream",
+            );
+        }
+    }
+}
+
+async fn writer<S>(
+    shared: Arc<Shared>,
+    mut sink: futures_util::stream::SplitSink<WebSocketStream<S>, Message>,
+    mut rx: mpsc::UnboundedReceiver<Frame>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    loop {
+        let first = tokio::select! {
+            biased;
+            f = rx.recv() => f,
+            _ = shared.cancel.cancelled() => None,
+        };
+        let Some(first) = first else { break };
+        encode(&first, &mut buf);
+        while buf.len() < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(f) => encode(&f, &mut buf),
+                Err(_) => break,
+            }
+        }
+        let msg = Message::Binary(buf.split().freeze());
+        if let Err(e) = sink.send(msg).await {
+            shared.close(&format!("write failed: {e}"));
+            break;
+        }
+        if buf.capacity() > 4 * MAX_BATCH_BYTES {
+            buf = BytesMut::with_capacity(16 * 1024);
+        }
+    }
+    // Flush what is queued (a go-away or resets) then close politely.
+    while let Ok(f) = rx.try_recv() {
+        encode(&f, &mut buf);
+    }
+    if !buf.is_empty() {
+        let _ = sink.send(Message::Binary(buf.split().freeze())).await;
+    }
+    let _ = sink.close().await;
+}
+
+async fn reader<S>(
+    shared: Arc<Shared>,
+    mut stream: futures_util::stream::SplitStream<WebSocketStream<S>>,
+    accept: Option<mpsc::Sender<IncomingStream>>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let max_len = shared.cfg.limits.max_frame_len as usize;
+    let reason = loop {
+        let msg = tokio::select! {
+            m = stream.next() => m,
+            _ = shared.cancel.cancelled() => break "closed locally".to_string(),
+        };
+        let msg = match msg {
+            None => break "peer closed the connection".to_string(),
+            Some(Err(e)) => break format!("read failed: {e}"),
+            Some(Ok(m)) => m,
+        };
+        shared.heard();
+        let data = match msg {
+            Message::Binary(b) => b,
+            Message::Close(_) => break "peer closed the connection".to_string(),
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+            Message::Text(_) => break "protocol error: text message after the handshake".into(),
+        };
+        let mut buf = BytesMut::from(data);
+        let mut fatal = None;
+        loop {
+            match decode(&mut buf, max_len) {
+                Ok(Some(frame)) => {
+                    if let Err(e) = dispatch(&shared, frame, accept.as_ref()).await {
+                        fatal = Some(e);
+                        break;
+                    }
+                }
+                Ok(None) => {
+                    if !buf.is_empty() {
+                        fatal = Some(format!(
+                            "protocol error: {} bytes of a partial frame at the end of a message",
+                            buf.len()
+                        ));
+                    }
+                    break;
+                }
+                Err(e) => {
+                    fatal = Some(format!("protocol error: {e}"));
+                    break;
+                }
+            }
+        }
+        if let Some(reason) = fatal {
+            warn!(session = %shared.cfg.label, %reason, "closing tunnel connection");
+            break reason;
+        }
+    };
+    debug!(session = %shared.cfg.label, %reason, "tunnel connection reader finished");
+    shared.close(&reason);
+}
+
+/// Routes one frame; an error is a connection-level protocol violation.
+async fn dispatch(
+    shared: &Arc<Shared>,
+    frame: Frame,
+    accept: Option<&mpsc::Sender<IncomingStream>>,
+) -> Result<(), String> {
+    match frame {
+        Frame::RequestHead {
+            stream_id,
+            head,
+            end_stream,
+        } => {
+            let Some(accept) = accept else {
+                return Err("protocol error: the agent sent a request head".into());
+            };
+            if stream_id <= shared.last_remote_id.swap(stream_id, Ordering::AcqRel) {
+                return Err(format!(
+                    "protocol error: stream id {stream_id} is not above the last one"
+                ));
+            }
+            let (tx, rx) = mpsc::unbounded_channel();
+            let ctl = new_ctl(stream_id, &shared.cfg.limits);
+            let mut state = StreamState::new();
+            let _ = state.on_recv(StreamEvent::Head { end_stream });
+            {
+                let mut streams = shared.streams.lock();
+                if streams.len() >= shared.cfg.limits.max_concurrent_streams as usize {
+                    drop(streams);
+                    let _ = shared.send(Frame::Reset {
+                        stream_id,
+                        code: ResetCode::Refused,
+                        message: "agent is at its concurrent stream limit".into(),
+                    });
+                    return Ok(());
+                }
+                streams.insert(
+                    stream_id,
+                    Entry {
+                        tx: tx.clone(),
+                        ctl: ctl.clone(),
+                        state,
+                        local_done: false,
+                    },
+                );
+            }
+            if end_stream {
+                let _ = tx.send(Event::End);
+            }
+            let mux = Mux {
+                shared: shared.clone(),
+            };
+            let mut local = StreamState::new();
+            let _ = local.on_recv(StreamEvent::Head { end_stream });
+            let (sender, receiver) = mux.handles(ctl, rx, local);
+            let incoming = IncomingStream {
+                head,
+                end_stream,
+                sender,
+                receiver,
+            };
+            if accept.send(incoming).await.is_err() {
+                return Err("agent stopped accepting streams".into());
+            }
+        }
+        Frame::ResponseHead {
+            stream_id,
+            head,
+            end_stream,
+        } => {
+            if accept.is_some() {
+                return Err("protocol error: the edge sent a response head".into());
+            }
+            on_stream_frame(
+                shared,
+                stream_id,
+                StreamEvent::Head { end_stream },
+                Some(Event::Head(head)),
+                0,
+            );
+        }
+        Frame::Data {
+            stream_id,
+            data,
+            end_stream,
+        } => {
+            let len = data.len();
+            if let Err(e) = shared.conn_recv.lock().on_data(len) {
+                return Err(format!("flow control error on the connection: {e}"));
+            }
+            shared.bytes_in.fetch_add(len as u64, Ordering::Relaxed);
+            let ev = if len > 0 {
+                Some(Event::Data(data))
+            } else {
+                None
+            };
+            on_stream_frame(shared, stream_id, StreamEvent::Data { end_stream }, ev, len);
+        }
+        Frame::Trailers { stream_id, headers } => {
+            on_stream_frame(
+                shared,
+                stream_id,
+                StreamEvent::Trailers,
+                Some(Event::Trailers(headers)),
+                0,
+            );
+        }
+        Frame::Reset {
+            stream_id,
+            code,
+            message,
+        } => {
+            let entry = shared.streams.lock().remove(&stream_id);
+            if let Some(e) = entry {
+                e.ctl.reset.store(true, Ordering::Release);
+                e.ctl.send_credit.close();
+                let _ = e.tx.send(Event::Reset(code, message));
+                if shared.streams.lock().is_empty() {
+                    shared.idle_notify.notify_waiters();
+                }
+            }
+        }
+        Frame::WindowUpdate {
+            stream_id,
+            increment,
+        } => {
+            if stream_id == 0 {
+                if shared.conn_credit.available_permits() + increment as usize
+                    > netbore_protocol::flow::MAX_WINDOW as usize
+                {
+                    return Err("flow control error: connection window overflow".into());
+                }
+                shared.conn_credit.add_permits(increment as usize);
+            } else {
+                let ctl = shared.streams.lock().get(&stream_id).map(|e| e.ctl.clone());
+                if let Some(ctl) = ctl {
+                    if ctl.send_credit.available_permits() + increment as usize
+                        > netbore_protocol::flow::MAX_WINDOW as usize
+                    {
+                        shared.reset_stream(
+                            stream_id,
+                            ResetCode::FlowControl,
+                            "window update overflows the stream window",
+                        );
+                    } else {
+                        ctl.send_credit.add_permits(increment as usize);
+                    }
+                }
+            }
+        }
+        Frame::Ping { payload } => {
+            let _ = shared.send(Frame::Pong { payload });
+        }
+        Frame::Pong { .. } => {}
+        Frame::GoAway(g) => {
+            if accept.is_none() {
+                return Err("protocol error: the agent sent go-away".into());
+            }
+            debug!(session = %shared.cfg.label, message = %g.message, "edge is going away");
+            shared.going_away.store(true, Ordering::Release);
+            shared.going_away_notify.notify_waiters();
+        }
+    }
+    Ok(())
+}
+
+/// Applies a stream-level frame from the peer. Frames for unknown streams (already
+/// reset by us, say) are dropped, returning their connection credit.
+fn on_stream_frame(
+    shared: &Arc<Shared>,
+    stream_id: u32,
+    ev: StreamEvent,
+    payload: Option<Event>,
+    data_len: usize,
+) {
+    let mut violation = None;
+    let mut delivered = false;
+    {
+        let mut streams = shared.streams.lock();
+        if let Some(e) = streams.get_mut(&stream_id) {
+            if data_len > 0
+                && let Err(err) = e.ctl.recv_window.lock().on_data(data_len)
+            {
+                violation = Some((ResetCode::FlowControl, err.to_string()));
+            } else if let Err(err) = e.state.on_recv(ev) {
+                violation = Some((ResetCode::Protocol, err.to_string()));
+            } else {
+                let ended = e.state.remote() == netbore_protocol::stream::Half::Closed;
+                if let Some(p) = payload {
+                    delivered = e.tx.send(p).is_ok();
+                }
+                if ended {
+                    let _ = e.tx.send(Event::End);
+                    if e.local_done {
+                        streams.remove(&stream_id);
+                        if streams.is_empty() {
+                            shared.idle_notify.notify_waiters();
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if !delivered {
+        shared.credit_connection(data_len);
+    }
+    if let Some((code, msg)) = violation {
+        shared.reset_stream(stream_id, code, &msg);
+    }
+}
+
+async fn heartbeat(shared: Arc<Shared>) {
+    let interval = shared.cfg.heartbeat_interval;
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut n = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shared.cancel.cancelled() => return,
+        }
+        let now = shared.started.elapsed().as_millis() as u64;
+        let heard = shared.last_heard_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(heard) > interval.as_millis() as u64 * u64::from(HEARTBEAT_MISSES) {
+            warn!(session = %shared.cfg.label, "no heartbeat from the peer; closing the tunnel connection");
+            shared.close("heartbeat timeout: the peer stopped answering");
+            return;
+        }
+        n += 1;
+        let _ = shared.send(Frame::Ping { payload: n });
+    }
+}

@@ -1,0 +1,216 @@
+//! Two multiplexers joined by an in-memory pipe: streams, flow control, resets.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use netbore_mux::{Event, Mux, MuxConfig, Role};
+use netbore_protocol::{Header, Limits, RequestHead, ResetCode, ResponseHead};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
+use tokio_util::sync::CancellationToken;
+
+async fn pair(limits: Limits) -> (Mux, Mux, netbore_mux::Incoming) {
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let edge_ws = WebSocketStream::from_raw_socket(a, WsRole::Server, None).await;
+    let agent_ws = WebSocketStream::from_raw_socket(b, WsRole::Client, None).await;
+    let cfg = |role| MuxConfig {
+        role,
+        limits,
+        heartbeat_interval: Duration::from_secs(5),
+        label: format!("{role:?}"),
+    };
+    let (edge, _) = Mux::start(edge_ws, cfg(Role::Edge), CancellationToken::new());
+    let (agent, incoming) = Mux::start(agent_ws, cfg(Role::Agent), CancellationToken::new());
+    (edge, agent, incoming.unwrap())
+}
+
+fn small_windows() -> Limits {
+    Limits {
+        initial_stream_window: 64 * 1024,
+        connection_window: 256 * 1024,
+        ..Limits::default()
+    }
+}
+
+fn head(target: &str) -> RequestHead {
+    RequestHead {
+        method: "POST".into(),
+        target: target.into(),
+        headers: vec![Header::new("host", "x.localhost")],
+    }
+}
+
+/// Echoes each request body back with a trailer.
+fn spawn_echo_agent(mut incoming: netbore_mux::Incoming) {
+    tokio::spawn(async move {
+        while let Some(mut s) = incoming.accept().await {
+            tokio::spawn(async move {
+                s.sender
+                    .send_response(
+                        ResponseHead {
+                            status: 200,
+                            headers: vec![],
+                        },
+                        false,
+                    )
+                    .unwrap();
+                let mut n = 0u64;
+                while let Some(ev) = s.receiver.recv().await {
+                    match ev {
+                        Event::Data(d) => {
+                            n += d.len() as u64;
+                            s.sender.send_data(d).await.unwrap();
+                        }
+                        Event::End => break,
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+                s.sender
+                    .send_trailers(vec![Header::new("x-bytes", n.to_string())])
+                    .unwrap();
+            });
+        }
+    });
+}
+
+#[tokio::test]
+async fn bodies_larger_than_every_window_round_trip_byte_exact() {
+    let (edge, _agent, incoming) = pair(small_windows()).await;
+    spawn_echo_agent(incoming);
+    let body: Vec<u8> = (0..4 * 1024 * 1024u32)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
+    let mut handles = Vec::new();
+    for i in 0..4 {
+        let (mut tx, mut rx) = edge.open(head(&format!("/{i}")), false).unwrap();
+        let body = body.clone();
+        handles.push(tokio::spawn(async move {
+            let send = async {
+                for c in body.chunks(100_000) {
+                    tx.send_data(Bytes::copy_from_slice(c)).await.unwrap();
+                }
+                tx.finish().unwrap();
+            };
+            let recv = async {
+                let mut got = Vec::new();
+                let mut trailers = None;
+                while let Some(ev) = rx.recv().await {
+                    match ev {
+                        Event::Head(h) => assert_eq!(h.status, 200),
+                        Event::Data(d) => got.extend_from_slice(&d),
+                        Event::Trailers(t) => trailers = Some(t),
+                        Event::End => {}
+                        Event::Reset(c, m) => panic!("reset {c:?} {m}"),
+                    }
+                }
+                (got, trailers)
+            };
+            let ((), (got, trailers)) = tokio::join!(send, recv);
+            assert!(got == body, "echoed body differs");
+            assert_eq!(
+                trailers.unwrap()[0].value,
+                Bytes::from(body.len().to_string())
+            );
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(edge.open_streams(), 0, "finished streams are forgotten");
+}
+
+#[tokio::test]
+async fn a_slow_reader_stops_the_sender_at_the_window() {
+    let limits = small_windows();
+    let (edge, agent, mut incoming) = pair(limits).await;
+    let (_tx, mut rx) = edge.open(head("/big"), true).unwrap();
+    let mut s = incoming.accept().await.unwrap();
+    s.sender
+        .send_response(
+            ResponseHead {
+                status: 200,
+                headers: vec![],
+            },
+            false,
+        )
+        .unwrap();
+    let sender = tokio::spawn(async move {
+        for _ in 0..64 {
+            s.sender
+                .send_data(Bytes::from(vec![1u8; 16 * 1024]))
+                .await
+                .unwrap();
+        }
+        s.sender.finish().unwrap();
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, sent) = agent.bytes();
+    assert_eq!(
+        sent,
+        u64::from(limits.initial_stream_window),
+        "sender must stop at exactly one stream window while nobody reads"
+    );
+    // Reading releases credit and the whole 1 MiB arrives.
+    let mut total = 0;
+    while let Some(ev) = rx.recv().await {
+        if let Event::Data(d) = ev {
+            total += d.len();
+        }
+    }
+    assert_eq!(total, 64 * 16 * 1024);
+    sender.await.unwrap();
+}
+
+#[tokio::test]
+async fn dropping_the_reader_resets_the_stream_for_the_peer() {
+    let (edge, _agent, mut incoming) = pair(small_windows()).await;
+    let (tx, rx) = edge.open(head("/x"), false).unwrap();
+    let mut s = incoming.accept().await.unwrap();
+    drop(rx);
+    drop(tx);
+    // The agent's view: the request body is reset, the response cannot be sent.
+    match tokio::time::timeout(Duration::from_secs(2), s.receiver.recv()).await {
+        Ok(Some(Event::Reset(ResetCode::Cancel, _))) => {}
+        other => panic!("expected a cancel reset, got {other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        s.sender
+            .send_response(
+                ResponseHead {
+                    status: 200,
+                    headers: vec![]
+                },
+                true
+            )
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn closing_the_connection_fails_open_streams() {
+    let (edge, agent, mut incoming) = pair(small_windows()).await;
+    let (_tx, mut rx) = edge.open(head("/x"), true).unwrap();
+    let _s = incoming.accept().await.unwrap();
+    agent.close("test");
+    match tokio::time::timeout(Duration::from_secs(2), rx.recv()).await {
+        Ok(Some(Event::Reset(..))) => {}
+        other => panic!("expected a reset, got {other:?}"),
+    }
+    tokio::time::timeout(Duration::from_secs(2), edge.closed())
+        .await
+        .expect("edge notices the closed link");
+    assert!(edge.open(head("/y"), true).is_err());
+}
+
+#[tokio::test]
+async fn go_away_reaches_the_agent_and_refuses_new_streams() {
+    let (edge, agent, _incoming) = pair(small_windows()).await;
+    edge.go_away("draining");
+    tokio::time::timeout(Duration::from_secs(2), agent.going_away())
+        .await
+        .unwrap();
+    assert!(agent.is_going_away());
+    assert!(edge.open(head("/z"), true).is_err());
+}
