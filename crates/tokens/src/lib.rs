@@ -1,0 +1,745 @@
+//! Netbore's tokens: who may do what, as signed JWTs.
+//!
+//! - **ephemeral** (`typ = "ephemeral"`, `aud = "netbore-edge"`): minutes long; lets an
+//!   agent's handshake at an edge serve tunnel `sub` under public name `name`.
+//! - **recreate** (`typ = "recreate"`, `aud = "netbore-control"`): days long; gets the
+//!   same tunnel and name back from control, statelessly.
+//! - **management** (`typ = "management"`, `aud = "netbore-control"`): scoped
+//!   administrative access to control.
+//!
+//! Control signs with the active Ed25519 key of a [`KeySet`] and publishes every key
+//! still valid as a JWKS; verifiers ([`Verifier`]) hold only public keys, pin `EdDSA`,
+//! and require `exp`, `iat`, `nbf`, `aud`, `iss` and `typ`, with at most
+//! [`LEEWAY_SECS`] of clock skew. Every token names its key with `kid`, so keys rotate
+//! without downtime.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Clock skew tolerated between the signer and a verifier, in seconds.
+pub const LEEWAY_SECS: u64 = 30;
+
+/// Audience of ephemeral tokens.
+pub const AUD_EDGE: &str = "netbore-edge";
+/// Audience of recreate and management tokens.
+pub const AUD_CONTROL: &str = "netbore-control";
+
+/// Token type claim values.
+pub const TYP_EPHEMERAL: &str = "ephemeral";
+/// See [`TYP_EPHEMERAL`].
+pub const TYP_RECREATE: &str = "recreate";
+/// See [`TYP_EPHEMERAL`].
+pub const TYP_MANAGEMENT: &str = "management";
+
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A secret string whose `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
+    /// The secret itself; call only where it is used, never to log.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Why a token was refused or could not be made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// Past `exp` (plus leeway).
+    #[error("the token has expired")]
+    Expired,
+    /// Before `nbf` (minus leeway).
+    #[error("the token is not valid yet (check the clocks)")]
+    NotYetValid,
+    /// Wrong `aud`.
+    #[error("the token is for another audience")]
+    WrongAudience,
+    /// Wrong `iss`.
+    #[error("the token was issued by someone else")]
+    WrongIssuer,
+    /// Wrong `typ` (e.g. a recreate token used as an ephemeral one).
+    #[error("the token is a {found} token where a {expected} token is needed")]
+    WrongType {
+        /// What the token is.
+        found: String,
+        /// What was needed.
+        expected: &'static str,
+    },
+    /// The `kid` names no key in the set (rotated away, or forged).
+    #[error("the token is signed with an unknown key id {0:?}")]
+    UnknownKid(String),
+    /// The signature does not verify.
+    #[error("the token's signature is invalid")]
+    BadSignature,
+    /// Not a JWT, or a claim is missing or of the wrong type.
+    #[error("the token is malformed: {0}")]
+    Malformed(String),
+    /// The header names another algorithm than EdDSA (including `none`).
+    #[error("the token's algorithm {0} is not allowed")]
+    AlgorithmNotAllowed(String),
+    /// A key could not be loaded or generated.
+    #[error("key error: {0}")]
+    Key(String),
+}
+
+impl TokenError {
+    /// A stable snake_case code for APIs and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            TokenError::Expired => "token_expired",
+            TokenError::NotYetValid => "token_not_yet_valid",
+            TokenError::WrongAudience => "token_wrong_audience",
+            TokenError::WrongIssuer => "token_wrong_issuer",
+            TokenError::WrongType { .. } => "token_wrong_type",
+            TokenError::UnknownKid(_) => "token_unknown_kid",
+            TokenError::BadSignature => "token_bad_signature",
+            TokenError::Malformed(_) => "token_malformed",
+            TokenError::AlgorithmNotAllowed(_) => "token_algorithm_not_allowed",
+            TokenError::Key(_) => "key_error",
+        }
+    }
+}
+
+/// Claims of an ephemeral token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EphemeralClaims {
+    /// Tunnel id.
+    pub sub: String,
+    /// Public name.
+    pub name: String,
+    /// Issuer.
+    pub iss: String,
+    /// Audience ([`AUD_EDGE`]).
+    pub aud: String,
+    /// Issued at.
+    pub iat: u64,
+    /// Not before.
+    pub nbf: u64,
+    /// Expires.
+    pub exp: u64,
+    /// [`TYP_EPHEMERAL`].
+    pub typ: String,
+}
+
+impl EphemeralClaims {
+    /// Claims valid from now for `ttl_secs`.
+    pub fn new(issuer: &str, tunnel_id: &str, name: &str, ttl_secs: u64) -> EphemeralClaims {
+        let now = now_unix();
+        EphemeralClaims {
+            sub: tunnel_id.into(),
+            name: name.into(),
+            iss: issuer.into(),
+            aud: AUD_EDGE.into(),
+            iat: now,
+            nbf: now,
+            exp: now + ttl_secs,
+            typ: TYP_EPHEMERAL.into(),
+        }
+    }
+}
+
+/// Claims of a recreate token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecreateClaims {
+    /// Tunnel id.
+    pub sub: String,
+    /// Public name.
+    pub name: String,
+    /// Issuer.
+    pub iss: String,
+    /// Audience ([`AUD_CONTROL`]).
+    pub aud: String,
+    /// Issued at.
+    pub iat: u64,
+    /// Not before.
+    pub nbf: u64,
+    /// Expires.
+    pub exp: u64,
+    /// [`TYP_RECREATE`].
+    pub typ: String,
+}
+
+impl RecreateClaims {
+    /// Claims valid from now for `ttl_secs`.
+    pub fn new(issuer: &str, tunnel_id: &str, name: &str, ttl_secs: u64) -> RecreateClaims {
+        let now = now_unix();
+        RecreateClaims {
+            sub: tunnel_id.into(),
+            name: name.into(),
+            iss: issuer.into(),
+            aud: AUD_CONTROL.into(),
+            iat: now,
+            nbf: now,
+            exp: now + ttl_secs,
+            typ: TYP_RECREATE.into(),
+        }
+    }
+}
+
+/// Claims of a management token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManagementClaims {
+    /// Who it was issued to.
+    pub sub: String,
+    /// What it allows (`tunnels:write`, `tunnels:read`, `names:claim`, `admin`).
+    pub scopes: Vec<String>,
+    /// Issuer.
+    pub iss: String,
+    /// Audience ([`AUD_CONTROL`]).
+    pub aud: String,
+    /// Issued at.
+    pub iat: u64,
+    /// Not before.
+    pub nbf: u64,
+    /// Expires.
+    pub exp: u64,
+    /// [`TYP_MANAGEMENT`].
+    pub typ: String,
+}
+
+impl ManagementClaims {
+    /// Claims valid from now for `ttl_secs`.
+    pub fn new(issuer: &str, sub: &str, scopes: Vec<String>, ttl_secs: u64) -> ManagementClaims {
+        let now = now_unix();
+        ManagementClaims {
+            sub: sub.into(),
+            scopes,
+            iss: issuer.into(),
+            aud: AUD_CONTROL.into(),
+            iat: now,
+            nbf: now,
+            exp: now + ttl_secs,
+            typ: TYP_MANAGEMENT.into(),
+        }
+    }
+
+    /// True when the token carries `scope` or `admin`.
+    pub fn allows(&self, scope: &str) -> bool {
+        self.scopes.iter().any(|s| s == scope || s == "admin")
+    }
+}
+
+/// One public key (RFC 8037 OKP/Ed25519 JWK).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Jwk {
+    /// Always `OKP`.
+    pub kty: String,
+    /// Always `Ed25519`.
+    pub crv: String,
+    /// Public key, base64url.
+    pub x: String,
+    /// Key id.
+    pub kid: String,
+    /// Always `EdDSA`.
+    pub alg: String,
+    /// Always `sig`.
+    #[serde(rename = "use")]
+    pub use_: String,
+}
+
+/// A published key set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Jwks {
+    /// The keys.
+    pub keys: Vec<Jwk>,
+}
+
+struct SigningKey {
+    kid: String,
+    encoding: EncodingKey,
+    public: Vec<u8>,
+}
+
+/// Control's signing keys: the active one (last) signs, all are published.
+pub struct KeySet {
+    keys: Vec<SigningKey>,
+}
+
+impl std::fmt::Debug for KeySet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeySet")
+            .field(
+                "kids",
+                &self.keys.iter().map(|k| &k.kid).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+fn key_from_pkcs8(der: &[u8]) -> Result<SigningKey, TokenError> {
+    let pair = Ed25519KeyPair::from_pkcs8(der)
+        .map_err(|e| TokenError::Key(format!("not an Ed25519 PKCS#8 key: {e}")))?;
+    let public = pair.public_key().as_ref().to_vec();
+    // The key id is derived from the public key, so every replica agrees on it.
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &public);
+    let kid = URL_SAFE_NO_PAD.encode(&digest.as_ref()[..12]);
+    Ok(SigningKey {
+        kid,
+        encoding: EncodingKey::from_ed_der(der),
+        public,
+    })
+}
+
+fn generate_key() -> SigningKey {
+    let rng = aws_lc_rs::rand::SystemRandom::new();
+    let doc = Ed25519KeyPair::generate_pkcs8(&rng).expect("the system RNG works");
+    key_from_pkcs8(doc.as_ref()).expect("a generated key parses")
+}
+
+impl KeySet {
+    /// A set with one fresh key.
+    pub fn generate() -> KeySet {
+        KeySet {
+            keys: vec![generate_key()],
+        }
+    }
+
+    /// Loads PKCS#8 PEM files (`openssl genpkey -algorithm ed25519`); the first file's
+    /// key signs, the others stay published for tokens they signed.
+    pub fn from_pem_files(paths: &[PathBuf]) -> Result<KeySet, TokenError> {
+        if paths.is_empty() {
+            return Err(TokenError::Key("no signing key files given".into()));
+        }
+        let mut keys = Vec::new();
+        for p in paths.iter().rev() {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| TokenError::Key(format!("cannot read {}: {e}", p.display())))?;
+            let der = pem_body(&text, "PRIVATE KEY").ok_or_else(|| {
+                TokenError::Key(format!(
+                    "{} holds no '-----BEGIN PRIVATE KEY-----' block",
+                    p.display()
+                ))
+            })?;
+            keys.push(
+                key_from_pkcs8(&der)
+                    .map_err(|e| TokenError::Key(format!("{}: {e}", p.display())))?,
+            );
+        }
+        Ok(KeySet { keys })
+    }
+
+    /// Adds a fresh active key; old ones stay published.
+    pub fn rotate(&mut self) {
+        self.keys.push(generate_key());
+    }
+
+    /// Drops all but the newest `keep` keys (after old tokens have expired).
+    pub fn retire(&mut self, keep: usize) {
+        let n = self.keys.len();
+        if n > keep.max(1) {
+            self.keys.drain(..n - keep.max(1));
+        }
+    }
+
+    /// The active key's id.
+    pub fn active_kid(&self) -> &str {
+        &self.keys.last().expect("a key set has a key").kid
+    }
+
+    /// The public keys.
+    pub fn jwks(&self) -> Jwks {
+        Jwks {
+            keys: self
+                .keys
+                .iter()
+                .map(|k| Jwk {
+                    kty: "OKP".into(),
+                    crv: "Ed25519".into(),
+                    x: URL_SAFE_NO_PAD.encode(&k.public),
+                    kid: k.kid.clone(),
+                    alg: "EdDSA".into(),
+                    use_: "sig".into(),
+                })
+                .collect(),
+        }
+    }
+
+    fn sign<T: Serialize>(&self, claims: &T) -> Result<String, TokenError> {
+        let k = self.keys.last().expect("a key set has a key");
+        let mut h = Header::new(Algorithm::EdDSA);
+        h.kid = Some(k.kid.clone());
+        h.typ = Some("JWT".into());
+        jsonwebtoken::encode(&h, claims, &k.encoding).map_err(|e| TokenError::Key(e.to_string()))
+    }
+
+    /// Signs an ephemeral token.
+    pub fn sign_ephemeral(&self, c: &EphemeralClaims) -> Result<String, TokenError> {
+        self.sign(c)
+    }
+
+    /// Signs a recreate token.
+    pub fn sign_recreate(&self, c: &RecreateClaims) -> Result<String, TokenError> {
+        self.sign(c)
+    }
+
+    /// Signs a management token.
+    pub fn sign_management(&self, c: &ManagementClaims) -> Result<String, TokenError> {
+        self.sign(c)
+    }
+}
+
+fn pem_body(text: &str, label: &str) -> Option<Vec<u8>> {
+    let begin = format!("-----BEGIN {label}-----");
+    let end = format!("-----END {label}-----");
+    let start = text.find(&begin)? + begin.len();
+    let stop = text[start..].find(&end)? + start;
+    let b64: String = text[start..stop]
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    base64::engine::general_purpose::STANDARD.decode(b64).ok()
+}
+
+/// The key id in a token's header, without verifying anything.
+pub fn kid_of(token: &str) -> Option<String> {
+    jsonwebtoken::decode_header(token).ok()?.kid
+}
+
+/// Verifies tokens against a published key set.
+pub struct Verifier {
+    keys: HashMap<String, DecodingKey>,
+    issuer: String,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("kids", &self.keys.keys().collect::<Vec<_>>())
+            .field("issuer", &self.issuer)
+            .finish()
+    }
+}
+
+impl Verifier {
+    /// A verifier for tokens from `issuer` signed by a key of `jwks`. Keys of other
+    /// types than Ed25519 are ignored.
+    pub fn new(jwks: &Jwks, issuer: impl Into<String>) -> Result<Verifier, TokenError> {
+        let mut keys = HashMap::new();
+        for k in &jwks.keys {
+            if k.kty != "OKP" || k.crv != "Ed25519" {
+                continue;
+            }
+            let dk = DecodingKey::from_ed_components(&k.x)
+                .map_err(|e| TokenError::Key(format!("key {}: {e}", k.kid)))?;
+            keys.insert(k.kid.clone(), dk);
+        }
+        Ok(Verifier {
+            keys,
+            issuer: issuer.into(),
+        })
+    }
+
+    /// True when the set holds key `kid`.
+    pub fn has_kid(&self, kid: &str) -> bool {
+        self.keys.contains_key(kid)
+    }
+
+    fn verify<T: DeserializeOwned + Typed>(
+        &self,
+        token: &str,
+        aud: &str,
+        expected: &'static str,
+    ) -> Result<T, TokenError> {
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
+        if header.alg != Algorithm::EdDSA {
+            return Err(TokenError::AlgorithmNotAllowed(format!("{:?}", header.alg)));
+        }
+        let kid = header
+            .kid
+            .ok_or_else(|| TokenError::Malformed("no kid in the header".into()))?;
+        let key = self.keys.get(&kid).ok_or(TokenError::UnknownKid(kid))?;
+        let mut v = Validation::new(Algorithm::EdDSA);
+        v.leeway = LEEWAY_SECS;
+        v.validate_exp = true;
+        v.validate_nbf = true;
+        v.set_audience(&[aud]);
+        v.set_issuer(&[&self.issuer]);
+        v.set_required_spec_claims(&["exp", "iat", "nbf", "aud", "iss", "sub"]);
+        let data = jsonwebtoken::decode::<serde_json::Value>(token, key, &v).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind as K;
+            match e.kind() {
+                K::ExpiredSignature => TokenError::Expired,
+                K::ImmatureSignature => TokenError::NotYetValid,
+                K::InvalidAudience => TokenError::WrongAudience,
+                K::InvalidIssuer => TokenError::WrongIssuer,
+                K::InvalidSignature => TokenError::BadSignature,
+                K::InvalidAlgorithm => TokenError::AlgorithmNotAllowed("mismatch".into()),
+                _ => TokenError::Malformed(e.to_string()),
+            }
+        })?;
+        // The type first, so a token of another kind says so rather than "malformed".
+        let typ = data
+            .claims
+            .get("typ")
+            .and_then(|t| t.as_str())
+            .unwrap_or("untyped");
+        if typ != expected {
+            return Err(TokenError::WrongType {
+                found: typ.to_string(),
+                expected,
+            });
+        }
+        let claims: T = serde_json::from_value(data.claims)
+            .map_err(|e| TokenError::Malformed(e.to_string()))?;
+        // iat far in the future is as suspicious as nbf in the future.
+        if claims.iat() > now_unix() + LEEWAY_SECS {
+            return Err(TokenError::NotYetValid);
+        }
+        Ok(claims)
+    }
+
+    /// Verifies an ephemeral token (edges).
+    pub fn verify_ephemeral(&self, token: &str) -> Result<EphemeralClaims, TokenError> {
+        self.verify(token, AUD_EDGE, TYP_EPHEMERAL)
+    }
+
+    /// Verifies a recreate token (control).
+    pub fn verify_recreate(&self, token: &str) -> Result<RecreateClaims, TokenError> {
+        self.verify(token, AUD_CONTROL, TYP_RECREATE)
+    }
+
+    /// Verifies a management token (control).
+    pub fn verify_management(&self, token: &str) -> Result<ManagementClaims, TokenError> {
+        self.verify(token, AUD_CONTROL, TYP_MANAGEMENT)
+    }
+}
+
+trait Typed {
+    fn iat(&self) -> u64;
+}
+
+macro_rules! typed {
+    ($($t:ty),*) => {$(
+        impl Typed for $t {
+            fn iat(&self) -> u64 { self.iat }
+        }
+    )*};
+}
+typed!(EphemeralClaims, RecreateClaims, ManagementClaims);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ISS: &str = "netbore-control";
+
+    fn setup() -> (KeySet, Verifier) {
+        let ks = KeySet::generate();
+        let v = Verifier::new(&ks.jwks(), ISS).unwrap();
+        (ks, v)
+    }
+
+    fn b64(v: &serde_json::Value) -> String {
+        URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap())
+    }
+
+    #[test]
+    fn a_valid_ephemeral_token_verifies() {
+        let (ks, v) = setup();
+        let c = EphemeralClaims::new(ISS, "t1", "app", 300);
+        let t = ks.sign_ephemeral(&c).unwrap();
+        assert_eq!(kid_of(&t).as_deref(), Some(ks.active_kid()));
+        assert_eq!(v.verify_ephemeral(&t).unwrap(), c);
+    }
+
+    #[test]
+    fn alg_none_is_refused() {
+        let (ks, v) = setup();
+        let c = EphemeralClaims::new(ISS, "t1", "app", 300);
+        let h = serde_json::json!({"alg": "none", "typ": "JWT", "kid": ks.active_kid()});
+        let t = format!("{}.{}.", b64(&h), b64(&serde_json::to_value(&c).unwrap()));
+        assert!(v.verify_ephemeral(&t).is_err());
+    }
+
+    #[test]
+    fn a_token_signed_by_another_key_with_the_same_kid_is_refused() {
+        let (ks, v) = setup();
+        let other = KeySet::generate();
+        let c = EphemeralClaims::new(ISS, "t1", "app", 300);
+        // Forge: other key's signature, our kid.
+        let good = ks.sign_ephemeral(&c).unwrap();
+        let bad = other.sign_ephemeral(&c).unwrap();
+        let forged = format!(
+            "{}.{}",
+            good.rsplitn(2, '.').nth(1).unwrap(),
+            bad.rsplit('.').next().unwrap()
+        );
+        assert_eq!(v.verify_ephemeral(&forged), Err(TokenError::BadSignature));
+        assert!(matches!(
+            v.verify_ephemeral(&bad),
+            Err(TokenError::UnknownKid(_))
+        ));
+    }
+
+    #[test]
+    fn hs256_signed_with_the_public_key_is_refused() {
+        let (ks, v) = setup();
+        let c = EphemeralClaims::new(ISS, "t1", "app", 300);
+        let public = URL_SAFE_NO_PAD.decode(&ks.jwks().keys[0].x).unwrap();
+        let mut h = Header::new(Algorithm::HS256);
+        h.kid = Some(ks.active_kid().into());
+        let t = jsonwebtoken::encode(&h, &c, &EncodingKey::from_secret(&public)).unwrap();
+        assert!(matches!(
+            v.verify_ephemeral(&t),
+            Err(TokenError::AlgorithmNotAllowed(_))
+        ));
+    }
+
+    #[test]
+    fn expired_and_not_yet_valid_tokens_are_refused() {
+        let (ks, v) = setup();
+        let mut c = EphemeralClaims::new(ISS, "t1", "app", 300);
+        c.exp = now_unix() - LEEWAY_SECS - 5;
+        c.iat = c.exp - 300;
+        c.nbf = c.iat;
+        assert_eq!(
+            v.verify_ephemeral(&ks.sign_ephemeral(&c).unwrap()),
+            Err(TokenError::Expired)
+        );
+        let mut c = EphemeralClaims::new(ISS, "t1", "app", 300);
+        c.nbf = now_unix() + LEEWAY_SECS + 60;
+        assert_eq!(
+            v.verify_ephemeral(&ks.sign_ephemeral(&c).unwrap()),
+            Err(TokenError::NotYetValid)
+        );
+        // Within the leeway is fine.
+        let mut c = EphemeralClaims::new(ISS, "t1", "app", 300);
+        c.exp = now_unix() - 5;
+        assert!(v.verify_ephemeral(&ks.sign_ephemeral(&c).unwrap()).is_ok());
+    }
+
+    #[test]
+    fn wrong_audience_and_issuer_are_refused() {
+        let (ks, v) = setup();
+        let mut c = EphemeralClaims::new(ISS, "t1", "app", 300);
+        c.aud = "someone-else".into();
+        assert_eq!(
+            v.verify_ephemeral(&ks.sign_ephemeral(&c).unwrap()),
+            Err(TokenError::WrongAudience)
+        );
+        let c = EphemeralClaims::new("evil", "t1", "app", 300);
+        assert_eq!(
+            v.verify_ephemeral(&ks.sign_ephemeral(&c).unwrap()),
+            Err(TokenError::WrongIssuer)
+        );
+    }
+
+    #[test]
+    fn unknown_kid_is_refused() {
+        let (_, v) = setup();
+        let other = KeySet::generate();
+        let t = other
+            .sign_ephemeral(&EphemeralClaims::new(ISS, "t1", "app", 300))
+            .unwrap();
+        assert!(matches!(
+            v.verify_ephemeral(&t),
+            Err(TokenError::UnknownKid(_))
+        ));
+    }
+
+    #[test]
+    fn recreate_and_ephemeral_tokens_are_not_interchangeable() {
+        let (ks, v) = setup();
+        let r = ks
+            .sign_recreate(&RecreateClaims::new(ISS, "t1", "app", 3600))
+            .unwrap();
+        assert!(v.verify_ephemeral(&r).is_err());
+        let e = ks
+            .sign_ephemeral(&EphemeralClaims::new(ISS, "t1", "app", 300))
+            .unwrap();
+        assert!(v.verify_recreate(&e).is_err());
+        // Same audience, different type: management vs recreate.
+        let m = ks
+            .sign_management(&ManagementClaims::new(
+                ISS,
+                "ops",
+                vec!["admin".into()],
+                3600,
+            ))
+            .unwrap();
+        assert!(matches!(
+            v.verify_recreate(&m),
+            Err(TokenError::WrongType { .. })
+        ));
+        assert!(v.verify_management(&m).unwrap().allows("tunnels:write"));
+    }
+
+    #[test]
+    fn a_tampered_payload_is_refused() {
+        let (ks, v) = setup();
+        let t = ks
+            .sign_ephemeral(&EphemeralClaims::new(ISS, "t1", "app", 300))
+            .unwrap();
+        let parts: Vec<&str> = t.split('.').collect();
+        let mut c = EphemeralClaims::new(ISS, "t1", "admin", 300);
+        c.iat = 0;
+        let forged = format!(
+            "{}.{}.{}",
+            parts[0],
+            b64(&serde_json::to_value(&c).unwrap()),
+            parts[2]
+        );
+        assert_eq!(v.verify_ephemeral(&forged), Err(TokenError::BadSignature));
+    }
+
+    #[test]
+    fn rotation_keeps_old_tokens_valid_until_retired() {
+        let mut ks = KeySet::generate();
+        let old = ks
+            .sign_ephemeral(&EphemeralClaims::new(ISS, "t1", "app", 300))
+            .unwrap();
+        ks.rotate();
+        let new = ks
+            .sign_ephemeral(&EphemeralClaims::new(ISS, "t1", "app", 300))
+            .unwrap();
+        assert_ne!(kid_of(&old), kid_of(&new));
+        let v = Verifier::new(&ks.jwks(), ISS).unwrap();
+        assert!(v.verify_ephemeral(&old).is_ok());
+        assert!(v.verify_ephemeral(&new).is_ok());
+        ks.retire(1);
+        let v = Verifier::new(&ks.jwks(), ISS).unwrap();
+        assert!(v.verify_ephemeral(&old).is_err());
+        assert!(v.verify_ephemeral(&new).is_ok());
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = Secret::new("hunter2");
+        assert_eq!(format!("{s:?} {s}"), "<redacted> <redacted>");
+    }
+}
