@@ -1,0 +1,155 @@
+//! `netbore-control`: config, telemetry, bind, serve, drain on signal.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use netbore_control::{Control, ControlConfig, EdgeEntry};
+use netbore_tokens::{KeySet, Secret};
+use tokio_util::sync::CancellationToken;
+
+/// Time open requests get to finish after SIGTERM.
+const DRAIN_GRACE: Duration = Duration::from_secs(10);
+
+/// Netbore control: tokens, names and candidate edges.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// REST listen address.
+    #[arg(long, env = "NETBORE_REST_ADDR", default_value = "0.0.0.0:8080")]
+    rest_addr: SocketAddr,
+    /// Tunnels are NAME.<domain>.
+    #[arg(long, env = "NETBORE_DOMAIN", default_value = "localhost")]
+    domain: String,
+    /// Public URL of a tunnel; {name} is replaced.
+    #[arg(
+        long,
+        env = "NETBORE_PUBLIC_URL_TEMPLATE",
+        default_value = "http://{name}.localhost:8000"
+    )]
+    public_url_template: String,
+    /// Token issuer.
+    #[arg(long, env = "NETBORE_ISSUER", default_value = "netbore-control")]
+    issuer: String,
+    /// A candidate edge, as id=ID,url=ws://HOST:PORT/v1/connect,region=REGION (repeatable).
+    #[arg(long = "edge", env = "NETBORE_EDGES", value_delimiter = ';')]
+    edges: Vec<String>,
+    /// File holding the bootstrap credential (NETBORE_BOOTSTRAP_TOKEN also works).
+    #[arg(long, env = "NETBORE_BOOTSTRAP_TOKEN_FILE")]
+    bootstrap_token_file: Option<PathBuf>,
+    /// Ed25519 PKCS#8 PEM signing keys; the first signs. A fresh key is generated when
+    /// none is given (tokens then do not survive a restart).
+    #[arg(
+        long = "signing-key",
+        env = "NETBORE_SIGNING_KEYS",
+        value_delimiter = ','
+    )]
+    signing_keys: Vec<PathBuf>,
+    /// Require a management token for every tunnel creation.
+    #[arg(long, env = "NETBORE_REQUIRE_TOKEN")]
+    require_token: bool,
+    /// Log as JSON lines.
+    #[arg(long, env = "NETBORE_LOG_JSON")]
+    log_json: bool,
+}
+
+fn parse_edge(s: &str) -> anyhow::Result<EdgeEntry> {
+    let mut e = EdgeEntry {
+        edge_id: String::new(),
+        edge_url: String::new(),
+        region: "default".into(),
+    };
+    for kv in s.split(',') {
+        match kv.split_once('=') {
+            Some(("id", v)) => e.edge_id = v.into(),
+            Some(("url", v)) => e.edge_url = v.into(),
+            Some(("region", v)) => e.region = v.into(),
+            _ => {
+                anyhow::bail!("--edge '{s}': expected id=ID,url=ws://HOST:PORT/v1/connect,region=R")
+            }
+        }
+    }
+    anyhow::ensure!(
+        !e.edge_id.is_empty()
+            && (e.edge_url.starts_with("ws://") || e.edge_url.starts_with("wss://")),
+        "--edge '{s}': id and a ws:// or wss:// url are required"
+    );
+    Ok(e)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_logs(args.log_json);
+    let edges = args
+        .edges
+        .iter()
+        .map(|s| parse_edge(s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let bootstrap = match (
+        &args.bootstrap_token_file,
+        std::env::var("NETBORE_BOOTSTRAP_TOKEN"),
+    ) {
+        (Some(f), _) => Some(Secret::new(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("reading the bootstrap credential from {}", f.display()))?
+                .trim(),
+        )),
+        (None, Ok(t)) if !t.is_empty() => Some(Secret::new(t)),
+        _ => None,
+    };
+    let keys = if args.signing_keys.is_empty() {
+        tracing::warn!(
+            "no signing keys configured; generated one for this run (tokens do not survive a restart)"
+        );
+        KeySet::generate()
+    } else {
+        KeySet::from_pem_files(&args.signing_keys).context("loading signing keys")?
+    };
+    let control = Control::new(
+        ControlConfig {
+            domain: args.domain.clone(),
+            public_url_template: args.public_url_template.clone(),
+            issuer: args.issuer.clone(),
+            edges,
+            bootstrap_token: bootstrap,
+            require_token: args.require_token,
+            ..ControlConfig::default()
+        },
+        keys,
+    );
+    let rest = tokio::net::TcpListener::bind(args.rest_addr)
+        .await
+        .with_context(|| format!("binding REST on {}", args.rest_addr))?;
+    tracing::info!(rest = %rest.local_addr()?, domain = %args.domain, "control listening");
+    let shutdown = CancellationToken::new();
+    let sig = shutdown.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        let which = tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" };
+        tracing::info!(signal = which, grace = ?DRAIN_GRACE, "shutdown requested");
+        sig.cancel();
+    });
+    let serve = tokio::spawn(netbore_control::serve_rest(rest, control, shutdown.clone()));
+    shutdown.cancelled().await;
+    let _ = tokio::time::timeout(DRAIN_GRACE, serve).await;
+    tracing::info!("control stopped");
+    Ok(())
+}
+
+fn init_logs(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
