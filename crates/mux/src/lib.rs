@@ -15,6 +15,8 @@
 //! Dropping a [`StreamSender`] that has not finished, or a [`StreamReceiver`] before the
 //! peer finished, resets the stream: a forgotten stream frees itself.
 
+pub mod body;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -45,6 +47,22 @@ pub const MAX_BATCH_BYTES: usize = 256 * 1024;
 /// Missing this many heartbeat intervals without hearing anything from the peer means
 /// the link is dead.
 pub const HEARTBEAT_MISSES: u32 = 3;
+
+/// Bytes tungstenite allocates up front per connection for reading. A trade between
+/// memory per idle tunnel and read syscalls under bulk load.
+pub const WS_READ_BUFFER: usize = 32 * 1024;
+
+/// The WebSocket settings both ends use for the tunnel link: messages bounded by
+/// `max_message` (a batch plus one frame), and a bounded write buffer so a stalled
+/// peer cannot make us queue without limit inside tungstenite.
+pub fn ws_config(max_message: usize) -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(0)
+        .max_write_buffer_size(2 * max_message)
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_message))
+}
 
 /// Which end of the tunnel this is. The edge opens streams; the agent accepts them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -663,6 +681,14 @@ impl StreamReceiver {
         }
     }
 
+    /// Abandons the stream in both directions (e.g. the viewer stopped waiting).
+    pub fn reset(&mut self, code: ResetCode, message: &str) {
+        if !self.ctl.reset.load(Ordering::Acquire) {
+            self.finished = true;
+            self.shared.reset_stream(self.ctl.id, code, message);
+        }
+    }
+
     fn consumed(&self, n: usize) {
         let inc = self.ctl.recv_window.lock().on_consumed(n);
         if let Some(increment) = inc {
@@ -1035,4 +1061,58 @@ async fn heartbeat(shared: Arc<Shared>) {
         n += 1;
         let _ = shared.send(Frame::Ping { payload: n });
     }
+}
+
+/// Size of each read from an upgraded connection.
+const BRIDGE_READ_CHUNK: usize = 32 * 1024;
+
+/// Joins an upgraded connection (a WebSocket, say) to a stream as a raw bidirectional
+/// byte stream. EOF on either side becomes a half-close on the other; a reset or an
+/// I/O error ends both.
+pub async fn bridge<IO>(io: IO, mut tx: StreamSender, mut rx: StreamReceiver)
+where
+    IO: AsyncRead + AsyncWrite + Send + 'static,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut r, mut w) = tokio::io::split(io);
+    let up = async move {
+        let mut buf = BytesMut::with_capacity(BRIDGE_READ_CHUNK);
+        loop {
+            buf.reserve(BRIDGE_READ_CHUNK);
+            match r.read_buf(&mut buf).await {
+                Ok(0) => {
+                    let _ = tx.finish();
+                    return;
+                }
+                Ok(_) => {
+                    if tx.send_data(buf.split().freeze()).await.is_err() {
+                        return;
+                    }
+                }
+                Err(_) => {
+                    tx.reset(ResetCode::Cancel, "upgraded connection failed");
+                    return;
+                }
+            }
+        }
+    };
+    let down = async move {
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                Event::Data(d) => {
+                    if w.write_all(&d).await.is_err() {
+                        rx.reset(ResetCode::Cancel, "upgraded connection failed");
+                        return;
+                    }
+                }
+                Event::End | Event::Trailers(_) => {
+                    let _ = w.shutdown().await;
+                    return;
+                }
+                Event::Reset(..) => return,
+                Event::Head(_) => {}
+            }
+        }
+    };
+    tokio::join!(up, down);
 }

@@ -1,1 +1,340 @@
-//! placeholder
+//! The Netbore agent: keeps a tunnel to a local service alive.
+//!
+//! [`run`] asks control for the tunnel (with the recreate token saved from an earlier
+//! run, so the name stays the same), connects to the candidate edges in order, serves
+//! every stream the edge opens against the origin, and when the link drops, reconnects
+//! with exponential backoff and jitter, fetching a fresh ephemeral token each time. On
+//! go-away it opens a new link at once and lets the old one finish its streams. On
+//! shutdown it refuses new streams and finishes open ones within the grace period.
+
+pub mod control;
+pub mod dev;
+pub mod link;
+pub mod origin;
+pub mod state;
+pub mod tls;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use netbore_mux::Mux;
+use netbore_protocol::ResetCode;
+use netbore_protocol::handshake::RefusalCode;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::control::{ControlClient, ControlError, CreateRequest};
+use crate::link::LinkError;
+use crate::origin::{Origin, OriginConfig};
+use crate::state::{Saved, StateStore};
+
+/// First reconnect delay.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(200);
+/// Longest reconnect delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A link that lived this long resets the backoff.
+pub const STABLE_LINK: Duration = Duration::from_secs(10);
+/// Default grace period for open streams on shutdown.
+pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(30);
+
+/// The agent's settings.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Control's REST base URL.
+    pub control_url: String,
+    /// The origin.
+    pub origin: OriginConfig,
+    /// A name to claim.
+    pub name: Option<String>,
+    /// A management token (needed to claim some names).
+    pub token: Option<String>,
+    /// Where the recreate token is kept; `None` keeps nothing.
+    pub state_dir: Option<std::path::PathBuf>,
+    /// Extra CA (PEM) trusted for `wss://` edges.
+    pub edge_ca_file: Option<std::path::PathBuf>,
+    /// Accept any edge certificate (development only).
+    pub edge_insecure: bool,
+    /// Grace period for open streams on shutdown.
+    pub drain_grace: Duration,
+}
+
+/// What the agent reports as it runs (printed by the CLI, as text or JSON lines).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum AgentEvent {
+    /// The tunnel is live: viewers can use `url`.
+    Live {
+        /// Public URL.
+        url: String,
+        /// Tunnel id.
+        tunnel_id: String,
+        /// Public name.
+        name: String,
+        /// Edge serving it.
+        edge_id: String,
+        /// Origin forwarded to.
+        origin: String,
+    },
+    /// The link dropped; reconnecting after `retry_in_ms`.
+    Reconnecting {
+        /// Why.
+        reason: String,
+        /// Delay before the next attempt.
+        retry_in_ms: u64,
+    },
+    /// The agent stopped.
+    Stopped,
+}
+
+/// A reason the agent cannot go on without the user.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Control or the edge refused in a way retrying cannot fix.
+    #[error("{message}")]
+    Fatal {
+        /// Stable code.
+        code: String,
+        /// What happened and what to do.
+        message: String,
+    },
+}
+
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff { next: BACKOFF_MIN }
+    }
+    fn reset(&mut self) {
+        self.next = BACKOFF_MIN;
+    }
+    /// The next delay: exponential, with up to 50 % random jitter so agents that lost
+    /// the same edge do not return in lockstep.
+    fn next(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        let jitter = rand::random::<f64>() * 0.5;
+        base.mul_f64(1.0 + jitter).min(BACKOFF_MAX)
+    }
+}
+
+/// Runs the agent until `shutdown` fires or a fatal error.
+pub async fn run(
+    cfg: AgentConfig,
+    events: mpsc::UnboundedSender<AgentEvent>,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    let fatal = |code: &str, message: String| AgentError::Fatal {
+        code: code.into(),
+        message,
+    };
+    let origin = Origin::new(cfg.origin.clone()).map_err(|e| fatal("origin_config", e))?;
+    let tls = Arc::new(
+        tls::client_config(cfg.edge_ca_file.as_deref(), cfg.edge_insecure)
+            .map_err(|e| fatal("tls_config", e))?,
+    );
+    let control = ControlClient::new(&cfg.control_url);
+    let key = format!(
+        "{}-{}",
+        cfg.control_url,
+        cfg.name.clone().unwrap_or_else(|| origin.url().to_string())
+    );
+    let store = StateStore::new(cfg.state_dir.clone(), &key);
+    let tracker = TaskTracker::new();
+    let stopping = Arc::new(AtomicBool::new(false));
+    let mut backoff = Backoff::new();
+    let mut current: Option<Mux> = None;
+
+    let result = 'outer: loop {
+        if shutdown.is_cancelled() {
+            break Ok(());
+        }
+        let saved = store
+            .load()
+            .filter(|s| cfg.name.as_ref().is_none_or(|n| *n == s.name));
+        let req = CreateRequest {
+            requested_name: cfg.name.clone(),
+            preferred_transports: vec!["wss".into(), "ws".into()],
+            region_hint: None,
+            recreate_token: saved.as_ref().map(|s| s.recreate_token.clone()),
+            management_token: cfg.token.clone(),
+        };
+        let created = match control.create(&req).await {
+            Ok(c) => c,
+            Err(e) if e.is_fatal() && saved.is_some() => {
+                // The saved token is no longer good (expired, keys gone): start afresh.
+                warn!(error = %e, "saved recreate token refused; asking for a new tunnel");
+                store.clear();
+                continue;
+            }
+            Err(ControlError::Api { code, message, .. }) if e_is_fatal(&code) => {
+                break Err(fatal(
+                    &code,
+                    format!("control refused the tunnel: {message} [{code}]"),
+                ));
+            }
+            Err(e) => {
+                let delay = backoff.next();
+                warn!(error = %e, "creating the tunnel failed; retrying");
+                let _ = events.send(AgentEvent::Reconnecting {
+                    reason: e.to_string(),
+                    retry_in_ms: delay.as_millis() as u64,
+                });
+                if sleep_or_stop(delay, &shutdown).await {
+                    break Ok(());
+                }
+                continue;
+            }
+        };
+        if let Err(e) = store.save(&Saved {
+            tunnel_id: created.tunnel_id.clone(),
+            name: created.name().to_string(),
+            recreate_token: created.recreate_token.clone(),
+        }) {
+            warn!(error = %e, "could not save the recreate token; the name may change after a restart");
+        }
+
+        let mut linked = None;
+        let mut last_err = String::from("control returned no candidate edges");
+        for c in &created.candidates {
+            match link::connect(
+                &c.edge_url,
+                &created.ephemeral_token,
+                &created.tunnel_id,
+                tls.clone(),
+                CancellationToken::new(),
+            )
+            .await
+            {
+                Ok(l) => {
+                    linked = Some(l);
+                    break;
+                }
+                Err(LinkError::Refused {
+                    code: RefusalCode::TunnelMismatch | RefusalCode::UnsupportedVersion,
+                    message,
+                    ..
+                }) => {
+                    break 'outer Err(fatal("edge_refused", message));
+                }
+                Err(e) => {
+                    warn!(edge = %c.edge_id, error = %e, "edge candidate failed");
+                    last_err = e.to_string();
+                }
+            }
+        }
+        let Some(l) = linked else {
+            let delay = backoff.next();
+            let _ = events.send(AgentEvent::Reconnecting {
+                reason: last_err,
+                retry_in_ms: delay.as_millis() as u64,
+            });
+            if sleep_or_stop(delay, &shutdown).await {
+                break Ok(());
+            }
+            continue;
+        };
+        let mux = l.mux.clone();
+        info!(edge = %l.welcome.edge_id, session = %l.welcome.session_id, url = %created.url(), "tunnel live");
+        let _ = events.send(AgentEvent::Live {
+            url: created.url(),
+            tunnel_id: created.tunnel_id.clone(),
+            name: created.name().to_string(),
+            edge_id: l.welcome.edge_id.clone(),
+            origin: origin.url().to_string(),
+        });
+        let span = info_span!("link", session = %l.welcome.session_id, tunnel = %created.tunnel_id);
+        tokio::spawn(
+            serve_link(
+                l.incoming,
+                origin.clone(),
+                tracker.clone(),
+                stopping.clone(),
+            )
+            .instrument(span),
+        );
+        current = Some(mux.clone());
+        let linked_at = Instant::now();
+        tokio::select! {
+            _ = mux.closed() => {
+                if linked_at.elapsed() >= STABLE_LINK {
+                    backoff.reset();
+                }
+                let delay = backoff.next();
+                warn!(reason = %mux.close_reason(), "link to the edge lost");
+                let _ = events.send(AgentEvent::Reconnecting {
+                    reason: mux.close_reason(),
+                    retry_in_ms: delay.as_millis() as u64,
+                });
+                if sleep_or_stop(delay, &shutdown).await {
+                    break Ok(());
+                }
+            }
+            _ = async { mux.going_away().await; if mux.is_closed() { std::future::pending::<()>().await } } => {
+                info!("edge is going away; moving to another edge");
+                backoff.reset();
+                let old = mux.clone();
+                tokio::spawn(async move {
+                    old.idle().await;
+                    old.close("moved to another edge");
+                });
+            }
+            _ = shutdown.cancelled() => break Ok(()),
+        }
+    };
+
+    // Drain: refuse new streams, let open ones finish within the grace period.
+    stopping.store(true, Ordering::Release);
+    tracker.close();
+    if tokio::time::timeout(cfg.drain_grace, tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!("drain grace period over; closing open streams");
+    }
+    if let Some(m) = current {
+        m.close("agent stopped");
+    }
+    let _ = events.send(AgentEvent::Stopped);
+    result
+}
+
+/// Control errors that retrying cannot fix: the user must change a flag or token.
+fn e_is_fatal(code: &str) -> bool {
+    code.starts_with("name_")
+        || code.starts_with("token_")
+        || matches!(
+            code,
+            "unauthorized" | "forbidden" | "invalid_request" | "bad_request"
+        )
+}
+
+async fn sleep_or_stop(d: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => false,
+        _ = shutdown.cancelled() => true,
+    }
+}
+
+async fn serve_link(
+    mut incoming: netbore_mux::Incoming,
+    origin: Origin,
+    tracker: TaskTracker,
+    stopping: Arc<AtomicBool>,
+) {
+    while let Some(mut s) = incoming.accept().await {
+        if stopping.load(Ordering::Acquire) {
+            s.sender
+                .reset(ResetCode::Refused, "the agent is shutting down");
+            continue;
+        }
+        let origin = origin.clone();
+        tracker.spawn(async move { origin.serve(s).await }.in_current_span());
+    }
+}

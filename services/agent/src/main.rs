@@ -1,1 +1,234 @@
-fn main() {}
+//! `netbore`: the user's CLI. `netbore http 3000` exposes a local service through
+//! Netbore; `netbore dev 3000` runs the whole system in this one process first.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use netbore_agent::origin::{DEFAULT_ORIGIN_TIMEOUT, HostHeader, OriginConfig};
+use netbore_agent::{AgentConfig, AgentError, AgentEvent};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Default viewer port of `netbore dev`.
+const DEV_PUBLIC_PORT: u16 = 7070;
+
+#[derive(Parser)]
+#[command(
+    name = "netbore",
+    version,
+    about = "Expose a local HTTP service on a public hostname"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Expose a local HTTP service through a Netbore control and its edges.
+    Http {
+        #[command(flatten)]
+        common: Common,
+        /// Control's REST URL.
+        #[arg(
+            long,
+            env = "NETBORE_CONTROL_URL",
+            default_value = "http://127.0.0.1:8080"
+        )]
+        control: String,
+        /// Public name to claim (NAME.<domain>); random when not given.
+        #[arg(long, env = "NETBORE_NAME")]
+        name: Option<String>,
+        /// Management token, needed to claim a name you do not hold a recreate token for.
+        #[arg(long, env = "NETBORE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Extra CA certificate (PEM) to trust for wss:// edges.
+        #[arg(long, env = "NETBORE_EDGE_CA")]
+        edge_ca: Option<PathBuf>,
+        /// Accept any edge certificate (development only).
+        #[arg(long)]
+        edge_insecure: bool,
+    },
+    /// Run control, an edge and an agent in this process on loopback, and print a URL
+    /// that curl and a browser can open.
+    Dev {
+        #[command(flatten)]
+        common: Common,
+        /// Viewer port on 127.0.0.1 (another free port is used if it is taken).
+        #[arg(long, default_value_t = DEV_PUBLIC_PORT)]
+        port: u16,
+    },
+}
+
+#[derive(Args)]
+struct Common {
+    /// The local service: a port (3000), host:port, or an http(s):// URL.
+    target: String,
+    /// Print machine-readable JSON events on stdout instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Also write the public URL to this file once the tunnel is live.
+    #[arg(long)]
+    url_file: Option<PathBuf>,
+    /// Speak HTTP/2 to the origin (h2c on http://). gRPC requests use HTTP/2 regardless.
+    #[arg(long)]
+    origin_http2: bool,
+    /// Extra CA certificate (PEM) to trust for an https:// origin.
+    #[arg(long)]
+    origin_ca: Option<PathBuf>,
+    /// Accept any certificate from an https:// origin (self-signed development servers).
+    #[arg(long)]
+    origin_insecure: bool,
+    /// Host header the origin sees: preserve (the public hostname), rewrite (the
+    /// origin's host:port), or a literal value.
+    #[arg(long, default_value = "preserve")]
+    host_header: String,
+    /// Seconds to wait for the origin's response head.
+    #[arg(long, default_value_t = DEFAULT_ORIGIN_TIMEOUT.as_secs())]
+    origin_timeout: u64,
+    /// Where the recreate token is kept so a restart keeps the name.
+    #[arg(long, env = "NETBORE_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Log as JSON lines (stderr).
+    #[arg(long)]
+    log_json: bool,
+}
+
+impl Common {
+    fn origin(&self) -> Result<OriginConfig, String> {
+        Ok(OriginConfig {
+            url: OriginConfig::parse_target(&self.target)?,
+            http2: self.origin_http2,
+            ca_file: self.origin_ca.clone(),
+            insecure: self.origin_insecure,
+            host_header: match self.host_header.as_str() {
+                "preserve" => HostHeader::Preserve,
+                "rewrite" => HostHeader::Rewrite,
+                v => HostHeader::Fixed(v.to_string()),
+            },
+            timeout: Duration::from_secs(self.origin_timeout),
+        })
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let common = match &cli.cmd {
+        Cmd::Http { common, .. } | Cmd::Dev { common, .. } => common,
+    };
+    netbore_edge::telemetry::init(common.log_json);
+    let origin = match common.origin() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(netbore_edge::telemetry::on_signal(shutdown.clone()));
+    let state_dir = common
+        .state_dir
+        .clone()
+        .or_else(netbore_agent::state::default_dir);
+
+    let mut cfg = AgentConfig {
+        control_url: String::new(),
+        origin,
+        name: None,
+        token: None,
+        state_dir,
+        edge_ca_file: None,
+        edge_insecure: false,
+        drain_grace: netbore_agent::DEFAULT_DRAIN_GRACE,
+    };
+    match &cli.cmd {
+        Cmd::Http {
+            control,
+            name,
+            token,
+            edge_ca,
+            edge_insecure,
+            ..
+        } => {
+            cfg.control_url = control.clone();
+            cfg.name = name.clone();
+            cfg.token = token.clone();
+            cfg.edge_ca_file = edge_ca.clone();
+            cfg.edge_insecure = *edge_insecure;
+        }
+        Cmd::Dev { port, .. } => {
+            let public = match tokio::net::TcpListener::bind(("127.0.0.1", *port)).await {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!(
+                        "note: port {port} is not available ({e}); using a free port instead"
+                    );
+                    match tokio::net::TcpListener::bind("127.0.0.1:0").await {
+                        Ok(l) => l,
+                        Err(e) => {
+                            eprintln!("error: cannot bind a loopback port: {e}");
+                            return ExitCode::FAILURE;
+                        }
+                    }
+                }
+            };
+            let stack = match netbore_agent::dev::start(public, shutdown.clone()).await {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: starting the in-process control and edge failed: {e:#}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            tracing::info!(public = %stack.public, control = %stack.control, agents = %stack.agents, "dev stack listening");
+            cfg.control_url = stack.control_url();
+            // A dev run is throwaway: do not reuse names across runs.
+            cfg.state_dir = None;
+        }
+    }
+
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let json = common.json;
+    let url_file = common.url_file.clone();
+    let printer = tokio::spawn(async move {
+        let mut announced = false;
+        while let Some(ev) = rx.recv().await {
+            let mut out = std::io::stdout().lock();
+            if json {
+                let _ = writeln!(out, "{}", serde_json::to_string(&ev).expect("serializable"));
+            } else if let AgentEvent::Live { url, origin, .. } = &ev
+                && !announced
+            {
+                let _ = writeln!(out, "{url} -> {origin}");
+            }
+            let _ = out.flush();
+            if let AgentEvent::Live { url, .. } = &ev {
+                if !announced && let Some(f) = &url_file {
+                    if let Err(e) = std::fs::write(f, format!("{url}\n")) {
+                        eprintln!("warning: cannot write the URL to {}: {e}", f.display());
+                    }
+                }
+                announced = true;
+            }
+        }
+    });
+    let r = netbore_agent::run(cfg, tx, shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = printer.await;
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(AgentError::Fatal { code, message }) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"event": "error", "code": code, "message": message})
+                );
+            }
+            eprintln!("error: {message}");
+            ExitCode::from(2)
+        }
+    }
+}

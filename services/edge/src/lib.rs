@@ -1,1 +1,134 @@
-//! placeholder
+//! The Netbore edge: the public face of every tunnel.
+//!
+//! An edge runs two listeners. Agents connect to the *agent listener* over WebSocket,
+//! prove with an ephemeral token which tunnel they serve ([`agents`]), and then carry
+//! that tunnel's streams on a [`netbore_mux::Mux`]. Viewers connect to the *public
+//! listener* with HTTP/1.1 or HTTP/2; each request is routed by its `Host` to a live
+//! agent connection and proxied as one stream, bodies and upgrades streamed both ways
+//! ([`proxy`]). The edge holds no signing keys and no state that matters beyond its
+//! live connections.
+
+pub mod agents;
+pub mod auth;
+pub mod config;
+pub mod errors;
+pub mod proxy;
+pub mod routes;
+pub mod telemetry;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use auth::{AgentAuth, AgentGrant, AuthError, StaticKeyAuth};
+pub use config::EdgeConfig;
+pub use routes::Routes;
+
+/// One edge: configuration, the live route table and the agent authenticator.
+#[derive(Clone)]
+pub struct Edge {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: EdgeConfig,
+    routes: Routes,
+    auth: Arc<dyn AgentAuth>,
+    draining: AtomicBool,
+    /// Tracks per-connection tasks so shutdown can wait for them.
+    tracker: TaskTracker,
+}
+
+impl Edge {
+    /// Builds an edge that verifies agents with `auth`.
+    pub fn new(config: EdgeConfig, auth: Arc<dyn AgentAuth>) -> Edge {
+        Edge {
+            inner: Arc::new(Inner {
+                config,
+                routes: Routes::default(),
+                auth,
+                draining: AtomicBool::new(false),
+                tracker: TaskTracker::new(),
+            }),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &EdgeConfig {
+        &self.inner.config
+    }
+
+    /// The live route table.
+    pub fn routes(&self) -> &Routes {
+        &self.inner.routes
+    }
+
+    pub(crate) fn auth(&self) -> &Arc<dyn AgentAuth> {
+        &self.inner.auth
+    }
+
+    pub(crate) fn tracker(&self) -> &TaskTracker {
+        &self.inner.tracker
+    }
+
+    /// True once [`Edge::drain`] started.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::Acquire)
+    }
+
+    /// Starts a graceful drain: new agents are refused and every connected agent is
+    /// told to go away (so it moves to another edge); open streams continue.
+    pub fn drain(&self) {
+        if !self.inner.draining.swap(true, Ordering::AcqRel) {
+            self.inner.routes.go_away_all("edge is shutting down");
+        }
+    }
+
+    /// Waits until every proxied request and agent connection task has finished.
+    pub async fn wait_idle(&self) {
+        self.inner.tracker.close();
+        self.inner.tracker.wait().await;
+    }
+
+    /// Disconnects every agent connection serving `tunnel_id` (the tunnel was deleted).
+    pub fn disconnect_tunnel(&self, tunnel_id: &str) -> usize {
+        self.inner.routes.disconnect_tunnel(tunnel_id)
+    }
+}
+
+/// Serves both listeners until `shutdown` fires, then drains within
+/// `config.drain_grace`.
+pub async fn run(
+    edge: Edge,
+    public: tokio::net::TcpListener,
+    agents: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let accept_stop = CancellationToken::new();
+    let p = tokio::spawn(proxy::serve_public(
+        edge.clone(),
+        public,
+        accept_stop.clone(),
+    ));
+    let a = tokio::spawn(agents::serve_agents(
+        edge.clone(),
+        agents,
+        accept_stop.clone(),
+    ));
+    shutdown.cancelled().await;
+    tracing::info!(grace = ?edge.config().drain_grace, "draining: go-away sent to agents, finishing open requests");
+    edge.drain();
+    accept_stop.cancel();
+    let _ = p.await;
+    let _ = a.await;
+    if tokio::time::timeout(edge.config().drain_grace, edge.wait_idle())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain grace period over; closing the remaining connections");
+    }
+    edge.routes().close_all("edge stopped");
+    Ok(())
+}

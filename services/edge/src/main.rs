@@ -1,1 +1,70 @@
-fn main() {}
+//! `netbore-edge`: config, telemetry, bind, serve, drain on signal.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use netbore_edge::auth::JwksAuth;
+use netbore_edge::{Edge, EdgeConfig};
+use tokio_util::sync::CancellationToken;
+
+/// The Netbore edge: serves viewers at NAME.<domain> through agents' tunnels.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Address for viewer traffic (HTTP/1.1 and h2c).
+    #[arg(long, env = "NETBORE_PUBLIC_ADDR", default_value = "0.0.0.0:8000")]
+    public_addr: SocketAddr,
+    /// Address agents connect to (WebSocket at /v1/connect).
+    #[arg(long, env = "NETBORE_AGENT_ADDR", default_value = "0.0.0.0:8001")]
+    agent_addr: SocketAddr,
+    /// Tunnels are served at NAME.<domain>.
+    #[arg(long, env = "NETBORE_DOMAIN", default_value = "localhost")]
+    domain: String,
+    /// This edge's id.
+    #[arg(long, env = "NETBORE_EDGE_ID", default_value = "edge-1")]
+    edge_id: String,
+    /// Control's REST base URL, where the edge fetches the public keys agents' tokens are
+    /// checked with.
+    #[arg(
+        long,
+        env = "NETBORE_CONTROL_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    control_url: String,
+    /// Token issuer to accept (control's configured issuer).
+    #[arg(long, env = "NETBORE_ISSUER", default_value = "netbore-control")]
+    issuer: String,
+    /// Log as JSON lines.
+    #[arg(long, env = "NETBORE_LOG_JSON")]
+    log_json: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    netbore_edge::telemetry::init(args.log_json);
+    let config = EdgeConfig {
+        edge_id: args.edge_id.clone(),
+        domain: args.domain.clone(),
+        ..EdgeConfig::default()
+    };
+    let auth = Arc::new(JwksAuth::new(&args.control_url, &args.issuer));
+    if let Err(e) = auth.refresh().await {
+        tracing::warn!(error = %e, "control's keys are not available yet; fetching on the first agent");
+    }
+    let edge = Edge::new(config, auth);
+    let public = tokio::net::TcpListener::bind(args.public_addr)
+        .await
+        .with_context(|| format!("binding the public listener on {}", args.public_addr))?;
+    let agents = tokio::net::TcpListener::bind(args.agent_addr)
+        .await
+        .with_context(|| format!("binding the agent listener on {}", args.agent_addr))?;
+    tracing::info!(public = %public.local_addr()?, agents = %agents.local_addr()?, domain = %args.domain, edge_id = %args.edge_id, "edge listening");
+    let shutdown = CancellationToken::new();
+    tokio::spawn(netbore_edge::telemetry::on_signal(shutdown.clone()));
+    netbore_edge::run(edge, public, agents, shutdown).await?;
+    tracing::info!("edge stopped");
+    Ok(())
+}

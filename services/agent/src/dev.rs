@@ -1,0 +1,90 @@
+//! One process, one machine: control and an edge in-process with the in-memory state,
+//! bound to loopback, for `netbore dev` and for tests.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use netbore_control::{Control, ControlConfig, EdgeEntry};
+use netbore_edge::{Edge, EdgeConfig, StaticKeyAuth};
+use netbore_tokens::KeySet;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Addresses of a running in-process stack.
+#[derive(Clone)]
+pub struct DevStack {
+    /// Control's REST address.
+    pub control: SocketAddr,
+    /// The edge's public (viewer) address.
+    pub public: SocketAddr,
+    /// The edge's agent address.
+    pub agents: SocketAddr,
+    /// The control instance (for tests: rotate keys, inspect).
+    pub control_state: Control,
+    /// The edge.
+    pub edge: Edge,
+}
+
+impl DevStack {
+    /// Control's base URL.
+    pub fn control_url(&self) -> String {
+        format!("http://{}", self.control)
+    }
+}
+
+/// Starts control and one edge on `public` (viewer listener, already bound) plus
+/// loopback ports of the system's choosing, all stopped by `shutdown`.
+pub async fn start(public: TcpListener, shutdown: CancellationToken) -> anyhow::Result<DevStack> {
+    let public_addr = public.local_addr()?;
+    let control_l = TcpListener::bind("127.0.0.1:0").await?;
+    let agents_l = TcpListener::bind("127.0.0.1:0").await?;
+    let control_addr = control_l.local_addr()?;
+    let agents_addr = agents_l.local_addr()?;
+    let config = ControlConfig {
+        domain: "localhost".into(),
+        public_url_template: format!("http://{{name}}.localhost:{}", public_addr.port()),
+        edges: vec![EdgeEntry {
+            edge_id: "edge-1".into(),
+            edge_url: format!("ws://{agents_addr}{}", netbore_edge::agents::AGENT_PATH),
+            region: "local".into(),
+        }],
+        ..ControlConfig::default()
+    };
+    let issuer = config.issuer.clone();
+    let control = Control::new(config, KeySet::generate());
+    let auth = Arc::new(StaticKeyAuth::new(&control.jwks(), &issuer)?);
+    let edge = Edge::new(
+        EdgeConfig {
+            domain: "localhost".into(),
+            ..EdgeConfig::default()
+        },
+        auth.clone(),
+    );
+    // Deleted tunnels lose their agents; rotated keys reach the edge.
+    let mut deletions = control.subscribe_deletions();
+    let edge2 = edge.clone();
+    tokio::spawn(async move {
+        while let Ok(tunnel_id) = deletions.recv().await {
+            edge2.disconnect_tunnel(&tunnel_id);
+        }
+    });
+    tokio::spawn(netbore_control::serve_rest(
+        control_l,
+        control.clone(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(netbore_edge::run(
+        edge.clone(),
+        public,
+        agents_l,
+        shutdown.clone(),
+    ));
+    let _ = auth;
+    Ok(DevStack {
+        control: control_addr,
+        public: public_addr,
+        agents: agents_addr,
+        control_state: control,
+        edge,
+    })
+}

@@ -1,0 +1,131 @@
+//! One agent → edge connection: WebSocket, hello, welcome, then a multiplexer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use netbore_mux::{Incoming, Mux, MuxConfig, Role, ws_config};
+use netbore_protocol::handshake::{CAP_H2, CAP_UPGRADE, MAX_HANDSHAKE_LEN, RefusalCode};
+use netbore_protocol::{AgentHello, EdgeReply, PROTOCOL_VERSION, Welcome};
+use tokio_tungstenite::Connector;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+/// Time allowed for TCP, TLS, the WebSocket upgrade and the hello/welcome exchange.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest WebSocket message accepted from an edge (a batch of frames plus one frame).
+pub const MAX_EDGE_MESSAGE: usize = 1024 * 1024;
+
+/// Why connecting to an edge failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// Network, TLS or WebSocket failure; try the next candidate.
+    #[error("could not connect to {url}: {reason}")]
+    Connect {
+        /// Edge URL.
+        url: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The edge refused the hello.
+    #[error("edge {url} refused the tunnel ({code:?}): {message}")]
+    Refused {
+        /// Edge URL.
+        url: String,
+        /// Refusal code.
+        code: RefusalCode,
+        /// The edge's explanation.
+        message: String,
+        /// Whether retrying may help.
+        retryable: bool,
+    },
+}
+
+/// A live link.
+pub struct Link {
+    /// The multiplexer.
+    pub mux: Mux,
+    /// Streams the edge opens.
+    pub incoming: Incoming,
+    /// The edge's welcome.
+    pub welcome: Welcome,
+}
+
+/// Connects to `url` (ws:// or wss://) and completes the handshake.
+pub async fn connect(
+    url: &str,
+    token: &str,
+    tunnel_id: &str,
+    tls: Arc<rustls::ClientConfig>,
+    cancel: CancellationToken,
+) -> Result<Link, LinkError> {
+    let fail = |reason: String| LinkError::Connect {
+        url: url.to_string(),
+        reason,
+    };
+    let fut = async {
+        let (mut ws, _) = tokio_tungstenite::connect_async_tls_with_config(
+            url,
+            Some(ws_config(MAX_EDGE_MESSAGE)),
+            true,
+            Some(Connector::Rustls(tls)),
+        )
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+        let hello = AgentHello {
+            version: PROTOCOL_VERSION,
+            token: token.to_string(),
+            tunnel_id: tunnel_id.to_string(),
+            capabilities: vec![CAP_H2.into(), CAP_UPGRADE.into()],
+            agent: format!("netbore/{}", env!("CARGO_PKG_VERSION")),
+        };
+        ws.send(Message::text(
+            serde_json::to_string(&hello).expect("serializable"),
+        ))
+        .await
+        .map_err(|e| fail(format!("sending hello: {e}")))?;
+        let reply = loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) if t.len() <= MAX_HANDSHAKE_LEN => {
+                    break serde_json::from_str::<EdgeReply>(t.as_str())
+                        .map_err(|e| fail(format!("edge sent an invalid handshake reply: {e}")))?;
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(other)) => {
+                    return Err(fail(format!("edge sent {other:?} instead of a welcome")));
+                }
+                Some(Err(e)) => return Err(fail(format!("reading the welcome: {e}"))),
+                None => return Err(fail("edge closed during the handshake".into())),
+            }
+        };
+        match reply {
+            EdgeReply::Refused(r) => Err(LinkError::Refused {
+                url: url.to_string(),
+                code: r.code,
+                message: r.message,
+                retryable: r.retryable,
+            }),
+            EdgeReply::Welcome(w) => {
+                let (mux, incoming) = Mux::start(
+                    ws,
+                    MuxConfig {
+                        role: Role::Agent,
+                        limits: w.limits,
+                        heartbeat_interval: Duration::from_millis(w.heartbeat_interval_ms.max(100)),
+                        label: w.session_id.clone(),
+                    },
+                    cancel,
+                );
+                Ok(Link {
+                    mux,
+                    incoming: incoming.expect("agent role yields incoming streams"),
+                    welcome: w,
+                })
+            }
+        }
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, fut)
+        .await
+        .map_err(|_| fail(format!("no welcome within {CONNECT_TIMEOUT:?}")))?
+}

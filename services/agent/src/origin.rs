@@ -1,0 +1,274 @@
+//! Forwarding streams to the origin: the local service the tunnel exposes.
+//!
+//! One pooled hyper client per protocol: HTTP/1.1 by default, HTTP/2 (h2c prior
+//! knowledge on `http://`, ALPN on `https://`) when the user says the origin speaks it or
+//! when the request is gRPC, which needs HTTP/2 and trailers. `https://` origins are
+//! verified against the system's web PKI roots, a CA file given by the user, or not at
+//! all with the explicit insecure flag.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Uri, header};
+use http_body_util::{BodyExt, Empty, combinators::BoxBody};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use netbore_mux::body::{PumpEnd, StreamBody, from_header_map, pump_body};
+use netbore_mux::{IncomingStream, bridge};
+use netbore_protocol::{ResetCode, ResponseHead};
+use tracing::debug;
+
+type OriginBody = BoxBody<Bytes, std::io::Error>;
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, OriginBody>;
+
+/// Default time to wait for the origin's response head.
+pub const DEFAULT_ORIGIN_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Idle pooled connections to the origin are closed after this long.
+pub const ORIGIN_POOL_IDLE: Duration = Duration::from_secs(60);
+
+/// What `Host` the origin sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostHeader {
+    /// The viewer's Host (the public hostname), as ngrok and cloudflared do by default.
+    Preserve,
+    /// The origin's own `host:port`, for dev servers that refuse unknown hosts.
+    Rewrite,
+    /// A fixed value.
+    Fixed(String),
+}
+
+/// How to reach the origin.
+#[derive(Debug, Clone)]
+pub struct OriginConfig {
+    /// Base URL, e.g. `http://127.0.0.1:3000`.
+    pub url: Uri,
+    /// Speak HTTP/2 to the origin for every request.
+    pub http2: bool,
+    /// Extra CA (PEM) trusted for `https://` origins.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Accept any certificate from an `https://` origin (self-signed development).
+    pub insecure: bool,
+    /// What Host the origin sees.
+    pub host_header: HostHeader,
+    /// Time to wait for the response head.
+    pub timeout: Duration,
+}
+
+impl OriginConfig {
+    /// Parses `3000`, `localhost:3000` or a full `http(s)://` URL.
+    pub fn parse_target(s: &str) -> Result<Uri, String> {
+        let url = if s.chars().all(|c| c.is_ascii_digit()) {
+            format!("http://127.0.0.1:{s}")
+        } else if s.starts_with("http://") || s.starts_with("https://") {
+            s.to_string()
+        } else {
+            format!("http://{s}")
+        };
+        let uri: Uri = url
+            .parse()
+            .map_err(|e| format!("'{s}' is not a port or URL: {e}"))?;
+        if uri.authority().is_none() {
+            return Err(format!(
+                "'{s}' has no host; give a port like 3000 or a URL like http://localhost:3000"
+            ));
+        }
+        Ok(uri)
+    }
+}
+
+/// Forwards streams to one origin.
+#[derive(Clone)]
+pub struct Origin {
+    cfg: Arc<OriginConfig>,
+    h1: HttpsClient,
+    h2: HttpsClient,
+}
+
+impl Origin {
+    /// Builds the clients; fails on an unreadable CA file.
+    pub fn new(cfg: OriginConfig) -> Result<Origin, String> {
+        let tls = crate::tls::client_config(cfg.ca_file.as_deref(), cfg.insecure)?;
+        let build = |h2: bool| {
+            let mut http = HttpConnector::new();
+            http.enforce_http(false);
+            http.set_nodelay(true);
+            let b = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls.clone())
+                .https_or_http();
+            let conn = if h2 {
+                b.enable_http2().wrap_connector(http)
+            } else {
+                b.enable_http1().wrap_connector(http)
+            };
+            let mut cb = Client::builder(TokioExecutor::new());
+            cb.pool_idle_timeout(ORIGIN_POOL_IDLE)
+                .pool_timer(hyper_util::rt::TokioTimer::new())
+                .timer(hyper_util::rt::TokioTimer::new());
+            if h2 {
+                cb.http2_only(true);
+            }
+            cb.build(conn)
+        };
+        Ok(Origin {
+            h1: build(false),
+            h2: build(true),
+            cfg: Arc::new(cfg),
+        })
+    }
+
+    /// The origin's base URL.
+    pub fn url(&self) -> &Uri {
+        &self.cfg.url
+    }
+
+    /// Serves one stream end to end. Never panics on bad input: every failure becomes
+    /// a reset with a code the edge turns into a status for the viewer.
+    pub async fn serve(&self, s: IncomingStream) {
+        let IncomingStream {
+            head,
+            end_stream,
+            mut sender,
+            receiver,
+        } = s;
+        let upgrade = head.headers.iter().any(|h| h.name == "upgrade");
+        let grpc = head
+            .headers
+            .iter()
+            .any(|h| h.name == "content-type" && h.value.starts_with(b"application/grpc"));
+        let base = &self.cfg.url;
+        let path = if head.target.starts_with('/') {
+            head.target.clone()
+        } else {
+            format!("/{}", head.target)
+        };
+        let base_path = base.path().trim_end_matches('/');
+        let uri = format!(
+            "{}://{}{}{}",
+            base.scheme_str().unwrap_or("http"),
+            base.authority().map(|a| a.as_str()).unwrap_or(""),
+            base_path,
+            path
+        );
+        let mut builder = Request::builder().method(head.method.as_str()).uri(uri);
+        let use_h2 = (self.cfg.http2 || grpc) && !upgrade;
+        for h in &head.headers {
+            // HTTP/2 carries the host as :authority, taken from the URI; with a rewrite
+            // or a fixed value Host is set below.
+            if h.name == "host" && (use_h2 || self.cfg.host_header != HostHeader::Preserve) {
+                continue;
+            }
+            builder = builder.header(h.name.as_str(), h.value.as_ref());
+        }
+        match &self.cfg.host_header {
+            HostHeader::Preserve => {}
+            HostHeader::Rewrite => {
+                if !use_h2 && let Some(a) = base.authority() {
+                    builder = builder.header(header::HOST, a.as_str());
+                }
+            }
+            HostHeader::Fixed(v) => {
+                if let Ok(v) = HeaderValue::from_str(v) {
+                    builder = builder.header(header::HOST, v);
+                }
+            }
+        }
+        if use_h2 && let Some(hm) = builder.headers_mut() {
+            // Connection-specific headers are illegal in HTTP/2 (te: trailers excepted).
+            hm.remove(header::CONNECTION);
+            hm.remove(header::UPGRADE);
+            if hm.get(header::TE).is_some_and(|v| v != "trailers") {
+                hm.remove(header::TE);
+            }
+        }
+        // An upgrade keeps the request half for the raw bytes after the 101.
+        let (body, keep_rx): (OriginBody, _) = if end_stream || upgrade {
+            (Empty::new().map_err(|n| match n {}).boxed(), Some(receiver))
+        } else {
+            (StreamBody::new(receiver).boxed(), None)
+        };
+        let req = match builder.body(body) {
+            Ok(r) => r,
+            Err(e) => {
+                sender.reset(
+                    ResetCode::Protocol,
+                    &format!("request not valid for the origin: {e}"),
+                );
+                return;
+            }
+        };
+        let client = if use_h2 { &self.h2 } else { &self.h1 };
+        let resp = match tokio::time::timeout(self.cfg.timeout, client.request(req)).await {
+            Err(_) => {
+                sender.reset(
+                    ResetCode::OriginTimeout,
+                    &format!("the origin did not answer within {:?}", self.cfg.timeout),
+                );
+                return;
+            }
+            Ok(Err(e)) => {
+                let code = if e.is_connect() {
+                    ResetCode::OriginUnreachable
+                } else {
+                    ResetCode::OriginError
+                };
+                debug!(error = ?e, "origin request failed");
+                sender.reset(
+                    code,
+                    &format!("origin {}: {}", self.cfg.url, error_chain(&e)),
+                );
+                return;
+            }
+            Ok(Ok(r)) => r,
+        };
+        let status = resp.status().as_u16();
+        if status == 101 && upgrade {
+            let headers = from_header_map(resp.headers());
+            if sender
+                .send_response(ResponseHead { status, headers }, false)
+                .is_err()
+            {
+                return;
+            }
+            match hyper::upgrade::on(resp).await {
+                Ok(up) => {
+                    if let Some(rx) = keep_rx {
+                        bridge(TokioIo::new(up), sender, rx).await;
+                    }
+                }
+                Err(e) => sender.reset(
+                    ResetCode::OriginError,
+                    &format!("origin upgrade failed: {e}"),
+                ),
+            }
+            return;
+        }
+        drop(keep_rx);
+        let headers = from_header_map(resp.headers());
+        let body = resp.into_body();
+        let end = http_body::Body::is_end_stream(&body);
+        if sender
+            .send_response(ResponseHead { status, headers }, end)
+            .is_err()
+            || end
+        {
+            return;
+        }
+        if let PumpEnd::BodyFailed(e) = pump_body(body, &mut sender, ResetCode::OriginError).await {
+            debug!(error = %e, "origin response body failed");
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}

@@ -1,0 +1,236 @@
+//! The agent listener: WebSocket upgrade, handshake, then a multiplexed tunnel link.
+//!
+//! A connection that does not complete the WebSocket upgrade and the hello within
+//! [`HANDSHAKE_TIMEOUT`], sends an oversized or malformed hello, or presents a token
+//! that does not verify is answered with a refusal (code and message) and closed;
+//! nothing it sent touches any other tunnel.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use netbore_mux::{Mux, MuxConfig, Role, ws_config};
+use netbore_protocol::handshake::{MAX_HANDSHAKE_LEN, RefusalCode};
+use netbore_protocol::{AgentHello, EdgeReply, PROTOCOL_VERSION, Refusal, Welcome};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::{Message, http};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::Edge;
+use crate::config::{HANDSHAKE_TIMEOUT, MAX_AGENT_MESSAGE};
+use crate::routes::Route;
+
+/// The path agents connect to on the agent listener.
+pub const AGENT_PATH: &str = "/v1/connect";
+
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+
+/// Accepts agent connections until `stop` fires.
+pub async fn serve_agents(edge: Edge, listener: TcpListener, stop: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.cancelled() => break,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and the like: back off rather than spin.
+                warn!(error = %e, "agent listener accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let edge2 = edge.clone();
+        let span = info_span!("agent_conn", %peer);
+        edge.tracker().spawn(
+            async move {
+                if let Err(reason) = handle_agent(edge2, tcp, peer).await {
+                    debug!(%reason, "agent connection ended");
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Runs one agent connection from the WebSocket upgrade to its close.
+pub async fn handle_agent<S>(edge: Edge, io: S, peer: SocketAddr) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let check_path = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+        if req.uri().path() == AGENT_PATH {
+            Ok(resp)
+        } else {
+            let mut e = ErrorResponse::new(Some(format!(
+                "agents connect to {AGENT_PATH} on this port\n"
+            )));
+            *e.status_mut() = http::StatusCode::NOT_FOUND;
+            Err(e)
+        }
+    };
+    let mut ws = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        tokio_tungstenite::accept_hdr_async_with_config(
+            io,
+            check_path,
+            Some(ws_config(MAX_AGENT_MESSAGE)),
+        ),
+    )
+    .await
+    .map_err(|_| "websocket upgrade timed out".to_string())?
+    .map_err(|e| format!("websocket upgrade failed: {e}"))?;
+
+    let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, ws.next()).await {
+        Err(_) => {
+            return refuse(
+                &mut ws,
+                RefusalCode::MalformedHello,
+                "no hello within the handshake timeout",
+                false,
+            )
+            .await;
+        }
+        Ok(None) | Ok(Some(Err(_))) => return Err("agent left during the handshake".into()),
+        Ok(Some(Ok(Message::Text(t)))) if t.len() <= MAX_HANDSHAKE_LEN => {
+            match serde_json::from_str::<AgentHello>(t.as_str()) {
+                Ok(h) => h,
+                Err(e) => {
+                    return refuse(
+                        &mut ws,
+                        RefusalCode::MalformedHello,
+                        &format!("the hello is not valid: {e}"),
+                        false,
+                    )
+                    .await;
+                }
+            }
+        }
+        Ok(Some(Ok(_))) => {
+            return refuse(
+                &mut ws,
+                RefusalCode::MalformedHello,
+                &format!(
+                    "the first message must be a JSON hello of at most {MAX_HANDSHAKE_LEN} bytes"
+                ),
+                false,
+            )
+            .await;
+        }
+    };
+    if hello.version != PROTOCOL_VERSION {
+        return refuse(
+            &mut ws,
+            RefusalCode::UnsupportedVersion,
+            &format!(
+                "this edge speaks protocol version {PROTOCOL_VERSION}, the agent sent {}; upgrade the agent",
+                hello.version
+            ),
+            false,
+        )
+        .await;
+    }
+    if edge.is_draining() {
+        return refuse(
+            &mut ws,
+            RefusalCode::Draining,
+            "this edge is shutting down; connect to another candidate edge",
+            true,
+        )
+        .await;
+    }
+    let grant = match edge.auth().verify(&hello.token).await {
+        Ok(g) => g,
+        Err(e) => {
+            warn!(code = %e.code, tunnel = %hello.tunnel_id, "agent token refused");
+            let retry = e.code == "keys_unavailable";
+            let code = if retry {
+                RefusalCode::Unavailable
+            } else {
+                RefusalCode::InvalidToken
+            };
+            return refuse(&mut ws, code, &format!("{} [{}]", e.message, e.code), retry).await;
+        }
+    };
+    if grant.tunnel_id != hello.tunnel_id {
+        return refuse(
+            &mut ws,
+            RefusalCode::TunnelMismatch,
+            "the token was issued for another tunnel than the one in the hello",
+            false,
+        )
+        .await;
+    }
+    let conn_id = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
+    let session_id = format!("{}-{conn_id}", edge.config().edge_id);
+    let cfg = edge.config();
+    let welcome = EdgeReply::Welcome(Welcome {
+        version: PROTOCOL_VERSION,
+        session_id: session_id.clone(),
+        edge_id: cfg.edge_id.clone(),
+        heartbeat_interval_ms: cfg.heartbeat_interval.as_millis() as u64,
+        limits: cfg.limits,
+    });
+    ws.send(Message::text(
+        serde_json::to_string(&welcome).expect("serializable"),
+    ))
+    .await
+    .map_err(|e| format!("sending welcome failed: {e}"))?;
+    let (mux, _) = Mux::start(
+        ws,
+        MuxConfig {
+            role: Role::Edge,
+            limits: cfg.limits,
+            heartbeat_interval: cfg.heartbeat_interval,
+            label: session_id.clone(),
+        },
+        CancellationToken::new(),
+    );
+    if edge.is_draining() {
+        mux.go_away("edge is shutting down");
+    }
+    edge.routes().insert(
+        &grant.name,
+        Route {
+            tunnel_id: grant.tunnel_id.clone(),
+            conn_id,
+            mux: mux.clone(),
+        },
+    );
+    info!(tunnel = %grant.tunnel_id, name = %grant.name, session = %session_id, agent = %hello.agent, "agent connected");
+    mux.closed().await;
+    edge.routes().remove(&grant.name, conn_id);
+    info!(tunnel = %grant.tunnel_id, name = %grant.name, session = %session_id, reason = %mux.close_reason(), "agent disconnected");
+    let _ = peer;
+    Ok(())
+}
+
+async fn refuse<S>(
+    ws: &mut WebSocketStream<S>,
+    code: RefusalCode,
+    message: &str,
+    retryable: bool,
+) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let reply = EdgeReply::Refused(Refusal {
+        code,
+        message: message.to_string(),
+        retryable,
+    });
+    let _ = ws
+        .send(Message::text(
+            serde_json::to_string(&reply).expect("serializable"),
+        ))
+        .await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+    Err(format!("refused ({code:?}): {message}"))
+}

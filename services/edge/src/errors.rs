@@ -1,0 +1,139 @@
+//! The errors a viewer can get from the edge itself (not from the origin).
+//!
+//! Each has a stable code, sent in the `netbore-error` response header, and a short
+//! page saying what happened and what to do, as JSON when the client asks for JSON.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+
+/// Response header carrying the error code.
+pub const ERROR_HEADER: &str = "netbore-error";
+
+/// The body type of every response the edge produces.
+pub type Body = BoxBody<Bytes, std::io::Error>;
+
+/// An error the edge shows a viewer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ViewerError {
+    /// No tunnel has this name (404).
+    TunnelNotFound,
+    /// The tunnel exists but its agent is not connected (503).
+    TunnelOffline,
+    /// The agent could not reach the origin (502).
+    OriginUnreachable,
+    /// The origin did not answer in time (504).
+    OriginTimeout,
+    /// The origin broke the exchange (502).
+    OriginError,
+    /// The request had no usable Host (400).
+    BadHost,
+    /// The agent refused the stream: at its limit or moving (503).
+    TunnelBusy,
+    /// The agent connection failed while the request was in flight (502).
+    TunnelLost,
+}
+
+impl ViewerError {
+    /// Status code.
+    pub fn status(self) -> StatusCode {
+        match self {
+            ViewerError::TunnelNotFound => StatusCode::NOT_FOUND,
+            ViewerError::TunnelOffline | ViewerError::TunnelBusy => StatusCode::SERVICE_UNAVAILABLE,
+            ViewerError::OriginUnreachable | ViewerError::OriginError | ViewerError::TunnelLost => {
+                StatusCode::BAD_GATEWAY
+            }
+            ViewerError::OriginTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ViewerError::BadHost => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// Stable code for the `netbore-error` header.
+    pub fn code(self) -> &'static str {
+        match self {
+            ViewerError::TunnelNotFound => "tunnel_not_found",
+            ViewerError::TunnelOffline => "tunnel_offline",
+            ViewerError::OriginUnreachable => "origin_unreachable",
+            ViewerError::OriginTimeout => "origin_timeout",
+            ViewerError::OriginError => "origin_error",
+            ViewerError::BadHost => "bad_host",
+            ViewerError::TunnelBusy => "tunnel_busy",
+            ViewerError::TunnelLost => "tunnel_lost",
+        }
+    }
+
+    /// What happened and what to do, for a person.
+    pub fn message(self) -> &'static str {
+        match self {
+            ViewerError::TunnelNotFound => {
+                "No tunnel is serving this hostname. Check the URL, or start the agent that owns it."
+            }
+            ViewerError::TunnelOffline => {
+                "The tunnel's agent is not connected right now. It is served again as soon as the agent reconnects; retry shortly."
+            }
+            ViewerError::OriginUnreachable => {
+                "The agent is connected but could not reach the service behind it. Check that the local service is running on the address the agent forwards to."
+            }
+            ViewerError::OriginTimeout => {
+                "The service behind the tunnel did not answer in time. Retry, or check why the local service is slow."
+            }
+            ViewerError::OriginError => {
+                "The service behind the tunnel broke off the response. Check the local service's logs."
+            }
+            ViewerError::BadHost => {
+                "The request has no usable Host header. Send the tunnel's hostname in Host."
+            }
+            ViewerError::TunnelBusy => {
+                "The tunnel is at its limit of concurrent requests or is moving to another edge. Retry shortly."
+            }
+            ViewerError::TunnelLost => {
+                "The connection to the tunnel's agent was lost during the request. Retry; the agent reconnects by itself."
+            }
+        }
+    }
+
+    /// The response, JSON when `json` (the viewer's `Accept` asked for it).
+    pub fn response(self, json: bool) -> Response<Body> {
+        error_response(self.status(), self.code(), self.message(), json)
+    }
+}
+
+/// Builds an error page with the `netbore-error` header.
+pub fn error_response(status: StatusCode, code: &str, message: &str, json: bool) -> Response<Body> {
+    let (ctype, body) = if json {
+        (
+            "application/json",
+            serde_json::json!({"error": {"code": code, "message": message}}).to_string(),
+        )
+    } else {
+        (
+            "text/plain; charset=utf-8",
+            format!(
+                "{} {}\n\n{message}\n\nnetbore-error: {code}\n",
+                status.as_u16(),
+                status.canonical_reason().unwrap_or("")
+            ),
+        )
+    };
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Ok(v) = HeaderValue::from_str(code) {
+        h.insert(ERROR_HEADER, v);
+    }
+    resp
+}
+
+/// True when the `Accept` header prefers JSON.
+pub fn wants_json(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/json") && !v.contains("text/html"))
+}

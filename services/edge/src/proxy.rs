@@ -1,0 +1,408 @@
+//! The public listener: viewer HTTP/1.1 and HTTP/2 (h2c prior knowledge) proxied
+//! through tunnels.
+//!
+//! Each request is routed by its host (`NAME.<domain>`, port ignored, case-insensitive)
+//! to the least busy agent connection of that tunnel and becomes one stream. Bodies
+//! stream both ways under the protocol's credit windows and are never buffered whole;
+//! response data is handed to hyper as it arrives, so a server-sent event reaches the
+//! viewer while the origin keeps the response open. Trailers pass end to end (gRPC).
+//! An HTTP/1.1 `Upgrade` (WebSocket) answered with 101 turns the stream into a raw
+//! bidirectional byte stream.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use netbore_mux::body::{PumpEnd, StreamBody, pump_body};
+use netbore_mux::{Event, MuxError};
+use netbore_protocol::{Header, RequestHead, ResetCode};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::Edge;
+use crate::errors::{Body, ViewerError, wants_json};
+use crate::routes::Lookup;
+
+/// Header carrying the viewer's address to the origin. Whatever a viewer sends under
+/// this name is dropped and replaced.
+pub const CLIENT_IP_HEADER: &str = "x-netbore-client-ip";
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1 and the historical ones): never forwarded.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Headers the edge sets itself; viewers' copies are dropped.
+const EDGE_SET: &[&str] = &[
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "forwarded",
+    CLIENT_IP_HEADER,
+];
+
+/// Accepts viewer connections until `stop` fires; open connections then finish their
+/// current request and close.
+pub async fn serve_public(edge: Edge, listener: TcpListener, stop: CancellationToken) {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(hyper_util::rt::TokioTimer::new());
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(250);
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.cancelled() => break,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(error = %e, "public listener accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let edge2 = edge.clone();
+        let builder = builder.clone();
+        let stop = stop.clone();
+        edge.tracker().spawn(
+            async move {
+                let svc = service_fn(move |req| {
+                    let edge = edge2.clone();
+                    async move { Ok::<_, Infallible>(handle(edge, req, peer).await) }
+                });
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
+                tokio::pin!(conn);
+                let r = tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = stop.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                };
+                if let Err(e) = r {
+                    debug!(error = %e, "viewer connection ended with an error");
+                }
+            }
+            .instrument(info_span!("viewer", %peer)),
+        );
+    }
+}
+
+/// The tunnel name a host addresses, if it is `NAME.<domain>` with a single label.
+pub fn tunnel_name(host: &str, domain: &str) -> Option<String> {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+    let name = host.strip_suffix(&domain)?.strip_suffix('.')?;
+    if name.is_empty() || name.contains('.') {
+        return None;
+    }
+    Some(name.to_string())
+}
+
+/// Host without port: from the URI authority (HTTP/2, absolute-form) or `Host`.
+fn request_host(req: &Request<Incoming>) -> Option<String> {
+    if let Some(a) = req.uri().authority() {
+        return Some(a.host().to_string());
+    }
+    let h = req.headers().get(header::HOST)?.to_str().ok()?;
+    let auth: http::uri::Authority = h.parse().ok()?;
+    Some(auth.host().to_string())
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && connection_tokens(req.headers())
+            .iter()
+            .any(|t| t == "upgrade")
+}
+
+fn connection_tokens(h: &HeaderMap) -> Vec<String> {
+    h.get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// Proxies one viewer request.
+pub async fn handle(edge: Edge, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let json = wants_json(req.headers());
+    let Some(host) = request_host(&req) else {
+        return ViewerError::BadHost.response(json);
+    };
+    let Some(name) = tunnel_name(&host, &edge.config().domain) else {
+        return ViewerError::TunnelNotFound.response(json);
+    };
+    let upgrade = is_upgrade(&req);
+    let head = request_head(&edge, &req, &host, peer, upgrade);
+    let body_empty = http_body::Body::is_end_stream(req.body());
+    let end_stream = body_empty && !upgrade;
+
+    // A connection can close between the lookup and the open; try the next one once.
+    let mut opened = None;
+    for _ in 0..2 {
+        let route = match edge.routes().pick(&name) {
+            Lookup::Found(r) => r,
+            Lookup::Offline => return ViewerError::TunnelOffline.response(json),
+            Lookup::Unknown => return ViewerError::TunnelNotFound.response(json),
+        };
+        match route.mux.open(head.clone(), end_stream) {
+            Ok(s) => {
+                opened = Some(s);
+                break;
+            }
+            Err(MuxError::Refused(_)) => return ViewerError::TunnelBusy.response(json),
+            Err(_) => continue,
+        }
+    }
+    let Some((tx, mut rx)) = opened else {
+        return ViewerError::TunnelLost.response(json);
+    };
+
+    let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    // The request half: pumped from the viewer's body, or kept for the upgrade.
+    let mut tx = Some(tx);
+    if !upgrade && !end_stream {
+        let body = req.into_body();
+        if let Some(mut tx) = tx.take() {
+            tokio::spawn(
+                async move {
+                    if let PumpEnd::BodyFailed(e) =
+                        pump_body(body, &mut tx, ResetCode::Cancel).await
+                    {
+                        debug!(error = %e, "viewer aborted the request body");
+                    }
+                }
+                .in_current_span(),
+            );
+        }
+    }
+
+    let first = tokio::time::timeout(edge.config().response_timeout, rx.recv()).await;
+    let head = match first {
+        Err(_) => {
+            rx.reset(
+                ResetCode::Cancel,
+                "edge gave up waiting for the response head",
+            );
+            return ViewerError::OriginTimeout.response(json);
+        }
+        Ok(Some(Event::Head(h))) => h,
+        Ok(Some(Event::Reset(code, msg))) => {
+            debug!(?code, %msg, "stream reset before the response head");
+            return reset_error(code).response(json);
+        }
+        Ok(other) => {
+            debug!(?other, "unexpected first event");
+            return ViewerError::OriginError.response(json);
+        }
+    };
+
+    let mut resp = Response::new(http_body_util::Empty::new().map_err(|n| match n {}).boxed());
+    *resp.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let switching = head.status == 101;
+    *resp.headers_mut() = response_headers(head.headers, switching && upgrade);
+
+    if switching {
+        let (Some(on_upgrade), Some(mut tx)) = (on_upgrade, tx) else {
+            rx.reset(ResetCode::Protocol, "101 without an upgrade request");
+            return ViewerError::OriginError.response(json);
+        };
+        tokio::spawn(
+            async move {
+                match on_upgrade.await {
+                    Ok(up) => netbore_mux::bridge(TokioIo::new(up), tx, rx).await,
+                    Err(e) => {
+                        debug!(error = %e, "viewer upgrade failed");
+                        tx.reset(ResetCode::Cancel, "viewer upgrade failed");
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+        return resp;
+    }
+    if let Some(mut tx) = tx
+        && upgrade
+    {
+        // The origin declined the upgrade: our request half ends here.
+        let _ = tx.finish();
+    }
+    *resp.body_mut() = StreamBody::new(rx).boxed();
+    resp
+}
+
+fn reset_error(code: ResetCode) -> ViewerError {
+    match code {
+        ResetCode::OriginUnreachable => ViewerError::OriginUnreachable,
+        ResetCode::OriginTimeout => ViewerError::OriginTimeout,
+        ResetCode::Refused => ViewerError::TunnelBusy,
+        ResetCode::Cancel => ViewerError::TunnelLost,
+        _ => ViewerError::OriginError,
+    }
+}
+
+fn request_head(
+    edge: &Edge,
+    req: &Request<Incoming>,
+    host: &str,
+    peer: SocketAddr,
+    upgrade: bool,
+) -> RequestHead {
+    let h = req.headers();
+    let nominated = connection_tokens(h);
+    let mut headers = Vec::with_capacity(h.len() + 6);
+    for (name, value) in h {
+        let n = name.as_str();
+        if n == "te" {
+            // Only "trailers" survives (gRPC needs it end to end).
+            if value.as_bytes().eq_ignore_ascii_case(b"trailers") {
+                headers.push(Header::new("te", Bytes::from_static(b"trailers")));
+            }
+            continue;
+        }
+        if HOP_BY_HOP.contains(&n) || EDGE_SET.contains(&n) || nominated.iter().any(|t| t == n) {
+            continue;
+        }
+        headers.push(Header::new(n, Bytes::copy_from_slice(value.as_bytes())));
+    }
+    if !h.contains_key(header::HOST) {
+        // HTTP/2 carries the host in :authority; origins speaking HTTP/1.1 need Host.
+        if let Some(a) = req.uri().authority() {
+            headers.push(Header::new(
+                "host",
+                Bytes::copy_from_slice(a.as_str().as_bytes()),
+            ));
+        }
+    }
+    if upgrade && let Some(u) = h.get(header::UPGRADE) {
+        headers.push(Header::new("connection", Bytes::from_static(b"upgrade")));
+        headers.push(Header::new("upgrade", Bytes::copy_from_slice(u.as_bytes())));
+    }
+    let ip = peer.ip().to_string();
+    let fwd_host = h
+        .get(header::HOST)
+        .map(|v| Bytes::copy_from_slice(v.as_bytes()))
+        .unwrap_or_else(|| Bytes::from(host.to_string()));
+    headers.push(Header::new("x-forwarded-for", Bytes::from(ip.clone())));
+    headers.push(Header::new(
+        "x-forwarded-proto",
+        Bytes::from(edge.config().public_scheme.clone()),
+    ));
+    headers.push(Header::new("x-forwarded-host", fwd_host));
+    headers.push(Header::new(CLIENT_IP_HEADER, Bytes::from(ip)));
+    let target = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    RequestHead {
+        method: req.method().as_str().to_string(),
+        target,
+        headers,
+    }
+}
+
+/// Converts the origin's headers for the viewer, dropping hop-by-hop ones (kept for a
+/// 101 answer to an upgrade, which needs `Connection` and `Upgrade`).
+pub fn response_headers(headers: Vec<Header>, keep_upgrade: bool) -> HeaderMap {
+    let mut map = HeaderMap::with_capacity(headers.len());
+    let nominated: Vec<String> = headers
+        .iter()
+        .filter(|h| h.name == "connection")
+        .filter_map(|h| std::str::from_utf8(&h.value).ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .collect();
+    for h in headers {
+        let n = h.name.as_str();
+        let hop = HOP_BY_HOP.contains(&n) || nominated.iter().any(|t| t == n);
+        if hop && !(keep_upgrade && (n == "connection" || n == "upgrade")) {
+            continue;
+        }
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(n.as_bytes()),
+            HeaderValue::from_maybe_shared(h.value),
+        ) {
+            map.append(name, value);
+        }
+    }
+    map
+}
+
+/// Fetches `url` (plain HTTP) and parses its JSON body. Used for control's key set.
+pub async fn http_get_json<T: serde::de::DeserializeOwned>(url: &str) -> Result<T, String> {
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .build_http::<http_body_util::Empty<Bytes>>();
+    let uri: http::Uri = url.parse().map_err(|e| format!("bad URL {url}: {e}"))?;
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.get(uri))
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    if !resp.status().is_success() {
+        return Err(format!("HTTP {}", resp.status()));
+    }
+    let body = http_body_util::Limited::new(resp.into_body(), 1024 * 1024)
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_single_labels_under_the_domain() {
+        assert_eq!(
+            tunnel_name("App.LocalHost", "localhost").as_deref(),
+            Some("app")
+        );
+        assert_eq!(
+            tunnel_name("app.localhost.", "localhost").as_deref(),
+            Some("app")
+        );
+        assert_eq!(tunnel_name("a.b.localhost", "localhost"), None);
+        assert_eq!(tunnel_name("localhost", "localhost"), None);
+        assert_eq!(tunnel_name("applocalhost", "localhost"), None);
+        assert_eq!(tunnel_name("app.example.com", "localhost"), None);
+    }
+
+    #[test]
+    fn hop_by_hop_and_nominated_headers_are_dropped_from_responses() {
+        let h = response_headers(
+            vec![
+                Header::new("connection", "close, x-secret"),
+                Header::new("x-secret", "1"),
+                Header::new("keep-alive", "timeout=5"),
+                Header::new("content-type", "text/plain"),
+            ],
+            false,
+        );
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("content-type"));
+    }
+}

@@ -1,0 +1,153 @@
+//! The edge's table of live tunnels: public name → the agent connections serving it.
+//!
+//! Read on every viewer request, written when an agent connects or leaves; the lock is
+//! never held across an `.await`. A name whose last connection left is remembered for a
+//! while as *offline*, so a viewer gets "the agent is not connected" (503) rather than
+//! "no such tunnel" (404) while the agent reconnects.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use netbore_mux::Mux;
+use parking_lot::{Mutex, RwLock};
+
+/// How long a name stays known as offline after its last agent connection left.
+pub const OFFLINE_MEMORY: Duration = Duration::from_secs(3600);
+
+/// Most offline names remembered; the oldest are forgotten first.
+pub const MAX_OFFLINE_NAMES: usize = 100_000;
+
+/// One agent connection serving a tunnel.
+#[derive(Clone, Debug)]
+pub struct Route {
+    /// The tunnel.
+    pub tunnel_id: String,
+    /// Unique per connection on this edge.
+    pub conn_id: u64,
+    /// The connection.
+    pub mux: Mux,
+}
+
+/// Result of looking a name up.
+#[derive(Debug)]
+pub enum Lookup {
+    /// A connection to use.
+    Found(Route),
+    /// The tunnel exists but no agent is connected right now.
+    Offline,
+    /// No such tunnel on this edge.
+    Unknown,
+}
+
+/// The route table.
+#[derive(Default)]
+pub struct Routes {
+    live: RwLock<HashMap<String, Vec<Route>>>,
+    offline: Mutex<HashMap<String, Instant>>,
+}
+
+impl Routes {
+    /// Adds a connection for `name`. Connections of another tunnel id that held the
+    /// name (it was deleted and given out again) are closed.
+    pub fn insert(&self, name: &str, route: Route) {
+        let stale: Vec<Route> = {
+            let mut live = self.live.write();
+            let v = live.entry(name.to_string()).or_default();
+            let (keep, stale): (Vec<Route>, Vec<Route>) =
+                v.drain(..).partition(|r| r.tunnel_id == route.tunnel_id);
+            *v = keep;
+            v.push(route);
+            stale
+        };
+        self.offline.lock().remove(name);
+        for r in stale {
+            r.mux.close("the name now belongs to another tunnel");
+        }
+    }
+
+    /// Removes one connection (it closed).
+    pub fn remove(&self, name: &str, conn_id: u64) {
+        let now_empty = {
+            let mut live = self.live.write();
+            let Some(v) = live.get_mut(name) else { return };
+            v.retain(|r| r.conn_id != conn_id);
+            if v.is_empty() {
+                live.remove(name);
+                true
+            } else {
+                false
+            }
+        };
+        if now_empty {
+            let mut off = self.offline.lock();
+            if off.len() >= MAX_OFFLINE_NAMES {
+                off.retain(|_, t| t.elapsed() < OFFLINE_MEMORY);
+                if off.len() >= MAX_OFFLINE_NAMES
+                    && let Some(oldest) =
+                        off.iter().min_by_key(|(_, t)| **t).map(|(k, _)| k.clone())
+                {
+                    off.remove(&oldest);
+                }
+            }
+            off.insert(name.to_string(), Instant::now());
+        }
+    }
+
+    /// The least busy usable connection for `name`.
+    pub fn pick(&self, name: &str) -> Lookup {
+        {
+            let live = self.live.read();
+            if let Some(v) = live.get(name) {
+                let best = v
+                    .iter()
+                    .filter(|r| !r.mux.is_closed() && !r.mux.is_going_away())
+                    .min_by_key(|r| r.mux.open_streams());
+                if let Some(r) = best {
+                    return Lookup::Found(r.clone());
+                }
+                return Lookup::Offline;
+            }
+        }
+        match self.offline.lock().get(name) {
+            Some(t) if t.elapsed() < OFFLINE_MEMORY => Lookup::Offline,
+            _ => Lookup::Unknown,
+        }
+    }
+
+    /// Number of tunnels with at least one connection, and of connections.
+    pub fn counts(&self) -> (usize, usize) {
+        let live = self.live.read();
+        (live.len(), live.values().map(Vec::len).sum())
+    }
+
+    fn all(&self) -> Vec<Route> {
+        self.live.read().values().flatten().cloned().collect()
+    }
+
+    /// Sends go-away on every connection.
+    pub fn go_away_all(&self, message: &str) {
+        for r in self.all() {
+            r.mux.go_away(message);
+        }
+    }
+
+    /// Closes every connection now.
+    pub fn close_all(&self, reason: &str) {
+        for r in self.all() {
+            r.mux.close(reason);
+        }
+    }
+
+    /// Closes the connections of one tunnel; returns how many.
+    pub fn disconnect_tunnel(&self, tunnel_id: &str) -> usize {
+        let hit: Vec<Route> = self
+            .all()
+            .into_iter()
+            .filter(|r| r.tunnel_id == tunnel_id)
+            .collect();
+        for r in &hit {
+            r.mux.close("the tunnel was deleted");
+        }
+        hit.len()
+    }
+}
