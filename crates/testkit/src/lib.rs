@@ -1,1 +1,406 @@
-//! placeholder
+//! The Netbore test kit: real components on loopback ports of the system's choosing.
+//!
+//! - [`Stack`]: control and an edge in this process (in-memory state), as
+//!   `netbore dev` runs them.
+//! - [`InProcAgent`]: an agent in this process, for tests that do not kill it.
+//! - [`Proc`]: a real binary as a child process (killed on drop), for tests that do.
+//! - [`origin::Origin`]: an HTTP origin with the endpoints tests need.
+//! - [`Viewer`]: an HTTP/1.1 and HTTP/2 client that reaches a tunnel through the edge.
+//! - [`redis::RedisServer`]: a real `redis-server` child process.
+//!
+//! Everything stops when dropped, so a failing test leaves nothing behind.
+
+pub mod origin;
+pub mod redis;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use netbore_agent::origin::{HostHeader, OriginConfig};
+use netbore_agent::{AgentConfig, AgentEvent};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use netbore_agent::dev::DevStack;
+
+/// A boxed request body.
+pub type ReqBody = BoxBody<Bytes, std::io::Error>;
+
+/// Logs for tests: `RUST_LOG=debug cargo nextest run ...` shows them.
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Control and one edge, in process.
+pub struct Stack {
+    /// Addresses and handles.
+    pub dev: DevStack,
+    shutdown: CancellationToken,
+}
+
+impl Stack {
+    /// Starts control and an edge on free loopback ports.
+    pub async fn start() -> Stack {
+        init_logs();
+        let shutdown = CancellationToken::new();
+        let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dev = netbore_agent::dev::start(public, shutdown.clone())
+            .await
+            .expect("dev stack starts");
+        Stack { dev, shutdown }
+    }
+
+    /// The edge's viewer address.
+    pub fn public(&self) -> SocketAddr {
+        self.dev.public
+    }
+
+    /// Control's REST URL.
+    pub fn control_url(&self) -> String {
+        self.dev.control_url()
+    }
+
+    /// Starts an in-process agent for `origin_url` and waits until it is live.
+    pub async fn agent(&self, origin_url: &str) -> InProcAgent {
+        self.agent_with(origin_url, |_| {}).await
+    }
+
+    /// Like [`Stack::agent`], with a chance to adjust the config.
+    pub async fn agent_with(
+        &self,
+        origin_url: &str,
+        f: impl FnOnce(&mut AgentConfig),
+    ) -> InProcAgent {
+        let mut cfg = AgentConfig {
+            control_url: self.control_url(),
+            origin: OriginConfig {
+                url: OriginConfig::parse_target(origin_url).unwrap(),
+                http2: false,
+                ca_file: None,
+                insecure: false,
+                host_header: HostHeader::Preserve,
+                timeout: Duration::from_secs(30),
+            },
+            name: None,
+            token: None,
+            state_dir: None,
+            edge_ca_file: None,
+            edge_insecure: false,
+            drain_grace: Duration::from_secs(5),
+        };
+        f(&mut cfg);
+        InProcAgent::start(cfg).await
+    }
+
+    /// Stops everything.
+    pub fn stop(&self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// An agent running in this process.
+pub struct InProcAgent {
+    /// The public URL.
+    pub url: String,
+    /// The public name.
+    pub name: String,
+    /// The tunnel id.
+    pub tunnel_id: String,
+    /// Further events.
+    pub events: mpsc::UnboundedReceiver<AgentEvent>,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<Result<(), netbore_agent::AgentError>>>,
+}
+
+impl InProcAgent {
+    /// Starts an agent and waits (at most 10 s) for it to be live.
+    pub async fn start(cfg: AgentConfig) -> InProcAgent {
+        let (tx, mut events) = mpsc::unbounded_channel();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(netbore_agent::run(cfg, tx, shutdown.clone()));
+        let live = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match events.recv().await {
+                    Some(AgentEvent::Live {
+                        url,
+                        name,
+                        tunnel_id,
+                        ..
+                    }) => return (url, name, tunnel_id),
+                    Some(_) => continue,
+                    None => panic!("agent stopped before going live"),
+                }
+            }
+        })
+        .await
+        .expect("agent live within 10 s");
+        InProcAgent {
+            url: live.0,
+            name: live.1,
+            tunnel_id: live.2,
+            events,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// The `Host` viewers use for this tunnel.
+    pub fn host(&self) -> String {
+        self.url
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .trim_end_matches('/')
+            .to_string()
+    }
+
+    /// Asks the agent to stop and waits for it.
+    pub async fn stop(mut self) -> Result<(), netbore_agent::AgentError> {
+        self.shutdown.cancel();
+        self.task
+            .take()
+            .expect("not stopped yet")
+            .await
+            .expect("agent task")
+    }
+}
+
+impl Drop for InProcAgent {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A client that reaches tunnels through an edge's viewer address.
+#[derive(Clone)]
+pub struct Viewer {
+    edge: SocketAddr,
+    h1: Client<HttpConnector, ReqBody>,
+    h2: Client<HttpConnector, ReqBody>,
+}
+
+/// A full response.
+#[derive(Debug)]
+pub struct Collected {
+    /// Status.
+    pub status: http::StatusCode,
+    /// Headers.
+    pub headers: http::HeaderMap,
+    /// Body.
+    pub body: Bytes,
+    /// Trailers, if any.
+    pub trailers: Option<http::HeaderMap>,
+}
+
+impl Collected {
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The `netbore-error` header.
+    pub fn error_code(&self) -> Option<&str> {
+        self.headers
+            .get("netbore-error")
+            .and_then(|v| v.to_str().ok())
+    }
+}
+
+/// A body from bytes.
+pub fn full(b: impl Into<Bytes>) -> ReqBody {
+    Full::new(b.into()).map_err(|n| match n {}).boxed()
+}
+
+/// An empty body.
+pub fn empty() -> ReqBody {
+    http_body_util::Empty::new().map_err(|n| match n {}).boxed()
+}
+
+impl Viewer {
+    /// A viewer of the edge at `edge`.
+    pub fn new(edge: SocketAddr) -> Viewer {
+        let mut h1 = Client::builder(TokioExecutor::new());
+        h1.pool_max_idle_per_host(256);
+        let mut h2 = Client::builder(TokioExecutor::new());
+        h2.http2_only(true);
+        Viewer {
+            edge,
+            h1: h1.build_http(),
+            h2: h2.build_http(),
+        }
+    }
+
+    /// A request for `path` on tunnel `host` (HTTP/1.1 unless `h2`).
+    pub fn request(&self, method: &str, host: &str, path: &str, body: ReqBody) -> Request<ReqBody> {
+        Request::builder()
+            .method(method)
+            .uri(format!("http://{}{}", self.edge, path))
+            .header("host", host)
+            .body(body)
+            .unwrap()
+    }
+
+    /// Sends over HTTP/1.1.
+    pub async fn send(&self, req: Request<ReqBody>) -> Response<Incoming> {
+        self.h1.request(req).await.expect("edge answers")
+    }
+
+    /// Sends over HTTP/2 (prior knowledge); the host goes into `:authority`.
+    pub async fn send_h2(&self, mut req: Request<ReqBody>) -> Response<Incoming> {
+        let host = req.headers_mut().remove("host").unwrap();
+        let uri = format!(
+            "http://{}{}",
+            host.to_str().unwrap(),
+            req.uri().path_and_query().unwrap()
+        );
+        *req.uri_mut() = uri.parse().unwrap();
+        // Route the connection to the edge regardless of the authority.
+        let conn = tokio::net::TcpStream::connect(self.edge).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(conn),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        send.send_request(req).await.expect("edge answers over h2")
+    }
+
+    /// GET and collect.
+    pub async fn get(&self, host: &str, path: &str) -> Collected {
+        collect(self.send(self.request("GET", host, path, empty())).await).await
+    }
+
+    /// The shared HTTP/2 client (unused by `send_h2`, which pins the edge address).
+    pub fn h2_client(&self) -> &Client<HttpConnector, ReqBody> {
+        &self.h2
+    }
+}
+
+/// Reads a whole response.
+pub async fn collect(resp: Response<Incoming>) -> Collected {
+    let (parts, body) = resp.into_parts();
+    let c = body.collect().await.expect("body arrives whole");
+    let trailers = c.trailers().cloned();
+    Collected {
+        status: parts.status,
+        headers: parts.headers,
+        body: c.to_bytes(),
+        trailers,
+    }
+}
+
+/// Path of a workspace binary built next to the running test.
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap();
+    let dir = if dir.ends_with("deps") {
+        dir.parent().unwrap()
+    } else {
+        dir
+    };
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run the tests with `cargo nextest run --workspace` so the binaries are built",
+        p.display()
+    );
+    p
+}
+
+/// A child process, killed (SIGKILL) when dropped.
+pub struct Proc {
+    /// The child.
+    pub child: tokio::process::Child,
+    /// Lines of stdout, as they come.
+    pub stdout: mpsc::UnboundedReceiver<String>,
+}
+
+impl Proc {
+    /// Spawns `bin` with `args`; stdout lines are captured, stderr inherited.
+    pub fn spawn(bin: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        let mut cmd = tokio::process::Command::new(bin_path(bin));
+        cmd.args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("binary starts");
+        let out = child.stdout.take().unwrap();
+        let (tx, stdout) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(out).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Proc { child, stdout }
+    }
+
+    /// The next stdout line within `within`.
+    pub async fn line(&mut self, within: Duration) -> String {
+        tokio::time::timeout(within, self.stdout.recv())
+            .await
+            .expect("a line within the time limit")
+            .expect("process still writing")
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.id().expect("running").to_string();
+        let st = std::process::Command::new("kill")
+            .args([&format!("-{sig}"), &pid])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
+    /// SIGKILL and reap.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// Polls `f` every 20 ms until it returns `Some` or `within` passes.
+pub async fn eventually<T, F, Fut>(within: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
