@@ -596,7 +596,7 @@ mod tests {
         let bad = other.sign_ephemeral(&c).unwrap();
         let forged = format!(
             "{}.{}",
-            good.rsplitn(2, '.').nth(1).unwrap(),
+            good.rsplit_once('.').unwrap().0,
             bad.rsplit('.').next().unwrap()
         );
         assert_eq!(v.verify_ephemeral(&forged), Err(TokenError::BadSignature));

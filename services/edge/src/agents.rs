@@ -65,6 +65,8 @@ pub async fn handle_agent<S>(edge: Edge, io: S, peer: SocketAddr) -> Result<(), 
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // tungstenite fixes this callback's signature, large error type included.
+    #[allow(clippy::result_large_err)]
     let check_path = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
         if req.uri().path() == AGENT_PATH {
             Ok(resp)
