@@ -449,10 +449,22 @@ pub fn decode(src: &mut BytesMut, max_len: usize) -> Result<Option<Frame>, Decod
             stream_id,
         });
     }
-    src.advance(FRAME_HEADER_LEN);
-    let mut p = src.split_to(len).freeze();
     let end_stream = flags & FLAG_END_STREAM != 0;
+    if ty == FrameType::Data {
+        // Nothing in a data payload can be invalid: take it without copying.
+        src.advance(FRAME_HEADER_LEN);
+        let data = src.split_to(len).freeze();
+        return Ok(Some(Frame::Data {
+            stream_id,
+            data,
+            end_stream,
+        }));
+    }
+    // Other payloads are parsed from a copy (they are small) so that a payload which
+    // fails to parse leaves `src` untouched, like every other error.
+    let mut p = Bytes::copy_from_slice(&src[FRAME_HEADER_LEN..FRAME_HEADER_LEN + len]);
     let frame = match ty {
+        FrameType::Data => unreachable!("handled above"),
         FrameType::RequestHead => {
             let method = get_str8(&mut p, ty, "method")?;
             if method.is_empty() || !method.bytes().all(is_tchar) {
@@ -485,14 +497,6 @@ pub fn decode(src: &mut BytesMut, max_len: usize) -> Result<Option<Frame>, Decod
             Frame::ResponseHead {
                 stream_id,
                 head: ResponseHead { status, headers },
-                end_stream,
-            }
-        }
-        FrameType::Data => {
-            let data = std::mem::take(&mut p);
-            Frame::Data {
-                stream_id,
-                data,
                 end_stream,
             }
         }
@@ -540,6 +544,7 @@ pub fn decode(src: &mut BytesMut, max_len: usize) -> Result<Option<Frame>, Decod
             extra: p.len(),
         });
     }
+    src.advance(FRAME_HEADER_LEN + len);
     Ok(Some(frame))
 }
 
