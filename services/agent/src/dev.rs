@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use netbore_control::{Control, ControlConfig, EdgeEntry};
-use netbore_edge::{Edge, EdgeConfig, StaticKeyAuth};
+use netbore_edge::auth::JwksAuth;
+use netbore_edge::{Edge, EdgeConfig};
 use netbore_tokens::KeySet;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -15,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 pub struct DevStack {
     /// Control's REST address.
     pub control: SocketAddr,
+    /// Control's gRPC address.
+    pub grpc: SocketAddr,
     /// The edge's public (viewer) address.
     pub public: SocketAddr,
     /// The edge's agent address.
@@ -37,6 +40,8 @@ impl DevStack {
 pub async fn start(public: TcpListener, shutdown: CancellationToken) -> anyhow::Result<DevStack> {
     let public_addr = public.local_addr()?;
     let control_l = TcpListener::bind("127.0.0.1:0").await?;
+    let grpc_l = TcpListener::bind("127.0.0.1:0").await?;
+    let grpc_addr = grpc_l.local_addr()?;
     let agents_l = TcpListener::bind("127.0.0.1:0").await?;
     let control_addr = control_l.local_addr()?;
     let agents_addr = agents_l.local_addr()?;
@@ -52,7 +57,9 @@ pub async fn start(public: TcpListener, shutdown: CancellationToken) -> anyhow::
     };
     let issuer = config.issuer.clone();
     let control = Control::new(config, KeySet::generate());
-    let auth = Arc::new(StaticKeyAuth::new(&control.jwks(), &issuer)?);
+    // The edge verifies agents exactly as a separate edge does: with the key set it
+    // fetches from control's JWKS endpoint, again whenever a token names a new key.
+    let auth = Arc::new(JwksAuth::new(&format!("http://{control_addr}"), &issuer));
     let edge = Edge::new(
         EdgeConfig {
             domain: "localhost".into(),
@@ -73,15 +80,20 @@ pub async fn start(public: TcpListener, shutdown: CancellationToken) -> anyhow::
         control.clone(),
         shutdown.clone(),
     ));
+    tokio::spawn(netbore_control::serve_grpc(
+        grpc_l,
+        control.clone(),
+        shutdown.clone(),
+    ));
     tokio::spawn(netbore_edge::run(
         edge.clone(),
         public,
         agents_l,
         shutdown.clone(),
     ));
-    let _ = auth;
     Ok(DevStack {
         control: control_addr,
+        grpc: grpc_addr,
         public: public_addr,
         agents: agents_addr,
         control_state: control,

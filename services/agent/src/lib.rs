@@ -167,6 +167,10 @@ pub async fn run(
         };
         let created = match control.create(&req).await {
             Ok(c) => c,
+            Err(ControlError::Api { code, message, .. }) if code == "tunnel_deleted" => {
+                store.clear();
+                break Err(fatal(&code, format!("{message} [{code}]")));
+            }
             Err(e) if e.is_fatal() && saved.is_some() => {
                 // The saved token is no longer good (expired, keys gone): start afresh.
                 warn!(error = %e, "saved recreate token refused; asking for a new tunnel");

@@ -4,7 +4,9 @@
 //! state lives in a [`store::ControlStore`], so several replicas behave as one when
 //! they share it.
 
+pub mod grpc;
 pub mod names;
+pub mod ops;
 pub mod rest;
 pub mod store;
 
@@ -16,6 +18,7 @@ use netbore_tokens::{Jwks, KeySet, Secret, Verifier};
 use parking_lot::RwLock;
 use tokio::sync::broadcast;
 
+pub use grpc::serve_grpc;
 pub use rest::{rest_router, serve_rest};
 
 /// Default lifetime of ephemeral tokens.
@@ -39,6 +42,28 @@ pub struct EdgeEntry {
     /// Region label.
     pub region: String,
 }
+
+/// An edge's last report on its link to control.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EdgeStatus {
+    /// Where agents reach it, and its region.
+    pub entry: EdgeEntry,
+    /// Tunnels it serves.
+    pub tunnels: u64,
+    /// Agent connections.
+    pub connections: u64,
+    /// Open streams.
+    pub streams: u64,
+    /// It is shutting down.
+    pub draining: bool,
+    /// Unix seconds of the last report.
+    pub last_report: u64,
+    /// Its link to this control is open.
+    pub connected: bool,
+}
+
+/// An edge that has not reported for this long is not handed out as a candidate.
+pub const EDGE_SILENT_AFTER: Duration = Duration::from_secs(15);
 
 /// Control's settings.
 #[derive(Debug, Clone)]
@@ -93,6 +118,7 @@ struct Inner {
     keys: RwLock<KeySet>,
     verifier: ArcSwap<Verifier>,
     edges: RwLock<Vec<EdgeEntry>>,
+    edge_status: RwLock<std::collections::HashMap<String, EdgeStatus>>,
     store: Box<dyn store::ControlStore>,
     deletions: broadcast::Sender<String>,
 }
@@ -114,6 +140,7 @@ impl Control {
         Control {
             inner: Arc::new(Inner {
                 edges: RwLock::new(config.edges.clone()),
+                edge_status: RwLock::new(Default::default()),
                 config,
                 keys: RwLock::new(keys),
                 verifier: ArcSwap::from_pointee(verifier),
@@ -153,6 +180,60 @@ impl Control {
     /// The candidate edges.
     pub fn edges(&self) -> Vec<EdgeEntry> {
         self.inner.edges.read().clone()
+    }
+
+    /// Records an edge's report.
+    pub fn edge_report(&self, status: EdgeStatus) {
+        self.inner
+            .edge_status
+            .write()
+            .insert(status.entry.edge_id.clone(), status);
+    }
+
+    /// Marks an edge's link closed.
+    pub fn edge_disconnected(&self, edge_id: &str) {
+        if let Some(s) = self.inner.edge_status.write().get_mut(edge_id) {
+            s.connected = false;
+        }
+    }
+
+    /// Every edge known: configured ones and those that reported, with their status.
+    pub fn edge_statuses(&self) -> Vec<(EdgeEntry, Option<EdgeStatus>)> {
+        let status = self.inner.edge_status.read().clone();
+        let mut out: Vec<(EdgeEntry, Option<EdgeStatus>)> = self
+            .edges()
+            .into_iter()
+            .map(|e| {
+                let s = status.get(&e.edge_id).cloned();
+                (e, s)
+            })
+            .collect();
+        for (id, s) in status {
+            if !out.iter().any(|(e, _)| e.edge_id == id) {
+                out.push((s.entry.clone(), Some(s)));
+            }
+        }
+        out
+    }
+
+    /// Edges to hand out, least loaded first: configured edges unless their reports say
+    /// they are draining, and reporting edges that are neither draining nor silent.
+    pub fn candidate_edges(&self) -> Vec<EdgeEntry> {
+        let now = netbore_tokens::now_unix();
+        let silent = EDGE_SILENT_AFTER.as_secs();
+        let mut v: Vec<(u64, usize, EdgeEntry)> = self
+            .edge_statuses()
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, (e, s))| match s {
+                None => Some((0, i, e)),
+                Some(s) if s.draining => None,
+                Some(s) if !s.connected || now.saturating_sub(s.last_report) > silent => None,
+                Some(s) => Some((s.connections, i, s.entry)),
+            })
+            .collect();
+        v.sort_by_key(|(load, i, _)| (*load, *i));
+        v.into_iter().map(|(_, _, e)| e).collect()
     }
 
     /// Tunnel ids as they are deleted (edges disconnect their agents).

@@ -20,6 +20,9 @@ struct Args {
     /// REST listen address.
     #[arg(long, env = "NETBORE_REST_ADDR", default_value = "0.0.0.0:8080")]
     rest_addr: SocketAddr,
+    /// gRPC listen address (operators and edges).
+    #[arg(long, env = "NETBORE_GRPC_ADDR", default_value = "0.0.0.0:50051")]
+    grpc_addr: SocketAddr,
     /// Tunnels are NAME.<domain>.
     #[arg(long, env = "NETBORE_DOMAIN", default_value = "localhost")]
     domain: String,
@@ -123,7 +126,10 @@ async fn main() -> anyhow::Result<()> {
     let rest = tokio::net::TcpListener::bind(args.rest_addr)
         .await
         .with_context(|| format!("binding REST on {}", args.rest_addr))?;
-    tracing::info!(rest = %rest.local_addr()?, domain = %args.domain, "control listening");
+    let grpc = tokio::net::TcpListener::bind(args.grpc_addr)
+        .await
+        .with_context(|| format!("binding gRPC on {}", args.grpc_addr))?;
+    tracing::info!(rest = %rest.local_addr()?, grpc = %grpc.local_addr()?, domain = %args.domain, "control listening");
     let shutdown = CancellationToken::new();
     let sig = shutdown.clone();
     tokio::spawn(async move {
@@ -134,9 +140,18 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!(signal = which, grace = ?DRAIN_GRACE, "shutdown requested");
         sig.cancel();
     });
-    let serve = tokio::spawn(netbore_control::serve_rest(rest, control, shutdown.clone()));
+    let serve = tokio::spawn(netbore_control::serve_rest(
+        rest,
+        control.clone(),
+        shutdown.clone(),
+    ));
+    let serve_grpc = tokio::spawn(netbore_control::serve_grpc(grpc, control, shutdown.clone()));
     shutdown.cancelled().await;
-    let _ = tokio::time::timeout(DRAIN_GRACE, serve).await;
+    let _ = tokio::time::timeout(DRAIN_GRACE, async {
+        let _ = serve.await;
+        let _ = serve_grpc.await;
+    })
+    .await;
     tracing::info!("control stopped");
     Ok(())
 }

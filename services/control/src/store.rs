@@ -45,12 +45,17 @@ pub trait ControlStore: Send + Sync + 'static {
     fn remove(&self, tunnel_id: &str) -> Option<TunnelRecord>;
     /// Live records whose name starts with `prefix`, ordered by name, after `cursor`.
     fn list(&self, prefix: &str, after: Option<&str>, limit: usize, now: u64) -> Vec<TunnelRecord>;
+    /// Marks a deleted tunnel so its recreate tokens are refused until `until`.
+    fn revoke(&self, tunnel_id: &str, until: u64);
+    /// True while `tunnel_id` is revoked.
+    fn is_revoked(&self, tunnel_id: &str, now: u64) -> bool;
 }
 
 /// The one-process store.
 #[derive(Default)]
 pub struct MemoryStore {
     by_name: Mutex<BTreeMap<String, TunnelRecord>>,
+    revoked: Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl ControlStore for MemoryStore {
@@ -110,6 +115,19 @@ impl ControlStore for MemoryStore {
             .take(limit)
             .map(|(_, r)| r.clone())
             .collect()
+    }
+
+    fn revoke(&self, tunnel_id: &str, until: u64) {
+        let mut r = self.revoked.lock();
+        // Forget expired tombstones as new ones arrive, so the map stays bounded by
+        // the deletions of one recreate-token lifetime.
+        let now = netbore_tokens::now_unix();
+        r.retain(|_, u| *u > now);
+        r.insert(tunnel_id.to_string(), until);
+    }
+
+    fn is_revoked(&self, tunnel_id: &str, now: u64) -> bool {
+        self.revoked.lock().get(tunnel_id).is_some_and(|u| *u > now)
     }
 }
 

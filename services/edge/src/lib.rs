@@ -11,6 +11,7 @@
 pub mod agents;
 pub mod auth;
 pub mod config;
+pub mod control_link;
 pub mod errors;
 pub mod proxy;
 pub mod routes;

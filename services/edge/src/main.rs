@@ -33,6 +33,19 @@ struct Args {
         default_value = "http://127.0.0.1:8080"
     )]
     control_url: String,
+    /// Control's gRPC URL, for the edge's report-and-command link (empty: no link).
+    #[arg(
+        long,
+        env = "NETBORE_CONTROL_GRPC",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    control_grpc: String,
+    /// URL agents use to reach this edge, announced to control (default: ws://<agent-addr>/v1/connect).
+    #[arg(long, env = "NETBORE_ADVERTISE_URL")]
+    advertise_url: Option<String>,
+    /// Region label announced to control.
+    #[arg(long, env = "NETBORE_REGION", default_value = "default")]
+    region: String,
     /// Token issuer to accept (control's configured issuer).
     #[arg(long, env = "NETBORE_ISSUER", default_value = "netbore-control")]
     issuer: String,
@@ -64,6 +77,24 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(public = %public.local_addr()?, agents = %agents.local_addr()?, domain = %args.domain, edge_id = %args.edge_id, "edge listening");
     let shutdown = CancellationToken::new();
     tokio::spawn(netbore_edge::telemetry::on_signal(shutdown.clone()));
+    if !args.control_grpc.is_empty() {
+        let agent_url = args.advertise_url.clone().unwrap_or_else(|| {
+            format!(
+                "ws://{}{}",
+                agents.local_addr().expect("bound"),
+                netbore_edge::agents::AGENT_PATH
+            )
+        });
+        tokio::spawn(netbore_edge::control_link::run(
+            edge.clone(),
+            args.control_grpc.clone(),
+            netbore_edge::control_link::LinkIdentity {
+                agent_url,
+                region: args.region.clone(),
+            },
+            shutdown.clone(),
+        ));
+    }
     netbore_edge::run(edge, public, agents, shutdown).await?;
     tracing::info!("edge stopped");
     Ok(())

@@ -120,6 +120,20 @@ impl Routes {
         (live.len(), live.values().map(Vec::len).sum())
     }
 
+    /// Load for reports: tunnels, connections, open streams, payload bytes in and out.
+    pub fn load(&self) -> (u64, u64, u64, u64, u64) {
+        let live = self.live.read();
+        let (mut conns, mut streams, mut bin, mut bout) = (0u64, 0u64, 0u64, 0u64);
+        for r in live.values().flatten() {
+            conns += 1;
+            streams += r.mux.open_streams() as u64;
+            let (i, o) = r.mux.bytes();
+            bin += i;
+            bout += o;
+        }
+        (live.len() as u64, conns, streams, bin, bout)
+    }
+
     fn all(&self) -> Vec<Route> {
         self.live.read().values().flatten().cloned().collect()
     }

@@ -1,0 +1,327 @@
+//! Control's gRPC front end: `netbore.control.v1.ControlService` for operators,
+//! `netbore.edge.v1.EdgeService` for edges, plus server reflection (v1 and v1alpha) and
+//! `grpc.health.v1` (the overall service `""` and `readiness`), so `grpcurl` works with no
+//! `.proto` file at hand.
+
+use std::pin::Pin;
+
+use axum::http::StatusCode;
+use futures_util::Stream;
+use netbore_proto::control::v1 as pb;
+use netbore_proto::control::v1::control_service_server::{ControlService, ControlServiceServer};
+use netbore_proto::edge::v1 as epb;
+use netbore_proto::edge::v1::edge_service_server::{EdgeService, EdgeServiceServer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use crate::ops::{self, ApiError};
+use crate::store::TunnelRecord;
+use crate::{Control, EdgeEntry, EdgeStatus};
+
+fn status(e: ApiError) -> Status {
+    let code = match e.status {
+        StatusCode::BAD_REQUEST => Code::InvalidArgument,
+        StatusCode::UNAUTHORIZED => Code::Unauthenticated,
+        StatusCode::FORBIDDEN => Code::PermissionDenied,
+        StatusCode::NOT_FOUND | StatusCode::GONE => Code::NotFound,
+        StatusCode::CONFLICT => Code::AlreadyExists,
+        StatusCode::SERVICE_UNAVAILABLE => Code::Unavailable,
+        _ => Code::Internal,
+    };
+    Status::new(code, format!("{}: {}", e.code, e.message))
+}
+
+fn bearer<T>(r: &Request<T>) -> Option<String> {
+    ops::bearer_value(r.metadata().get("authorization")?.to_str().ok()?)
+}
+
+fn non_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn tunnel(control: &Control, r: &TunnelRecord) -> pb::Tunnel {
+    pb::Tunnel {
+        tunnel_id: r.tunnel_id.clone(),
+        name: r.name.clone(),
+        public_hostname: format!("{}.{}", r.name, control.config().domain),
+        created_at: ops::rfc3339(r.created_at),
+        expires_at: ops::rfc3339(r.expires_at),
+    }
+}
+
+/// The operators' service.
+pub struct ControlGrpc(pub Control);
+
+#[tonic::async_trait]
+impl ControlService for ControlGrpc {
+    async fn create_tunnel(
+        &self,
+        req: Request<pb::CreateTunnelRequest>,
+    ) -> Result<Response<pb::CreateTunnelResponse>, Status> {
+        let b = bearer(&req);
+        let r = req.into_inner();
+        let out = ops::create(
+            &self.0,
+            b,
+            ops::CreateRequest {
+                requested_name: non_empty(r.requested_name),
+                preferred_transports: r.preferred_transports,
+                region_hint: non_empty(r.region_hint),
+                recreate_token_ttl_seconds: (r.recreate_token_ttl_seconds > 0)
+                    .then_some(r.recreate_token_ttl_seconds),
+                management_token: None,
+                recreate_token: non_empty(r.recreate_token),
+            },
+        )
+        .map_err(status)?;
+        Ok(Response::new(pb::CreateTunnelResponse {
+            tunnel_id: out.tunnel_id,
+            public_hostname: out.public_hostname,
+            public_url: out.public_url,
+            candidates: out
+                .candidates
+                .into_iter()
+                .map(|c| pb::Candidate {
+                    edge_id: c.edge_id,
+                    edge_url: c.edge_url,
+                    supported_transport: c.supported_transport,
+                    region: c.region,
+                    note: c.note,
+                })
+                .collect(),
+            ephemeral_token: out.ephemeral_token,
+            recreate_token: out.recreate_token,
+            candidates_expires_at: out.candidates_expires_at,
+            note: out.note,
+        }))
+    }
+
+    async fn get_tunnel(
+        &self,
+        req: Request<pb::GetTunnelRequest>,
+    ) -> Result<Response<pb::Tunnel>, Status> {
+        let b = bearer(&req);
+        let r = req.into_inner();
+        let rec = ops::get(
+            &self.0,
+            b,
+            non_empty(r.tunnel_id).as_deref(),
+            non_empty(r.name).as_deref(),
+        )
+        .map_err(status)?;
+        Ok(Response::new(tunnel(&self.0, &rec)))
+    }
+
+    async fn list_tunnels(
+        &self,
+        req: Request<pb::ListTunnelsRequest>,
+    ) -> Result<Response<pb::ListTunnelsResponse>, Status> {
+        let b = bearer(&req);
+        let r = req.into_inner();
+        let (page, next) = ops::list(
+            &self.0,
+            b,
+            ops::ListQuery {
+                prefix: r.prefix,
+                limit: (r.limit > 0).then_some(r.limit as usize),
+                cursor: non_empty(r.cursor),
+            },
+        )
+        .map_err(status)?;
+        Ok(Response::new(pb::ListTunnelsResponse {
+            tunnels: page.iter().map(|t| tunnel(&self.0, t)).collect(),
+            next_cursor: next.unwrap_or_default(),
+        }))
+    }
+
+    async fn delete_tunnel(
+        &self,
+        req: Request<pb::DeleteTunnelRequest>,
+    ) -> Result<Response<pb::DeleteTunnelResponse>, Status> {
+        let b = bearer(&req);
+        let r = req.into_inner();
+        let rec = ops::delete(
+            &self.0,
+            b,
+            ops::DeleteRequest {
+                tunnel_id: non_empty(r.tunnel_id),
+                name: non_empty(r.name),
+                recreate_token: None,
+            },
+        )
+        .map_err(status)?;
+        Ok(Response::new(pb::DeleteTunnelResponse {
+            tunnel_id: rec.tunnel_id,
+            name: rec.name,
+        }))
+    }
+
+    async fn list_edges(
+        &self,
+        req: Request<pb::ListEdgesRequest>,
+    ) -> Result<Response<pb::ListEdgesResponse>, Status> {
+        ops::require_read(&self.0, bearer(&req)).map_err(status)?;
+        let edges = self
+            .0
+            .edge_statuses()
+            .into_iter()
+            .map(|(e, s)| {
+                let s = s.unwrap_or(EdgeStatus {
+                    entry: e.clone(),
+                    tunnels: 0,
+                    connections: 0,
+                    streams: 0,
+                    draining: false,
+                    last_report: 0,
+                    connected: false,
+                });
+                pb::Edge {
+                    edge_id: e.edge_id,
+                    edge_url: e.edge_url,
+                    region: e.region,
+                    tunnels: s.tunnels,
+                    connections: s.connections,
+                    streams: s.streams,
+                    draining: s.draining,
+                    last_report_at: if s.last_report > 0 {
+                        ops::rfc3339(s.last_report)
+                    } else {
+                        String::new()
+                    },
+                    connected: s.connected,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ListEdgesResponse { edges }))
+    }
+
+    async fn issue_token(
+        &self,
+        req: Request<pb::IssueTokenRequest>,
+    ) -> Result<Response<pb::IssueTokenResponse>, Status> {
+        let b = bearer(&req);
+        let r = req.into_inner();
+        let t = ops::issue_token(
+            &self.0,
+            b,
+            ops::TokenRequest {
+                scopes: (!r.scopes.is_empty()).then_some(r.scopes),
+                ttl_seconds: (r.ttl_seconds > 0).then_some(r.ttl_seconds),
+                subject: non_empty(r.subject),
+            },
+        )
+        .map_err(status)?;
+        Ok(Response::new(pb::IssueTokenResponse {
+            token: t.token,
+            scopes: t.scopes,
+            expires_at: t.expires_at,
+        }))
+    }
+}
+
+/// The edges' link service.
+pub struct EdgeGrpc(pub Control);
+
+type CommandStream = Pin<Box<dyn Stream<Item = Result<epb::EdgeCommand, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl EdgeService for EdgeGrpc {
+    type LinkStream = CommandStream;
+
+    async fn link(
+        &self,
+        req: Request<Streaming<epb::EdgeReport>>,
+    ) -> Result<Response<Self::LinkStream>, Status> {
+        let mut reports = req.into_inner();
+        let control = self.0.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<epb::EdgeCommand, Status>>(64);
+        let mut deletions = control.subscribe_deletions();
+        tokio::spawn(async move {
+            let mut edge_id = String::new();
+            loop {
+                tokio::select! {
+                    r = reports.message() => match r {
+                        Ok(Some(rep)) => {
+                            if edge_id.is_empty() {
+                                tracing::info!(edge = %rep.edge_id, url = %rep.agent_url, "edge linked");
+                            }
+                            edge_id = rep.edge_id.clone();
+                            control.edge_report(EdgeStatus {
+                                entry: EdgeEntry { edge_id: rep.edge_id, edge_url: rep.agent_url, region: rep.region },
+                                tunnels: rep.tunnels,
+                                connections: rep.connections,
+                                streams: rep.streams,
+                                draining: rep.draining,
+                                last_report: netbore_tokens::now_unix(),
+                                connected: true,
+                            });
+                        }
+                        _ => break,
+                    },
+                    d = deletions.recv() => match d {
+                        Ok(tunnel_id) => {
+                            let cmd = epb::EdgeCommand {
+                                command: Some(epb::edge_command::Command::DisconnectTunnel(epb::DisconnectTunnel { tunnel_id })),
+                            };
+                            if tx.send(Ok(cmd)).await.is_err() {
+                                break;
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            tracing::warn!(edge = %edge_id, missed = n, "edge link fell behind on deletions");
+                        }
+                        Err(_) => break,
+                    },
+                }
+            }
+            if !edge_id.is_empty() {
+                tracing::info!(edge = %edge_id, "edge link closed");
+                control.edge_disconnected(&edge_id);
+            }
+        });
+        let stream =
+            futures_util::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|x| (x, rx)) },
+            );
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// Serves gRPC on `listener` until `shutdown` fires.
+pub async fn serve_grpc(
+    listener: TcpListener,
+    control: Control,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    health
+        .set_service_status("readiness", tonic_health::ServingStatus::Serving)
+        .await;
+    health
+        .set_serving::<ControlServiceServer<ControlGrpc>>()
+        .await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(netbore_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let v1 = reflection().build_v1()?;
+    let v1alpha = reflection().build_v1alpha()?;
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(v1)
+        .add_service(v1alpha)
+        .add_service(ControlServiceServer::new(ControlGrpc(control.clone())))
+        .add_service(EdgeServiceServer::new(EdgeGrpc(control)))
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            shutdown.cancelled(),
+        )
+        .await?;
+    Ok(())
+}

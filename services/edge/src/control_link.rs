@@ -1,0 +1,113 @@
+//! The edge's link to control: a bidirectional gRPC stream on which the edge reports
+//! its load every [`REPORT_INTERVAL`] and control sends commands (disconnect a deleted
+//! tunnel, drain). Reconnects with backoff; the edge keeps serving while it is down.
+
+use std::time::Duration;
+
+use netbore_proto::edge::v1::EdgeReport;
+use netbore_proto::edge::v1::edge_command::Command;
+use netbore_proto::edge::v1::edge_service_client::EdgeServiceClient;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::Edge;
+
+/// How often the edge reports its load.
+pub const REPORT_INTERVAL: Duration = Duration::from_secs(5);
+/// Longest wait between reconnect attempts.
+pub const LINK_BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// What the edge tells control about itself.
+#[derive(Debug, Clone)]
+pub struct LinkIdentity {
+    /// URL agents use to reach this edge.
+    pub agent_url: String,
+    /// Region label.
+    pub region: String,
+}
+
+fn report(edge: &Edge, id: &LinkIdentity) -> EdgeReport {
+    let (tunnels, connections, streams, bytes_in, bytes_out) = edge.routes().load();
+    EdgeReport {
+        edge_id: edge.config().edge_id.clone(),
+        agent_url: id.agent_url.clone(),
+        region: id.region.clone(),
+        tunnels,
+        connections,
+        streams,
+        bytes_in,
+        bytes_out,
+        draining: edge.is_draining(),
+    }
+}
+
+/// Keeps the link to control at `url` (its gRPC address) until `shutdown`.
+pub async fn run(edge: Edge, url: String, id: LinkIdentity, shutdown: CancellationToken) {
+    let mut backoff = Duration::from_millis(200);
+    while !shutdown.is_cancelled() {
+        match link_once(&edge, &url, &id, &shutdown).await {
+            Ok(()) => backoff = Duration::from_millis(200),
+            Err(e) => {
+                warn!(control = %url, error = %e, "control link down; the edge keeps serving and retries")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(LINK_BACKOFF_MAX);
+    }
+}
+
+async fn link_once(
+    edge: &Edge,
+    url: &str,
+    id: &LinkIdentity,
+    shutdown: &CancellationToken,
+) -> Result<(), String> {
+    let mut client = EdgeServiceClient::connect(url.to_string())
+        .await
+        .map_err(|e| e.to_string())?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<EdgeReport>(4);
+    let outbound =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
+    tx.send(report(edge, id)).await.map_err(|e| e.to_string())?;
+    let mut commands = client
+        .link(outbound)
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner();
+    info!(control = %url, "linked to control");
+    let mut tick = tokio::time::interval(REPORT_INTERVAL);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if tx.send(report(edge, id)).await.is_err() {
+                    return Err("report stream closed".into());
+                }
+            }
+            m = commands.message() => match m {
+                Ok(Some(cmd)) => match cmd.command {
+                    Some(Command::DisconnectTunnel(d)) => {
+                        let n = edge.disconnect_tunnel(&d.tunnel_id);
+                        info!(tunnel = %d.tunnel_id, connections = n, "tunnel deleted at control; agents disconnected");
+                    }
+                    Some(Command::Drain(_)) => {
+                        info!("control asked this edge to drain");
+                        edge.drain();
+                        let _ = tx.send(report(edge, id)).await;
+                    }
+                    None => {}
+                },
+                Ok(None) => return Err("control closed the link".into()),
+                Err(e) => return Err(e.to_string()),
+            },
+            _ = shutdown.cancelled() => {
+                // Tell control we are draining before we go.
+                let _ = tx.send(report(edge, id)).await;
+                return Ok(());
+            }
+        }
+    }
+}
