@@ -57,10 +57,15 @@ pub struct Stack {
 impl Stack {
     /// Starts control and an edge on free loopback ports.
     pub async fn start() -> Stack {
+        Stack::start_with(|_| {}).await
+    }
+
+    /// Like [`Stack::start`], adjusting control's configuration first.
+    pub async fn start_with(adjust: impl FnOnce(&mut netbore_control::ControlConfig)) -> Stack {
         init_logs();
         let shutdown = CancellationToken::new();
         let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let dev = netbore_agent::dev::start(public, shutdown.clone())
+        let dev = netbore_agent::dev::start_with(public, shutdown.clone(), adjust)
             .await
             .expect("dev stack starts");
         Stack { dev, shutdown }

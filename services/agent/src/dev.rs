@@ -38,6 +38,15 @@ impl DevStack {
 /// Starts control and one edge on `public` (viewer listener, already bound) plus
 /// loopback ports of the system's choosing, all stopped by `shutdown`.
 pub async fn start(public: TcpListener, shutdown: CancellationToken) -> anyhow::Result<DevStack> {
+    start_with(public, shutdown, |_| {}).await
+}
+
+/// Like [`start`], with a chance to adjust control's configuration.
+pub async fn start_with(
+    public: TcpListener,
+    shutdown: CancellationToken,
+    adjust: impl FnOnce(&mut ControlConfig),
+) -> anyhow::Result<DevStack> {
     let public_addr = public.local_addr()?;
     let control_l = TcpListener::bind("127.0.0.1:0").await?;
     let grpc_l = TcpListener::bind("127.0.0.1:0").await?;
@@ -45,7 +54,7 @@ pub async fn start(public: TcpListener, shutdown: CancellationToken) -> anyhow::
     let agents_l = TcpListener::bind("127.0.0.1:0").await?;
     let control_addr = control_l.local_addr()?;
     let agents_addr = agents_l.local_addr()?;
-    let config = ControlConfig {
+    let mut config = ControlConfig {
         domain: "localhost".into(),
         public_url_template: format!("http://{{name}}.localhost:{}", public_addr.port()),
         edges: vec![EdgeEntry {
@@ -55,6 +64,7 @@ pub async fn start(public: TcpListener, shutdown: CancellationToken) -> anyhow::
         }],
         ..ControlConfig::default()
     };
+    adjust(&mut config);
     let issuer = config.issuer.clone();
     let control = Control::new(config, KeySet::generate());
     // The edge verifies agents exactly as a separate edge does: with the key set it

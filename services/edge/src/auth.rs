@@ -92,8 +92,10 @@ impl AgentAuth for StaticKeyAuth {
 }
 
 /// Least time between two JWKS fetches triggered by unknown key ids, so a stranger
-/// sending made-up `kid`s cannot make the edge hammer control.
-pub const JWKS_REFRESH_MIN_INTERVAL: Duration = Duration::from_secs(10);
+/// sending made-up `kid`s makes the edge fetch at most once per interval. A lookup that
+/// falls inside the interval waits for its end rather than failing, so a key rotated
+/// just after a fetch is still picked up within the handshake.
+pub const JWKS_REFRESH_MIN_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Verifies with the key set published by control at `<control>/.well-known/jwks.json`,
 /// fetched at start and again when a token names a key id the edge has not seen.
@@ -137,9 +139,18 @@ impl JwksAuth {
     }
 
     async fn refresh_rate_limited(&self) -> Result<(), AuthError> {
+        let asked = Instant::now();
+        // One fetch at a time; callers queued behind a fetch that started after they
+        // asked use its result.
         let mut last = self.last_fetch.lock().await;
-        if last.is_some_and(|t| t.elapsed() < JWKS_REFRESH_MIN_INTERVAL) {
-            return Ok(());
+        if let Some(t) = *last {
+            if t >= asked {
+                return Ok(());
+            }
+            let since = t.elapsed();
+            if since < JWKS_REFRESH_MIN_INTERVAL {
+                tokio::time::sleep(JWKS_REFRESH_MIN_INTERVAL - since).await;
+            }
         }
         *last = Some(Instant::now());
         self.refresh().await
