@@ -39,6 +39,13 @@ pub enum FlowError {
     },
 }
 
+/// `n` bytes as a signed credit amount. Counts beyond `i64::MAX` (no real buffer is
+/// that large) saturate, so they are refused as exceeding the credit instead of
+/// wrapping to a negative number that would add credit.
+fn as_credit(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 /// The sender's view: how much it may still send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SendWindow {
@@ -66,7 +73,7 @@ impl SendWindow {
     /// Records `n` bytes sent. Sending more than [`SendWindow::allowance`] is a bug in
     /// the caller, reported as an error rather than a panic.
     pub fn consume(&mut self, n: usize) -> Result<(), FlowError> {
-        let n64 = n as i64;
+        let n64 = as_credit(n);
         if n64 > self.available {
             return Err(FlowError::Exceeded {
                 sent: n as u64,
@@ -122,7 +129,7 @@ impl RecvWindow {
 
     /// Records `n` bytes received from the peer; an error when it exceeded its credit.
     pub fn on_data(&mut self, n: usize) -> Result<(), FlowError> {
-        let n64 = n as i64;
+        let n64 = as_credit(n);
         if n64 > self.available {
             return Err(FlowError::Exceeded {
                 sent: n as u64,
@@ -136,8 +143,12 @@ impl RecvWindow {
     /// Records `n` bytes passed on. Returns the increment to send in a window update
     /// once at least half the window has been consumed, so updates are batched rather
     /// than sent per frame.
+    ///
+    /// Only bytes received and not yet consumed count: reporting more is a bug in the
+    /// caller, and the excess is ignored so that the peer is never granted credit for
+    /// bytes it did not send (which would let it overrun the window).
     pub fn on_consumed(&mut self, n: usize) -> Option<u32> {
-        self.unacked += n as u64;
+        self.unacked += (n as u64).min(self.buffered());
         if self.unacked >= u64::from(self.initial / 2).max(1) {
             self.flush()
         } else {
