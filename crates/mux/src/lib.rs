@@ -44,6 +44,10 @@ pub const MAX_DATA_CHUNK: usize = 64 * 1024;
 /// The writer stops adding frames to one WebSocket message beyond this many bytes.
 pub const MAX_BATCH_BYTES: usize = 256 * 1024;
 
+/// The edge stops opening streams on a connection at this id and sends go-away, so
+/// ids never wrap (the agent reconnects long before 2^32).
+pub const STREAM_ID_RETIRE: u32 = 1 << 31;
+
 /// Missing this many heartbeat intervals without hearing anything from the peer means
 /// the link is dead.
 pub const HEARTBEAT_MISSES: u32 = 3;
@@ -103,6 +107,9 @@ pub enum MuxError {
     /// The connection is at its concurrent stream limit, or going away.
     #[error("tunnel connection refuses new streams: {0}")]
     Refused(&'static str),
+    /// A head or trailers too large for the wire format or the frame limit.
+    #[error("head too large to send: {0}")]
+    TooLarge(String),
     /// The caller misused the stream (a bug, reported rather than panicking).
     #[error("stream misuse: {0}")]
     Misuse(String),
@@ -262,18 +269,36 @@ impl Mux {
         if sh.going_away.load(Ordering::Acquire) {
             return Err(MuxError::Refused("the connection is going away"));
         }
-        let (tx, rx) = mpsc::unbounded_channel();
-        let id = sh.next_id.fetch_add(1, Ordering::Relaxed);
-        let ctl = new_ctl(id, &sh.cfg.limits);
+        let probe = Frame::RequestHead {
+            stream_id: 1,
+            head,
+            end_stream,
+        };
+        netbore_protocol::frame::check_encodable(&probe, sh.cfg.limits.max_frame_len as usize)
+            .map_err(MuxError::TooLarge)?;
+        let Frame::RequestHead { head, .. } = probe else {
+            unreachable!("built above")
+        };
         let mut state = StreamState::new();
         state
             .on_send(StreamEvent::Head { end_stream })
             .map_err(|e| MuxError::Misuse(e.to_string()))?;
-        {
+        let (tx, rx) = mpsc::unbounded_channel();
+        // The id is taken and the head queued under one lock, so heads reach the wire
+        // in id order (the agent refuses an id that is not above the last one).
+        let ctl = {
             let mut streams = sh.streams.lock();
             if streams.len() >= sh.cfg.limits.max_concurrent_streams as usize {
                 return Err(MuxError::Refused("too many concurrent streams"));
             }
+            let id = sh.next_id.fetch_add(1, Ordering::Relaxed);
+            if id >= STREAM_ID_RETIRE {
+                drop(streams);
+                // Ids are running out: move the agent to a fresh connection first.
+                self.go_away("stream ids exhausted; reconnect");
+                return Err(MuxError::Refused("the connection is going away"));
+            }
+            let ctl = new_ctl(id, &sh.cfg.limits);
             streams.insert(
                 id,
                 Entry {
@@ -283,12 +308,16 @@ impl Mux {
                     local_done: end_stream,
                 },
             );
-        }
-        sh.send(Frame::RequestHead {
-            stream_id: id,
-            head,
-            end_stream,
-        })?;
+            if let Err(e) = sh.send(Frame::RequestHead {
+                stream_id: id,
+                head,
+                end_stream,
+            }) {
+                streams.remove(&id);
+                return Err(e);
+            }
+            ctl
+        };
         Ok(self.handles(ctl, rx, state))
     }
 
@@ -526,12 +555,18 @@ impl StreamSender {
 
     /// Sends the response head (agent side).
     pub fn send_response(&mut self, head: ResponseHead, end_stream: bool) -> Result<(), MuxError> {
-        self.check(StreamEvent::Head { end_stream })?;
-        self.shared.send(Frame::ResponseHead {
+        let frame = Frame::ResponseHead {
             stream_id: self.ctl.id,
             head,
             end_stream,
-        })?;
+        };
+        netbore_protocol::frame::check_encodable(
+            &frame,
+            self.shared.cfg.limits.max_frame_len as usize,
+        )
+        .map_err(MuxError::TooLarge)?;
+        self.check(StreamEvent::Head { end_stream })?;
+        self.shared.send(frame)?;
         self.after_send();
         Ok(())
     }
@@ -576,11 +611,17 @@ impl StreamSender {
 
     /// Ends our half with trailers.
     pub fn send_trailers(&mut self, headers: Vec<Header>) -> Result<(), MuxError> {
-        self.check(StreamEvent::Trailers)?;
-        self.shared.send(Frame::Trailers {
+        let frame = Frame::Trailers {
             stream_id: self.ctl.id,
             headers,
-        })?;
+        };
+        netbore_protocol::frame::check_encodable(
+            &frame,
+            self.shared.cfg.limits.max_frame_len as usize,
+        )
+        .map_err(MuxError::TooLarge)?;
+        self.check(StreamEvent::Trailers)?;
+        self.shared.send(frame)?;
         self.after_send();
         Ok(())
     }

@@ -214,3 +214,33 @@ async fn go_away_reaches_the_agent_and_refuses_new_streams() {
     assert!(agent.is_going_away());
     assert!(edge.open(head("/z"), true).is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_opens_reach_the_agent_in_id_order() {
+    let (edge, agent, incoming) = pair(Limits::default()).await;
+    spawn_echo_agent(incoming);
+    let mut tasks = Vec::new();
+    for t in 0..32 {
+        let edge = edge.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..40 {
+                let (mut tx, mut rx) = edge.open(head(&format!("/{t}/{i}")), false).unwrap();
+                tx.send_data(Bytes::from_static(b"x")).await.unwrap();
+                tx.finish().unwrap();
+                while let Some(ev) = rx.recv().await {
+                    if let Event::Reset(c, m) = ev {
+                        panic!("stream reset {c:?}: {m}");
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(
+        !agent.is_closed(),
+        "no protocol error closed the link: {}",
+        agent.close_reason()
+    );
+}

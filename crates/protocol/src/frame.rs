@@ -340,6 +340,47 @@ pub enum DecodeError {
     ZeroIncrement,
 }
 
+/// Checks that `frame` fits its wire fields and `max_len`, so [`encode`] cannot panic
+/// on it. Senders call this for heads and trailers, whose contents come from viewers
+/// and origins; the error says which field is too large.
+pub fn check_encodable(frame: &Frame, max_len: usize) -> Result<(), String> {
+    fn headers(h: &[Header]) -> Result<(), String> {
+        if h.len() > usize::from(u16::MAX) {
+            return Err(format!("{} header fields (at most 65535)", h.len()));
+        }
+        for f in h {
+            if f.name.len() > usize::from(u16::MAX) || f.value.len() > usize::from(u16::MAX) {
+                return Err(format!(
+                    "header field '{}' is over 65535 bytes",
+                    &f.name[..f.name.len().min(40)]
+                ));
+            }
+        }
+        Ok(())
+    }
+    match frame {
+        Frame::RequestHead { head, .. } => {
+            if head.method.len() > usize::from(u8::MAX) {
+                return Err("method longer than 255 bytes".into());
+            }
+            if head.target.len() > usize::from(u16::MAX) {
+                return Err("request target longer than 65535 bytes".into());
+            }
+            headers(&head.headers)?;
+        }
+        Frame::ResponseHead { head, .. } => headers(&head.headers)?,
+        Frame::Trailers { headers: h, .. } => headers(h)?,
+        _ => {}
+    }
+    let len = frame.encoded_len() - FRAME_HEADER_LEN;
+    if len > max_len {
+        return Err(format!(
+            "{len} bytes of head, over the {max_len} byte frame limit"
+        ));
+    }
+    Ok(())
+}
+
 /// Appends the wire form of `frame` to `dst`.
 ///
 /// Callers keep each field within its wire width (method ≤ 255 bytes, target, header
