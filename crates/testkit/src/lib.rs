@@ -62,10 +62,23 @@ impl Stack {
 
     /// Like [`Stack::start`], adjusting control's configuration first.
     pub async fn start_with(adjust: impl FnOnce(&mut netbore_control::ControlConfig)) -> Stack {
+        Stack::start_full(adjust, |_| {}).await
+    }
+
+    /// Like [`Stack::start`], adjusting the edge's configuration first.
+    pub async fn start_with_edge(adjust: impl FnOnce(&mut netbore_edge::EdgeConfig)) -> Stack {
+        Stack::start_full(|_| {}, adjust).await
+    }
+
+    /// Adjusts both control's and the edge's configuration.
+    pub async fn start_full(
+        adjust: impl FnOnce(&mut netbore_control::ControlConfig),
+        adjust_edge: impl FnOnce(&mut netbore_edge::EdgeConfig),
+    ) -> Stack {
         init_logs();
         let shutdown = CancellationToken::new();
         let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let dev = netbore_agent::dev::start_with(public, shutdown.clone(), adjust)
+        let dev = netbore_agent::dev::start_with(public, shutdown.clone(), adjust, adjust_edge)
             .await
             .expect("dev stack starts");
         Stack { dev, shutdown }

@@ -360,3 +360,72 @@ async fn route(st: Arc<State>, mut req: Request<Incoming>) -> Response<Body> {
         _ => text(StatusCode::NOT_FOUND, "no such test endpoint"),
     }
 }
+
+/// An origin that records every byte it receives, raw, and answers each request head it
+/// sees with `200 ok` — for asserting exactly what an edge forwarded.
+pub struct RawOrigin {
+    /// Its address.
+    pub addr: SocketAddr,
+    bytes: Arc<Mutex<Vec<u8>>>,
+    stop: CancellationToken,
+}
+
+impl RawOrigin {
+    /// Starts on a free loopback port.
+    pub async fn start() -> RawOrigin {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let bytes = Arc::new(Mutex::new(Vec::new()));
+        let stop = CancellationToken::new();
+        let (b, s) = (bytes.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut tcp, _) = tokio::select! {
+                    r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+                    _ = s.cancelled() => return,
+                };
+                let b = b.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 16 * 1024];
+                    let mut pending = Vec::new();
+                    loop {
+                        let n = match tcp.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        b.lock().extend_from_slice(&buf[..n]);
+                        pending.extend_from_slice(&buf[..n]);
+                        while let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                            pending.drain(..i + 4);
+                            if tcp
+                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        RawOrigin { addr, bytes, stop }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Everything received so far, as text (lossy).
+    pub fn received(&self) -> String {
+        String::from_utf8_lossy(&self.bytes.lock()).into_owned()
+    }
+}
+
+impl Drop for RawOrigin {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}

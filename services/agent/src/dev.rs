@@ -38,7 +38,7 @@ impl DevStack {
 /// Starts control and one edge on `public` (viewer listener, already bound) plus
 /// loopback ports of the system's choosing, all stopped by `shutdown`.
 pub async fn start(public: TcpListener, shutdown: CancellationToken) -> anyhow::Result<DevStack> {
-    start_with(public, shutdown, |_| {}).await
+    start_with(public, shutdown, |_| {}, |_| {}).await
 }
 
 /// Like [`start`], with a chance to adjust control's configuration.
@@ -46,6 +46,7 @@ pub async fn start_with(
     public: TcpListener,
     shutdown: CancellationToken,
     adjust: impl FnOnce(&mut ControlConfig),
+    adjust_edge: impl FnOnce(&mut EdgeConfig),
 ) -> anyhow::Result<DevStack> {
     let public_addr = public.local_addr()?;
     let control_l = TcpListener::bind("127.0.0.1:0").await?;
@@ -70,13 +71,12 @@ pub async fn start_with(
     // The edge verifies agents exactly as a separate edge does: with the key set it
     // fetches from control's JWKS endpoint, again whenever a token names a new key.
     let auth = Arc::new(JwksAuth::new(&format!("http://{control_addr}"), &issuer));
-    let edge = Edge::new(
-        EdgeConfig {
-            domain: "localhost".into(),
-            ..EdgeConfig::default()
-        },
-        auth.clone(),
-    );
+    let mut edge_config = EdgeConfig {
+        domain: "localhost".into(),
+        ..EdgeConfig::default()
+    };
+    adjust_edge(&mut edge_config);
+    let edge = Edge::new(edge_config, auth.clone());
     // Deleted tunnels lose their agents; rotated keys reach the edge.
     let mut deletions = control.subscribe_deletions();
     let edge2 = edge.clone();

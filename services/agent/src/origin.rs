@@ -249,12 +249,17 @@ impl Origin {
         let headers = from_header_map(resp.headers());
         let body = resp.into_body();
         let end = http_body::Body::is_end_stream(&body);
-        if sender
-            .send_response(ResponseHead { status, headers }, end)
-            .is_err()
-            || end
-        {
-            return;
+        match sender.send_response(ResponseHead { status, headers }, end) {
+            Err(netbore_mux::MuxError::TooLarge(why)) => {
+                sender.reset(
+                    ResetCode::OriginError,
+                    &format!("the origin's response head is too large to forward: {why}"),
+                );
+                return;
+            }
+            Err(_) => return,
+            Ok(()) if end => return,
+            Ok(()) => {}
         }
         if let PumpEnd::BodyFailed(e) = pump_body(body, &mut sender, ResetCode::OriginError).await {
             debug!(error = %e, "origin response body failed");

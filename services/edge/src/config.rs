@@ -21,6 +21,86 @@ pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(30);
 /// (`netbore_mux::MAX_BATCH_BYTES`) plus one frame of the largest size.
 pub const MAX_AGENT_MESSAGE: usize = 1024 * 1024;
 
+/// Default total size of a request's head (request line and headers). Envoy allows
+/// 60 KiB, nginx 4 × 8 KiB, Cloudflare about 32 KiB; 64 KiB keeps large cookies working.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Default most header fields in one request (Envoy's and hyper's default).
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+
+/// Default longest request target (nginx's buffer is 8 KiB; Cloudflare 16 KiB).
+pub const DEFAULT_MAX_URL_BYTES: usize = 8 * 1024;
+
+/// Default largest request body, per request (Cloudflare's plans start at 100 MB; a
+/// tunnel often carries uploads, so 1 GiB).
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 1024 * 1024 * 1024;
+
+/// Default time a viewer has to send a request's head, and the longest an idle
+/// keep-alive connection stays open (slowloris). nginx uses 60 s; 15 s is plenty.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Default longest pause between two pieces of a request body (slow bodies).
+pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Default concurrent HTTP/2 streams per viewer connection (Envoy allows 100, nginx 128).
+pub const DEFAULT_H2_MAX_STREAMS: u32 = 128;
+
+/// Default in-flight requests per tunnel across its connections; beyond it viewers get
+/// 429 `tunnel_overloaded`.
+pub const DEFAULT_MAX_STREAMS_PER_TUNNEL: usize = 2000;
+
+/// An IPv4 or IPv6 network in CIDR form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Cidr, String> {
+        let (a, p) = s.split_once('/').unwrap_or((s, ""));
+        let addr: std::net::IpAddr = a
+            .parse()
+            .map_err(|_| format!("'{s}' is not an address or CIDR range like 10.0.0.0/8"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = if p.is_empty() {
+            max
+        } else {
+            p.parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("'{s}' has a prefix length outside 0..={max}"))?
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl Cidr {
+    /// True when `ip` is inside the range (IPv4-mapped IPv6 counts as IPv4).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (std::net::IpAddr::V4(n), std::net::IpAddr::V4(i)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(n) & mask == u32::from(i) & mask
+            }
+            (std::net::IpAddr::V6(n), std::net::IpAddr::V6(i)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(n) & mask == u128::from(i) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
 /// The edge's settings.
 #[derive(Debug, Clone)]
 pub struct EdgeConfig {
@@ -38,6 +118,25 @@ pub struct EdgeConfig {
     pub response_timeout: Duration,
     /// Grace period for open requests during a drain.
     pub drain_grace: Duration,
+    /// Largest request head in bytes (431 beyond).
+    pub max_header_bytes: usize,
+    /// Most header fields per request (431 beyond).
+    pub max_headers: usize,
+    /// Longest request target in bytes (414 beyond).
+    pub max_url_bytes: usize,
+    /// Largest request body in bytes (413 beyond).
+    pub max_body_bytes: u64,
+    /// Time to receive a request head; also the keep-alive idle limit.
+    pub header_read_timeout: Duration,
+    /// Longest pause inside a request body (408 beyond).
+    pub body_idle_timeout: Duration,
+    /// HTTP/2 concurrent streams per viewer connection.
+    pub h2_max_streams: u32,
+    /// In-flight requests per tunnel (429 beyond).
+    pub max_streams_per_tunnel: usize,
+    /// Peers whose `X-Forwarded-For` / `X-Forwarded-Proto` / `Forwarded` are believed
+    /// (the load balancer); everyone else's are replaced.
+    pub trusted_proxies: Vec<Cidr>,
 }
 
 impl Default for EdgeConfig {
@@ -50,6 +149,37 @@ impl Default for EdgeConfig {
             limits: Limits::default(),
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
             drain_grace: DEFAULT_DRAIN_GRACE,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_headers: DEFAULT_MAX_HEADERS,
+            max_url_bytes: DEFAULT_MAX_URL_BYTES,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
+            h2_max_streams: DEFAULT_H2_MAX_STREAMS,
+            max_streams_per_tunnel: DEFAULT_MAX_STREAMS_PER_TUNNEL,
+            trusted_proxies: Vec::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_ranges_match_what_they_say() {
+        let r: Cidr = "10.0.0.0/8".parse().unwrap();
+        assert!(r.contains("10.200.1.1".parse().unwrap()));
+        assert!(!r.contains("11.0.0.1".parse().unwrap()));
+        assert!(r.contains("::ffff:10.1.2.3".parse().unwrap()));
+        let one: Cidr = "127.0.0.1".parse().unwrap();
+        assert!(one.contains("127.0.0.1".parse().unwrap()));
+        assert!(!one.contains("127.0.0.2".parse().unwrap()));
+        let v6: Cidr = "fd00::/8".parse().unwrap();
+        assert!(v6.contains("fd12::1".parse().unwrap()));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("8.8.8.8".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("nonsense".parse::<Cidr>().is_err());
     }
 }

@@ -32,6 +32,25 @@ pub enum ViewerError {
     TunnelBusy,
     /// The agent connection failed while the request was in flight (502).
     TunnelLost,
+    /// HTTP/1.1 request without `Host` (400).
+    MissingHost,
+    /// More than one `Host` (400).
+    DuplicateHost,
+    /// Both `Content-Length` and `Transfer-Encoding`, or several `Content-Length` (400):
+    /// the framing is ambiguous (request smuggling).
+    AmbiguousLength,
+    /// A `Transfer-Encoding` other than exactly `chunked` (400).
+    BadTransferEncoding,
+    /// An absolute-form target naming another host than `Host` (400).
+    HostMismatch,
+    /// The request target is too long (414).
+    UrlTooLong,
+    /// The request body is larger than allowed (413).
+    BodyTooLarge,
+    /// The request body stalled (408).
+    BodyTimeout,
+    /// The tunnel has too many requests in flight (429).
+    TunnelOverloaded,
 }
 
 impl ViewerError {
@@ -44,7 +63,16 @@ impl ViewerError {
                 StatusCode::BAD_GATEWAY
             }
             ViewerError::OriginTimeout => StatusCode::GATEWAY_TIMEOUT,
-            ViewerError::BadHost => StatusCode::BAD_REQUEST,
+            ViewerError::BadHost
+            | ViewerError::MissingHost
+            | ViewerError::DuplicateHost
+            | ViewerError::AmbiguousLength
+            | ViewerError::BadTransferEncoding
+            | ViewerError::HostMismatch => StatusCode::BAD_REQUEST,
+            ViewerError::UrlTooLong => StatusCode::URI_TOO_LONG,
+            ViewerError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ViewerError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ViewerError::TunnelOverloaded => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -59,6 +87,15 @@ impl ViewerError {
             ViewerError::BadHost => "bad_host",
             ViewerError::TunnelBusy => "tunnel_busy",
             ViewerError::TunnelLost => "tunnel_lost",
+            ViewerError::MissingHost => "missing_host",
+            ViewerError::DuplicateHost => "duplicate_host",
+            ViewerError::AmbiguousLength => "ambiguous_length",
+            ViewerError::BadTransferEncoding => "bad_transfer_encoding",
+            ViewerError::HostMismatch => "host_mismatch",
+            ViewerError::UrlTooLong => "url_too_long",
+            ViewerError::BodyTooLarge => "body_too_large",
+            ViewerError::BodyTimeout => "body_timeout",
+            ViewerError::TunnelOverloaded => "tunnel_overloaded",
         }
     }
 
@@ -89,12 +126,55 @@ impl ViewerError {
             ViewerError::TunnelLost => {
                 "The connection to the tunnel's agent was lost during the request. Retry; the agent reconnects by itself."
             }
+            ViewerError::MissingHost => "HTTP/1.1 requests need a Host header naming the tunnel.",
+            ViewerError::DuplicateHost => {
+                "The request has more than one Host header; send exactly one."
+            }
+            ViewerError::AmbiguousLength => {
+                "The request's length is ambiguous (Content-Length with Transfer-Encoding, or several Content-Length headers); send one of them."
+            }
+            ViewerError::BadTransferEncoding => {
+                "Only 'Transfer-Encoding: chunked' is accepted on requests."
+            }
+            ViewerError::HostMismatch => {
+                "The absolute URL in the request line names another host than the Host header."
+            }
+            ViewerError::UrlTooLong => "The request URL is longer than this edge accepts.",
+            ViewerError::BodyTooLarge => "The request body is larger than this edge accepts.",
+            ViewerError::BodyTimeout => {
+                "The request body stopped arriving; send it without long pauses."
+            }
+            ViewerError::TunnelOverloaded => {
+                "The tunnel has too many requests in flight. Retry shortly."
+            }
         }
+    }
+
+    /// True for errors about the request's framing, after which the connection must
+    /// close: the rest of the bytes cannot be trusted to start a new request.
+    pub fn closes_connection(self) -> bool {
+        matches!(
+            self,
+            ViewerError::MissingHost
+                | ViewerError::DuplicateHost
+                | ViewerError::AmbiguousLength
+                | ViewerError::BadTransferEncoding
+                | ViewerError::HostMismatch
+                | ViewerError::BadHost
+                | ViewerError::BodyTooLarge
+                | ViewerError::BodyTimeout
+                | ViewerError::UrlTooLong
+        )
     }
 
     /// The response, JSON when `json` (the viewer's `Accept` asked for it).
     pub fn response(self, json: bool) -> Response<Body> {
-        error_response(self.status(), self.code(), self.message(), json)
+        let mut r = error_response(self.status(), self.code(), self.message(), json);
+        if self.closes_connection() {
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        r
     }
 }
 

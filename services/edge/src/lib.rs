@@ -8,6 +8,7 @@
 //! ([`proxy`]). The edge holds no signing keys and no state that matters beyond its
 //! live connections.
 
+pub mod admin;
 pub mod agents;
 pub mod auth;
 pub mod config;
@@ -15,6 +16,7 @@ pub mod control_link;
 pub mod errors;
 pub mod proxy;
 pub mod routes;
+pub mod sniff;
 pub mod telemetry;
 
 use std::sync::Arc;

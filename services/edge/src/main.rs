@@ -19,6 +19,19 @@ struct Args {
     /// Address agents connect to (WebSocket at /v1/connect).
     #[arg(long, env = "NETBORE_AGENT_ADDR", default_value = "0.0.0.0:8001")]
     agent_addr: SocketAddr,
+    /// Admin address for /livez and /readyz.
+    #[arg(long, env = "NETBORE_ADMIN_ADDR", default_value = "0.0.0.0:9090")]
+    admin_addr: SocketAddr,
+    /// Load balancer ranges whose X-Forwarded-For / X-Forwarded-Proto are believed
+    /// (comma-separated CIDRs); others' are replaced.
+    #[arg(long, env = "NETBORE_TRUSTED_PROXIES", value_delimiter = ',')]
+    trusted_proxies: Vec<netbore_edge::config::Cidr>,
+    /// Largest request body in bytes (413 beyond).
+    #[arg(long, env = "NETBORE_MAX_BODY_BYTES", default_value_t = netbore_edge::config::DEFAULT_MAX_BODY_BYTES)]
+    max_body_bytes: u64,
+    /// Grace period in seconds for open requests when draining on SIGTERM.
+    #[arg(long, env = "NETBORE_DRAIN_GRACE_SECS", default_value_t = netbore_edge::config::DEFAULT_DRAIN_GRACE.as_secs())]
+    drain_grace_secs: u64,
     /// Tunnels are served at NAME.<domain>.
     #[arg(long, env = "NETBORE_DOMAIN", default_value = "localhost")]
     domain: String,
@@ -61,6 +74,9 @@ async fn main() -> anyhow::Result<()> {
     let config = EdgeConfig {
         edge_id: args.edge_id.clone(),
         domain: args.domain.clone(),
+        trusted_proxies: args.trusted_proxies.clone(),
+        max_body_bytes: args.max_body_bytes,
+        drain_grace: std::time::Duration::from_secs(args.drain_grace_secs),
         ..EdgeConfig::default()
     };
     let auth = Arc::new(JwksAuth::new(&args.control_url, &args.issuer));
@@ -74,7 +90,10 @@ async fn main() -> anyhow::Result<()> {
     let agents = tokio::net::TcpListener::bind(args.agent_addr)
         .await
         .with_context(|| format!("binding the agent listener on {}", args.agent_addr))?;
-    tracing::info!(public = %public.local_addr()?, agents = %agents.local_addr()?, domain = %args.domain, edge_id = %args.edge_id, "edge listening");
+    let admin = tokio::net::TcpListener::bind(args.admin_addr)
+        .await
+        .with_context(|| format!("binding the admin listener on {}", args.admin_addr))?;
+    tracing::info!(public = %public.local_addr()?, agents = %agents.local_addr()?, admin = %admin.local_addr()?, domain = %args.domain, edge_id = %args.edge_id, "edge listening");
     let shutdown = CancellationToken::new();
     tokio::spawn(netbore_edge::telemetry::on_signal(shutdown.clone()));
     if !args.control_grpc.is_empty() {
@@ -95,7 +114,15 @@ async fn main() -> anyhow::Result<()> {
             shutdown.clone(),
         ));
     }
+    // The admin port outlives the drain so probes see "draining" until the end.
+    let admin_stop = CancellationToken::new();
+    tokio::spawn(netbore_edge::admin::serve_admin(
+        edge.clone(),
+        admin,
+        admin_stop.clone(),
+    ));
     netbore_edge::run(edge, public, agents, shutdown).await?;
+    admin_stop.cancel();
     tracing::info!("edge stopped");
     Ok(())
 }

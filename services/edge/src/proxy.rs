@@ -35,6 +35,15 @@ use crate::routes::Lookup;
 /// this name is dropped and replaced.
 pub const CLIENT_IP_HEADER: &str = "x-netbore-client-ip";
 
+/// HTTP/2 streams a viewer may reset before the edge accepts them (h2's default).
+pub const MAX_PENDING_RESETS: usize = 20;
+/// HTTP/2 streams the edge may reset for protocol errors on one connection.
+pub const MAX_LOCAL_ERROR_RESETS: usize = 256;
+/// HTTP/2 keep-alive ping interval for idle viewer connections.
+pub const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+/// HTTP/2 connections whose ping is not answered in this time are closed.
+pub const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Hop-by-hop headers (RFC 9110 §7.6.1 and the historical ones): never forwarded.
 const HOP_BY_HOP: &[&str] = &[
     "connection",
@@ -59,12 +68,28 @@ const EDGE_SET: &[&str] = &[
 /// Accepts viewer connections until `stop` fires; open connections then finish their
 /// current request and close.
 pub async fn serve_public(edge: Edge, listener: TcpListener, stop: CancellationToken) {
+    let cfg = edge.config();
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(hyper_util::rt::TokioTimer::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        // Slowloris and idle keep-alive connections: the head must arrive in time.
+        .header_read_timeout(cfg.header_read_timeout)
+        .max_headers(cfg.max_headers)
+        // hyper answers 431 when the head outgrows its buffer.
+        .max_buf_size(cfg.max_header_bytes.max(8192));
     builder
         .http2()
         .timer(hyper_util::rt::TokioTimer::new())
-        .max_concurrent_streams(250);
+        .max_concurrent_streams(cfg.h2_max_streams)
+        .max_header_list_size(cfg.max_header_bytes as u32)
+        // Rapid reset (CVE-2023-44487): streams reset before we accept them, and
+        // streams we reset for errors, are capped; past the cap the connection gets
+        // GOAWAY. CONTINUATION floods are bounded by the header list size above.
+        .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESETS)
+        .keep_alive_interval(H2_PING_INTERVAL)
+        .keep_alive_timeout(H2_PING_TIMEOUT);
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -88,7 +113,10 @@ pub async fn serve_public(edge: Edge, listener: TcpListener, stop: CancellationT
                     let edge = edge2.clone();
                     async move { Ok::<_, Infallible>(handle(edge, req, peer).await) }
                 });
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
+                let conn = builder.serve_connection_with_upgrades(
+                    TokioIo::new(crate::sniff::Sniff::new(tcp)),
+                    svc,
+                );
                 tokio::pin!(conn);
                 let r = tokio::select! {
                     r = conn.as_mut() => r,
@@ -148,12 +176,24 @@ fn connection_tokens(h: &HeaderMap) -> Vec<String> {
 /// Proxies one viewer request.
 pub async fn handle(edge: Edge, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let json = wants_json(req.headers());
+    let cfg = edge.config();
+    if let Err(e) = hygiene(cfg, &req) {
+        return e.response(json);
+    }
     let Some(host) = request_host(&req) else {
         return ViewerError::BadHost.response(json);
     };
     let Some(name) = tunnel_name(&host, &edge.config().domain) else {
         return ViewerError::TunnelNotFound.response(json);
     };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > cfg.max_body_bytes) {
+        return ViewerError::BodyTooLarge.response(json);
+    }
     let upgrade = is_upgrade(&req);
     let head = request_head(&edge, &req, &host, peer, upgrade);
     let body_empty = http_body::Body::is_end_stream(req.body());
@@ -163,7 +203,10 @@ pub async fn handle(edge: Edge, mut req: Request<Incoming>, peer: SocketAddr) ->
     let mut opened = None;
     for _ in 0..2 {
         let route = match edge.routes().pick(&name) {
-            Lookup::Found(r) => r,
+            Lookup::Found(_, in_flight) if in_flight >= cfg.max_streams_per_tunnel => {
+                return ViewerError::TunnelOverloaded.response(json);
+            }
+            Lookup::Found(r, _) => r,
             Lookup::Offline => return ViewerError::TunnelOffline.response(json),
             Lookup::Unknown => return ViewerError::TunnelNotFound.response(json),
         };
@@ -173,6 +216,15 @@ pub async fn handle(edge: Edge, mut req: Request<Incoming>, peer: SocketAddr) ->
                 break;
             }
             Err(MuxError::Refused(_)) => return ViewerError::TunnelBusy.response(json),
+            Err(MuxError::TooLarge(why)) => {
+                debug!(%why, "request head too large for the tunnel");
+                return crate::errors::error_response(
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "head_too_large",
+                    "The request's head is too large to forward; send fewer or smaller headers.",
+                    json,
+                );
+            }
             Err(_) => continue,
         }
     }
@@ -183,23 +235,42 @@ pub async fn handle(edge: Edge, mut req: Request<Incoming>, peer: SocketAddr) ->
     let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     // The request half: pumped from the viewer's body, or kept for the upgrade.
     let mut tx = Some(tx);
+    // The request body's own failures (too large, stalled) answer the viewer directly.
+    let (body_fail_tx, mut body_fail) = tokio::sync::oneshot::channel::<ViewerError>();
     if !upgrade && !end_stream {
-        let body = req.into_body();
+        let body = GuardedBody {
+            inner: req.into_body(),
+            seen: 0,
+            max: cfg.max_body_bytes,
+            idle: cfg.body_idle_timeout,
+            sleep: Box::pin(tokio::time::sleep(cfg.body_idle_timeout)),
+            failed: None,
+        };
         if let Some(mut tx) = tx.take() {
             tokio::spawn(
                 async move {
+                    let mut body = body;
                     if let PumpEnd::BodyFailed(e) =
-                        pump_body(body, &mut tx, ResetCode::Cancel).await
+                        pump_body(&mut body, &mut tx, ResetCode::Cancel).await
                     {
-                        debug!(error = %e, "viewer aborted the request body");
+                        debug!(error = %e, "the viewer's request body failed");
+                        if let Some(v) = body.failed {
+                            let _ = body_fail_tx.send(v);
+                        }
                     }
                 }
                 .in_current_span(),
             );
         }
+    } else {
+        drop(body_fail_tx);
     }
 
-    let first = tokio::time::timeout(edge.config().response_timeout, rx.recv()).await;
+    let first = tokio::select! {
+        biased;
+        Ok(v) = &mut body_fail => return v.response(json),
+        r = tokio::time::timeout(cfg.response_timeout, rx.recv()) => r,
+    };
     let head = match first {
         Err(_) => {
             rx.reset(
@@ -211,6 +282,10 @@ pub async fn handle(edge: Edge, mut req: Request<Incoming>, peer: SocketAddr) ->
         Ok(Some(Event::Head(h))) => h,
         Ok(Some(Event::Reset(code, msg))) => {
             debug!(?code, %msg, "stream reset before the response head");
+            // A reset we caused by failing the request body says why itself.
+            if let Ok(v) = body_fail.try_recv() {
+                return v.response(json);
+            }
             return reset_error(code).response(json);
         }
         Ok(other) => {
@@ -251,6 +326,112 @@ pub async fn handle(edge: Edge, mut req: Request<Incoming>, peer: SocketAddr) ->
     }
     *resp.body_mut() = StreamBody::new(rx).boxed();
     resp
+}
+
+/// Refuses requests whose framing or host is ambiguous, before anything is forwarded.
+/// hyper already refuses malformed chunk sizes, obsolete line folding and differing
+/// duplicate `Content-Length`s; it does not refuse these.
+fn hygiene(cfg: &crate::EdgeConfig, req: &Request<Incoming>) -> Result<(), ViewerError> {
+    let h = req.headers();
+    let target_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if target_len > cfg.max_url_bytes {
+        return Err(ViewerError::UrlTooLong);
+    }
+    if req.version() <= Version::HTTP_11 {
+        let hosts = h.get_all(header::HOST).iter().count();
+        if hosts > 1 {
+            return Err(ViewerError::DuplicateHost);
+        }
+        if hosts == 0 && req.version() == Version::HTTP_11 {
+            return Err(ViewerError::MissingHost);
+        }
+        let te: Vec<_> = h.get_all(header::TRANSFER_ENCODING).iter().collect();
+        let cl = h.get_all(header::CONTENT_LENGTH).iter().count();
+        if (!te.is_empty() && cl > 0) || cl > 1 {
+            return Err(ViewerError::AmbiguousLength);
+        }
+        if te.len() > 1
+            || te
+                .first()
+                .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"chunked"))
+        {
+            return Err(ViewerError::BadTransferEncoding);
+        }
+        // Absolute-form targets must agree with Host.
+        if let (Some(a), Some(host)) = (req.uri().authority(), h.get(header::HOST)) {
+            let hv = host.to_str().unwrap_or("");
+            let hh = hv
+                .parse::<http::uri::Authority>()
+                .map(|x| x.host().to_ascii_lowercase());
+            if hh.as_deref().ok() != Some(&a.host().to_ascii_lowercase()) {
+                return Err(ViewerError::HostMismatch);
+            }
+        }
+    }
+    let host_has_userinfo = req
+        .uri()
+        .authority()
+        .is_some_and(|a| a.as_str().contains('@'))
+        || h.get(header::HOST)
+            .is_some_and(|v| v.as_bytes().contains(&b'@'));
+    if host_has_userinfo {
+        return Err(ViewerError::BadHost);
+    }
+    Ok(())
+}
+
+/// A viewer's request body with the edge's limits: at most `max` bytes, and no pause
+/// longer than `idle` between pieces. A breach ends the body with an error and records
+/// which, so the viewer is answered 413 or 408.
+struct GuardedBody {
+    inner: Incoming,
+    seen: u64,
+    max: u64,
+    idle: Duration,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    failed: Option<ViewerError>,
+}
+
+impl http_body::Body for GuardedBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    this.seen += d.len() as u64;
+                    if this.seen > this.max {
+                        this.failed = Some(ViewerError::BodyTooLarge);
+                        return Poll::Ready(Some(Err(std::io::Error::other(format!(
+                            "request body over the {} byte limit",
+                            this.max
+                        )))));
+                    }
+                }
+                let deadline = tokio::time::Instant::now() + this.idle;
+                this.sleep.as_mut().reset(deadline);
+                Poll::Ready(Some(Ok(f)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(std::io::Error::other(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                if this.sleep.as_mut().poll(cx).is_ready() {
+                    this.failed = Some(ViewerError::BodyTimeout);
+                    return Poll::Ready(Some(Err(std::io::Error::other(format!(
+                        "request body paused for more than {:?}",
+                        this.idle
+                    )))));
+                }
+                Poll::Pending
+            }
+        }
+    }
 }
 
 fn reset_error(code: ResetCode) -> ViewerError {
@@ -300,18 +481,55 @@ fn request_head(
         headers.push(Header::new("connection", Bytes::from_static(b"upgrade")));
         headers.push(Header::new("upgrade", Bytes::copy_from_slice(u.as_bytes())));
     }
-    let ip = peer.ip().to_string();
+    let cfg = edge.config();
+    let trusted = |ip: std::net::IpAddr| cfg.trusted_proxies.iter().any(|c| c.contains(ip));
+    let peer_ip = peer.ip();
+    let str_of = |name: &str| {
+        h.get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let (xff, client_ip, proto) = if trusted(peer_ip) {
+        // A trusted proxy (the load balancer) speaks for the viewer: keep its chain and
+        // take the client as the rightmost address that is not itself a trusted proxy.
+        let chain: Vec<String> = h
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        let client = chain
+            .iter()
+            .rev()
+            .filter_map(|s| s.parse::<std::net::IpAddr>().ok())
+            .find(|ip| !trusted(*ip))
+            .unwrap_or(peer_ip);
+        let mut full = chain.join(", ");
+        if !full.is_empty() {
+            full.push_str(", ");
+        }
+        full.push_str(&peer_ip.to_string());
+        let proto = str_of("x-forwarded-proto")
+            .filter(|p| p == "http" || p == "https")
+            .unwrap_or_else(|| cfg.public_scheme.clone());
+        (full, client.to_string(), proto)
+    } else {
+        (
+            peer_ip.to_string(),
+            peer_ip.to_string(),
+            cfg.public_scheme.clone(),
+        )
+    };
     let fwd_host = h
         .get(header::HOST)
         .map(|v| Bytes::copy_from_slice(v.as_bytes()))
         .unwrap_or_else(|| Bytes::from(host.to_string()));
-    headers.push(Header::new("x-forwarded-for", Bytes::from(ip.clone())));
-    headers.push(Header::new(
-        "x-forwarded-proto",
-        Bytes::from(edge.config().public_scheme.clone()),
-    ));
+    headers.push(Header::new("x-forwarded-for", Bytes::from(xff)));
+    headers.push(Header::new("x-forwarded-proto", Bytes::from(proto)));
     headers.push(Header::new("x-forwarded-host", fwd_host));
-    headers.push(Header::new(CLIENT_IP_HEADER, Bytes::from(ip)));
+    headers.push(Header::new(CLIENT_IP_HEADER, Bytes::from(client_ip)));
     let target = req
         .uri()
         .path_and_query()

@@ -31,8 +31,8 @@ pub struct Route {
 /// Result of looking a name up.
 #[derive(Debug)]
 pub enum Lookup {
-    /// A connection to use.
-    Found(Route),
+    /// A connection to use, and the tunnel's requests in flight over all connections.
+    Found(Route, usize),
     /// The tunnel exists but no agent is connected right now.
     Offline,
     /// No such tunnel on this edge.
@@ -98,12 +98,20 @@ impl Routes {
         {
             let live = self.live.read();
             if let Some(v) = live.get(name) {
-                let best = v
+                let mut total = 0;
+                let mut best: Option<(&Route, usize)> = None;
+                for r in v
                     .iter()
                     .filter(|r| !r.mux.is_closed() && !r.mux.is_going_away())
-                    .min_by_key(|r| r.mux.open_streams());
-                if let Some(r) = best {
-                    return Lookup::Found(r.clone());
+                {
+                    let n = r.mux.open_streams();
+                    total += n;
+                    if best.is_none_or(|(_, b)| n < b) {
+                        best = Some((r, n));
+                    }
+                }
+                if let Some((r, _)) = best {
+                    return Lookup::Found(r.clone(), total);
                 }
                 return Lookup::Offline;
             }

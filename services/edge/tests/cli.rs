@@ -21,6 +21,8 @@ fn the_edge_answers_unknown_tunnels_with_404_and_stops_on_sigterm() {
             &format!("127.0.0.1:{public}"),
             "--agent-addr",
             &format!("127.0.0.1:{agents}"),
+            "--admin-addr",
+            "127.0.0.1:0",
             // Nothing listens here: the edge must still start and serve viewers.
             "--control-url",
             &format!("http://127.0.0.1:{}", free_port()),

@@ -74,7 +74,7 @@ async fn create_list_and_delete_over_rest() {
         .unwrap()
         .to_string();
     assert!(name.split('-').count() == 3, "readable random name: {name}");
-    assert!(created["candidates"].as_array().unwrap().len() >= 1);
+    assert!(!created["candidates"].as_array().unwrap().is_empty());
     assert!(
         created["candidates_expires_at"]
             .as_str()
