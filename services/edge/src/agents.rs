@@ -51,7 +51,17 @@ pub async fn serve_agents(edge: Edge, listener: TcpListener, stop: CancellationT
         let span = info_span!("agent_conn", %peer);
         edge.tracker().spawn(
             async move {
-                if let Err(reason) = handle_agent(edge2, tcp, peer).await {
+                let r = match edge2.tls().map(|t| t.agent_acceptor()) {
+                    None => handle_agent(edge2, tcp, peer).await,
+                    Some(acceptor) => {
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                            Ok(Ok(tls)) => handle_agent(edge2, tls, peer).await,
+                            Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
+                            Err(_) => Err("TLS handshake timed out".into()),
+                        }
+                    }
+                };
+                if let Err(reason) = r {
                     debug!(%reason, "agent connection ended");
                 }
             }

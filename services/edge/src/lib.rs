@@ -18,6 +18,7 @@ pub mod proxy;
 pub mod routes;
 pub mod sniff;
 pub mod telemetry;
+pub mod tls;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,6 +41,7 @@ struct Inner {
     routes: Routes,
     auth: Arc<dyn AgentAuth>,
     draining: AtomicBool,
+    tls: Option<tls::Tls>,
     /// Tracks per-connection tasks so shutdown can wait for them.
     tracker: TaskTracker,
 }
@@ -47,12 +49,18 @@ struct Inner {
 impl Edge {
     /// Builds an edge that verifies agents with `auth`.
     pub fn new(config: EdgeConfig, auth: Arc<dyn AgentAuth>) -> Edge {
+        Edge::with_tls(config, auth, None)
+    }
+
+    /// Builds an edge that serves both listeners over TLS when `tls` is given.
+    pub fn with_tls(config: EdgeConfig, auth: Arc<dyn AgentAuth>, tls: Option<tls::Tls>) -> Edge {
         Edge {
             inner: Arc::new(Inner {
                 config,
                 routes: Routes::default(),
                 auth,
                 draining: AtomicBool::new(false),
+                tls,
                 tracker: TaskTracker::new(),
             }),
         }
@@ -70,6 +78,10 @@ impl Edge {
 
     pub(crate) fn auth(&self) -> &Arc<dyn AgentAuth> {
         &self.inner.auth
+    }
+
+    pub(crate) fn tls(&self) -> Option<&tls::Tls> {
+        self.inner.tls.as_ref()
     }
 
     pub(crate) fn tracker(&self) -> &TaskTracker {

@@ -32,6 +32,19 @@ struct Args {
     /// Grace period in seconds for open requests when draining on SIGTERM.
     #[arg(long, env = "NETBORE_DRAIN_GRACE_SECS", default_value_t = netbore_edge::config::DEFAULT_DRAIN_GRACE.as_secs())]
     drain_grace_secs: u64,
+    /// TLS certificate chain (PEM) for both listeners, e.g. a wildcard for *.<domain>;
+    /// re-read when it changes on disk.
+    #[arg(long, env = "NETBORE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// TLS private key (PEM) matching --tls-cert.
+    #[arg(long, env = "NETBORE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Serve TLS with a generated self-signed certificate (development).
+    #[arg(long, env = "NETBORE_TLS_SELF_SIGNED", conflicts_with = "tls_cert")]
+    tls_self_signed: bool,
+    /// With --tls-self-signed: write the certificate here, for agents' --edge-ca.
+    #[arg(long, env = "NETBORE_TLS_SELF_SIGNED_OUT")]
+    tls_self_signed_out: Option<std::path::PathBuf>,
     /// Tunnels are served at NAME.<domain>.
     #[arg(long, env = "NETBORE_DOMAIN", default_value = "localhost")]
     domain: String,
@@ -71,7 +84,29 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     netbore_edge::telemetry::init(args.log_json);
+    let cert_source = match (&args.tls_cert, &args.tls_key, args.tls_self_signed) {
+        (Some(cert), Some(key), _) => Some(netbore_edge::tls::CertSource::Files {
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        (_, _, true) => Some(netbore_edge::tls::CertSource::SelfSigned {
+            write_to: args.tls_self_signed_out.clone(),
+        }),
+        _ => None,
+    };
+    let tls = match &cert_source {
+        Some(src) => Some(
+            netbore_edge::tls::Tls::new(src, &args.domain)
+                .map_err(|e| anyhow::anyhow!("TLS set-up failed: {e}"))?,
+        ),
+        None => None,
+    };
     let config = EdgeConfig {
+        public_scheme: if tls.is_some() {
+            "https".into()
+        } else {
+            "http".into()
+        },
         edge_id: args.edge_id.clone(),
         domain: args.domain.clone(),
         trusted_proxies: args.trusted_proxies.clone(),
@@ -83,7 +118,7 @@ async fn main() -> anyhow::Result<()> {
     if let Err(e) = auth.refresh().await {
         tracing::warn!(error = %e, "control's keys are not available yet; fetching on the first agent");
     }
-    let edge = Edge::new(config, auth);
+    let edge = Edge::with_tls(config, auth, tls.clone());
     let public = tokio::net::TcpListener::bind(args.public_addr)
         .await
         .with_context(|| format!("binding the public listener on {}", args.public_addr))?;
@@ -96,10 +131,18 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(public = %public.local_addr()?, agents = %agents.local_addr()?, admin = %admin.local_addr()?, domain = %args.domain, edge_id = %args.edge_id, "edge listening");
     let shutdown = CancellationToken::new();
     tokio::spawn(netbore_edge::telemetry::on_signal(shutdown.clone()));
+    if let (Some(tls), Some(src)) = (tls, cert_source) {
+        tokio::spawn(tls.watch(src, shutdown.clone()));
+    }
     if !args.control_grpc.is_empty() {
         let agent_url = args.advertise_url.clone().unwrap_or_else(|| {
+            let scheme = if edge.config().public_scheme == "https" {
+                "wss"
+            } else {
+                "ws"
+            };
             format!(
-                "ws://{}{}",
+                "{scheme}://{}{}",
                 agents.local_addr().expect("bound"),
                 netbore_edge::agents::AGENT_PATH
             )

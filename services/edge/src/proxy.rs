@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::Edge;
+use crate::config::HANDSHAKE_TIMEOUT;
 use crate::errors::{Body, ViewerError, wants_json};
 use crate::routes::Lookup;
 
@@ -109,28 +110,49 @@ pub async fn serve_public(edge: Edge, listener: TcpListener, stop: CancellationT
         let stop = stop.clone();
         edge.tracker().spawn(
             async move {
-                let svc = service_fn(move |req| {
-                    let edge = edge2.clone();
-                    async move { Ok::<_, Infallible>(handle(edge, req, peer).await) }
-                });
-                let conn = builder.serve_connection_with_upgrades(
-                    TokioIo::new(crate::sniff::Sniff::new(tcp)),
-                    svc,
-                );
-                tokio::pin!(conn);
-                let r = tokio::select! {
-                    r = conn.as_mut() => r,
-                    _ = stop.cancelled() => {
-                        conn.as_mut().graceful_shutdown();
-                        conn.await
+                match edge2.tls().map(|t| t.public_acceptor()) {
+                    None => serve_conn(edge2, builder, tcp, peer, stop).await,
+                    Some(acceptor) => {
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                            Ok(Ok(tls)) => serve_conn(edge2, builder, tls, peer, stop).await,
+                            Ok(Err(e)) => debug!(error = %e, "viewer TLS handshake failed"),
+                            Err(_) => debug!("viewer TLS handshake timed out"),
+                        }
                     }
-                };
-                if let Err(e) = r {
-                    debug!(error = %e, "viewer connection ended with an error");
                 }
             }
             .instrument(info_span!("viewer", %peer)),
         );
+    }
+}
+
+/// Serves one viewer connection (plain or TLS) until it ends or `stop` fires, after
+/// which the current request finishes and the connection closes.
+async fn serve_conn<S>(
+    edge: Edge,
+    builder: hyper_util::server::conn::auto::Builder<TokioExecutor>,
+    io: S,
+    peer: SocketAddr,
+    stop: CancellationToken,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let edge = edge.clone();
+        async move { Ok::<_, Infallible>(handle(edge, req, peer).await) }
+    });
+    let conn =
+        builder.serve_connection_with_upgrades(TokioIo::new(crate::sniff::Sniff::new(io)), svc);
+    tokio::pin!(conn);
+    let r = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = r {
+        debug!(error = %e, "viewer connection ended with an error");
     }
 }
 

@@ -17,7 +17,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
 /// Longest line the sniffer follows before giving up (hyper refuses longer heads).
 const MAX_LINE: usize = 64 * 1024;
@@ -47,9 +46,9 @@ enum State {
     Off,
 }
 
-/// A TCP stream whose incoming HTTP/1.1 framing is checked.
-pub struct Sniff {
-    inner: TcpStream,
+/// A stream whose incoming HTTP/1.1 framing is checked.
+pub struct Sniff<S> {
+    inner: S,
     framing: Framing,
     refused: bool,
 }
@@ -81,9 +80,9 @@ fn new_head() -> State {
     }
 }
 
-impl Sniff {
-    /// Wraps a freshly accepted connection.
-    pub fn new(inner: TcpStream) -> Sniff {
+impl<S> Sniff<S> {
+    /// Wraps a freshly accepted connection (plain or after TLS).
+    pub fn new(inner: S) -> Sniff<S> {
         Sniff {
             inner,
             framing: Framing::default(),
@@ -222,7 +221,7 @@ impl Framing {
     }
 }
 
-impl AsyncRead for Sniff {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Sniff<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -243,7 +242,11 @@ impl AsyncRead for Sniff {
                 this.refused = true;
                 // Take the bytes back so hyper never sees the request, answer, and fail.
                 buf.set_filled(before);
-                let _ = this.inner.try_write(REFUSAL);
+                // Best effort: the refusal is small enough for the socket (or TLS)
+                // buffer; the connection closes right after either way.
+                if let Poll::Ready(Ok(_)) = Pin::new(&mut this.inner).poll_write(cx, REFUSAL) {
+                    let _ = Pin::new(&mut this.inner).poll_flush(cx);
+                }
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     "ambiguous request length (request smuggling); refused",
@@ -254,7 +257,7 @@ impl AsyncRead for Sniff {
     }
 }
 
-impl AsyncWrite for Sniff {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Sniff<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
