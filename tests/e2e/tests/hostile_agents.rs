@@ -218,3 +218,15 @@ async fn malformed_frames_close_only_the_offending_connection() {
     assert_eq!(pong, Ok(true));
     still_serving(&v, &a).await;
 }
+
+#[tokio::test]
+async fn an_oversized_websocket_message_closes_only_that_link() {
+    let stack = Stack::start().await;
+    let origin = Origin::start().await;
+    let (a, v) = honest(&stack, &origin).await;
+    let mut ws = welcomed(&stack).await;
+    // Over the 1 MiB message limit of the agent link.
+    let _ = ws.send(Message::binary(vec![0u8; 2 * 1024 * 1024])).await;
+    assert_closed(&mut ws).await;
+    still_serving(&v, &a).await;
+}
