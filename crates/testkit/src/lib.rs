@@ -405,6 +405,16 @@ impl Proc {
     }
 }
 
+/// A loopback port nobody listens on right now, for binaries that take an address
+/// rather than a listener (a small race with other processes is accepted).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Polls `f` every 20 ms until it returns `Some` or `within` passes.
 pub async fn eventually<T, F, Fut>(within: Duration, mut f: F) -> Option<T>
 where

@@ -196,23 +196,24 @@ async fn main() -> ExitCode {
     let printer = tokio::spawn(async move {
         let mut announced = false;
         while let Some(ev) = rx.recv().await {
+            let first_live = matches!(ev, AgentEvent::Live { .. }) && !announced;
+            // The file first, so a script that sees the line can read the file.
+            if first_live
+                && let (AgentEvent::Live { url, .. }, Some(f)) = (&ev, &url_file)
+                && let Err(e) = std::fs::write(f, format!("{url}\n"))
+            {
+                eprintln!("warning: cannot write the URL to {}: {e}", f.display());
+            }
             let mut out = std::io::stdout().lock();
             if json {
                 let _ = writeln!(out, "{}", serde_json::to_string(&ev).expect("serializable"));
             } else if let AgentEvent::Live { url, origin, .. } = &ev
-                && !announced
+                && first_live
             {
                 let _ = writeln!(out, "{url} -> {origin}");
             }
             let _ = out.flush();
-            if let AgentEvent::Live { url, .. } = &ev {
-                if !announced && let Some(f) = &url_file {
-                    if let Err(e) = std::fs::write(f, format!("{url}\n")) {
-                        eprintln!("warning: cannot write the URL to {}: {e}", f.display());
-                    }
-                }
-                announced = true;
-            }
+            announced |= first_live;
         }
     });
     let r = netbore_agent::run(cfg, tx, shutdown.clone()).await;

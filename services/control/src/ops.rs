@@ -416,24 +416,7 @@ pub fn delete(
     req: DeleteRequest,
 ) -> Result<TunnelRecord, ApiError> {
     let now = now_unix();
-    let record = match (&req.tunnel_id, &req.name) {
-        (Some(id), _) => control.store().by_id(id, now),
-        (None, Some(n)) => control.store().by_name(n, now),
-        (None, None) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                "give tunnel_id or name",
-            ));
-        }
-    }
-    .ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "tunnel_not_found",
-            "no such tunnel; list tunnels with GET /tunnels/list",
-        )
-    })?;
+    let record = find(control, req.tunnel_id.as_deref(), req.name.as_deref(), now)?;
     let allowed = match &req.recreate_token {
         Some(t) => {
             let c = control
@@ -466,15 +449,13 @@ pub fn delete(
     Ok(record)
 }
 
-/// One tunnel by id or name.
-pub fn get(
+/// The live tunnel with `tunnel_id`, or else with `name`.
+fn find(
     control: &Control,
-    bearer: Option<String>,
     tunnel_id: Option<&str>,
     name: Option<&str>,
+    now: u64,
 ) -> Result<TunnelRecord, ApiError> {
-    require_read(control, bearer)?;
-    let now = now_unix();
     match (tunnel_id, name) {
         (Some(id), _) => control.store().by_id(id, now),
         (None, Some(n)) => control.store().by_name(n, now),
@@ -490,9 +471,20 @@ pub fn get(
         ApiError::new(
             StatusCode::NOT_FOUND,
             "tunnel_not_found",
-            "no such tunnel; list tunnels with ListTunnels",
+            "no such tunnel; list tunnels (GET /tunnels/list or ListTunnels)",
         )
     })
+}
+
+/// One tunnel by id or name.
+pub fn get(
+    control: &Control,
+    bearer: Option<String>,
+    tunnel_id: Option<&str>,
+    name: Option<&str>,
+) -> Result<TunnelRecord, ApiError> {
+    require_read(control, bearer)?;
+    find(control, tunnel_id, name, now_unix())
 }
 
 /// `GET /tunnels/list` query.

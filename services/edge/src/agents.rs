@@ -32,21 +32,7 @@ static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 
 /// Accepts agent connections until `stop` fires.
 pub async fn serve_agents(edge: Edge, listener: TcpListener, stop: CancellationToken) {
-    loop {
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            _ = stop.cancelled() => break,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(x) => x,
-            Err(e) => {
-                // Out of file descriptors and the like: back off rather than spin.
-                warn!(error = %e, "agent listener accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
+    while let Some((tcp, peer)) = crate::accept(&listener, &stop, "agents").await {
         let edge2 = edge.clone();
         let span = info_span!("agent_conn", %peer);
         edge.tracker().spawn(

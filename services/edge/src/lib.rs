@@ -113,6 +113,35 @@ impl Edge {
     }
 }
 
+/// Accepts the next connection, or `None` once `stop` fires. Accept errors (out of
+/// file descriptors, say) are logged and retried after a short pause rather than spun
+/// on.
+pub(crate) async fn accept(
+    listener: &tokio::net::TcpListener,
+    stop: &CancellationToken,
+    what: &'static str,
+) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.cancelled() => return None,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                let _ = tcp.set_nodelay(true);
+                return Some((tcp, peer));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, listener = what, "accept failed");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+            }
+        }
+    }
+}
+
+/// Pause after a failed accept.
+pub const ACCEPT_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Serves both listeners until `shutdown` fires, then drains within
 /// `config.drain_grace`.
 pub async fn run(

@@ -25,7 +25,7 @@ use netbore_mux::{Event, MuxError};
 use netbore_protocol::{Header, RequestHead, ResetCode};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info_span};
 
 use crate::Edge;
 use crate::config::HANDSHAKE_TIMEOUT;
@@ -91,20 +91,7 @@ pub async fn serve_public(edge: Edge, listener: TcpListener, stop: CancellationT
         .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESETS)
         .keep_alive_interval(H2_PING_INTERVAL)
         .keep_alive_timeout(H2_PING_TIMEOUT);
-    loop {
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            _ = stop.cancelled() => break,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(x) => x,
-            Err(e) => {
-                warn!(error = %e, "public listener accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
+    while let Some((tcp, peer)) = crate::accept(&listener, &stop, "public").await {
         let edge2 = edge.clone();
         let builder = builder.clone();
         let stop = stop.clone();

@@ -10,7 +10,7 @@ use hyper_util::rt::TokioExecutor;
 use netbore_proto::control::v1 as pb;
 use netbore_proto::control::v1::control_service_client::ControlServiceClient;
 use netbore_testkit::origin::Origin;
-use netbore_testkit::{Proc, Stack, Viewer, eventually};
+use netbore_testkit::{Proc, Stack, Viewer, eventually, free_port};
 use serde_json::{Value, json};
 
 const BOOT: &str = "test-bootstrap-credential";
@@ -460,14 +460,6 @@ async fn a_key_rotation_keeps_connected_agents_and_admits_new_ones() {
     let after = s.agent(&origin.url()).await;
     assert_eq!(v.get(&after.host(), "/hello").await.status, 200);
     assert_eq!(v.get(&before.host(), "/hello").await.status, 200);
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

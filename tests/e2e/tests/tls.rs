@@ -8,7 +8,7 @@ use std::time::Duration;
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use netbore_testkit::origin::Origin;
-use netbore_testkit::{Proc, empty};
+use netbore_testkit::{Proc, empty, free_port};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
@@ -16,14 +16,6 @@ use serde_json::Value;
 /// Two labels: certificate verifiers refuse a wildcard directly under one label
 /// (`*.localhost`).
 const DOMAIN: &str = "tunnels.test";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn client_config(ca_pem: &[u8], alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
