@@ -48,6 +48,11 @@ pub const MAX_BATCH_BYTES: usize = 256 * 1024;
 /// ids never wrap (the agent reconnects long before 2^32).
 pub const STREAM_ID_RETIRE: u32 = 1 << 31;
 
+/// Frames queued for the writer beyond which the peer is taken to have stopped
+/// reading (data is bounded by the windows; this bounds control frames, e.g. pongs
+/// owed to a peer that pings without reading).
+pub const MAX_QUEUED_FRAMES: usize = 65_536;
+
 /// Missing this many heartbeat intervals without hearing anything from the peer means
 /// the link is dead.
 pub const HEARTBEAT_MISSES: u32 = 3;
@@ -165,6 +170,7 @@ struct Shared {
     last_heard_ms: AtomicU64,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
+    queued: std::sync::atomic::AtomicUsize,
 }
 
 /// A handle to one multiplexed connection; cheap to clone.
@@ -237,6 +243,7 @@ impl Mux {
             last_heard_ms: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
+            queued: std::sync::atomic::AtomicUsize::new(0),
             cfg,
         });
         let (accept_tx, incoming) = if role == Role::Agent {
@@ -437,6 +444,7 @@ fn new_ctl(id: u32, limits: &Limits) -> Arc<StreamCtl> {
 
 impl Shared {
     fn send(&self, frame: Frame) -> Result<(), MuxError> {
+        self.queued.fetch_add(1, Ordering::Relaxed);
         self.out
             .send(frame)
             .map_err(|_| MuxError::Closed(self.close_reason.lock().clone().unwrap_or_default()))
@@ -787,12 +795,17 @@ async fn writer<S>(
         };
         let Some(first) = first else { break };
         encode(&first, &mut buf);
+        let mut taken = 1;
         while buf.len() < MAX_BATCH_BYTES {
             match rx.try_recv() {
-                Ok(f) => encode(&f, &mut buf),
+                Ok(f) => {
+                    encode(&f, &mut buf);
+                    taken += 1;
+                }
                 Err(_) => break,
             }
         }
+        shared.queued.fetch_sub(taken, Ordering::Relaxed);
         let msg = Message::Binary(buf.split().freeze());
         if let Err(e) = sink.send(msg).await {
             shared.close(&format!("write failed: {e}"));
@@ -1021,6 +1034,9 @@ async fn dispatch(
             }
         }
         Frame::Ping { payload } => {
+            if shared.queued.load(Ordering::Relaxed) > MAX_QUEUED_FRAMES {
+                return Err("the peer sends but does not read; closing".into());
+            }
             let _ = shared.send(Frame::Pong { payload });
         }
         Frame::Pong { .. } => {}

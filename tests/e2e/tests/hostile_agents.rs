@@ -230,3 +230,36 @@ async fn an_oversized_websocket_message_closes_only_that_link() {
     assert_closed(&mut ws).await;
     still_serving(&v, &a).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_pings_without_reading_is_cut_off() {
+    let stack = Stack::start().await;
+    let origin = Origin::start().await;
+    let (a, v) = honest(&stack, &origin).await;
+    let ws = welcomed(&stack).await;
+    // Never read; send pings in big batches until the edge gives up on us.
+    let (mut sink, _stream_kept_unread) = ws.split();
+    let mut batch = Vec::with_capacity(18 * 10_000);
+    for i in 0..10_000u64 {
+        batch.extend_from_slice(&[7, 0, 0, 0, 0, 0, 0, 0, 0, 8]);
+        batch.extend_from_slice(&i.to_be_bytes());
+    }
+    let mut cut = false;
+    for _ in 0..200 {
+        let sent = tokio::time::timeout(
+            Duration::from_secs(2),
+            sink.send(Message::binary(batch.clone())),
+        )
+        .await;
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                cut = true;
+                break;
+            }
+            Err(_) => panic!("the edge stopped reading instead of closing the link"),
+        }
+    }
+    assert!(cut, "2,000,000 unanswered pings must end the link");
+    still_serving(&v, &a).await;
+}
