@@ -171,6 +171,8 @@ struct Shared {
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
     queued: std::sync::atomic::AtomicUsize,
+    writer_done: AtomicBool,
+    writer_done_notify: Notify,
 }
 
 /// A handle to one multiplexed connection; cheap to clone.
@@ -185,6 +187,17 @@ impl std::fmt::Debug for Mux {
             .field("label", &self.shared.cfg.label)
             .field("open_streams", &self.open_streams())
             .finish()
+    }
+}
+
+/// Releases a held-back greeting (see [`Mux::start_with_greeting`]); dropping it
+/// without sending closes the connection.
+pub struct Greeting(tokio::sync::oneshot::Sender<()>);
+
+impl Greeting {
+    /// Sends the greeting now.
+    pub fn release(self) {
+        let _ = self.0.send(());
     }
 }
 
@@ -224,6 +237,36 @@ impl Mux {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        Mux::start_inner(ws, cfg, cancel, None)
+    }
+
+    /// Like [`Mux::start`], but the first message on the wire is the text `greeting`,
+    /// sent only when the returned [`Greeting`] is released. The edge uses it to send
+    /// its welcome after the tunnel is routable, so an agent never announces a URL
+    /// the edge does not serve yet.
+    pub fn start_with_greeting<S>(
+        ws: WebSocketStream<S>,
+        cfg: MuxConfig,
+        cancel: CancellationToken,
+        greeting: String,
+    ) -> (Mux, Greeting)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (mux, _) = Mux::start_inner(ws, cfg, cancel, Some((greeting, rx)));
+        (mux, Greeting(tx))
+    }
+
+    fn start_inner<S>(
+        ws: WebSocketStream<S>,
+        cfg: MuxConfig,
+        cancel: CancellationToken,
+        greeting: Option<(String, tokio::sync::oneshot::Receiver<()>)>,
+    ) -> (Mux, Option<Incoming>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let limits = cfg.limits;
         let role = cfg.role;
@@ -244,6 +287,8 @@ impl Mux {
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             queued: std::sync::atomic::AtomicUsize::new(0),
+            writer_done: AtomicBool::new(false),
+            writer_done_notify: Notify::new(),
             cfg,
         });
         let (accept_tx, incoming) = if role == Role::Agent {
@@ -256,7 +301,7 @@ impl Mux {
         let mux = Mux {
             shared: shared.clone(),
         };
-        tokio::spawn(writer(shared.clone(), sink, out_rx));
+        tokio::spawn(writer(shared.clone(), sink, out_rx, greeting));
         tokio::spawn(reader(shared.clone(), stream, accept_tx));
         tokio::spawn(heartbeat(shared));
         (mux, incoming)
@@ -385,6 +430,24 @@ impl Mux {
     /// Closes the connection now; open streams are reset.
     pub fn close(&self, reason: &str) {
         self.shared.close(reason);
+    }
+
+    /// Closes the connection after everything already queued (the last frames of
+    /// finished streams) has been written, waiting at most `within`. Use before the
+    /// process exits, so no response loses its end.
+    pub async fn close_and_flush(&self, reason: &str, within: Duration) {
+        self.close(reason);
+        let sh = &self.shared;
+        let _ = tokio::time::timeout(within, async {
+            loop {
+                let notified = sh.writer_done_notify.notified();
+                if sh.writer_done.load(Ordering::Acquire) {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await;
     }
 
     /// True once the connection is closed.
@@ -783,9 +846,25 @@ async fn writer<S>(
     shared: Arc<Shared>,
     mut sink: futures_util::stream::SplitSink<WebSocketStream<S>, Message>,
     mut rx: mpsc::UnboundedReceiver<Frame>,
+    greeting: Option<(String, tokio::sync::oneshot::Receiver<()>)>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    if let Some((text, gate)) = greeting {
+        let released = tokio::select! {
+            r = gate => r.is_ok(),
+            _ = shared.cancel.cancelled() => false,
+        };
+        if !released {
+            shared.close("greeting withheld");
+            let _ = sink.close().await;
+            return;
+        }
+        if let Err(e) = sink.send(Message::text(text)).await {
+            shared.close(&format!("write failed: {e}"));
+            return;
+        }
+    }
     let mut buf = BytesMut::with_capacity(16 * 1024);
     loop {
         let first = tokio::select! {
@@ -823,6 +902,8 @@ async fn writer<S>(
         let _ = sink.send(Message::Binary(buf.split().freeze())).await;
     }
     let _ = sink.close().await;
+    shared.writer_done.store(true, Ordering::Release);
+    shared.writer_done_notify.notify_waiters();
 }
 
 async fn reader<S>(

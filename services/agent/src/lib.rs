@@ -38,6 +38,8 @@ pub const BACKOFF_MIN: Duration = Duration::from_millis(200);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A link that lived this long resets the backoff.
 pub const STABLE_LINK: Duration = Duration::from_secs(10);
+/// Longest wait for queued frames to be written when the agent stops.
+pub const FLUSH_ON_EXIT: Duration = Duration::from_secs(2);
 /// Default grace period for open streams on shutdown.
 pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(30);
 
@@ -303,7 +305,8 @@ pub async fn run(
         warn!("drain grace period over; closing open streams");
     }
     if let Some(m) = current {
-        m.close("agent stopped");
+        // Let the last frames of finished streams reach the edge before we go.
+        m.close_and_flush("agent stopped", FLUSH_ON_EXIT).await;
     }
     let _ = events.send(AgentEvent::Stopped);
     result

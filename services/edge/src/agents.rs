@@ -176,12 +176,9 @@ where
         heartbeat_interval_ms: cfg.heartbeat_interval.as_millis() as u64,
         limits: cfg.limits,
     });
-    ws.send(Message::text(
-        serde_json::to_string(&welcome).expect("serializable"),
-    ))
-    .await
-    .map_err(|e| format!("sending welcome failed: {e}"))?;
-    let (mux, _) = Mux::start(
+    // The route goes in before the welcome goes out: once the agent hears the welcome
+    // it tells its user the URL, which must already work.
+    let (mux, greeting) = Mux::start_with_greeting(
         ws,
         MuxConfig {
             role: Role::Edge,
@@ -190,10 +187,8 @@ where
             label: session_id.clone(),
         },
         CancellationToken::new(),
+        serde_json::to_string(&welcome).expect("serializable"),
     );
-    if edge.is_draining() {
-        mux.go_away("edge is shutting down");
-    }
     edge.routes().insert(
         &grant.name,
         Route {
@@ -202,6 +197,10 @@ where
             mux: mux.clone(),
         },
     );
+    greeting.release();
+    if edge.is_draining() {
+        mux.go_away("edge is shutting down");
+    }
     info!(tunnel = %grant.tunnel_id, name = %grant.name, session = %session_id, agent = %hello.agent, "agent connected");
     mux.closed().await;
     edge.routes().remove(&grant.name, conn_id);

@@ -413,3 +413,21 @@ fn tokio_stream_from(
         Some((r, l))
     })
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_url_works_the_moment_the_agent_announces_it() {
+    let stack = Stack::start().await;
+    let origin = Origin::start().await;
+    let v = Viewer::new(stack.public());
+    for i in 0..40 {
+        let agent = stack.agent(&origin.url()).await;
+        let r = v.get(&agent.host(), "/hello").await;
+        assert_eq!(
+            r.status,
+            200,
+            "agent {i}: {:?} {}",
+            r.error_code(),
+            r.text()
+        );
+    }
+}
