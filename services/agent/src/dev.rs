@@ -22,6 +22,8 @@ pub struct DevStack {
     pub public: SocketAddr,
     /// The edge's agent address.
     pub agents: SocketAddr,
+    /// The edge's admin address (/livez, /readyz, /metrics).
+    pub admin: SocketAddr,
     /// The control instance (for tests: rotate keys, inspect).
     pub control_state: Control,
     /// The edge.
@@ -51,6 +53,8 @@ pub async fn start_with(
     let public_addr = public.local_addr()?;
     let control_l = TcpListener::bind("127.0.0.1:0").await?;
     let grpc_l = TcpListener::bind("127.0.0.1:0").await?;
+    let admin_l = TcpListener::bind("127.0.0.1:0").await?;
+    let admin_addr = admin_l.local_addr()?;
     let grpc_addr = grpc_l.local_addr()?;
     let agents_l = TcpListener::bind("127.0.0.1:0").await?;
     let control_addr = control_l.local_addr()?;
@@ -95,6 +99,11 @@ pub async fn start_with(
         control.clone(),
         shutdown.clone(),
     ));
+    tokio::spawn(netbore_edge::admin::serve_admin(
+        edge.clone(),
+        admin_l,
+        shutdown.clone(),
+    ));
     tokio::spawn(netbore_edge::run(
         edge.clone(),
         public,
@@ -106,6 +115,7 @@ pub async fn start_with(
         grpc: grpc_addr,
         public: public_addr,
         agents: agents_addr,
+        admin: admin_addr,
         control_state: control,
         edge,
     })

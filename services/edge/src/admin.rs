@@ -1,5 +1,5 @@
-//! The admin listener: `/livez` (the process serves) and `/readyz` (take traffic: not
-//! draining) for Kubernetes probes. Kept off the public port so viewers cannot reach it.
+//! The admin listener: `/livez` (the process serves), `/readyz` (take traffic: not
+//! draining) for Kubernetes probes, and `/metrics` (Prometheus text). Kept off the public port so viewers cannot reach it.
 
 use std::convert::Infallible;
 
@@ -28,9 +28,10 @@ fn answer(edge: &Edge, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 format!("ready: {tunnels} tunnels, {conns} agent connections\n"),
             )
         }
+        "/metrics" => (StatusCode::OK, crate::metrics::render(edge)),
         _ => (
             StatusCode::NOT_FOUND,
-            "admin paths: /livez /readyz\n".to_string(),
+            "admin paths: /livez /readyz /metrics\n".to_string(),
         ),
     };
     let mut r = Response::new(Full::new(Bytes::from(body)));

@@ -86,34 +86,36 @@ where
     .map_err(|_| "websocket upgrade timed out".to_string())?
     .map_err(|e| format!("websocket upgrade failed: {e}"))?;
 
-    let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, ws.next()).await {
-        Err(_) => {
-            return refuse(
-                &mut ws,
-                RefusalCode::MalformedHello,
-                "no hello within the handshake timeout",
-                false,
-            )
-            .await;
-        }
-        Ok(None) | Ok(Some(Err(_))) => return Err("agent left during the handshake".into()),
-        Ok(Some(Ok(Message::Text(t)))) if t.len() <= MAX_HANDSHAKE_LEN => {
-            match serde_json::from_str::<AgentHello>(t.as_str()) {
-                Ok(h) => h,
-                Err(e) => {
-                    return refuse(
-                        &mut ws,
-                        RefusalCode::MalformedHello,
-                        &format!("the hello is not valid: {e}"),
-                        false,
-                    )
-                    .await;
+    let hello =
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, ws.next()).await {
+            Err(_) => {
+                return refuse(
+                    &edge,
+                    &mut ws,
+                    RefusalCode::MalformedHello,
+                    "no hello within the handshake timeout",
+                    false,
+                )
+                .await;
+            }
+            Ok(None) | Ok(Some(Err(_))) => return Err("agent left during the handshake".into()),
+            Ok(Some(Ok(Message::Text(t)))) if t.len() <= MAX_HANDSHAKE_LEN => {
+                match serde_json::from_str::<AgentHello>(t.as_str()) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        return refuse(
+                            &edge,
+                            &mut ws,
+                            RefusalCode::MalformedHello,
+                            &format!("the hello is not valid: {e}"),
+                            false,
+                        )
+                        .await;
+                    }
                 }
             }
-        }
-        Ok(Some(Ok(_))) => {
-            return refuse(
-                &mut ws,
+            Ok(Some(Ok(_))) => {
+                return refuse(&edge, &mut ws,
                 RefusalCode::MalformedHello,
                 &format!(
                     "the first message must be a JSON hello of at most {MAX_HANDSHAKE_LEN} bytes"
@@ -121,11 +123,10 @@ where
                 false,
             )
             .await;
-        }
-    };
+            }
+        };
     if hello.version != PROTOCOL_VERSION {
-        return refuse(
-            &mut ws,
+        return refuse(&edge, &mut ws,
             RefusalCode::UnsupportedVersion,
             &format!(
                 "this edge speaks protocol version {PROTOCOL_VERSION}, the agent sent {}; upgrade the agent",
@@ -137,6 +138,7 @@ where
     }
     if edge.is_draining() {
         return refuse(
+            &edge,
             &mut ws,
             RefusalCode::Draining,
             "this edge is shutting down; connect to another candidate edge",
@@ -154,11 +156,19 @@ where
             } else {
                 RefusalCode::InvalidToken
             };
-            return refuse(&mut ws, code, &format!("{} [{}]", e.message, e.code), retry).await;
+            return refuse(
+                &edge,
+                &mut ws,
+                code,
+                &format!("{} [{}]", e.message, e.code),
+                retry,
+            )
+            .await;
         }
     };
     if grant.tunnel_id != hello.tunnel_id {
         return refuse(
+            &edge,
             &mut ws,
             RefusalCode::TunnelMismatch,
             "the token was issued for another tunnel than the one in the hello",
@@ -198,18 +208,23 @@ where
         },
     );
     greeting.release();
+    edge.metrics().handshake("accepted");
     if edge.is_draining() {
         mux.go_away("edge is shutting down");
     }
     info!(tunnel = %grant.tunnel_id, name = %grant.name, session = %session_id, agent = %hello.agent, "agent connected");
     mux.closed().await;
     edge.routes().remove(&grant.name, conn_id);
+    edge.metrics()
+        .agent_disconnects
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     info!(tunnel = %grant.tunnel_id, name = %grant.name, session = %session_id, reason = %mux.close_reason(), "agent disconnected");
     let _ = peer;
     Ok(())
 }
 
 async fn refuse<S>(
+    edge: &Edge,
     ws: &mut WebSocketStream<S>,
     code: RefusalCode,
     message: &str,
@@ -218,6 +233,11 @@ async fn refuse<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let name = serde_json::to_value(code)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    edge.metrics().handshake(&name);
     let reply = EdgeReply::Refused(Refusal {
         code,
         message: message.to_string(),

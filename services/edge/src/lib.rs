@@ -14,6 +14,7 @@ pub mod auth;
 pub mod config;
 pub mod control_link;
 pub mod errors;
+pub mod metrics;
 pub mod proxy;
 pub mod routes;
 pub mod sniff;
@@ -42,6 +43,7 @@ struct Inner {
     auth: Arc<dyn AgentAuth>,
     draining: AtomicBool,
     tls: Option<tls::Tls>,
+    metrics: metrics::Metrics,
     /// Tracks per-connection tasks so shutdown can wait for them.
     tracker: TaskTracker,
 }
@@ -61,6 +63,7 @@ impl Edge {
                 auth,
                 draining: AtomicBool::new(false),
                 tls,
+                metrics: metrics::Metrics::default(),
                 tracker: TaskTracker::new(),
             }),
         }
@@ -78,6 +81,11 @@ impl Edge {
 
     pub(crate) fn auth(&self) -> &Arc<dyn AgentAuth> {
         &self.inner.auth
+    }
+
+    /// The edge's counters.
+    pub fn metrics(&self) -> &metrics::Metrics {
+        &self.inner.metrics
     }
 
     pub(crate) fn tls(&self) -> Option<&tls::Tls> {

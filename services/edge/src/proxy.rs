@@ -182,8 +182,23 @@ fn connection_tokens(h: &HeaderMap) -> Vec<String> {
         .collect()
 }
 
-/// Proxies one viewer request.
-pub async fn handle(edge: Edge, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+/// Proxies one viewer request, counting the outcome.
+pub async fn handle(edge: Edge, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let started = std::time::Instant::now();
+    let resp = proxy(&edge, req, peer).await;
+    let m = edge.metrics();
+    m.response(resp.status().as_u16(), started.elapsed());
+    if let Some(code) = resp
+        .headers()
+        .get(crate::errors::ERROR_HEADER)
+        .and_then(|v| v.to_str().ok())
+    {
+        m.error(code);
+    }
+    resp
+}
+
+async fn proxy(edge: &Edge, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let json = wants_json(req.headers());
     let cfg = edge.config();
     if let Err(e) = hygiene(cfg, &req) {
@@ -204,7 +219,7 @@ pub async fn handle(edge: Edge, mut req: Request<Incoming>, peer: SocketAddr) ->
         return ViewerError::BodyTooLarge.response(json);
     }
     let upgrade = is_upgrade(&req);
-    let head = request_head(&edge, &req, &host, peer, upgrade);
+    let head = request_head(edge, &req, &host, peer, upgrade);
     let body_empty = http_body::Body::is_end_stream(req.body());
     let end_stream = body_empty && !upgrade;
 
