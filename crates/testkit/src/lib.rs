@@ -105,8 +105,17 @@ impl Stack {
         origin_url: &str,
         f: impl FnOnce(&mut AgentConfig),
     ) -> InProcAgent {
-        let mut cfg = AgentConfig {
-            control_url: self.control_url(),
+        let mut cfg = Stack::agent_config(origin_url);
+        cfg.control_url = self.control_url();
+        f(&mut cfg);
+        InProcAgent::start(cfg).await
+    }
+
+    /// An agent configuration for `origin_url` with test-friendly timeouts and no
+    /// state directory; set `control_url` before use.
+    pub fn agent_config(origin_url: &str) -> AgentConfig {
+        AgentConfig {
+            control_url: String::new(),
             origin: OriginConfig {
                 url: OriginConfig::parse_target(origin_url).unwrap(),
                 http2: false,
@@ -121,9 +130,7 @@ impl Stack {
             edge_ca_file: None,
             edge_insecure: false,
             drain_grace: Duration::from_secs(5),
-        };
-        f(&mut cfg);
-        InProcAgent::start(cfg).await
+        }
     }
 
     /// Stops everything.
@@ -351,24 +358,42 @@ pub fn bin_path(name: &str) -> PathBuf {
 pub struct Proc {
     /// The child.
     pub child: tokio::process::Child,
-    /// Lines of stdout, as they come.
+    /// Lines of stdout (or of stderr with [`Proc::spawn_logs`]), as they come.
     pub stdout: mpsc::UnboundedReceiver<String>,
 }
 
 impl Proc {
     /// Spawns `bin` with `args`; stdout lines are captured, stderr inherited.
     pub fn spawn(bin: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        Proc::spawn_inner(bin, args, env, false)
+    }
+
+    /// Like [`Proc::spawn`], but captures stderr (the logs) instead of stdout.
+    pub fn spawn_logs(bin: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        Proc::spawn_inner(bin, args, env, true)
+    }
+
+    fn spawn_inner(bin: &str, args: &[&str], env: &[(&str, &str)], logs: bool) -> Proc {
         let mut cmd = tokio::process::Command::new(bin_path(bin));
+        let (out, err) = if logs {
+            (Stdio::null(), Stdio::piped())
+        } else {
+            (Stdio::piped(), Stdio::inherit())
+        };
         cmd.args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stdout(out)
+            .stderr(err)
             .stdin(Stdio::null())
             .kill_on_drop(true);
         for (k, v) in env {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("binary starts");
-        let out = child.stdout.take().unwrap();
+        let out: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if logs {
+            Box::new(child.stderr.take().unwrap())
+        } else {
+            Box::new(child.stdout.take().unwrap())
+        };
         let (tx, stdout) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             let mut lines = BufReader::new(out).lines();

@@ -95,6 +95,10 @@ struct Common {
     /// Log as JSON lines (stderr).
     #[arg(long)]
     log_json: bool,
+    /// Serve /livez and /readyz here (ready while a link to an edge is up), e.g. for a
+    /// sidecar's probes.
+    #[arg(long, env = "NETBORE_ADMIN_ADDR")]
+    admin_addr: Option<std::net::SocketAddr>,
 }
 
 impl Common {
@@ -190,12 +194,30 @@ async fn main() -> ExitCode {
         }
     }
 
+    let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Some(addr) = common.admin_addr {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                tracing::info!(admin = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "agent probes listening");
+                tokio::spawn(serve_probes(l, ready.clone()));
+            }
+            Err(e) => {
+                eprintln!("error: cannot listen for probes on {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let (tx, mut rx) = mpsc::unbounded_channel();
     let json = common.json;
     let url_file = common.url_file.clone();
+    let ready2 = ready.clone();
     let printer = tokio::spawn(async move {
         let mut announced = false;
         while let Some(ev) = rx.recv().await {
+            ready2.store(
+                matches!(ev, AgentEvent::Live { .. }),
+                std::sync::atomic::Ordering::Release,
+            );
             let first_live = matches!(ev, AgentEvent::Live { .. }) && !announced;
             // The file first, so a script that sees the line can read the file.
             if first_live
@@ -231,5 +253,39 @@ async fn main() -> ExitCode {
             eprintln!("error: {message}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// `/livez` (the process runs) and `/readyz` (a link to an edge is up).
+async fn serve_probes(
+    listener: tokio::net::TcpListener,
+    ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use http_body_util::Full;
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let up = ready.load(std::sync::atomic::Ordering::Acquire);
+                    let (status, body) = match req.uri().path() {
+                        "/livez" => (200, "ok\n"),
+                        "/readyz" if up => (200, "ready: connected to an edge\n"),
+                        "/readyz" => (503, "not ready: no edge connection\n"),
+                        _ => (404, "probe paths: /livez /readyz\n"),
+                    };
+                    let mut r =
+                        hyper::Response::new(Full::new(bytes::Bytes::from_static(body.as_bytes())));
+                    *r.status_mut() = hyper::StatusCode::from_u16(status).expect("valid status");
+                    async move { Ok::<_, std::convert::Infallible>(r) }
+                });
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+        });
     }
 }

@@ -182,20 +182,130 @@ fn connection_tokens(h: &HeaderMap) -> Vec<String> {
         .collect()
 }
 
-/// Proxies one viewer request, counting the outcome.
+/// Proxies one viewer request, counting the outcome and logging one access line when
+/// the response ends.
 pub async fn handle(edge: Edge, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let started = std::time::Instant::now();
+    let tunnel = request_host(&req)
+        .and_then(|h| tunnel_name(&h, &edge.config().domain))
+        .unwrap_or_default();
+    let method = req.method().clone();
+    // The path only: query strings may carry tokens, which never reach a log.
+    let path = req.uri().path().to_string();
     let resp = proxy(&edge, req, peer).await;
     let m = edge.metrics();
     m.response(resp.status().as_u16(), started.elapsed());
-    if let Some(code) = resp
+    let code = resp
         .headers()
         .get(crate::errors::ERROR_HEADER)
         .and_then(|v| v.to_str().ok())
-    {
-        m.error(code);
+        .map(str::to_string);
+    if let Some(c) = &code {
+        m.error(c);
     }
-    resp
+    let (parts, body) = resp.into_parts();
+    let expected = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let logged = AccessLogged {
+        inner: body,
+        bytes: 0,
+        expected,
+        line: Some(AccessLine {
+            tunnel,
+            method,
+            path,
+            status: parts.status.as_u16(),
+            code,
+            client: peer.ip(),
+            started,
+        }),
+    };
+    Response::from_parts(parts, logged.boxed())
+}
+
+/// What the access log says about one request.
+struct AccessLine {
+    tunnel: String,
+    method: http::Method,
+    path: String,
+    status: u16,
+    code: Option<String>,
+    client: std::net::IpAddr,
+    started: std::time::Instant,
+}
+
+/// The response body, counted; logs the access line when the body ends or is dropped
+/// (a viewer that went away is logged too, with the bytes it got).
+struct AccessLogged {
+    inner: Body,
+    bytes: u64,
+    /// The declared length: hyper stops polling once it is delivered.
+    expected: Option<u64>,
+    line: Option<AccessLine>,
+}
+
+impl AccessLogged {
+    fn log(&mut self, complete: bool) {
+        if let Some(l) = self.line.take() {
+            tracing::info!(
+                target: "netbore::access",
+                tunnel = %l.tunnel,
+                method = %l.method,
+                path = %l.path,
+                status = l.status,
+                error = l.code.as_deref().unwrap_or(""),
+                bytes = self.bytes,
+                complete,
+                duration_ms = l.started.elapsed().as_millis() as u64,
+                client_ip = %l.client,
+                "request"
+            );
+        }
+    }
+}
+
+impl http_body::Body for AccessLogged {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        let r = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    this.bytes += d.len() as u64;
+                }
+            }
+            Poll::Ready(None) => this.log(true),
+            Poll::Ready(Some(Err(_))) => this.log(false),
+            Poll::Pending => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for AccessLogged {
+    fn drop(&mut self) {
+        let complete =
+            http_body::Body::is_end_stream(&self.inner) || self.expected == Some(self.bytes);
+        self.log(complete);
+    }
 }
 
 async fn proxy(edge: &Edge, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {

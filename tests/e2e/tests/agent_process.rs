@@ -180,3 +180,29 @@ async fn netbore_dev_prints_a_url_that_serves_the_origin() {
     assert_eq!(r.status, 200);
     assert_eq!(r.text(), "hello from origin");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_is_ready_only_while_linked_to_an_edge() {
+    let stack = Stack::start().await;
+    let origin = Origin::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let port = netbore_testkit::free_port();
+    let admin = format!("127.0.0.1:{port}");
+    let mut a = agent(&stack, &origin, state.path(), &["--admin-addr", &admin]);
+    a.line(Duration::from_secs(20)).await;
+    let probes = Viewer::new(([127, 0, 0, 1], port).into());
+    assert_eq!(probes.get("agent", "/livez").await.status, 200);
+    assert_eq!(probes.get("agent", "/readyz").await.status, 200);
+    // The edge goes away: not ready, still live.
+    stack.stop();
+    let not_ready = eventually(Duration::from_secs(10), || {
+        let p = probes.clone();
+        async move { (p.get("agent", "/readyz").await.status == 503).then_some(()) }
+    })
+    .await;
+    assert!(
+        not_ready.is_some(),
+        "readyz turns 503 once the link is gone"
+    );
+    assert_eq!(probes.get("agent", "/livez").await.status, 200);
+}
