@@ -156,9 +156,19 @@ pub struct EphemeralClaims {
 }
 
 impl EphemeralClaims {
-    /// Claims valid from now for `ttl_secs`.
+    /// Claims valid from now ([`now_unix`]) for `ttl_secs`.
     pub fn new(issuer: &str, tunnel_id: &str, name: &str, ttl_secs: u64) -> EphemeralClaims {
-        let now = now_unix();
+        EphemeralClaims::new_at(now_unix(), issuer, tunnel_id, name, ttl_secs)
+    }
+
+    /// Claims valid from `now` (Unix seconds) for `ttl_secs`.
+    pub fn new_at(
+        now: u64,
+        issuer: &str,
+        tunnel_id: &str,
+        name: &str,
+        ttl_secs: u64,
+    ) -> EphemeralClaims {
         EphemeralClaims {
             sub: tunnel_id.into(),
             name: name.into(),
@@ -166,7 +176,7 @@ impl EphemeralClaims {
             aud: AUD_EDGE.into(),
             iat: now,
             nbf: now,
-            exp: now + ttl_secs,
+            exp: now.saturating_add(ttl_secs),
             typ: TYP_EPHEMERAL.into(),
         }
     }
@@ -194,9 +204,19 @@ pub struct RecreateClaims {
 }
 
 impl RecreateClaims {
-    /// Claims valid from now for `ttl_secs`.
+    /// Claims valid from now ([`now_unix`]) for `ttl_secs`.
     pub fn new(issuer: &str, tunnel_id: &str, name: &str, ttl_secs: u64) -> RecreateClaims {
-        let now = now_unix();
+        RecreateClaims::new_at(now_unix(), issuer, tunnel_id, name, ttl_secs)
+    }
+
+    /// Claims valid from `now` (Unix seconds) for `ttl_secs`.
+    pub fn new_at(
+        now: u64,
+        issuer: &str,
+        tunnel_id: &str,
+        name: &str,
+        ttl_secs: u64,
+    ) -> RecreateClaims {
         RecreateClaims {
             sub: tunnel_id.into(),
             name: name.into(),
@@ -204,7 +224,7 @@ impl RecreateClaims {
             aud: AUD_CONTROL.into(),
             iat: now,
             nbf: now,
-            exp: now + ttl_secs,
+            exp: now.saturating_add(ttl_secs),
             typ: TYP_RECREATE.into(),
         }
     }
@@ -232,9 +252,19 @@ pub struct ManagementClaims {
 }
 
 impl ManagementClaims {
-    /// Claims valid from now for `ttl_secs`.
+    /// Claims valid from now ([`now_unix`]) for `ttl_secs`.
     pub fn new(issuer: &str, sub: &str, scopes: Vec<String>, ttl_secs: u64) -> ManagementClaims {
-        let now = now_unix();
+        ManagementClaims::new_at(now_unix(), issuer, sub, scopes, ttl_secs)
+    }
+
+    /// Claims valid from `now` (Unix seconds) for `ttl_secs`.
+    pub fn new_at(
+        now: u64,
+        issuer: &str,
+        sub: &str,
+        scopes: Vec<String>,
+        ttl_secs: u64,
+    ) -> ManagementClaims {
         ManagementClaims {
             sub: sub.into(),
             scopes,
@@ -242,7 +272,7 @@ impl ManagementClaims {
             aud: AUD_CONTROL.into(),
             iat: now,
             nbf: now,
-            exp: now + ttl_secs,
+            exp: now.saturating_add(ttl_secs),
             typ: TYP_MANAGEMENT.into(),
         }
     }
@@ -424,9 +454,55 @@ fn pem_body(text: &str, label: &str) -> Option<Vec<u8>> {
     base64::engine::general_purpose::STANDARD.decode(b64).ok()
 }
 
-/// The key id in a token's header, without verifying anything.
+/// Largest token accepted, so a hostile caller cannot make a verifier decode megabytes.
+pub const MAX_TOKEN_LEN: usize = 8 * 1024;
+
+/// The JOSE header fields verification looks at, read before anything else so that
+/// `alg: none` and HMAC headers are named as such (jsonwebtoken's own header parser
+/// rejects algorithms it does not know as a generic parse error).
+#[derive(Deserialize)]
+struct RawHeader {
+    alg: Option<String>,
+    kid: Option<String>,
+}
+
+fn raw_header(token: &str) -> Result<RawHeader, TokenError> {
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(TokenError::Malformed(format!(
+            "the token is longer than {MAX_TOKEN_LEN} bytes"
+        )));
+    }
+    let mut parts = token.split('.');
+    let (Some(h), Some(_), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(TokenError::Malformed(
+            "a JWT has three dot-separated parts".into(),
+        ));
+    };
+    let bytes = URL_SAFE_NO_PAD
+        .decode(h)
+        .map_err(|e| TokenError::Malformed(format!("the header is not base64url: {e}")))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| TokenError::Malformed(format!("the header is not a JSON object: {e}")))
+}
+
+/// The header's `kid` once the header is known to name EdDSA.
+fn checked_kid(token: &str) -> Result<String, TokenError> {
+    let h = raw_header(token)?;
+    match h.alg.as_deref() {
+        Some("EdDSA") => {}
+        Some(other) => return Err(TokenError::AlgorithmNotAllowed(other.to_string())),
+        None => return Err(TokenError::Malformed("no alg in the header".into())),
+    }
+    h.kid
+        .ok_or_else(|| TokenError::Malformed("no kid in the header".into()))
+}
+
+/// The key id in a token's header, without verifying anything: a verifier that meets
+/// an unknown kid refreshes its key set before refusing the token.
 pub fn kid_of(token: &str) -> Option<String> {
-    jsonwebtoken::decode_header(token).ok()?.kid
+    raw_header(token).ok()?.kid
 }
 
 /// Verifies tokens against a published key set.
@@ -474,14 +550,7 @@ impl Verifier {
         aud: &str,
         expected: &'static str,
     ) -> Result<T, TokenError> {
-        let header =
-            jsonwebtoken::decode_header(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
-        if header.alg != Algorithm::EdDSA {
-            return Err(TokenError::AlgorithmNotAllowed(format!("{:?}", header.alg)));
-        }
-        let kid = header
-            .kid
-            .ok_or_else(|| TokenError::Malformed("no kid in the header".into()))?;
+        let kid = checked_kid(token)?;
         let key = self.keys.get(&kid).ok_or(TokenError::UnknownKid(kid))?;
         let mut v = Validation::new(Algorithm::EdDSA);
         v.leeway = LEEWAY_SECS;
@@ -554,6 +623,8 @@ typed!(EphemeralClaims, RecreateClaims, ManagementClaims);
 
 #[cfg(test)]
 mod tests {
+    //! One test per way a token can be forged or misused.
+
     use super::*;
 
     const ISS: &str = "netbore-control";
@@ -568,10 +639,14 @@ mod tests {
         URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap())
     }
 
+    fn eph() -> EphemeralClaims {
+        EphemeralClaims::new(ISS, "t1", "app", 300)
+    }
+
     #[test]
     fn a_valid_ephemeral_token_verifies() {
         let (ks, v) = setup();
-        let c = EphemeralClaims::new(ISS, "t1", "app", 300);
+        let c = eph();
         let t = ks.sign_ephemeral(&c).unwrap();
         assert_eq!(kid_of(&t).as_deref(), Some(ks.active_kid()));
         assert_eq!(v.verify_ephemeral(&t).unwrap(), c);
@@ -580,78 +655,103 @@ mod tests {
     #[test]
     fn alg_none_is_refused() {
         let (ks, v) = setup();
-        let c = EphemeralClaims::new(ISS, "t1", "app", 300);
         let h = serde_json::json!({"alg": "none", "typ": "JWT", "kid": ks.active_kid()});
-        let t = format!("{}.{}.", b64(&h), b64(&serde_json::to_value(&c).unwrap()));
-        assert!(v.verify_ephemeral(&t).is_err());
+        let t = format!(
+            "{}.{}.",
+            b64(&h),
+            b64(&serde_json::to_value(eph()).unwrap())
+        );
+        assert_eq!(
+            v.verify_ephemeral(&t),
+            Err(TokenError::AlgorithmNotAllowed("none".into()))
+        );
+        assert_eq!(
+            v.verify_ephemeral(&t).unwrap_err().code(),
+            "token_algorithm_not_allowed"
+        );
     }
 
     #[test]
-    fn a_token_signed_by_another_key_with_the_same_kid_is_refused() {
+    fn a_token_signed_by_another_key_is_refused() {
         let (ks, v) = setup();
         let other = KeySet::generate();
-        let c = EphemeralClaims::new(ISS, "t1", "app", 300);
-        // Forge: other key's signature, our kid.
-        let good = ks.sign_ephemeral(&c).unwrap();
+        let c = eph();
+        // Signed by a key the verifier does not know, under its own kid.
         let bad = other.sign_ephemeral(&c).unwrap();
+        assert!(matches!(
+            v.verify_ephemeral(&bad),
+            Err(TokenError::UnknownKid(_))
+        ));
+        // The same signature presented under our kid.
+        let good = ks.sign_ephemeral(&c).unwrap();
         let forged = format!(
             "{}.{}",
             good.rsplit_once('.').unwrap().0,
             bad.rsplit('.').next().unwrap()
         );
         assert_eq!(v.verify_ephemeral(&forged), Err(TokenError::BadSignature));
-        assert!(matches!(
-            v.verify_ephemeral(&bad),
-            Err(TokenError::UnknownKid(_))
-        ));
     }
 
     #[test]
     fn hs256_signed_with_the_public_key_is_refused() {
         let (ks, v) = setup();
-        let c = EphemeralClaims::new(ISS, "t1", "app", 300);
         let public = URL_SAFE_NO_PAD.decode(&ks.jwks().keys[0].x).unwrap();
-        let mut h = Header::new(Algorithm::HS256);
-        h.kid = Some(ks.active_kid().into());
-        let t = jsonwebtoken::encode(&h, &c, &EncodingKey::from_secret(&public)).unwrap();
-        assert!(matches!(
-            v.verify_ephemeral(&t),
-            Err(TokenError::AlgorithmNotAllowed(_))
-        ));
+        for secret in [public.clone(), ks.jwks().keys[0].x.clone().into_bytes()] {
+            let mut h = Header::new(Algorithm::HS256);
+            h.kid = Some(ks.active_kid().into());
+            let t = jsonwebtoken::encode(&h, &eph(), &EncodingKey::from_secret(&secret)).unwrap();
+            assert_eq!(
+                v.verify_ephemeral(&t),
+                Err(TokenError::AlgorithmNotAllowed("HS256".into()))
+            );
+        }
     }
 
     #[test]
-    fn expired_and_not_yet_valid_tokens_are_refused() {
+    fn an_expired_token_is_refused() {
         let (ks, v) = setup();
-        let mut c = EphemeralClaims::new(ISS, "t1", "app", 300);
-        c.exp = now_unix() - LEEWAY_SECS - 5;
-        c.iat = c.exp - 300;
-        c.nbf = c.iat;
+        let now = now_unix();
+        let c = EphemeralClaims::new_at(now - 600, ISS, "t1", "app", 600 - LEEWAY_SECS - 5);
         assert_eq!(
             v.verify_ephemeral(&ks.sign_ephemeral(&c).unwrap()),
             Err(TokenError::Expired)
         );
-        let mut c = EphemeralClaims::new(ISS, "t1", "app", 300);
+        // Expired by less than the leeway is still accepted.
+        let c = EphemeralClaims::new_at(now - 600, ISS, "t1", "app", 595);
+        assert!(v.verify_ephemeral(&ks.sign_ephemeral(&c).unwrap()).is_ok());
+    }
+
+    #[test]
+    fn a_token_not_valid_yet_is_refused() {
+        let (ks, v) = setup();
+        let mut c = eph();
         c.nbf = now_unix() + LEEWAY_SECS + 60;
         assert_eq!(
             v.verify_ephemeral(&ks.sign_ephemeral(&c).unwrap()),
             Err(TokenError::NotYetValid)
         );
-        // Within the leeway is fine.
-        let mut c = EphemeralClaims::new(ISS, "t1", "app", 300);
-        c.exp = now_unix() - 5;
-        assert!(v.verify_ephemeral(&ks.sign_ephemeral(&c).unwrap()).is_ok());
+        // Issued in the future (beyond the leeway) is refused the same way.
+        let c = EphemeralClaims::new_at(now_unix() + 3600, ISS, "t1", "app", 300);
+        assert_eq!(
+            v.verify_ephemeral(&ks.sign_ephemeral(&c).unwrap()),
+            Err(TokenError::NotYetValid)
+        );
     }
 
     #[test]
-    fn wrong_audience_and_issuer_are_refused() {
+    fn a_wrong_audience_is_refused() {
         let (ks, v) = setup();
-        let mut c = EphemeralClaims::new(ISS, "t1", "app", 300);
+        let mut c = eph();
         c.aud = "someone-else".into();
         assert_eq!(
             v.verify_ephemeral(&ks.sign_ephemeral(&c).unwrap()),
             Err(TokenError::WrongAudience)
         );
+    }
+
+    #[test]
+    fn a_wrong_issuer_is_refused() {
+        let (ks, v) = setup();
         let c = EphemeralClaims::new("evil", "t1", "app", 300);
         assert_eq!(
             v.verify_ephemeral(&ks.sign_ephemeral(&c).unwrap()),
@@ -660,30 +760,60 @@ mod tests {
     }
 
     #[test]
-    fn unknown_kid_is_refused() {
-        let (_, v) = setup();
-        let other = KeySet::generate();
-        let t = other
-            .sign_ephemeral(&EphemeralClaims::new(ISS, "t1", "app", 300))
+    fn an_unknown_kid_is_refused() {
+        let (ks, v) = setup();
+        // A genuine signature by our key, but the header names a kid we never published.
+        let mut h = Header::new(Algorithm::EdDSA);
+        h.kid = Some("not-a-kid".into());
+        let t = jsonwebtoken::encode(&h, &eph(), &ks.keys[0].encoding).unwrap();
+        assert_eq!(
+            v.verify_ephemeral(&t),
+            Err(TokenError::UnknownKid("not-a-kid".into()))
+        );
+        assert_eq!(kid_of(&t).as_deref(), Some("not-a-kid"));
+        // No kid at all.
+        let t = jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &eph(), &ks.keys[0].encoding)
             .unwrap();
         assert!(matches!(
             v.verify_ephemeral(&t),
-            Err(TokenError::UnknownKid(_))
+            Err(TokenError::Malformed(_))
         ));
     }
 
     #[test]
-    fn recreate_and_ephemeral_tokens_are_not_interchangeable() {
+    fn a_recreate_token_is_not_an_ephemeral_token() {
         let (ks, v) = setup();
         let r = ks
             .sign_recreate(&RecreateClaims::new(ISS, "t1", "app", 3600))
             .unwrap();
-        assert!(v.verify_ephemeral(&r).is_err());
-        let e = ks
-            .sign_ephemeral(&EphemeralClaims::new(ISS, "t1", "app", 300))
-            .unwrap();
-        assert!(v.verify_recreate(&e).is_err());
-        // Same audience, different type: management vs recreate.
+        // Different audience, so refused before the type is even looked at.
+        assert_eq!(v.verify_ephemeral(&r), Err(TokenError::WrongAudience));
+        // Even with the edge's audience, the type gives it away.
+        let mut c = RecreateClaims::new(ISS, "t1", "app", 3600);
+        c.aud = AUD_EDGE.into();
+        let r = ks.sign_recreate(&c).unwrap();
+        assert!(matches!(
+            v.verify_ephemeral(&r),
+            Err(TokenError::WrongType { .. })
+        ));
+    }
+
+    #[test]
+    fn an_ephemeral_token_is_not_a_recreate_token() {
+        let (ks, v) = setup();
+        let e = ks.sign_ephemeral(&eph()).unwrap();
+        assert_eq!(v.verify_recreate(&e), Err(TokenError::WrongAudience));
+        let mut c = eph();
+        c.aud = AUD_CONTROL.into();
+        let e = ks.sign_ephemeral(&c).unwrap();
+        let err = v.verify_recreate(&e).unwrap_err();
+        assert_eq!(err.code(), "token_wrong_type");
+        assert!(err.to_string().contains("ephemeral"), "{err}");
+    }
+
+    #[test]
+    fn management_and_recreate_tokens_are_not_interchangeable() {
+        let (ks, v) = setup();
         let m = ks
             .sign_management(&ManagementClaims::new(
                 ISS,
@@ -697,17 +827,35 @@ mod tests {
             Err(TokenError::WrongType { .. })
         ));
         assert!(v.verify_management(&m).unwrap().allows("tunnels:write"));
+        let r = ks
+            .sign_recreate(&RecreateClaims::new(ISS, "t1", "app", 3600))
+            .unwrap();
+        assert!(matches!(
+            v.verify_management(&r),
+            Err(TokenError::WrongType { .. })
+        ));
+    }
+
+    #[test]
+    fn an_untyped_token_is_refused() {
+        let (ks, v) = setup();
+        let mut c = serde_json::to_value(eph()).unwrap();
+        c.as_object_mut().unwrap().remove("typ");
+        let mut h = Header::new(Algorithm::EdDSA);
+        h.kid = Some(ks.active_kid().into());
+        let t = jsonwebtoken::encode(&h, &c, &ks.keys[0].encoding).unwrap();
+        assert!(matches!(
+            v.verify_ephemeral(&t),
+            Err(TokenError::WrongType { .. })
+        ));
     }
 
     #[test]
     fn a_tampered_payload_is_refused() {
         let (ks, v) = setup();
-        let t = ks
-            .sign_ephemeral(&EphemeralClaims::new(ISS, "t1", "app", 300))
-            .unwrap();
+        let t = ks.sign_ephemeral(&eph()).unwrap();
         let parts: Vec<&str> = t.split('.').collect();
-        let mut c = EphemeralClaims::new(ISS, "t1", "admin", 300);
-        c.iat = 0;
+        let c = EphemeralClaims::new(ISS, "t1", "admin", 300);
         let forged = format!(
             "{}.{}.{}",
             parts[0],
@@ -718,28 +866,100 @@ mod tests {
     }
 
     #[test]
+    fn garbage_is_malformed_not_a_panic() {
+        let (_, v) = setup();
+        for t in [
+            "",
+            "a",
+            "a.b",
+            "a.b.c",
+            "a.b.c.d",
+            "....",
+            &"x".repeat(20_000),
+        ] {
+            assert!(
+                matches!(v.verify_ephemeral(t), Err(TokenError::Malformed(_))),
+                "{t:.20}"
+            );
+            assert_eq!(kid_of(t), None);
+        }
+    }
+
+    #[test]
     fn rotation_keeps_old_tokens_valid_until_retired() {
         let mut ks = KeySet::generate();
-        let old = ks
-            .sign_ephemeral(&EphemeralClaims::new(ISS, "t1", "app", 300))
-            .unwrap();
+        let old = ks.sign_ephemeral(&eph()).unwrap();
         ks.rotate();
-        let new = ks
-            .sign_ephemeral(&EphemeralClaims::new(ISS, "t1", "app", 300))
-            .unwrap();
+        let new = ks.sign_ephemeral(&eph()).unwrap();
         assert_ne!(kid_of(&old), kid_of(&new));
+        assert_eq!(kid_of(&new).as_deref(), Some(ks.active_kid()));
         let v = Verifier::new(&ks.jwks(), ISS).unwrap();
         assert!(v.verify_ephemeral(&old).is_ok());
         assert!(v.verify_ephemeral(&new).is_ok());
         ks.retire(1);
         let v = Verifier::new(&ks.jwks(), ISS).unwrap();
-        assert!(v.verify_ephemeral(&old).is_err());
+        assert!(matches!(
+            v.verify_ephemeral(&old),
+            Err(TokenError::UnknownKid(_))
+        ));
         assert!(v.verify_ephemeral(&new).is_ok());
+    }
+
+    #[test]
+    fn the_jwks_is_rfc_7517_json_with_public_keys_only() {
+        let ks = KeySet::generate();
+        let j = serde_json::to_value(ks.jwks()).unwrap();
+        let k = &j["keys"][0];
+        assert_eq!(k["kty"], "OKP");
+        assert_eq!(k["crv"], "Ed25519");
+        assert_eq!(k["alg"], "EdDSA");
+        assert_eq!(k["use"], "sig");
+        assert_eq!(k["kid"], ks.active_kid());
+        assert_eq!(
+            URL_SAFE_NO_PAD
+                .decode(k["x"].as_str().unwrap())
+                .unwrap()
+                .len(),
+            32
+        );
+        assert!(k.get("d").is_none());
+        // And it reads back.
+        let back: Jwks = serde_json::from_value(j).unwrap();
+        assert_eq!(back, ks.jwks());
+    }
+
+    #[test]
+    fn keys_load_from_pem_files_and_the_first_signs() {
+        let dir = tempfile::tempdir().unwrap();
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let mut paths = Vec::new();
+        for i in 0..2 {
+            let doc = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+            let b64 = base64::engine::general_purpose::STANDARD.encode(doc.as_ref());
+            let pem = format!("-----BEGIN PRIVATE KEY-----\n{b64}\n-----END PRIVATE KEY-----\n");
+            let p = dir.path().join(format!("k{i}.pem"));
+            std::fs::write(&p, pem).unwrap();
+            paths.push(p);
+        }
+        let ks = KeySet::from_pem_files(&paths).unwrap();
+        assert_eq!(ks.jwks().keys.len(), 2);
+        let again = KeySet::from_pem_files(&paths[..1]).unwrap();
+        // Key ids derive from the public key, so every replica agrees on them.
+        assert_eq!(again.active_kid(), ks.active_kid());
+        let t = ks.sign_ephemeral(&eph()).unwrap();
+        let v = Verifier::new(&again.jwks(), ISS).unwrap();
+        assert!(v.verify_ephemeral(&t).is_ok());
+        // Not a key: a readable error naming the file.
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "hello").unwrap();
+        let err = KeySet::from_pem_files(&[junk]).unwrap_err().to_string();
+        assert!(err.contains("junk.pem"), "{err}");
     }
 
     #[test]
     fn secrets_do_not_print() {
         let s = Secret::new("hunter2");
         assert_eq!(format!("{s:?} {s}"), "<redacted> <redacted>");
+        assert_eq!(s.expose(), "hunter2");
     }
 }
