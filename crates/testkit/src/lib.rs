@@ -130,6 +130,7 @@ impl Stack {
             edge_ca_file: None,
             edge_insecure: false,
             drain_grace: Duration::from_secs(5),
+            connections: 1,
         }
     }
 

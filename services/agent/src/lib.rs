@@ -25,7 +25,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::control::{ControlClient, ControlError, CreateRequest};
 use crate::link::LinkError;
@@ -62,6 +62,8 @@ pub struct AgentConfig {
     pub edge_insecure: bool,
     /// Grace period for open streams on shutdown.
     pub drain_grace: Duration,
+    /// Links to keep, each to a distinct edge.
+    pub connections: usize,
 }
 
 /// What the agent reports as it runs (printed by the CLI, as text or JSON lines).
@@ -80,13 +82,17 @@ pub enum AgentEvent {
         edge_id: String,
         /// Origin forwarded to.
         origin: String,
+        /// Links to edges now up (this one included).
+        links: usize,
     },
-    /// The link dropped; reconnecting after `retry_in_ms`.
+    /// A link dropped (or could not be made); retrying after `retry_in_ms`.
     Reconnecting {
         /// Why.
         reason: String,
         /// Delay before the next attempt.
         retry_in_ms: u64,
+        /// Links to edges still up.
+        links: usize,
     },
     /// The agent stopped.
     Stopped,
@@ -126,99 +132,214 @@ impl Backoff {
     }
 }
 
-/// Runs the agent until `shutdown` fires or a fatal error.
+/// What every link slot shares.
+struct Ctx {
+    cfg: AgentConfig,
+    origin: Origin,
+    tls: Arc<rustls::ClientConfig>,
+    control: ControlClient,
+    store: StateStore,
+    tracker: TaskTracker,
+    stopping: Arc<AtomicBool>,
+    events: mpsc::UnboundedSender<AgentEvent>,
+    /// Edge ids held by a slot, so each slot keeps a distinct edge.
+    held: parking_lot::Mutex<std::collections::HashSet<String>>,
+    /// Live links now.
+    links: std::sync::atomic::AtomicUsize,
+    /// Every link opened, for the final flush.
+    muxes: parking_lot::Mutex<Vec<Mux>>,
+    /// Slot 0's recreate token: the other slots serve the same tunnel with it.
+    tunnel: tokio::sync::watch::Sender<Option<String>>,
+    /// Stops every slot (shutdown, or a fatal error).
+    stop: CancellationToken,
+    fatal: parking_lot::Mutex<Option<AgentError>>,
+}
+
+fn fatal(code: &str, message: String) -> AgentError {
+    AgentError::Fatal {
+        code: code.into(),
+        message,
+    }
+}
+
+/// Runs the agent until `shutdown` fires or a fatal error. It keeps up to
+/// `cfg.connections` links, each to a distinct edge; new streams arrive on whichever
+/// link the edge a viewer reached holds.
 pub async fn run(
     cfg: AgentConfig,
     events: mpsc::UnboundedSender<AgentEvent>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
-    let fatal = |code: &str, message: String| AgentError::Fatal {
-        code: code.into(),
-        message,
-    };
     let origin = Origin::new(cfg.origin.clone()).map_err(|e| fatal("origin_config", e))?;
     let tls = Arc::new(
         tls::client_config(cfg.edge_ca_file.as_deref(), cfg.edge_insecure)
             .map_err(|e| fatal("tls_config", e))?,
     );
-    let control = ControlClient::new(&cfg.control_url);
     let key = format!(
         "{}-{}",
         cfg.control_url,
         cfg.name.clone().unwrap_or_else(|| origin.url().to_string())
     );
-    let store = StateStore::new(cfg.state_dir.clone(), &key);
-    let tracker = TaskTracker::new();
-    let stopping = Arc::new(AtomicBool::new(false));
-    let mut backoff = Backoff::new();
-    let mut current: Option<Mux> = None;
+    let ctx = Arc::new(Ctx {
+        control: ControlClient::new(&cfg.control_url),
+        store: StateStore::new(cfg.state_dir.clone(), &key),
+        tracker: TaskTracker::new(),
+        stopping: Arc::new(AtomicBool::new(false)),
+        events,
+        held: Default::default(),
+        links: Default::default(),
+        muxes: Default::default(),
+        tunnel: tokio::sync::watch::Sender::new(None),
+        stop: shutdown.child_token(),
+        fatal: Default::default(),
+        origin,
+        tls,
+        cfg,
+    });
+    let mut slots = tokio::task::JoinSet::new();
+    for i in 0..ctx.cfg.connections.max(1) {
+        slots.spawn(slot(ctx.clone(), i).instrument(info_span!("slot", slot = i)));
+    }
+    ctx.stop.cancelled().await;
 
-    let result = 'outer: loop {
-        if shutdown.is_cancelled() {
-            break Ok(());
+    // Drain: refuse new streams, let open ones finish within the grace period.
+    ctx.stopping.store(true, Ordering::Release);
+    ctx.tracker.close();
+    if tokio::time::timeout(ctx.cfg.drain_grace, ctx.tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!("drain grace period over; closing open streams");
+    }
+    slots.shutdown().await;
+    let muxes: Vec<Mux> = ctx.muxes.lock().drain(..).collect();
+    for m in muxes {
+        // Let the last frames of finished streams reach the edge before we go.
+        m.close_and_flush("agent stopped", FLUSH_ON_EXIT).await;
+    }
+    let _ = ctx.events.send(AgentEvent::Stopped);
+    match ctx.fatal.lock().take() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn give_up(ctx: &Ctx, e: AgentError) {
+    let mut f = ctx.fatal.lock();
+    if f.is_none() {
+        *f = Some(e);
+    }
+    ctx.stop.cancel();
+}
+
+/// Longest wait between attempts of a slot that found no edge of its own.
+pub const SPARE_SLOT_RETRY: Duration = Duration::from_secs(10);
+
+/// One link slot: create (or recreate) the tunnel at control, connect to a candidate
+/// edge no other slot holds, serve, repeat.
+async fn slot(ctx: Arc<Ctx>, index: usize) {
+    let mut backoff = Backoff::new();
+    let stop = ctx.stop.clone();
+    let cfg = &ctx.cfg;
+    loop {
+        if stop.is_cancelled() {
+            return;
         }
-        let saved = store
-            .load()
-            .filter(|s| cfg.name.as_ref().is_none_or(|n| *n == s.name));
+        // Slots other than the first serve the tunnel the first one established.
+        let shared_token = if index == 0 {
+            None
+        } else {
+            let mut rx = ctx.tunnel.subscribe();
+            let t = tokio::select! {
+                r = rx.wait_for(|t| t.is_some()) => r.ok().and_then(|t| t.clone()),
+                _ = stop.cancelled() => return,
+            };
+            t
+        };
+        let saved = if index == 0 {
+            ctx.store
+                .load()
+                .filter(|s| cfg.name.as_ref().is_none_or(|n| *n == s.name))
+        } else {
+            None
+        };
         let req = CreateRequest {
-            requested_name: cfg.name.clone(),
+            requested_name: if index == 0 { cfg.name.clone() } else { None },
             preferred_transports: vec!["wss".into(), "ws".into()],
             region_hint: None,
-            recreate_token: saved.as_ref().map(|s| s.recreate_token.clone()),
+            recreate_token: shared_token
+                .or_else(|| saved.as_ref().map(|s| s.recreate_token.clone())),
             management_token: cfg.token.clone(),
         };
-        let created = match control.create(&req).await {
+        let created = match ctx.control.create(&req).await {
             Ok(c) => c,
             Err(ControlError::Api { code, message, .. }) if code == "tunnel_deleted" => {
-                store.clear();
-                break Err(fatal(&code, format!("{message} [{code}]")));
+                ctx.store.clear();
+                return give_up(&ctx, fatal(&code, format!("{message} [{code}]")));
             }
             Err(e) if e.is_fatal() && saved.is_some() => {
                 // The saved token is no longer good (expired, keys gone): start afresh.
                 warn!(error = %e, "saved recreate token refused; asking for a new tunnel");
-                store.clear();
+                ctx.store.clear();
                 continue;
             }
             Err(ControlError::Api { code, message, .. }) if e_is_fatal(&code) => {
-                break Err(fatal(
-                    &code,
-                    format!("control refused the tunnel: {message} [{code}]"),
-                ));
+                return give_up(
+                    &ctx,
+                    fatal(
+                        &code,
+                        format!("control refused the tunnel: {message} [{code}]"),
+                    ),
+                );
             }
             Err(e) => {
                 let delay = backoff.next();
                 warn!(error = %e, "creating the tunnel failed; retrying");
-                let _ = events.send(AgentEvent::Reconnecting {
+                let _ = ctx.events.send(AgentEvent::Reconnecting {
                     reason: e.to_string(),
                     retry_in_ms: delay.as_millis() as u64,
+                    links: ctx.links.load(Ordering::Acquire),
                 });
-                if sleep_or_stop(delay, &shutdown).await {
-                    break Ok(());
+                if sleep_or_stop(delay, &stop).await {
+                    return;
                 }
                 continue;
             }
         };
-        if let Err(e) = store.save(&Saved {
-            tunnel_id: created.tunnel_id.clone(),
-            name: created.name().to_string(),
-            recreate_token: created.recreate_token.clone(),
-        }) {
-            warn!(error = %e, "could not save the recreate token; the name may change after a restart");
+        if index == 0 {
+            if let Err(e) = ctx.store.save(&Saved {
+                tunnel_id: created.tunnel_id.clone(),
+                name: created.name().to_string(),
+                recreate_token: created.recreate_token.clone(),
+            }) {
+                warn!(error = %e, "could not save the recreate token; the name may change after a restart");
+            }
+            ctx.tunnel
+                .send_replace(Some(created.recreate_token.clone()));
         }
 
         let mut linked = None;
         let mut last_err = String::from("control returned no candidate edges");
         for c in &created.candidates {
+            if ctx.held.lock().contains(&c.edge_id) {
+                continue;
+            }
             match link::connect(
                 &c.edge_url,
                 &created.ephemeral_token,
                 &created.tunnel_id,
-                tls.clone(),
+                ctx.tls.clone(),
                 CancellationToken::new(),
             )
             .await
             {
                 Ok(l) => {
+                    // Behind a shared address the edge may be one we already hold.
+                    if !ctx.held.lock().insert(l.welcome.edge_id.clone()) {
+                        l.mux.close("already linked to this edge");
+                        last_err = format!("reached {} again", l.welcome.edge_id);
+                        continue;
+                    }
                     linked = Some(l);
                     break;
                 }
@@ -227,7 +348,7 @@ pub async fn run(
                     message,
                     ..
                 }) => {
-                    break 'outer Err(fatal("edge_refused", message));
+                    return give_up(&ctx, fatal("edge_refused", message));
                 }
                 Err(e) => {
                     warn!(edge = %c.edge_id, error = %e, "edge candidate failed");
@@ -236,80 +357,90 @@ pub async fn run(
             }
         }
         let Some(l) = linked else {
+            if index > 0 {
+                // A spare slot with no edge of its own: look again later, quietly.
+                debug!(reason = %last_err, "no further distinct edge for this slot yet");
+                let delay = backoff.next().min(SPARE_SLOT_RETRY);
+                if sleep_or_stop(delay, &stop).await {
+                    return;
+                }
+                continue;
+            }
             let delay = backoff.next();
-            let _ = events.send(AgentEvent::Reconnecting {
+            let _ = ctx.events.send(AgentEvent::Reconnecting {
                 reason: last_err,
                 retry_in_ms: delay.as_millis() as u64,
+                links: ctx.links.load(Ordering::Acquire),
             });
-            if sleep_or_stop(delay, &shutdown).await {
-                break Ok(());
+            if sleep_or_stop(delay, &stop).await {
+                return;
             }
             continue;
         };
         let mux = l.mux.clone();
-        info!(edge = %l.welcome.edge_id, session = %l.welcome.session_id, url = %created.url(), "tunnel live");
-        let _ = events.send(AgentEvent::Live {
+        let edge_id = l.welcome.edge_id.clone();
+        ctx.muxes.lock().push(mux.clone());
+        let links = ctx.links.fetch_add(1, Ordering::AcqRel) + 1;
+        info!(edge = %edge_id, session = %l.welcome.session_id, url = %created.url(), links, "tunnel live");
+        let _ = ctx.events.send(AgentEvent::Live {
             url: created.url(),
             tunnel_id: created.tunnel_id.clone(),
             name: created.name().to_string(),
-            edge_id: l.welcome.edge_id.clone(),
-            origin: origin.url().to_string(),
+            edge_id: edge_id.clone(),
+            origin: ctx.origin.url().to_string(),
+            links,
         });
         let span = info_span!("link", session = %l.welcome.session_id, tunnel = %created.tunnel_id);
         tokio::spawn(
             serve_link(
                 l.incoming,
-                origin.clone(),
-                tracker.clone(),
-                stopping.clone(),
+                ctx.origin.clone(),
+                ctx.tracker.clone(),
+                ctx.stopping.clone(),
             )
             .instrument(span),
         );
-        current = Some(mux.clone());
         let linked_at = Instant::now();
-        tokio::select! {
-            _ = mux.closed() => {
-                if linked_at.elapsed() >= STABLE_LINK {
-                    backoff.reset();
-                }
-                let delay = backoff.next();
-                warn!(reason = %mux.close_reason(), "link to the edge lost");
-                let _ = events.send(AgentEvent::Reconnecting {
-                    reason: mux.close_reason(),
-                    retry_in_ms: delay.as_millis() as u64,
-                });
-                if sleep_or_stop(delay, &shutdown).await {
-                    break Ok(());
-                }
-            }
-            _ = async { mux.going_away().await; if mux.is_closed() { std::future::pending::<()>().await } } => {
-                info!("edge is going away; moving to another edge");
-                backoff.reset();
-                let old = mux.clone();
-                tokio::spawn(async move {
-                    old.idle().await;
-                    old.close("moved to another edge");
-                });
-            }
-            _ = shutdown.cancelled() => break Ok(()),
+        let outcome = tokio::select! {
+            _ = mux.closed() => "closed",
+            _ = async { mux.going_away().await; if mux.is_closed() { std::future::pending::<()>().await } } => "going_away",
+            _ = stop.cancelled() => "stop",
+        };
+        if outcome == "stop" {
+            return;
         }
-    };
-
-    // Drain: refuse new streams, let open ones finish within the grace period.
-    stopping.store(true, Ordering::Release);
-    tracker.close();
-    if tokio::time::timeout(cfg.drain_grace, tracker.wait())
-        .await
-        .is_err()
-    {
-        warn!("drain grace period over; closing open streams");
+        ctx.held.lock().remove(&edge_id);
+        let links = ctx.links.fetch_sub(1, Ordering::AcqRel) - 1;
+        ctx.muxes.lock().retain(|m| !m.is_closed());
+        if outcome == "going_away" {
+            info!(edge = %edge_id, "edge is going away; moving to another edge");
+            backoff.reset();
+            let old = mux.clone();
+            tokio::spawn(async move {
+                old.idle().await;
+                old.close("moved to another edge");
+            });
+            let _ = ctx.events.send(AgentEvent::Reconnecting {
+                reason: format!("edge {edge_id} is going away"),
+                retry_in_ms: 0,
+                links,
+            });
+            continue;
+        }
+        if linked_at.elapsed() >= STABLE_LINK {
+            backoff.reset();
+        }
+        let delay = backoff.next();
+        warn!(edge = %edge_id, reason = %mux.close_reason(), "link to the edge lost");
+        let _ = ctx.events.send(AgentEvent::Reconnecting {
+            reason: mux.close_reason(),
+            retry_in_ms: delay.as_millis() as u64,
+            links,
+        });
+        if sleep_or_stop(delay, &stop).await {
+            return;
+        }
     }
-    if let Some(m) = current {
-        // Let the last frames of finished streams reach the edge before we go.
-        m.close_and_flush("agent stopped", FLUSH_ON_EXIT).await;
-    }
-    let _ = events.send(AgentEvent::Stopped);
-    result
 }
 
 /// Control errors that retrying cannot fix: the user must change a flag or token.

@@ -51,6 +51,9 @@ enum Cmd {
         /// Accept any edge certificate (development only).
         #[arg(long)]
         edge_insecure: bool,
+        /// Links to keep, each to a distinct edge, so losing one edge loses no traffic.
+        #[arg(long, env = "NETBORE_CONNECTIONS", default_value_t = 2)]
+        connections: usize,
     },
     /// Run control, an edge and an agent in this process on loopback, and print a URL
     /// that curl and a browser can open.
@@ -148,6 +151,7 @@ async fn main() -> ExitCode {
         edge_ca_file: None,
         edge_insecure: false,
         drain_grace: netbore_agent::DEFAULT_DRAIN_GRACE,
+        connections: 1,
     };
     match &cli.cmd {
         Cmd::Http {
@@ -156,8 +160,10 @@ async fn main() -> ExitCode {
             token,
             edge_ca,
             edge_insecure,
+            connections,
             ..
         } => {
+            cfg.connections = *connections;
             cfg.control_url = control.clone();
             cfg.name = name.clone();
             cfg.token = token.clone();
@@ -214,10 +220,13 @@ async fn main() -> ExitCode {
     let printer = tokio::spawn(async move {
         let mut announced = false;
         while let Some(ev) = rx.recv().await {
-            ready2.store(
-                matches!(ev, AgentEvent::Live { .. }),
-                std::sync::atomic::Ordering::Release,
-            );
+            let up = match &ev {
+                AgentEvent::Live { links, .. } | AgentEvent::Reconnecting { links, .. } => {
+                    *links > 0
+                }
+                AgentEvent::Stopped => false,
+            };
+            ready2.store(up, std::sync::atomic::Ordering::Release);
             let first_live = matches!(ev, AgentEvent::Live { .. }) && !announced;
             // The file first, so a script that sees the line can read the file.
             if first_live

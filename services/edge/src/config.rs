@@ -118,6 +118,9 @@ pub struct EdgeConfig {
     pub response_timeout: Duration,
     /// Grace period for open requests during a drain.
     pub drain_grace: Duration,
+    /// Time between turning not ready and stopping to accept, for load balancers to
+    /// notice (0 when a Kubernetes preStop sleep does this).
+    pub drain_delay: Duration,
     /// Largest request head in bytes (431 beyond).
     pub max_header_bytes: usize,
     /// Most header fields per request (431 beyond).
@@ -149,6 +152,7 @@ impl Default for EdgeConfig {
             limits: Limits::default(),
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
             drain_grace: DEFAULT_DRAIN_GRACE,
+            drain_delay: Duration::ZERO,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             max_headers: DEFAULT_MAX_HEADERS,
             max_url_bytes: DEFAULT_MAX_URL_BYTES,

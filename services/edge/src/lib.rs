@@ -104,9 +104,14 @@ impl Edge {
     /// Starts a graceful drain: new agents are refused and every connected agent is
     /// told to go away (so it moves to another edge); open streams continue.
     pub fn drain(&self) {
-        if !self.inner.draining.swap(true, Ordering::AcqRel) {
-            self.inner.routes.go_away_all("edge is shutting down");
-        }
+        self.mark_draining();
+        self.inner.routes.go_away_all("edge is shutting down");
+    }
+
+    /// Reports not ready and refuses new agents, while still serving viewers through
+    /// the agents already connected (the first step of a drain).
+    pub fn mark_draining(&self) {
+        self.inner.draining.store(true, Ordering::Release);
     }
 
     /// Waits until every proxied request and agent connection task has finished.
@@ -170,6 +175,17 @@ pub async fn run(
         accept_stop.clone(),
     ));
     shutdown.cancelled().await;
+    // Not ready first, still serving, so load balancers stop sending viewers here
+    // before anything is refused; then agents move and the listeners close.
+    edge.mark_draining();
+    let delay = edge.config().drain_delay;
+    if !delay.is_zero() {
+        tracing::info!(
+            ?delay,
+            "draining: not ready, still serving while load balancers notice"
+        );
+        tokio::time::sleep(delay).await;
+    }
     tracing::info!(grace = ?edge.config().drain_grace, "draining: go-away sent to agents, finishing open requests");
     edge.drain();
     accept_stop.cancel();

@@ -45,6 +45,10 @@ struct Args {
     /// With --tls-self-signed: write the certificate here, for agents' --edge-ca.
     #[arg(long, env = "NETBORE_TLS_SELF_SIGNED_OUT")]
     tls_self_signed_out: Option<std::path::PathBuf>,
+    /// Seconds between turning not ready and closing the listeners on SIGTERM, for load
+    /// balancers to notice (use 0 with a Kubernetes preStop sleep).
+    #[arg(long, env = "NETBORE_DRAIN_DELAY_SECS", default_value_t = 0)]
+    drain_delay_secs: u64,
     /// Tunnels are served at NAME.<domain>.
     #[arg(long, env = "NETBORE_DOMAIN", default_value = "localhost")]
     domain: String,
@@ -112,6 +116,7 @@ async fn main() -> anyhow::Result<()> {
         trusted_proxies: args.trusted_proxies.clone(),
         max_body_bytes: args.max_body_bytes,
         drain_grace: std::time::Duration::from_secs(args.drain_grace_secs),
+        drain_delay: std::time::Duration::from_secs(args.drain_delay_secs),
         ..EdgeConfig::default()
     };
     let auth = Arc::new(JwksAuth::new(&args.control_url, &args.issuer));
