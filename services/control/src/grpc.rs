@@ -14,7 +14,9 @@ use netbore_proto::edge::v1::edge_service_server::{EdgeService, EdgeServiceServe
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status, Streaming};
+use tracing::Instrument;
 
+use crate::api::{CreateTunnelRequest, DeleteTunnelRequest, IssueTokenRequest, ListTunnelsQuery};
 use crate::ops::{self, ApiError};
 use crate::store::TunnelRecord;
 use crate::{Control, EdgeEntry, EdgeStatus};
@@ -24,13 +26,23 @@ fn status(e: ApiError) -> Status {
         StatusCode::BAD_REQUEST => Code::InvalidArgument,
         StatusCode::UNAUTHORIZED => Code::Unauthenticated,
         StatusCode::FORBIDDEN => Code::PermissionDenied,
-        StatusCode::NOT_FOUND | StatusCode::GONE => Code::NotFound,
+        StatusCode::NOT_FOUND => Code::NotFound,
+        // The tunnel existed and was deleted: retrying the same call cannot succeed.
+        StatusCode::GONE => Code::FailedPrecondition,
         StatusCode::CONFLICT => Code::AlreadyExists,
         StatusCode::SERVICE_UNAVAILABLE => Code::Unavailable,
         _ => Code::Internal,
     };
-    Status::new(code, format!("{}: {}", e.code, e.message))
+    let mut md = tonic::metadata::MetadataMap::new();
+    if let Ok(v) = e.code.parse() {
+        md.insert(ERROR_CODE_METADATA, v);
+    }
+    Status::with_metadata(code, format!("{}: {}", e.code, e.message), md)
 }
+
+/// Trailer carrying the stable error code (`name_taken`, `token_expired`, ...), the
+/// same code REST puts in `error.code`.
+pub const ERROR_CODE_METADATA: &str = "netbore-error-code";
 
 fn bearer<T>(r: &Request<T>) -> Option<String> {
     ops::bearer_value(r.metadata().get("authorization")?.to_str().ok()?)
@@ -41,12 +53,13 @@ fn non_empty(s: String) -> Option<String> {
 }
 
 fn tunnel(control: &Control, r: &TunnelRecord) -> pb::Tunnel {
+    let t = ops::tunnel_view(control, r);
     pb::Tunnel {
-        tunnel_id: r.tunnel_id.clone(),
-        name: r.name.clone(),
-        public_hostname: format!("{}.{}", r.name, control.config().domain),
-        created_at: ops::rfc3339(r.created_at),
-        expires_at: ops::rfc3339(r.expires_at),
+        tunnel_id: t.tunnel_id,
+        name: t.name,
+        public_hostname: t.public_hostname,
+        created_at: t.created_at,
+        expires_at: t.expires_at,
     }
 }
 
@@ -64,7 +77,7 @@ impl ControlService for ControlGrpc {
         let out = ops::create(
             &self.0,
             b,
-            ops::CreateRequest {
+            CreateTunnelRequest {
                 requested_name: non_empty(r.requested_name),
                 preferred_transports: r.preferred_transports,
                 region_hint: non_empty(r.region_hint),
@@ -74,6 +87,7 @@ impl ControlService for ControlGrpc {
                 recreate_token: non_empty(r.recreate_token),
             },
         )
+        .await
         .map_err(status)?;
         Ok(Response::new(pb::CreateTunnelResponse {
             tunnel_id: out.tunnel_id,
@@ -109,6 +123,7 @@ impl ControlService for ControlGrpc {
             non_empty(r.tunnel_id).as_deref(),
             non_empty(r.name).as_deref(),
         )
+        .await
         .map_err(status)?;
         Ok(Response::new(tunnel(&self.0, &rec)))
     }
@@ -119,19 +134,30 @@ impl ControlService for ControlGrpc {
     ) -> Result<Response<pb::ListTunnelsResponse>, Status> {
         let b = bearer(&req);
         let r = req.into_inner();
-        let (page, next) = ops::list(
+        let page = ops::list(
             &self.0,
             b,
-            ops::ListQuery {
+            ListTunnelsQuery {
                 prefix: r.prefix,
                 limit: (r.limit > 0).then_some(r.limit as usize),
                 cursor: non_empty(r.cursor),
             },
         )
+        .await
         .map_err(status)?;
         Ok(Response::new(pb::ListTunnelsResponse {
-            tunnels: page.iter().map(|t| tunnel(&self.0, t)).collect(),
-            next_cursor: next.unwrap_or_default(),
+            tunnels: page
+                .tunnels
+                .into_iter()
+                .map(|t| pb::Tunnel {
+                    tunnel_id: t.tunnel_id,
+                    name: t.name,
+                    public_hostname: t.public_hostname,
+                    created_at: t.created_at,
+                    expires_at: t.expires_at,
+                })
+                .collect(),
+            next_cursor: page.next_cursor.unwrap_or_default(),
         }))
     }
 
@@ -144,12 +170,13 @@ impl ControlService for ControlGrpc {
         let rec = ops::delete(
             &self.0,
             b,
-            ops::DeleteRequest {
+            DeleteTunnelRequest {
                 tunnel_id: non_empty(r.tunnel_id),
                 name: non_empty(r.name),
-                recreate_token: None,
+                recreate_token: non_empty(r.recreate_token),
             },
         )
+        .await
         .map_err(status)?;
         Ok(Response::new(pb::DeleteTunnelResponse {
             tunnel_id: rec.tunnel_id,
@@ -205,12 +232,13 @@ impl ControlService for ControlGrpc {
         let t = ops::issue_token(
             &self.0,
             b,
-            ops::TokenRequest {
+            IssueTokenRequest {
                 scopes: (!r.scopes.is_empty()).then_some(r.scopes),
                 ttl_seconds: (r.ttl_seconds > 0).then_some(r.ttl_seconds),
                 subject: non_empty(r.subject),
             },
         )
+        .await
         .map_err(status)?;
         Ok(Response::new(pb::IssueTokenResponse {
             token: t.token,
@@ -220,8 +248,14 @@ impl ControlService for ControlGrpc {
     }
 }
 
-/// The edges' link service.
-pub struct EdgeGrpc(pub Control);
+/// The edges' link service. Links end when `shutdown` fires, so a draining control
+/// does not wait on streams that never end by themselves.
+pub struct EdgeGrpc {
+    /// Control.
+    pub control: Control,
+    /// Ends every link.
+    pub shutdown: CancellationToken,
+}
 
 type CommandStream = Pin<Box<dyn Stream<Item = Result<epb::EdgeCommand, Status>> + Send>>;
 
@@ -233,14 +267,17 @@ impl EdgeService for EdgeGrpc {
         &self,
         req: Request<Streaming<epb::EdgeReport>>,
     ) -> Result<Response<Self::LinkStream>, Status> {
+        let peer = req.remote_addr();
         let mut reports = req.into_inner();
-        let control = self.0.clone();
+        let control = self.control.clone();
+        let shutdown = self.shutdown.clone();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<epb::EdgeCommand, Status>>(64);
         let mut deletions = control.subscribe_deletions();
         tokio::spawn(async move {
             let mut edge_id = String::new();
             loop {
                 tokio::select! {
+                    _ = shutdown.cancelled() => break,
                     r = reports.message() => match r {
                         Ok(Some(rep)) => {
                             if edge_id.is_empty() {
@@ -279,7 +316,7 @@ impl EdgeService for EdgeGrpc {
                 tracing::info!(edge = %edge_id, "edge link closed");
                 control.edge_disconnected(&edge_id);
             }
-        });
+        }.instrument(tracing::info_span!("edge_link", peer = ?peer)));
         let stream =
             futures_util::stream::unfold(
                 rx,
@@ -317,7 +354,10 @@ pub async fn serve_grpc(
         .add_service(v1)
         .add_service(v1alpha)
         .add_service(ControlServiceServer::new(ControlGrpc(control.clone())))
-        .add_service(EdgeServiceServer::new(EdgeGrpc(control)))
+        .add_service(EdgeServiceServer::new(EdgeGrpc {
+            control,
+            shutdown: shutdown.clone(),
+        }))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener),
             shutdown.cancelled(),

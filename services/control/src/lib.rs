@@ -1,9 +1,25 @@
 //! Netbore control: the only component that mints tokens and allocates names.
 //!
-//! Agents and scripts use the REST API ([`rest`]); operators and edges use gRPC. All
-//! state lives in a [`store::ControlStore`], so several replicas behave as one when
-//! they share it.
+//! Agents and scripts use the REST API ([`rest`], types in [`api`], a client in
+//! [`client`]); operators and edges use gRPC ([`grpc`]). Both call the same operations
+//! ([`ops`]). All tunnel state lives in a [`store::ControlStore`], so several replicas
+//! behave as one when they share it.
+//!
+//! ```no_run
+//! # async fn run() -> anyhow::Result<()> {
+//! use netbore_control::{Control, ControlConfig};
+//! use tokio_util::sync::CancellationToken;
+//! let control = Control::new(ControlConfig::default(), netbore_tokens::KeySet::generate());
+//! let shutdown = CancellationToken::new();
+//! let rest = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! tokio::spawn(netbore_control::serve_rest(rest, control.clone(), shutdown.clone()));
+//! tokio::spawn(netbore_control::serve_grpc(grpc, control, shutdown.clone()));
+//! # Ok(()) }
+//! ```
 
+pub mod api;
+pub mod client;
 pub mod grpc;
 pub mod names;
 pub mod ops;
@@ -64,6 +80,8 @@ pub struct EdgeStatus {
 
 /// An edge that has not reported for this long is not handed out as a candidate.
 pub const EDGE_SILENT_AFTER: Duration = Duration::from_secs(15);
+/// An edge whose link closed this long ago is forgotten.
+pub const EDGE_FORGET_AFTER: Duration = Duration::from_secs(3600);
 
 /// Control's settings.
 #[derive(Debug, Clone)]
@@ -104,6 +122,61 @@ impl Default for ControlConfig {
             recreate_ttl_max: DEFAULT_RECREATE_TTL_MAX,
             management_ttl: DEFAULT_MANAGEMENT_TTL,
         }
+    }
+}
+
+/// A setting control cannot run with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl ControlConfig {
+    /// Checks the settings once, at start, with messages that name the fix.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |m: String| Err(ConfigError(m));
+        if self.domain.is_empty() || self.domain.starts_with('.') || self.domain.contains('/') {
+            return err(format!(
+                "domain '{}' is not a DNS name; tunnels are NAME.<domain>, e.g. --domain tunnels.example.com",
+                self.domain
+            ));
+        }
+        if !self.public_url_template.contains("{name}") {
+            return err(format!(
+                "public URL template '{}' has no {{name}}; e.g. https://{{name}}.{}",
+                self.public_url_template, self.domain
+            ));
+        }
+        if self.issuer.is_empty() {
+            return err(
+                "the issuer is empty; edges check it, so give the same value to both".into(),
+            );
+        }
+        let mut ids = std::collections::HashSet::new();
+        for e in &self.edges {
+            if e.edge_id.is_empty() || !ids.insert(e.edge_id.as_str()) {
+                return err(format!(
+                    "edge id '{}' is empty or given twice; every edge needs its own id",
+                    e.edge_id
+                ));
+            }
+            if !(e.edge_url.starts_with("ws://") || e.edge_url.starts_with("wss://")) {
+                return err(format!(
+                    "edge '{}' has URL '{}'; agents connect with ws:// or wss://",
+                    e.edge_id, e.edge_url
+                ));
+            }
+        }
+        if self.ephemeral_ttl.as_secs() < 10 || self.management_ttl.as_secs() < 60 {
+            return err("token lifetimes are too short: ephemeral needs at least 10 s, management at least 60 s".into());
+        }
+        if self.recreate_ttl_default > self.recreate_ttl_max {
+            return err(format!(
+                "the default recreate token lifetime ({} s) is longer than the maximum ({} s)",
+                self.recreate_ttl_default.as_secs(),
+                self.recreate_ttl_max.as_secs()
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -182,12 +255,14 @@ impl Control {
         self.inner.edges.read().clone()
     }
 
-    /// Records an edge's report.
+    /// Records an edge's report, and forgets edges whose link closed more than
+    /// [`EDGE_FORGET_AFTER`] ago (replaced pods), so the table does not grow forever.
     pub fn edge_report(&self, status: EdgeStatus) {
-        self.inner
-            .edge_status
-            .write()
-            .insert(status.entry.edge_id.clone(), status);
+        let now = status.last_report;
+        let forget = EDGE_FORGET_AFTER.as_secs();
+        let mut t = self.inner.edge_status.write();
+        t.retain(|_, s| s.connected || now.saturating_sub(s.last_report) < forget);
+        t.insert(status.entry.edge_id.clone(), status);
     }
 
     /// Marks an edge's link closed.
@@ -216,24 +291,33 @@ impl Control {
         out
     }
 
-    /// Edges to hand out, least loaded first: configured edges unless their reports say
-    /// they are draining, and reporting edges that are neither draining nor silent.
+    /// Edges to hand out, in order: configured edges in the configured order, then
+    /// edges known only from their reports, least loaded first. An edge whose report
+    /// says it is draining, or whose link is closed or silent for
+    /// [`EDGE_SILENT_AFTER`], is left out; a configured edge that never reported is
+    /// kept (edges need not link to control).
     pub fn candidate_edges(&self) -> Vec<EdgeEntry> {
         let now = netbore_tokens::now_unix();
         let silent = EDGE_SILENT_AFTER.as_secs();
-        let mut v: Vec<(u64, usize, EdgeEntry)> = self
-            .edge_statuses()
-            .into_iter()
-            .enumerate()
-            .filter_map(|(i, (e, s))| match s {
-                None => Some((0, i, e)),
-                Some(s) if s.draining => None,
-                Some(s) if !s.connected || now.saturating_sub(s.last_report) > silent => None,
-                Some(s) => Some((s.connections, i, s.entry)),
-            })
+        let usable = |s: &EdgeStatus| {
+            !s.draining && s.connected && now.saturating_sub(s.last_report) <= silent
+        };
+        let status = self.inner.edge_status.read().clone();
+        let configured = self.edges();
+        let mut out: Vec<EdgeEntry> = configured
+            .iter()
+            .filter(|e| status.get(&e.edge_id).is_none_or(usable))
+            .cloned()
             .collect();
-        v.sort_by_key(|(load, i, _)| (*load, *i));
-        v.into_iter().map(|(_, _, e)| e).collect()
+        let mut reported: Vec<&EdgeStatus> = status
+            .values()
+            .filter(|s| usable(s) && !configured.iter().any(|e| e.edge_id == s.entry.edge_id))
+            .collect();
+        reported.sort_by(|a, b| {
+            (a.connections, &a.entry.edge_id).cmp(&(b.connections, &b.entry.edge_id))
+        });
+        out.extend(reported.into_iter().map(|s| s.entry.clone()));
+        out
     }
 
     /// Tunnel ids as they are deleted (edges disconnect their agents).

@@ -10,7 +10,7 @@ use netbore_control::{Control, ControlConfig, EdgeEntry};
 use netbore_tokens::{KeySet, Secret};
 use tokio_util::sync::CancellationToken;
 
-/// Time open requests get to finish after SIGTERM.
+/// Time open requests get to finish after SIGTERM or SIGINT before control exits.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
 
 /// Netbore control: tokens, names and candidate edges.
@@ -50,6 +50,18 @@ struct Args {
         value_delimiter = ','
     )]
     signing_keys: Vec<PathBuf>,
+    /// Lifetime of ephemeral tokens (the agent's pass at an edge), in seconds.
+    #[arg(long, env = "NETBORE_EPHEMERAL_TTL_SECS", default_value_t = netbore_control::DEFAULT_EPHEMERAL_TTL.as_secs())]
+    ephemeral_ttl_secs: u64,
+    /// Default lifetime of recreate tokens (and of a name's hold), in seconds.
+    #[arg(long, env = "NETBORE_RECREATE_TTL_SECS", default_value_t = netbore_control::DEFAULT_RECREATE_TTL.as_secs())]
+    recreate_ttl_secs: u64,
+    /// Longest recreate token lifetime a caller may ask for, in seconds.
+    #[arg(long, env = "NETBORE_RECREATE_TTL_MAX_SECS", default_value_t = netbore_control::DEFAULT_RECREATE_TTL_MAX.as_secs())]
+    recreate_ttl_max_secs: u64,
+    /// Lifetime (and maximum) of management tokens, in seconds.
+    #[arg(long, env = "NETBORE_MANAGEMENT_TTL_SECS", default_value_t = netbore_control::DEFAULT_MANAGEMENT_TTL.as_secs())]
+    management_ttl_secs: u64,
     /// Require a management token for every tunnel creation.
     #[arg(long, env = "NETBORE_REQUIRE_TOKEN")]
     require_token: bool,
@@ -64,8 +76,8 @@ fn parse_edge(s: &str) -> anyhow::Result<EdgeEntry> {
         edge_url: String::new(),
         region: "default".into(),
     };
-    for kv in s.split(',') {
-        match kv.split_once('=') {
+    for kv in s.split(',').filter(|kv| !kv.trim().is_empty()) {
+        match kv.trim().split_once('=') {
             Some(("id", v)) => e.edge_id = v.into(),
             Some(("url", v)) => e.edge_url = v.into(),
             Some(("region", v)) => e.region = v.into(),
@@ -111,49 +123,92 @@ async fn main() -> anyhow::Result<()> {
     } else {
         KeySet::from_pem_files(&args.signing_keys).context("loading signing keys")?
     };
-    let control = Control::new(
-        ControlConfig {
-            domain: args.domain.clone(),
-            public_url_template: args.public_url_template.clone(),
-            issuer: args.issuer.clone(),
-            edges,
-            bootstrap_token: bootstrap,
-            require_token: args.require_token,
-            ..ControlConfig::default()
-        },
-        keys,
-    );
+    let config = ControlConfig {
+        domain: args.domain.clone(),
+        public_url_template: args.public_url_template.clone(),
+        issuer: args.issuer.clone(),
+        edges,
+        bootstrap_token: bootstrap,
+        require_token: args.require_token,
+        ephemeral_ttl: Duration::from_secs(args.ephemeral_ttl_secs),
+        recreate_ttl_default: Duration::from_secs(args.recreate_ttl_secs),
+        recreate_ttl_max: Duration::from_secs(args.recreate_ttl_max_secs),
+        management_ttl: Duration::from_secs(args.management_ttl_secs),
+    };
+    config.validate().context("invalid configuration")?;
+    let control = Control::new(config, keys);
     let rest = tokio::net::TcpListener::bind(args.rest_addr)
         .await
         .with_context(|| format!("binding REST on {}", args.rest_addr))?;
+    tracing::info!(addr = %rest.local_addr()?, "REST listening");
     let grpc = tokio::net::TcpListener::bind(args.grpc_addr)
         .await
         .with_context(|| format!("binding gRPC on {}", args.grpc_addr))?;
-    tracing::info!(rest = %rest.local_addr()?, grpc = %grpc.local_addr()?, domain = %args.domain, "control listening");
+    tracing::info!(addr = %grpc.local_addr()?, "gRPC listening");
+    tracing::info!(
+        domain = %args.domain,
+        edges = control.edges().len(),
+        signing_kid = %control.jwks().keys.last().map(|k| k.kid.as_str()).unwrap_or(""),
+        bootstrap = control.config().bootstrap_token.is_some(),
+        "control ready"
+    );
+
     let shutdown = CancellationToken::new();
-    let sig = shutdown.clone();
-    tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-        let which = tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" };
-        tracing::info!(signal = which, grace = ?DRAIN_GRACE, "shutdown requested");
-        sig.cancel();
-    });
-    let serve = tokio::spawn(netbore_control::serve_rest(
+    let mut rest_task = tokio::spawn(netbore_control::serve_rest(
         rest,
         control.clone(),
         shutdown.clone(),
     ));
-    let serve_grpc = tokio::spawn(netbore_control::serve_grpc(grpc, control, shutdown.clone()));
-    shutdown.cancelled().await;
-    let _ = tokio::time::timeout(DRAIN_GRACE, async {
-        let _ = serve.await;
-        let _ = serve_grpc.await;
+    let mut grpc_task = tokio::spawn(netbore_control::serve_grpc(grpc, control, shutdown.clone()));
+
+    // Run until a signal, or until a server stops by itself (which is a failure).
+    let failure: Option<anyhow::Error> = tokio::select! {
+        sig = shutdown_signal() => {
+            tracing::info!(signal = sig?, grace = ?DRAIN_GRACE, "shutdown requested; draining");
+            None
+        }
+        r = &mut rest_task => Some(anyhow::anyhow!("the REST server stopped: {}", outcome(r.map(|r| r.map_err(anyhow::Error::from))))),
+        r = &mut grpc_task => Some(anyhow::anyhow!("the gRPC server stopped: {}", outcome(r))),
+    };
+    shutdown.cancel();
+    let drained = tokio::time::timeout(DRAIN_GRACE, async {
+        if !rest_task.is_finished() {
+            let _ = (&mut rest_task).await;
+        }
+        if !grpc_task.is_finished() {
+            let _ = (&mut grpc_task).await;
+        }
     })
     .await;
-    tracing::info!("control stopped");
-    Ok(())
+    if drained.is_err() {
+        tracing::warn!(grace = ?DRAIN_GRACE, "requests still open after the grace period; stopping anyway");
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => {
+            tracing::info!("control stopped");
+            Ok(())
+        }
+    }
+}
+
+fn outcome(r: Result<anyhow::Result<()>, tokio::task::JoinError>) -> String {
+    match r {
+        Ok(Ok(())) => "it returned".into(),
+        Ok(Err(e)) => format!("{e:#}"),
+        Err(e) => format!("it panicked: {e}"),
+    }
+}
+
+/// Waits for SIGTERM (Kubernetes) or SIGINT (Ctrl-C) and says which.
+async fn shutdown_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
 }
 
 fn init_logs(json: bool) {

@@ -1,29 +1,48 @@
 //! Control's operations, shared by the REST and gRPC front ends.
 //!
-//! Each takes the caller's bearer credential (if any) and a plain request, checks it,
-//! and returns a plain response or an [`ApiError`] whose code and message say what to
-//! do. REST turns errors into `{"error": {"code", "message"}}` with the right status;
-//! gRPC into a status with the code in the message.
+//! Each takes the caller's bearer credential (if any) and a request from [`crate::api`],
+//! checks it, and returns a response or an [`ApiError`] whose code and message say what
+//! to do. REST turns errors into `{"error": {"code", "message"}}` with the status;
+//! gRPC into a status whose message is `code: message`.
 
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use netbore_tokens::{EphemeralClaims, ManagementClaims, RecreateClaims, TokenError, now_unix};
-use serde::{Deserialize, Serialize};
 
+use crate::api::{
+    Candidate, CreateTunnelRequest, CreateTunnelResponse, DeleteTunnelRequest, ErrorBody,
+    ErrorDetail, IssueTokenRequest, IssueTokenResponse, ListTunnelsQuery, ListTunnelsResponse,
+    Tunnel,
+};
 use crate::names::{self, NameError};
-use crate::store::{Claim, TunnelRecord};
+use crate::store::{Claim, StoreError, TunnelRecord};
 use crate::{Control, EdgeEntry, MAX_CANDIDATES};
 
-/// Largest page of `GET /tunnels/list`.
+/// Page size of a list when the caller gives none.
+pub const DEFAULT_LIST_LIMIT: usize = 100;
+/// Largest page of a list.
 pub const MAX_LIST_LIMIT: usize = 500;
+/// Shortest recreate token lifetime: shorter would release the name while the agent is
+/// still starting.
+pub const MIN_RECREATE_TTL_SECS: u64 = 60;
+/// Shortest management token lifetime.
+pub const MIN_MANAGEMENT_TTL_SECS: u64 = 60;
+/// Attempts at a free random name before giving up (each collides with odds of about
+/// one in a million while fewer than a thousand names are held).
+pub const RANDOM_NAME_ATTEMPTS: usize = 16;
 
-/// An API error.
-#[derive(Debug)]
+/// Scopes a management token may carry. `admin` implies all others.
+pub const SCOPES: &[&str] = &["tunnels:read", "tunnels:write", "names:claim", "admin"];
+/// Scopes of a management token when the request names none.
+pub const DEFAULT_SCOPES: &[&str] = &["tunnels:read", "tunnels:write"];
+
+/// An API error: status, stable code, and a message that says what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
     /// HTTP status.
     pub status: StatusCode,
-    /// Stable code.
+    /// Stable snake_case code.
     pub code: String,
     /// What happened and what to do.
     pub message: String,
@@ -44,10 +63,38 @@ impl ApiError {
     }
 
     fn token(e: TokenError, what: &str) -> ApiError {
+        let fix = match e {
+            TokenError::Expired | TokenError::UnknownKid(_) => "obtain a new one",
+            TokenError::NotYetValid => "check the clocks of control and this machine",
+            _ => "pass the right token",
+        };
         ApiError::new(
             StatusCode::UNAUTHORIZED,
             e.code(),
-            format!("the {what} was refused: {e}; obtain a new one"),
+            format!("the {what} was refused: {e}; {fix}"),
+        )
+    }
+
+    fn internal(e: impl std::fmt::Display) -> ApiError {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("control failed: {e}; retry, and report it if it persists"),
+        )
+    }
+
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        tracing::warn!(error = %e, "store operation failed");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            format!("{e}; retry shortly"),
         )
     }
 }
@@ -56,71 +103,22 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (
             self.status,
-            Json(serde_json::json!({"error": {"code": self.code, "message": self.message}})),
+            Json(ErrorBody {
+                error: ErrorDetail {
+                    code: self.code,
+                    message: self.message,
+                },
+            }),
         )
             .into_response()
     }
 }
 
-/// `POST /tunnels/create` request.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateRequest {
-    /// Name to claim.
-    pub requested_name: Option<String>,
-    /// Transports the agent can use (`wss`, `ws`).
-    #[serde(default)]
-    pub preferred_transports: Vec<String>,
-    /// Region preference.
-    pub region_hint: Option<String>,
-    /// Requested recreate token lifetime (clamped).
-    pub recreate_token_ttl_seconds: Option<u64>,
-    /// Management token.
-    pub management_token: Option<String>,
-    /// Recreate token from an earlier create.
-    pub recreate_token: Option<String>,
-}
-
-/// One candidate edge.
-#[derive(Debug, Serialize)]
-pub struct Candidate {
-    /// Edge id.
-    pub edge_id: String,
-    /// URL to connect to.
-    pub edge_url: String,
-    /// `wss` or `ws`.
-    pub supported_transport: String,
-    /// Region.
-    pub region: String,
-    /// Why it is in this position.
-    pub note: String,
-}
-
-/// `POST /tunnels/create` response.
-#[derive(Debug, Serialize)]
-pub struct CreateResponse {
-    /// Tunnel id.
-    pub tunnel_id: String,
-    /// `NAME.<domain>`.
-    pub public_hostname: String,
-    /// The URL viewers open.
-    pub public_url: String,
-    /// Ordered candidate edges.
-    pub candidates: Vec<Candidate>,
-    /// Token for the edge handshake.
-    pub ephemeral_token: String,
-    /// Token to get this tunnel back.
-    pub recreate_token: String,
-    /// When the ephemeral token (and so the candidate list) expires, RFC 3339.
-    pub candidates_expires_at: String,
-    /// Notes (e.g. a clamped TTL).
-    pub note: String,
-}
-
 /// Unix seconds as RFC 3339.
 pub fn rfc3339(unix: u64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix as i64)
+    i64::try_from(unix)
         .ok()
+        .and_then(|u| time::OffsetDateTime::from_unix_timestamp(u).ok())
         .and_then(|t| {
             t.format(&time::format_description::well_known::Rfc3339)
                 .ok()
@@ -128,12 +126,22 @@ pub fn rfc3339(unix: u64) -> String {
         .unwrap_or_default()
 }
 
-/// The token in an `Authorization: Bearer …` value.
+/// The token in an `Authorization: Bearer …` value (the scheme is case-insensitive).
 pub fn bearer_value(v: &str) -> Option<String> {
-    let t = v
-        .strip_prefix("Bearer ")
-        .or_else(|| v.strip_prefix("bearer "))?;
-    Some(t.trim().to_string())
+    let (scheme, token) = v.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then(|| token.to_string())
+}
+
+/// A tunnel record as the APIs show it.
+pub fn tunnel_view(control: &Control, r: &TunnelRecord) -> Tunnel {
+    Tunnel {
+        tunnel_id: r.tunnel_id.clone(),
+        name: r.name.clone(),
+        public_hostname: format!("{}.{}", r.name, control.config().domain),
+        created_at: rfc3339(r.created_at),
+        expires_at: rfc3339(r.expires_at),
+    }
 }
 
 fn management(
@@ -152,8 +160,7 @@ fn management(
 
 /// Checks that `bearer` is a management token with `tunnels:read`.
 pub fn require_read(control: &Control, bearer: Option<String>) -> Result<(), ApiError> {
-    let m = management(control, bearer)?;
-    require_scope(&m, "tunnels:read")
+    require_scope(&management(control, bearer)?, "tunnels:read")
 }
 
 fn require_scope(m: &Option<ManagementClaims>, scope: &str) -> Result<(), ApiError> {
@@ -162,7 +169,9 @@ fn require_scope(m: &Option<ManagementClaims>, scope: &str) -> Result<(), ApiErr
         Some(_) => Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
-            format!("the management token lacks the '{scope}' scope; issue one that has it"),
+            format!(
+                "the management token lacks the '{scope}' scope; issue one that has it (POST /auth/token)"
+            ),
         )),
         None => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -182,64 +191,100 @@ fn name_error(name: &str, e: NameError) -> ApiError {
         NameError::Reserved => ApiError::new(
             StatusCode::BAD_REQUEST,
             "name_reserved",
-            format!("the name '{name}' is reserved; choose another"),
+            format!("the name '{name}' is reserved for the service itself; choose another"),
         ),
     }
 }
 
-fn new_tunnel_id() -> String {
+fn name_taken(name: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "name_taken",
+        format!(
+            "the name '{name}' is held by another tunnel; pass its recreate token or a management token with the names:claim scope, or choose another name"
+        ),
+    )
+}
+
+/// A fresh tunnel id: `tun_` and 26 hex digits (104 random bits).
+pub fn new_tunnel_id() -> String {
     let r: u128 = rand::random();
     format!("tun_{:026x}", r & ((1u128 << 104) - 1))
 }
 
-/// Orders candidates: the region hint first, then the configured order.
-fn candidates(
+fn transport_of(url: &str) -> &'static str {
+    if url.starts_with("wss://") {
+        "wss"
+    } else {
+        "ws"
+    }
+}
+
+/// Orders candidates: edges of the hinted region first, then the order of `edges`
+/// (configured edges in configured order, then edges known only from their reports).
+/// Edges offering none of the preferred transports are left out, unless that would
+/// leave none (then the note says so, and the agent tries what there is).
+pub fn candidates(
     edges: &[EdgeEntry],
     region_hint: Option<&str>,
     transports: &[String],
-) -> Vec<Candidate> {
+) -> (Vec<Candidate>, Option<String>) {
     let mut v: Vec<&EdgeEntry> = edges.iter().collect();
     if let Some(r) = region_hint {
         v.sort_by_key(|e| e.region != r);
     }
-    v.into_iter()
-        .filter(|e| {
-            let t = if e.edge_url.starts_with("wss://") {
-                "wss"
-            } else {
-                "ws"
-            };
-            transports.is_empty() || transports.iter().any(|p| p == t)
-        })
+    let wanted = |e: &&EdgeEntry| {
+        transports.is_empty()
+            || transports
+                .iter()
+                .any(|t| t.eq_ignore_ascii_case(transport_of(&e.edge_url)))
+    };
+    let mut note = None;
+    if !v.iter().any(wanted) && !v.is_empty() {
+        note = Some(format!(
+            "no edge offers the preferred transports ({}); these offer {}",
+            transports.join(", "),
+            transport_of(&v[0].edge_url)
+        ));
+    } else {
+        v.retain(wanted);
+    }
+    let hint_matched = region_hint.is_some_and(|r| v.iter().any(|e| e.region == r));
+    let list = v
+        .into_iter()
         .take(MAX_CANDIDATES)
-        .map(|e| {
+        .enumerate()
+        .map(|(i, e)| {
             let in_region = region_hint.is_some_and(|r| r == e.region);
             Candidate {
                 edge_id: e.edge_id.clone(),
                 edge_url: e.edge_url.clone(),
-                supported_transport: if e.edge_url.starts_with("wss://") {
-                    "wss"
-                } else {
-                    "ws"
-                }
-                .into(),
+                supported_transport: transport_of(&e.edge_url).into(),
                 region: e.region.clone(),
-                note: if in_region {
-                    "in the requested region".into()
-                } else {
-                    String::new()
+                note: match (in_region, region_hint, i) {
+                    (true, _, _) => "in the requested region".into(),
+                    (false, Some(r), 0) if !hint_matched => {
+                        format!("no edge in region '{r}'; nearest configured")
+                    }
+                    (false, _, 0) => "primary".into(),
+                    _ => "fallback".into(),
                 },
             }
         })
-        .collect()
+        .collect();
+    (list, note)
 }
 
 /// Creates a tunnel, or gets one back with a recreate token.
-pub fn create(
+///
+/// A requested name is given when it is free, when the caller shows a recreate token
+/// for it, or with a management token holding `names:claim` (which takes it over, the
+/// same tunnel id included). A recreate token alone gives back its tunnel id and name.
+pub async fn create(
     control: &Control,
     bearer: Option<String>,
-    req: CreateRequest,
-) -> Result<CreateResponse, ApiError> {
+    req: CreateTunnelRequest,
+) -> Result<CreateTunnelResponse, ApiError> {
     let cfg = control.config();
     let mgmt = management(control, req.management_token.clone().or(bearer))?;
     if cfg.require_token {
@@ -254,8 +299,9 @@ pub fn create(
         ),
         None => None,
     };
+    let now = now_unix();
     if let Some(r) = &recreate
-        && control.store().is_revoked(&r.sub, now_unix())
+        && control.store().is_revoked(&r.sub, now).await?
     {
         return Err(ApiError::new(
             StatusCode::GONE,
@@ -266,50 +312,71 @@ pub fn create(
             ),
         ));
     }
-    let mut notes = Vec::new();
-    let max = cfg.recreate_ttl_max.as_secs();
+    if let Some(name) = &req.requested_name {
+        names::validate(name).map_err(|e| name_error(name, e))?;
+    }
+
+    // Candidates before the name: a name is never held for a caller who gets nothing.
+    let (cands, cand_note) = candidates(
+        &control.candidate_edges(),
+        req.region_hint.as_deref(),
+        &req.preferred_transports,
+    );
+    if cands.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_edges",
+            "no edge is available; retry shortly, and check that edges are running and linked to control",
+        ));
+    }
+
+    let mut notes: Vec<String> = cand_note.into_iter().collect();
+    let max = cfg.recreate_ttl_max.as_secs().max(MIN_RECREATE_TTL_SECS);
     let ttl = match req.recreate_token_ttl_seconds {
-        Some(0) | None => cfg.recreate_ttl_default.as_secs().min(max),
+        None | Some(0) => cfg
+            .recreate_ttl_default
+            .as_secs()
+            .clamp(MIN_RECREATE_TTL_SECS, max),
         Some(t) if t > max => {
             notes.push(format!(
-                "recreate_token_ttl_seconds clamped from {t} to {max}"
+                "recreate_token_ttl_seconds clamped from {t} to the maximum {max}"
             ));
             max
         }
+        Some(t) if t < MIN_RECREATE_TTL_SECS => {
+            notes.push(format!(
+                "recreate_token_ttl_seconds raised from {t} to the minimum {MIN_RECREATE_TTL_SECS}"
+            ));
+            MIN_RECREATE_TTL_SECS
+        }
         Some(t) => t,
     };
-    let now = now_unix();
     let force = mgmt.as_ref().is_some_and(|m| m.allows("names:claim"));
+    let store = control.store();
 
     let record: TunnelRecord = match (&req.requested_name, &recreate) {
-        (Some(name), _) => {
-            names::validate(name).map_err(|e| name_error(name, e))?;
-            let id = match &recreate {
-                Some(r) if r.name == *name => r.sub.clone(),
-                _ => control
-                    .store()
-                    .by_name(name, now)
-                    .filter(|_| force)
-                    .map(|r| r.tunnel_id)
-                    .unwrap_or_else(new_tunnel_id),
-            };
-            match control.store().claim(name, &id, now, now + ttl, force) {
-                Claim::Won(r) => r,
-                Claim::Taken(_) => {
-                    return Err(ApiError::new(
-                        StatusCode::CONFLICT,
-                        "name_taken",
-                        format!(
-                            "the name '{name}' is held by another tunnel; pass its recreate token or a management token with the names:claim scope, or choose another name"
-                        ),
-                    ));
-                }
+        (Some(name), Some(r)) if r.name == *name => {
+            match store.claim(name, &r.sub, now, now + ttl, force).await? {
+                Claim::Won(rec) => rec,
+                Claim::Taken(_) => return Err(name_taken(name)),
             }
         }
-        (None, Some(r)) => match control
-            .store()
-            .claim(&r.name, &r.sub, now, now + ttl, false)
-        {
+        (Some(name), _) => {
+            let id = if force {
+                store
+                    .by_name(name, now)
+                    .await?
+                    .map(|r| r.tunnel_id)
+                    .unwrap_or_else(new_tunnel_id)
+            } else {
+                new_tunnel_id()
+            };
+            match store.claim(name, &id, now, now + ttl, force).await? {
+                Claim::Won(rec) => rec,
+                Claim::Taken(_) => return Err(name_taken(name)),
+            }
+        }
+        (None, Some(r)) => match store.claim(&r.name, &r.sub, now, now + ttl, false).await? {
             Claim::Won(rec) => rec,
             Claim::Taken(_) => {
                 return Err(ApiError::new(
@@ -324,12 +391,11 @@ pub fn create(
         },
         (None, None) => {
             let mut won = None;
-            for _ in 0..16 {
+            for _ in 0..RANDOM_NAME_ATTEMPTS {
                 let n = names::random();
-                if let Claim::Won(r) =
-                    control
-                        .store()
-                        .claim(&n, &new_tunnel_id(), now, now + ttl, false)
+                if let Claim::Won(r) = store
+                    .claim(&n, &new_tunnel_id(), now, now + ttl, false)
+                    .await?
                 {
                     won = Some(r);
                     break;
@@ -339,52 +405,41 @@ pub fn create(
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "names_exhausted",
-                    "could not find a free random name; retry",
+                    "could not find a free random name; retry, or request a name",
                 )
             })?
         }
     };
 
-    let keys = control.keys();
     let eph_ttl = cfg.ephemeral_ttl.as_secs();
-    let sign_err = |e: TokenError| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "signing_failed",
-            e.to_string(),
-        )
+    let (ephemeral, recreate_token) = {
+        let keys = control.keys();
+        let e = keys
+            .sign_ephemeral(&EphemeralClaims::new_at(
+                now,
+                &cfg.issuer,
+                &record.tunnel_id,
+                &record.name,
+                eph_ttl,
+            ))
+            .map_err(ApiError::internal)?;
+        let r = keys
+            .sign_recreate(&RecreateClaims::new_at(
+                now,
+                &cfg.issuer,
+                &record.tunnel_id,
+                &record.name,
+                ttl,
+            ))
+            .map_err(ApiError::internal)?;
+        (e, r)
     };
-    let ephemeral = keys
-        .sign_ephemeral(&EphemeralClaims::new(
-            &cfg.issuer,
-            &record.tunnel_id,
-            &record.name,
-            eph_ttl,
-        ))
-        .map_err(sign_err)?;
-    let recreate_token = keys
-        .sign_recreate(&RecreateClaims::new(
-            &cfg.issuer,
-            &record.tunnel_id,
-            &record.name,
-            ttl,
-        ))
-        .map_err(sign_err)?;
-    drop(keys);
-    let cands = candidates(
-        &control.candidate_edges(),
-        req.region_hint.as_deref(),
-        &req.preferred_transports,
-    );
-    if cands.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no_edges",
-            "no edge is available for the requested transports; retry shortly, or check that edges are running",
-        ));
-    }
-    notes.push(format!("recreate token valid for {ttl} s"));
-    Ok(CreateResponse {
+    notes.push(format!(
+        "recreate token valid for {ttl} s; the name is held until {}",
+        rfc3339(record.expires_at)
+    ));
+    tracing::info!(tunnel = %record.tunnel_id, name = %record.name, recreated = recreate.is_some(), "tunnel created");
+    Ok(CreateTunnelResponse {
         public_hostname: format!("{}.{}", record.name, cfg.domain),
         public_url: cfg.public_url_template.replace("{name}", &record.name),
         tunnel_id: record.tunnel_id,
@@ -396,170 +451,171 @@ pub fn create(
     })
 }
 
-/// `POST /tunnels/delete` request.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeleteRequest {
-    /// Tunnel to delete.
-    pub tunnel_id: Option<String>,
-    /// Or by name.
-    pub name: Option<String>,
-    /// The tunnel's recreate token (instead of a management token).
-    pub recreate_token: Option<String>,
-}
-
-/// Deletes a tunnel: frees its name, refuses its recreate token from now on and
-/// disconnects its agents.
-pub fn delete(
+/// Deletes a tunnel: refuses its recreate tokens from now on, frees its name and tells
+/// every subscriber ([`Control::subscribe_deletions`]) so its agents are disconnected.
+/// Needs `tunnels:write`, or the tunnel's own recreate token.
+pub async fn delete(
     control: &Control,
     bearer: Option<String>,
-    req: DeleteRequest,
+    req: DeleteTunnelRequest,
 ) -> Result<TunnelRecord, ApiError> {
     let now = now_unix();
-    let record = find(control, req.tunnel_id.as_deref(), req.name.as_deref(), now)?;
-    let allowed = match &req.recreate_token {
-        Some(t) => {
-            let c = control
+    let own = match &req.recreate_token {
+        Some(t) => Some(
+            control
                 .verifier()
                 .verify_recreate(t)
-                .map_err(|e| ApiError::token(e, "recreate token"))?;
-            c.sub == record.tunnel_id
-        }
+                .map_err(|e| ApiError::token(e, "recreate token"))?,
+        ),
         None => {
-            let m = management(control, bearer)?;
-            require_scope(&m, "tunnels:write")?;
-            true
+            require_scope(&management(control, bearer)?, "tunnels:write")?;
+            None
         }
     };
-    if !allowed {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "the recreate token is for another tunnel",
-        ));
-    }
-    control.store().remove(&record.tunnel_id);
-    // Recreate tokens for it stay refused until the longest of them would expire.
-    control.store().revoke(
-        &record.tunnel_id,
-        now + control.config().recreate_ttl_max.as_secs(),
-    );
+    let found = match (req.tunnel_id.as_deref(), req.name.as_deref(), &own) {
+        (Some(id), _, _) => control.store().by_id(id, now).await?,
+        (None, Some(n), _) => control.store().by_name(n, now).await?,
+        (None, None, Some(c)) => control.store().by_id(&c.sub, now).await?,
+        (None, None, None) => {
+            return Err(ApiError::bad_request(
+                "give tunnel_id or name (or the tunnel's recreate_token)",
+            ));
+        }
+    };
+    let record = match (found, &own) {
+        (Some(r), Some(c)) if r.tunnel_id != c.sub => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "the recreate token is for another tunnel; pass that tunnel's recreate token or a management token",
+            ));
+        }
+        (Some(r), _) => r,
+        // The name has lapsed but the token could still bring the tunnel back: revoke it.
+        (None, Some(c))
+            if req.tunnel_id.as_deref().is_none_or(|id| id == c.sub)
+                && req.name.as_deref().is_none_or(|n| n == c.name) =>
+        {
+            TunnelRecord {
+                tunnel_id: c.sub.clone(),
+                name: c.name.clone(),
+                created_at: c.iat,
+                expires_at: now,
+            }
+        }
+        (None, _) => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "tunnel_not_found",
+                "no such tunnel; list tunnels with GET /tunnels/list (or ListTunnels)",
+            ));
+        }
+    };
+    // Revoke first, so a create racing this delete cannot bring the tunnel back.
+    let until = now + control.config().recreate_ttl_max.as_secs();
+    control.store().revoke(&record.tunnel_id, until).await?;
+    control.store().remove(&record.tunnel_id).await?;
     control.announce_deletion(&record.tunnel_id);
     tracing::info!(tunnel = %record.tunnel_id, name = %record.name, "tunnel deleted");
     Ok(record)
 }
 
-/// The live tunnel with `tunnel_id`, or else with `name`.
-fn find(
-    control: &Control,
-    tunnel_id: Option<&str>,
-    name: Option<&str>,
-    now: u64,
-) -> Result<TunnelRecord, ApiError> {
-    match (tunnel_id, name) {
-        (Some(id), _) => control.store().by_id(id, now),
-        (None, Some(n)) => control.store().by_name(n, now),
-        (None, None) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                "give tunnel_id or name",
-            ));
-        }
-    }
-    .ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "tunnel_not_found",
-            "no such tunnel; list tunnels (GET /tunnels/list or ListTunnels)",
-        )
-    })
-}
-
-/// One tunnel by id or name.
-pub fn get(
+/// One tunnel by id or name. Needs `tunnels:read`.
+pub async fn get(
     control: &Control,
     bearer: Option<String>,
     tunnel_id: Option<&str>,
     name: Option<&str>,
 ) -> Result<TunnelRecord, ApiError> {
     require_read(control, bearer)?;
-    find(control, tunnel_id, name, now_unix())
+    let now = now_unix();
+    match (tunnel_id, name) {
+        (Some(id), _) => control.store().by_id(id, now).await?,
+        (None, Some(n)) => control.store().by_name(n, now).await?,
+        (None, None) => return Err(ApiError::bad_request("give tunnel_id or name")),
+    }
+    .ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "tunnel_not_found",
+            "no such tunnel; list tunnels with GET /tunnels/list (or ListTunnels)",
+        )
+    })
 }
 
-/// `GET /tunnels/list` query.
-#[derive(Debug, Deserialize)]
-pub struct ListQuery {
-    /// Only names starting with this.
-    #[serde(default)]
-    pub prefix: String,
-    /// Page size (default 100, at most 500).
-    pub limit: Option<usize>,
-    /// `next_cursor` of the previous page.
-    pub cursor: Option<String>,
-}
-
-/// A page of tunnels, and the cursor of the next page.
-pub fn list(
+/// A page of tunnels ordered by name. Needs `tunnels:read`.
+pub async fn list(
     control: &Control,
     bearer: Option<String>,
-    q: ListQuery,
-) -> Result<(Vec<TunnelRecord>, Option<String>), ApiError> {
-    let m = management(control, bearer)?;
-    require_scope(&m, "tunnels:read")?;
-    let limit = q.limit.unwrap_or(100).clamp(1, MAX_LIST_LIMIT);
+    q: ListTunnelsQuery,
+) -> Result<ListTunnelsResponse, ApiError> {
+    require_read(control, bearer)?;
+    let limit = q
+        .limit
+        .unwrap_or(DEFAULT_LIST_LIMIT)
+        .clamp(1, MAX_LIST_LIMIT);
     let mut page = control
         .store()
-        .list(&q.prefix, q.cursor.as_deref(), limit + 1, now_unix());
+        .list(&q.prefix, q.cursor.as_deref(), limit + 1, now_unix())
+        .await?;
     let next = (page.len() > limit).then(|| page[limit - 1].name.clone());
     page.truncate(limit);
-    Ok((page, next))
+    Ok(ListTunnelsResponse {
+        tunnels: page.iter().map(|r| tunnel_view(control, r)).collect(),
+        next_cursor: next,
+    })
 }
 
-/// `POST /auth/token` request.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokenRequest {
-    /// Scopes (default: tunnels:read, tunnels:write).
-    pub scopes: Option<Vec<String>>,
-    /// Lifetime (default 24 h, at most the default).
-    pub ttl_seconds: Option<u64>,
-    /// Who the token is for (logs).
-    pub subject: Option<String>,
+/// Compares secrets in time independent of where they differ (and, by hashing first,
+/// of their lengths).
+fn secrets_equal(a: &str, b: &str) -> bool {
+    use aws_lc_rs::digest::{SHA256, digest};
+    let (a, b) = (digest(&SHA256, a.as_bytes()), digest(&SHA256, b.as_bytes()));
+    aws_lc_rs::constant_time::verify_slices_are_equal(a.as_ref(), b.as_ref()).is_ok()
 }
 
-/// Scopes a management token may carry.
-pub const SCOPES: &[&str] = &["tunnels:read", "tunnels:write", "names:claim", "admin"];
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// A management token, for the bootstrap credential.
-pub fn issue_token(
+/// A management token, for the bootstrap credential (the bearer).
+pub async fn issue_token(
     control: &Control,
     bearer: Option<String>,
-    req: TokenRequest,
-) -> Result<IssuedToken, ApiError> {
+    req: IssueTokenRequest,
+) -> Result<IssueTokenResponse, ApiError> {
     let cfg = control.config();
     let Some(boot) = &cfg.bootstrap_token else {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "bootstrap_disabled",
-            "no bootstrap credential is configured; set NETBORE_BOOTSTRAP_TOKEN (or its file) on control",
+            "no bootstrap credential is configured; set NETBORE_BOOTSTRAP_TOKEN (or --bootstrap-token-file) on control",
         ));
     };
-    let given = bearer.unwrap_or_default();
-    if !constant_time_eq(given.as_bytes(), boot.expose().as_bytes()) {
+    let Some(given) = bearer else {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "send the bootstrap credential as 'Authorization: Bearer <credential>'",
         ));
+    };
+    if !secrets_equal(&given, boot.expose()) {
+        tracing::warn!("a management token was refused: wrong bootstrap credential");
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "bad_credential",
+            "the bootstrap credential is wrong; use the value control was started with (NETBORE_BOOTSTRAP_TOKEN)",
+        ));
     }
     let scopes = req
         .scopes
-        .unwrap_or_else(|| vec!["tunnels:read".into(), "tunnels:write".into()]);
+        .unwrap_or_else(|| DEFAULT_SCOPES.iter().map(|s| s.to_string()).collect());
+    if scopes.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_scope",
+            format!(
+                "a token needs at least one scope; known scopes: {}",
+                SCOPES.join(", ")
+            ),
+        ));
+    }
     if let Some(bad) = scopes.iter().find(|s| !SCOPES.contains(&s.as_str())) {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -567,48 +623,96 @@ pub fn issue_token(
             format!("unknown scope '{bad}'; known scopes: {}", SCOPES.join(", ")),
         ));
     }
+    let max = cfg.management_ttl.as_secs().max(MIN_MANAGEMENT_TTL_SECS);
     let ttl = req
         .ttl_seconds
-        .unwrap_or(cfg.management_ttl.as_secs())
-        .clamp(60, cfg.management_ttl.as_secs());
-    let claims = ManagementClaims::new(
-        &cfg.issuer,
-        req.subject.as_deref().unwrap_or("bootstrap"),
-        scopes.clone(),
-        ttl,
-    );
-    let token = control.keys().sign_management(&claims).map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "signing_failed",
-            e.to_string(),
-        )
-    })?;
-    Ok(IssuedToken {
+        .unwrap_or(max)
+        .clamp(MIN_MANAGEMENT_TTL_SECS, max);
+    let subject = req.subject.unwrap_or_else(|| "bootstrap".into());
+    let claims = ManagementClaims::new(&cfg.issuer, &subject, scopes.clone(), ttl);
+    let token = control
+        .keys()
+        .sign_management(&claims)
+        .map_err(ApiError::internal)?;
+    tracing::info!(subject = %subject, scopes = ?scopes, ttl, "management token issued");
+    Ok(IssueTokenResponse {
         token,
         scopes,
         expires_at: rfc3339(claims.exp),
     })
 }
 
-/// A management token as issued.
-#[derive(Debug, Serialize)]
-pub struct IssuedToken {
-    /// The token.
-    pub token: String,
-    /// Its scopes.
-    pub scopes: Vec<String>,
-    /// Its expiry, RFC 3339.
-    pub expires_at: String,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// A tunnel record as JSON for APIs.
-pub fn record_json(control: &Control, r: &TunnelRecord) -> serde_json::Value {
-    serde_json::json!({
-        "tunnel_id": r.tunnel_id,
-        "name": r.name,
-        "public_hostname": format!("{}.{}", r.name, control.config().domain),
-        "created_at": rfc3339(r.created_at),
-        "expires_at": rfc3339(r.expires_at),
-    })
+    fn edge(id: &str, url: &str, region: &str) -> EdgeEntry {
+        EdgeEntry {
+            edge_id: id.into(),
+            edge_url: url.into(),
+            region: region.into(),
+        }
+    }
+
+    fn ids(c: &[Candidate]) -> Vec<&str> {
+        c.iter().map(|c| c.edge_id.as_str()).collect()
+    }
+
+    #[test]
+    fn candidates_put_the_hinted_region_first_then_keep_the_configured_order() {
+        let edges = [
+            edge("a", "wss://a/v1/connect", "us"),
+            edge("b", "wss://b/v1/connect", "eu"),
+            edge("c", "wss://c/v1/connect", "us"),
+            edge("d", "wss://d/v1/connect", "eu"),
+        ];
+        let (c, note) = candidates(&edges, None, &[]);
+        assert_eq!(ids(&c), ["a", "b", "c"]);
+        assert!(note.is_none());
+        let (c, _) = candidates(&edges, Some("eu"), &[]);
+        assert_eq!(ids(&c), ["b", "d", "a"]);
+        assert_eq!(c[0].note, "in the requested region");
+        assert_eq!(c[2].note, "fallback");
+        let (c, _) = candidates(&edges, Some("mars"), &[]);
+        assert_eq!(ids(&c), ["a", "b", "c"]);
+        assert!(c[0].note.contains("mars"), "{}", c[0].note);
+    }
+
+    #[test]
+    fn candidates_prefer_the_requested_transport_but_never_come_back_empty() {
+        let edges = [
+            edge("plain", "ws://p/v1/connect", "x"),
+            edge("tls", "wss://t/v1/connect", "x"),
+        ];
+        let (c, _) = candidates(&edges, None, &["wss".into()]);
+        assert_eq!(ids(&c), ["tls"]);
+        assert_eq!(c[0].supported_transport, "wss");
+        let (c, note) = candidates(&edges[..1], None, &["wss".into()]);
+        assert_eq!(ids(&c), ["plain"]);
+        assert!(note.unwrap().contains("preferred transports"));
+        assert!(candidates(&[], None, &[]).0.is_empty());
+    }
+
+    #[test]
+    fn bearer_values_are_parsed_leniently() {
+        assert_eq!(bearer_value("Bearer abc").as_deref(), Some("abc"));
+        assert_eq!(bearer_value("bearer  abc ").as_deref(), Some("abc"));
+        assert_eq!(bearer_value("BEARER abc").as_deref(), Some("abc"));
+        assert_eq!(bearer_value("Basic abc"), None);
+        assert_eq!(bearer_value("Bearer "), None);
+        assert_eq!(bearer_value("abc"), None);
+    }
+
+    #[test]
+    fn secrets_compare_exactly() {
+        assert!(secrets_equal("s3cret", "s3cret"));
+        assert!(!secrets_equal("s3cret", "s3cre"));
+        assert!(!secrets_equal("s3cret", "S3cret"));
+    }
+
+    #[test]
+    fn times_format_as_rfc3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(u64::MAX), "");
+    }
 }

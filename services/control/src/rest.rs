@@ -1,24 +1,31 @@
-//! Control's REST API (JSON in and out). The contract is `docs/control.md`; the logic
-//! is in [`crate::ops`], shared with gRPC.
+//! Control's REST API (JSON in and out). The contract is `docs/control.md`; the types
+//! are in [`crate::api`] and the logic in [`crate::ops`], shared with gRPC.
+//!
+//! Every response that is not a success is `{"error": {"code", "message"}}`, including
+//! malformed bodies, unknown paths and wrong methods, so a client needs one error path.
 
-use axum::extract::{Query, State};
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{FromRequest, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::Control;
-use crate::ops::{
-    self, ApiError, CreateRequest, CreateResponse, DeleteRequest, IssuedToken, ListQuery,
-    TokenRequest,
+use crate::api::{
+    CreateTunnelRequest, CreateTunnelResponse, DeleteTunnelRequest, DeleteTunnelResponse,
+    IssueTokenRequest, IssueTokenResponse, ListTunnelsQuery, ListTunnelsResponse,
 };
+use crate::ops::{self, ApiError};
 
 /// Largest request body control reads.
 pub const MAX_BODY: usize = 64 * 1024;
 
-/// The REST router.
+/// The REST router (no sockets: tests drive it with `oneshot`).
 pub fn rest_router(control: Control) -> Router {
     Router::new()
         .route("/tunnels/create", post(create))
@@ -35,11 +42,19 @@ pub fn rest_router(control: Control) -> Router {
                 "no such endpoint; see docs/control.md for the API",
             )
         })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "wrong method: /tunnels/create, /tunnels/delete and /auth/token take POST; /tunnels/list, /.well-known/jwks.json, /healthz and /readyz take GET",
+            )
+        })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(control)
 }
 
-/// Serves the REST API on `listener` until `shutdown` fires.
+/// Serves the REST API on `listener` until `shutdown` fires, then lets requests in
+/// flight finish (the caller bounds how long it waits).
 pub async fn serve_rest(
     listener: TcpListener,
     control: Control,
@@ -54,59 +69,203 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
     ops::bearer_value(headers.get(header::AUTHORIZATION)?.to_str().ok()?)
 }
 
-fn body<T>(b: Result<Json<T>, axum::extract::rejection::JsonRejection>) -> Result<T, ApiError> {
-    b.map(|Json(v)| v).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            format!("the request body is not valid: {e}"),
-        )
-    })
+/// A JSON body, whatever the `Content-Type` says (so `curl -d '{...}'` works), where
+/// an empty body means `{}`; refusals are [`ApiError`]s.
+struct JsonBody<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|e: BytesRejection| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "body_too_large",
+                        format!("the request body is larger than {MAX_BODY} bytes"),
+                    )
+                } else {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request",
+                        format!("the request body could not be read: {e}"),
+                    )
+                }
+            })?;
+        let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            &bytes
+        };
+        serde_json::from_slice(bytes).map(JsonBody).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("the request body is not the expected JSON: {e}; see docs/control.md"),
+            )
+        })
+    }
 }
 
 async fn create(
     State(control): State<Control>,
     headers: HeaderMap,
-    b: Result<Json<CreateRequest>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<CreateResponse>, ApiError> {
-    ops::create(&control, bearer(&headers), body(b)?).map(Json)
+    JsonBody(req): JsonBody<CreateTunnelRequest>,
+) -> Result<Json<CreateTunnelResponse>, ApiError> {
+    ops::create(&control, bearer(&headers), req).await.map(Json)
 }
 
 async fn delete(
     State(control): State<Control>,
     headers: HeaderMap,
-    b: Result<Json<DeleteRequest>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let r = ops::delete(&control, bearer(&headers), body(b)?)?;
-    Ok(Json(
-        serde_json::json!({"deleted": r.tunnel_id, "name": r.name}),
-    ))
+    JsonBody(req): JsonBody<DeleteTunnelRequest>,
+) -> Result<Json<DeleteTunnelResponse>, ApiError> {
+    let r = ops::delete(&control, bearer(&headers), req).await?;
+    Ok(Json(DeleteTunnelResponse {
+        deleted: r.tunnel_id,
+        name: r.name,
+    }))
 }
 
 async fn list(
     State(control): State<Control>,
     headers: HeaderMap,
-    Query(q): Query<ListQuery>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let (page, next) = ops::list(&control, bearer(&headers), q)?;
-    let tunnels: Vec<_> = page.iter().map(|r| ops::record_json(&control, r)).collect();
-    Ok(Json(
-        serde_json::json!({"tunnels": tunnels, "next_cursor": next}),
-    ))
+    q: Result<Query<ListTunnelsQuery>, QueryRejection>,
+) -> Result<Json<ListTunnelsResponse>, ApiError> {
+    let Query(q) = q.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!(
+                "{}; the query takes prefix, limit and cursor",
+                e.body_text()
+            ),
+        )
+    })?;
+    ops::list(&control, bearer(&headers), q).await.map(Json)
 }
 
 async fn issue_token(
     State(control): State<Control>,
     headers: HeaderMap,
-    b: Option<Json<TokenRequest>>,
-) -> Result<Json<IssuedToken>, ApiError> {
-    let req = b.map(|Json(v)| v).unwrap_or_default();
-    ops::issue_token(&control, bearer(&headers), req).map(Json)
+    JsonBody(req): JsonBody<IssueTokenRequest>,
+) -> Result<Json<IssueTokenResponse>, ApiError> {
+    ops::issue_token(&control, bearer(&headers), req)
+        .await
+        .map(Json)
 }
 
 async fn jwks(State(control): State<Control>) -> impl IntoResponse {
+    // Short caching: verifiers refresh on an unknown kid anyway.
     (
         [(header::CACHE_CONTROL, "max-age=60")],
         Json(control.jwks()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    //! Handlers through `oneshot`, without sockets.
+
+    use super::*;
+    use crate::{ControlConfig, EdgeEntry};
+    use axum::body::Body;
+    use http_body_util::BodyExt;
+    use netbore_tokens::KeySet;
+    use tower::ServiceExt;
+
+    fn app() -> Router {
+        let control = Control::new(
+            ControlConfig {
+                edges: vec![EdgeEntry {
+                    edge_id: "e1".into(),
+                    edge_url: "ws://127.0.0.1:1/v1/connect".into(),
+                    region: "local".into(),
+                }],
+                ..ControlConfig::default()
+            },
+            KeySet::generate(),
+        );
+        rest_router(control)
+    }
+
+    async fn call(
+        app: Router,
+        method: &str,
+        uri: &str,
+        body: &str,
+    ) -> (StatusCode, serde_json::Value) {
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let resp = app.oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    #[tokio::test]
+    async fn create_takes_json_whatever_the_content_type_and_an_empty_body() {
+        let (st, b) = call(
+            app(),
+            "POST",
+            "/tunnels/create",
+            r#"{"requested_name":"x1"}"#,
+        )
+        .await;
+        assert_eq!(st, StatusCode::OK, "{b}");
+        assert_eq!(b["public_hostname"], "x1.localhost");
+        let (st, b) = call(app(), "POST", "/tunnels/create", "").await;
+        assert_eq!(st, StatusCode::OK, "{b}");
+    }
+
+    #[tokio::test]
+    async fn every_refusal_is_a_json_error() {
+        for (method, uri, body, status, code) in [
+            ("POST", "/tunnels/create", "{", 400, "invalid_request"),
+            (
+                "POST",
+                "/tunnels/create",
+                r#"{"nmae":"x"}"#,
+                400,
+                "invalid_request",
+            ),
+            ("GET", "/tunnels/create", "", 405, "method_not_allowed"),
+            ("GET", "/nope", "", 404, "not_found"),
+            ("GET", "/tunnels/list?limit=x", "", 400, "invalid_request"),
+            ("GET", "/tunnels/list", "", 401, "unauthorized"),
+            ("POST", "/auth/token", "", 403, "bootstrap_disabled"),
+        ] {
+            let (st, b) = call(app(), method, uri, body).await;
+            assert_eq!(st.as_u16(), status, "{method} {uri}: {b}");
+            assert_eq!(b["error"]["code"], code, "{method} {uri}: {b}");
+            assert!(
+                !b["error"]["message"].as_str().unwrap().is_empty(),
+                "{method} {uri}"
+            );
+        }
+        let big = format!(r#"{{"requested_name":"{}"}}"#, "a".repeat(MAX_BODY));
+        let (st, b) = call(app(), "POST", "/tunnels/create", &big).await;
+        assert_eq!(st, StatusCode::PAYLOAD_TOO_LARGE, "{b}");
+        assert_eq!(b["error"]["code"], "body_too_large");
+    }
+
+    #[tokio::test]
+    async fn probes_and_jwks_answer() {
+        let (st, _) = call(app(), "GET", "/healthz", "").await;
+        assert_eq!(st, StatusCode::OK);
+        let (st, _) = call(app(), "GET", "/readyz", "").await;
+        assert_eq!(st, StatusCode::OK);
+        let (st, b) = call(app(), "GET", "/.well-known/jwks.json", "").await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(b["keys"][0]["kty"], "OKP");
+    }
 }

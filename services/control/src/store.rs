@@ -1,10 +1,14 @@
 //! Control's state: tunnels and the names they hold.
 //!
-//! Behind a trait so a Redis implementation can replace the in-memory one; every
-//! operation that can race is a single atomic step in the contract (a claim has exactly
-//! one winner; a removal names the tunnel id it removes).
+//! Behind a trait so a Redis implementation can replace the in-memory one. Operations
+//! return futures (a networked store waits on I/O) and may fail with [`StoreError`]
+//! (a networked store can be unreachable). Every operation that can race is one atomic
+//! step in the contract: a claim has exactly one winner, a removal removes only the
+//! record of the tunnel it names, and a tombstone once written stays until its time.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
 
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -31,37 +35,118 @@ pub enum Claim {
     Taken(TunnelRecord),
 }
 
-/// The store's contract.
-pub trait ControlStore: Send + Sync + 'static {
-    /// Claims `name` for `tunnel_id` until `expires_at`: wins when the name is free,
-    /// expired, or already held by `tunnel_id` (which refreshes it); with `force`, takes
-    /// it from another tunnel (an administrator's claim). Atomic.
-    fn claim(&self, name: &str, tunnel_id: &str, now: u64, expires_at: u64, force: bool) -> Claim;
-    /// The live record holding `name`.
-    fn by_name(&self, name: &str, now: u64) -> Option<TunnelRecord>;
-    /// The live record of `tunnel_id`.
-    fn by_id(&self, tunnel_id: &str, now: u64) -> Option<TunnelRecord>;
-    /// Removes `tunnel_id`'s record (only if it still holds its name). Returns it.
-    fn remove(&self, tunnel_id: &str) -> Option<TunnelRecord>;
-    /// Live records whose name starts with `prefix`, ordered by name, after `cursor`.
-    fn list(&self, prefix: &str, after: Option<&str>, limit: usize, now: u64) -> Vec<TunnelRecord>;
-    /// Marks a deleted tunnel so its recreate tokens are refused until `until`.
-    fn revoke(&self, tunnel_id: &str, until: u64);
-    /// True while `tunnel_id` is revoked.
-    fn is_revoked(&self, tunnel_id: &str, now: u64) -> bool;
+/// The store could not do what was asked; nothing was changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The backing service is unreachable or failed; retrying later may work.
+    #[error("the state store is unavailable: {0}")]
+    Unavailable(String),
 }
 
-/// The one-process store.
+/// What every store operation returns.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// The store's contract.
+pub trait ControlStore: Send + Sync + 'static {
+    /// Claims `name` for `tunnel_id` until `expires_at`, atomically: wins when the name
+    /// is free, expired, or already held by `tunnel_id` (which extends it, never
+    /// shortens it); with `force`, takes it from another tunnel (an administrator's
+    /// claim). Of concurrent claims for one free name, exactly one wins.
+    fn claim<'a>(
+        &'a self,
+        name: &'a str,
+        tunnel_id: &'a str,
+        now: u64,
+        expires_at: u64,
+        force: bool,
+    ) -> StoreFuture<'a, Claim>;
+    /// The live (unexpired at `now`) record holding `name`.
+    fn by_name<'a>(&'a self, name: &'a str, now: u64) -> StoreFuture<'a, Option<TunnelRecord>>;
+    /// The live record of `tunnel_id`.
+    fn by_id<'a>(&'a self, tunnel_id: &'a str, now: u64) -> StoreFuture<'a, Option<TunnelRecord>>;
+    /// Removes `tunnel_id`'s record, if it still holds its name, and returns it. Atomic:
+    /// a name another tunnel has claimed meanwhile is left alone.
+    fn remove<'a>(&'a self, tunnel_id: &'a str) -> StoreFuture<'a, Option<TunnelRecord>>;
+    /// Up to `limit` live records whose name starts with `prefix`, ordered by name,
+    /// strictly after the name `after`.
+    fn list<'a>(
+        &'a self,
+        prefix: &'a str,
+        after: Option<&'a str>,
+        limit: usize,
+        now: u64,
+    ) -> StoreFuture<'a, Vec<TunnelRecord>>;
+    /// Marks a deleted tunnel so its recreate tokens are refused until `until`.
+    fn revoke<'a>(&'a self, tunnel_id: &'a str, until: u64) -> StoreFuture<'a, ()>;
+    /// True while `tunnel_id` is revoked.
+    fn is_revoked<'a>(&'a self, tunnel_id: &'a str, now: u64) -> StoreFuture<'a, bool>;
+}
+
+/// How often the in-memory store forgets expired names and tombstones (seconds).
+pub const SWEEP_INTERVAL_SECS: u64 = 60;
+
+#[derive(Default)]
+struct State {
+    by_name: BTreeMap<String, TunnelRecord>,
+    /// tunnel id → the name it holds.
+    by_id: HashMap<String, String>,
+    /// tunnel id → refused until.
+    revoked: HashMap<String, u64>,
+    next_sweep: u64,
+}
+
+impl State {
+    fn sweep(&mut self, now: u64) {
+        if now < self.next_sweep {
+            return;
+        }
+        self.next_sweep = now + SWEEP_INTERVAL_SECS;
+        let by_id = &mut self.by_id;
+        self.by_name.retain(|_, r| {
+            let live = r.expires_at > now;
+            if !live {
+                by_id.remove(&r.tunnel_id);
+            }
+            live
+        });
+        self.revoked.retain(|_, until| *until > now);
+    }
+
+    fn insert(&mut self, r: TunnelRecord) {
+        if let Some(old) = self.by_name.insert(r.name.clone(), r.clone()) {
+            self.by_id.remove(&old.tunnel_id);
+        }
+        // A tunnel holds one name: if it held another, that one is released.
+        if let Some(prev) = self.by_id.insert(r.tunnel_id.clone(), r.name.clone())
+            && prev != r.name
+        {
+            self.by_name.remove(&prev);
+        }
+    }
+}
+
+/// The one-process store: a mutex around maps, so every operation is atomic.
 #[derive(Default)]
 pub struct MemoryStore {
-    by_name: Mutex<BTreeMap<String, TunnelRecord>>,
-    revoked: Mutex<std::collections::HashMap<String, u64>>,
+    state: Mutex<State>,
+}
+
+fn ready<'a, T: Send + 'a>(v: T) -> StoreFuture<'a, T> {
+    Box::pin(std::future::ready(Ok(v)))
 }
 
 impl ControlStore for MemoryStore {
-    fn claim(&self, name: &str, tunnel_id: &str, now: u64, expires_at: u64, force: bool) -> Claim {
-        let mut m = self.by_name.lock();
-        match m.get_mut(name) {
+    fn claim<'a>(
+        &'a self,
+        name: &'a str,
+        tunnel_id: &'a str,
+        now: u64,
+        expires_at: u64,
+        force: bool,
+    ) -> StoreFuture<'a, Claim> {
+        let mut st = self.state.lock();
+        st.sweep(now);
+        let out = match st.by_name.get_mut(name) {
             Some(r) if r.expires_at > now && r.tunnel_id != tunnel_id && !force => {
                 Claim::Taken(r.clone())
             }
@@ -76,58 +161,79 @@ impl ControlStore for MemoryStore {
                     created_at: now,
                     expires_at,
                 };
-                m.insert(name.into(), r.clone());
+                st.insert(r.clone());
                 Claim::Won(r)
             }
-        }
+        };
+        ready(out)
     }
 
-    fn by_name(&self, name: &str, now: u64) -> Option<TunnelRecord> {
-        self.by_name
-            .lock()
-            .get(name)
-            .filter(|r| r.expires_at > now)
-            .cloned()
+    fn by_name<'a>(&'a self, name: &'a str, now: u64) -> StoreFuture<'a, Option<TunnelRecord>> {
+        let st = self.state.lock();
+        ready(st.by_name.get(name).filter(|r| r.expires_at > now).cloned())
     }
 
-    fn by_id(&self, tunnel_id: &str, now: u64) -> Option<TunnelRecord> {
-        self.by_name
-            .lock()
-            .values()
-            .find(|r| r.tunnel_id == tunnel_id && r.expires_at > now)
-            .cloned()
+    fn by_id<'a>(&'a self, tunnel_id: &'a str, now: u64) -> StoreFuture<'a, Option<TunnelRecord>> {
+        let st = self.state.lock();
+        let r = st
+            .by_id
+            .get(tunnel_id)
+            .and_then(|n| st.by_name.get(n))
+            .filter(|r| r.tunnel_id == tunnel_id && r.expires_at > now)
+            .cloned();
+        ready(r)
     }
 
-    fn remove(&self, tunnel_id: &str) -> Option<TunnelRecord> {
-        let mut m = self.by_name.lock();
-        let name = m
-            .iter()
-            .find(|(_, r)| r.tunnel_id == tunnel_id)
-            .map(|(n, _)| n.clone())?;
-        m.remove(&name)
+    fn remove<'a>(&'a self, tunnel_id: &'a str) -> StoreFuture<'a, Option<TunnelRecord>> {
+        let mut st = self.state.lock();
+        let r = match st.by_id.remove(tunnel_id) {
+            Some(name)
+                if st
+                    .by_name
+                    .get(&name)
+                    .is_some_and(|r| r.tunnel_id == tunnel_id) =>
+            {
+                st.by_name.remove(&name)
+            }
+            _ => None,
+        };
+        ready(r)
     }
 
-    fn list(&self, prefix: &str, after: Option<&str>, limit: usize, now: u64) -> Vec<TunnelRecord> {
-        let m = self.by_name.lock();
-        m.range(after.map(|a| a.to_string()).unwrap_or_default()..)
-            .filter(|(n, _)| after.is_none_or(|a| n.as_str() > a))
-            .filter(|(n, r)| n.starts_with(prefix) && r.expires_at > now)
+    fn list<'a>(
+        &'a self,
+        prefix: &'a str,
+        after: Option<&'a str>,
+        limit: usize,
+        now: u64,
+    ) -> StoreFuture<'a, Vec<TunnelRecord>> {
+        use std::ops::Bound;
+        let st = self.state.lock();
+        let start = match after {
+            Some(a) if a >= prefix => Bound::Excluded(a.to_string()),
+            _ => Bound::Included(prefix.to_string()),
+        };
+        let page = st
+            .by_name
+            .range((start, Bound::Unbounded))
+            .take_while(|(n, _)| n.starts_with(prefix))
+            .filter(|(_, r)| r.expires_at > now)
             .take(limit)
             .map(|(_, r)| r.clone())
-            .collect()
+            .collect();
+        ready(page)
     }
 
-    fn revoke(&self, tunnel_id: &str, until: u64) {
-        let mut r = self.revoked.lock();
-        // Forget expired tombstones as new ones arrive, so the map stays bounded by
-        // the deletions of one recreate-token lifetime.
-        let now = netbore_tokens::now_unix();
-        r.retain(|_, u| *u > now);
-        r.insert(tunnel_id.to_string(), until);
+    fn revoke<'a>(&'a self, tunnel_id: &'a str, until: u64) -> StoreFuture<'a, ()> {
+        let mut st = self.state.lock();
+        let until = st.revoked.get(tunnel_id).map_or(until, |u| (*u).max(until));
+        st.revoked.insert(tunnel_id.to_string(), until);
+        ready(())
     }
 
-    fn is_revoked(&self, tunnel_id: &str, now: u64) -> bool {
-        self.revoked.lock().get(tunnel_id).is_some_and(|u| *u > now)
+    fn is_revoked<'a>(&'a self, tunnel_id: &'a str, now: u64) -> StoreFuture<'a, bool> {
+        let st = self.state.lock();
+        ready(st.revoked.get(tunnel_id).is_some_and(|u| *u > now))
     }
 }
 
@@ -135,39 +241,81 @@ impl ControlStore for MemoryStore {
 mod tests {
     use super::*;
 
-    #[test]
-    fn claims_have_one_winner_and_expire() {
-        let s = MemoryStore::default();
-        assert!(matches!(s.claim("a", "t1", 10, 100, false), Claim::Won(_)));
-        assert!(matches!(
-            s.claim("a", "t2", 20, 100, false),
-            Claim::Taken(_)
-        ));
-        assert!(matches!(s.claim("a", "t1", 20, 200, false), Claim::Won(r) if r.expires_at == 200));
-        assert!(matches!(s.claim("a", "t2", 201, 300, false), Claim::Won(_)));
-        assert!(matches!(s.claim("a", "t3", 202, 300, true), Claim::Won(_)));
-        assert_eq!(s.by_name("a", 203).unwrap().tunnel_id, "t3");
-        assert!(s.remove("t2").is_none());
-        assert!(s.remove("t3").is_some());
-        assert!(s.by_name("a", 203).is_none());
+    async fn won(s: &MemoryStore, name: &str, id: &str, now: u64, exp: u64, force: bool) -> bool {
+        matches!(
+            s.claim(name, id, now, exp, force).await.unwrap(),
+            Claim::Won(_)
+        )
     }
 
-    #[test]
-    fn list_pages_by_name() {
+    #[tokio::test]
+    async fn claims_have_one_winner_and_expire() {
         let s = MemoryStore::default();
-        for n in ["b", "a", "c", "ab"] {
-            s.claim(n, &format!("t-{n}"), 0, 100, false);
+        assert!(won(&s, "a", "t1", 10, 100, false).await);
+        assert!(!won(&s, "a", "t2", 20, 100, false).await);
+        // The holder extends its hold.
+        assert!(
+            matches!(s.claim("a", "t1", 20, 200, false).await.unwrap(), Claim::Won(r) if r.expires_at == 200)
+        );
+        // After expiry, anyone.
+        assert!(won(&s, "a", "t2", 201, 300, false).await);
+        // An administrator's claim takes it.
+        assert!(won(&s, "a", "t3", 202, 300, true).await);
+        assert_eq!(s.by_name("a", 203).await.unwrap().unwrap().tunnel_id, "t3");
+        assert!(s.by_id("t2", 203).await.unwrap().is_none());
+        assert!(s.remove("t2").await.unwrap().is_none());
+        assert!(s.remove("t3").await.unwrap().is_some());
+        assert!(s.by_name("a", 203).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn concurrent_claims_of_one_name_have_exactly_one_winner() {
+        let s = std::sync::Arc::new(MemoryStore::default());
+        let mut tasks = Vec::new();
+        for i in 0..32 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                won(&s, "contested", &format!("t{i}"), 1, 100, false).await
+            }));
         }
-        let p1 = s.list("", None, 2, 1);
+        let mut winners = 0;
+        for t in tasks {
+            winners += usize::from(t.await.unwrap());
+        }
+        assert_eq!(winners, 1);
+    }
+
+    #[tokio::test]
+    async fn list_pages_by_name_within_the_prefix() {
+        let s = MemoryStore::default();
+        for n in ["b", "a", "c", "ab", "ba"] {
+            s.claim(n, &format!("t-{n}"), 0, 100, false).await.unwrap();
+        }
+        let names = |v: Vec<TunnelRecord>| v.into_iter().map(|r| r.name).collect::<Vec<_>>();
+        assert_eq!(names(s.list("", None, 2, 1).await.unwrap()), ["a", "ab"]);
         assert_eq!(
-            p1.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
-            ["a", "ab"]
+            names(s.list("", Some("ab"), 2, 1).await.unwrap()),
+            ["b", "ba"]
         );
-        let p2 = s.list("", Some("ab"), 2, 1);
-        assert_eq!(
-            p2.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
-            ["b", "c"]
-        );
-        assert_eq!(s.list("a", None, 10, 1).len(), 2);
+        assert_eq!(names(s.list("a", None, 10, 1).await.unwrap()), ["a", "ab"]);
+        assert_eq!(names(s.list("b", Some("b"), 10, 1).await.unwrap()), ["ba"]);
+        // Expired records are not listed.
+        assert!(s.list("", None, 10, 100).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn expired_names_and_tombstones_are_forgotten() {
+        let s = MemoryStore::default();
+        s.claim("old", "t1", 0, 10, false).await.unwrap();
+        s.revoke("t0", 10).await.unwrap();
+        assert!(s.is_revoked("t0", 5).await.unwrap());
+        // The next sweep comes at most SWEEP_INTERVAL_SECS after the first claim.
+        s.claim("new", "t2", SWEEP_INTERVAL_SECS, 1000, false)
+            .await
+            .unwrap();
+        let st = s.state.lock();
+        assert!(!st.by_name.contains_key("old"));
+        assert!(!st.by_id.contains_key("t1"));
+        assert!(st.revoked.is_empty());
     }
 }

@@ -1,0 +1,189 @@
+//! The REST API's JSON types, shared by the server ([`crate::rest`]) and the client
+//! ([`crate::client`]). The contract, field by field, is `docs/control.md`.
+//!
+//! Requests refuse unknown fields, so a misspelt field is an error rather than a
+//! silently ignored wish; optional fields are left out when unset.
+
+use serde::{Deserialize, Serialize};
+
+/// `POST /tunnels/create` request. Every field is optional: `{}` creates a tunnel with a
+/// random name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTunnelRequest {
+    /// The name to claim (a DNS label). Without it, control picks a readable random
+    /// name, or the recreate token's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_name: Option<String>,
+    /// Transports the agent can use, preferred first (`"wss"`, `"ws"`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preferred_transports: Vec<String>,
+    /// Region to prefer; its edges are listed first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region_hint: Option<String>,
+    /// Requested recreate token lifetime; clamped to control's maximum (the response's
+    /// `note` says so).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recreate_token_ttl_seconds: Option<u64>,
+    /// A management token (the `Authorization: Bearer` header works too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub management_token: Option<String>,
+    /// A recreate token from an earlier create: gets the same tunnel and name back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recreate_token: Option<String>,
+}
+
+/// One edge an agent may connect to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Candidate {
+    /// Edge id.
+    pub edge_id: String,
+    /// `ws://` or `wss://` URL to connect to.
+    pub edge_url: String,
+    /// `wss` or `ws`.
+    pub supported_transport: String,
+    /// The edge's region.
+    pub region: String,
+    /// Why it is in this position (may be empty).
+    #[serde(default)]
+    pub note: String,
+}
+
+/// `POST /tunnels/create` response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateTunnelResponse {
+    /// Tunnel id (`sub` of both tokens).
+    pub tunnel_id: String,
+    /// `NAME.<domain>`.
+    pub public_hostname: String,
+    /// The URL viewers open.
+    pub public_url: String,
+    /// Edges to try, in order (1 to 3).
+    pub candidates: Vec<Candidate>,
+    /// Token for the agent's handshake at an edge (minutes long).
+    pub ephemeral_token: String,
+    /// Token to get this tunnel back later (days long).
+    pub recreate_token: String,
+    /// When the ephemeral token, and so this candidate list, expires (RFC 3339).
+    pub candidates_expires_at: String,
+    /// Anything the caller should know, such as a clamped lifetime.
+    #[serde(default)]
+    pub note: String,
+}
+
+impl CreateTunnelResponse {
+    /// The tunnel's public name (the first label of the hostname).
+    pub fn name(&self) -> &str {
+        self.public_hostname
+            .split('.')
+            .next()
+            .unwrap_or(&self.public_hostname)
+    }
+}
+
+/// `POST /tunnels/delete` request: the tunnel by id or name, and either a management
+/// token (header) or the tunnel's own recreate token.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteTunnelRequest {
+    /// The tunnel to delete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel_id: Option<String>,
+    /// Or its name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The tunnel's recreate token, instead of a management token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recreate_token: Option<String>,
+}
+
+/// `POST /tunnels/delete` response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteTunnelResponse {
+    /// The deleted tunnel's id.
+    pub deleted: String,
+    /// The name it freed.
+    pub name: String,
+}
+
+/// `GET /tunnels/list` query string.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListTunnelsQuery {
+    /// Only names starting with this.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub prefix: String,
+    /// Page size (default [`crate::ops::DEFAULT_LIST_LIMIT`], at most
+    /// [`crate::ops::MAX_LIST_LIMIT`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+    /// `next_cursor` of the previous page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+}
+
+/// A tunnel as the list and get operations show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tunnel {
+    /// Tunnel id.
+    pub tunnel_id: String,
+    /// Public name.
+    pub name: String,
+    /// `NAME.<domain>`.
+    pub public_hostname: String,
+    /// When it was created (RFC 3339).
+    pub created_at: String,
+    /// When its name is released unless it is recreated (RFC 3339).
+    pub expires_at: String,
+}
+
+/// `GET /tunnels/list` response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListTunnelsResponse {
+    /// One page, ordered by name.
+    pub tunnels: Vec<Tunnel>,
+    /// Pass as `cursor` for the next page; `null` on the last one.
+    pub next_cursor: Option<String>,
+}
+
+/// `POST /auth/token` request (the body may be empty).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssueTokenRequest {
+    /// Scopes (default `tunnels:read`, `tunnels:write`); see [`crate::ops::SCOPES`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Vec<String>>,
+    /// Lifetime in seconds (default and maximum: control's management token lifetime).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<u64>,
+    /// Who the token is for (its `sub`, shown in logs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+}
+
+/// `POST /auth/token` response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssueTokenResponse {
+    /// The management token.
+    pub token: String,
+    /// Its scopes.
+    pub scopes: Vec<String>,
+    /// Its expiry (RFC 3339).
+    pub expires_at: String,
+}
+
+/// Every error response: `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// The error inside an [`ErrorBody`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// Stable snake_case code (`name_taken`, `token_expired`, ...).
+    pub code: String,
+    /// What happened and what to do about it.
+    pub message: String,
+}
