@@ -115,11 +115,10 @@ async fn create_list_and_delete_over_a_real_socket() {
     let again = h.client().create(&named("demo-app")).await.unwrap();
     assert_ne!(again.tunnel_id, demo.tunnel_id);
 
-    // Deleting with the tunnel's own recreate token.
+    // Deleting with the tunnel's own recreate token, which alone identifies it.
     let d = h
         .client()
         .delete(&DeleteTunnelRequest {
-            tunnel_id: Some(random.tunnel_id.clone()),
             recreate_token: Some(random.recreate_token.clone()),
             ..Default::default()
         })
