@@ -4,6 +4,7 @@
 //! `.proto` file at hand.
 
 use std::pin::Pin;
+use std::time::Duration;
 
 use axum::http::StatusCode;
 use futures_util::Stream;
@@ -326,7 +327,13 @@ impl EdgeService for EdgeGrpc {
     }
 }
 
-/// Serves gRPC on `listener` until `shutdown` fires.
+/// How often control pings each gRPC connection.
+pub const GRPC_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+/// How long a ping may go unanswered before the connection is closed.
+pub const GRPC_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves gRPC on `listener` until `shutdown` fires, then lets unary calls in flight
+/// finish and ends every edge link (the caller bounds how long it waits).
 pub async fn serve_grpc(
     listener: TcpListener,
     control: Control,
@@ -350,6 +357,10 @@ pub async fn serve_grpc(
     let v1 = reflection().build_v1()?;
     let v1alpha = reflection().build_v1alpha()?;
     tonic::transport::Server::builder()
+        // Pings find edges that vanished without closing their link (power loss, a
+        // partitioned node), so they stop being handed out as candidates.
+        .http2_keepalive_interval(Some(GRPC_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(GRPC_KEEPALIVE_TIMEOUT))
         .add_service(health_service)
         .add_service(v1)
         .add_service(v1alpha)
@@ -359,7 +370,7 @@ pub async fn serve_grpc(
             shutdown: shutdown.clone(),
         }))
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown.cancelled(),
         )
         .await?;

@@ -98,6 +98,7 @@ fn parse_edge(s: &str) -> anyhow::Result<EdgeEntry> {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logs(args.log_json);
+    let mut signals = Signals::install()?;
     let edges = args
         .edges
         .iter()
@@ -163,8 +164,8 @@ async fn main() -> anyhow::Result<()> {
 
     // Run until a signal, or until a server stops by itself (which is a failure).
     let failure: Option<anyhow::Error> = tokio::select! {
-        sig = shutdown_signal() => {
-            tracing::info!(signal = sig?, grace = ?DRAIN_GRACE, "shutdown requested; draining");
+        sig = signals.wait() => {
+            tracing::info!(signal = sig, grace = ?DRAIN_GRACE, "shutdown requested; draining");
             None
         }
         r = &mut rest_task => Some(anyhow::anyhow!("the REST server stopped: {}", outcome(r.map(|r| r.map_err(anyhow::Error::from))))),
@@ -200,15 +201,29 @@ fn outcome(r: Result<anyhow::Result<()>, tokio::task::JoinError>) -> String {
     }
 }
 
-/// Waits for SIGTERM (Kubernetes) or SIGINT (Ctrl-C) and says which.
-async fn shutdown_signal() -> anyhow::Result<&'static str> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+/// SIGTERM (Kubernetes) and SIGINT (Ctrl-C), installed before anything is bound so a
+/// signal that arrives early still drains instead of killing the process.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    /// Waits for either and says which.
+    async fn wait(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
 }
 
 fn init_logs(json: bool) {
