@@ -1,0 +1,736 @@
+#!/usr/bin/env python3
+"""Invariant checks for Netbore's deployment files (run by scripts/validate-deploy.sh).
+
+Subcommands:
+  invariants LABEL FILE [--external-secret NAME]...  checks a set of manifests
+  helm-render CHART OUTDIR                           renders the chart for several value
+                                                     sets (helm-python-sdk, Helm's own Go
+                                                     engine), lints it, and runs the
+                                                     schema and refusal tests
+  dockerfiles DIR                                    checks the Dockerfiles' invariants
+  values-comments VALUES_YAML                        every chart value has a comment
+  crds FILE                                          structural checks of cert-manager and
+                                                     Prometheus Operator objects
+
+Every check prints one line, "ok    ..." or "FAIL  ..." (with the reason); the counts
+are appended to $CHECK_COUNTS_FILE as "passed failed skipped" when it is set. The exit
+status is 1 when anything failed.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import sys
+from pathlib import Path
+
+import yaml
+
+# What the binaries listen on by default (services/*/src/main.rs), by component.
+EXPECTED_PORTS = {
+    "control": {"http": 8080, "grpc": 50051},
+    "edge": {"public": 8000, "agents": 8001, "admin": 9090},
+    "redis": {"redis": 6379},
+}
+# The address variables that move those listeners, and the port each must keep.
+ADDR_VARS = {
+    "control": {"NETBORE_REST_ADDR": 8080, "NETBORE_GRPC_ADDR": 50051},
+    "edge": {"NETBORE_PUBLIC_ADDR": 8000, "NETBORE_AGENT_ADDR": 8001, "NETBORE_ADMIN_ADDR": 9090},
+}
+EDGE_DRAIN_DEFAULT = 30  # DEFAULT_DRAIN_GRACE in services/edge/src/config.rs
+CONTROL_DRAIN = 10  # DRAIN_GRACE in services/control/src/main.rs
+AGENT_DRAIN = 30  # DEFAULT_DRAIN_GRACE of the agent
+CRD_KINDS = {"Certificate", "ServiceMonitor"}
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
+
+
+class Checker:
+    def __init__(self) -> None:
+        self.passed = 0
+        self.failed = 0
+        self.skipped = 0
+
+    def check(self, ok: bool, what: str, why: str = "") -> bool:
+        if ok:
+            self.passed += 1
+            print(f"ok    {what}")
+        else:
+            self.failed += 1
+            print(f"FAIL  {what}" + (f": {why}" if why else ""))
+        return ok
+
+    def skip(self, what: str, why: str) -> None:
+        self.skipped += 1
+        print(f"skip  {what}: {why}")
+
+    def finish(self) -> int:
+        f = os.environ.get("CHECK_COUNTS_FILE")
+        if f:
+            with open(f, "a") as fh:
+                fh.write(f"{self.passed} {self.failed} {self.skipped}\n")
+        return 1 if self.failed else 0
+
+
+def load_docs(path: str | Path) -> list[dict]:
+    with open(path) as fh:
+        return [d for d in yaml.safe_load_all(fh) if isinstance(d, dict) and d.get("kind")]
+
+
+def name_of(d: dict) -> str:
+    return f"{d['kind']}/{d.get('metadata', {}).get('name', '?')}"
+
+
+def pod_spec(d: dict) -> dict | None:
+    if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"):
+        return d.get("spec", {}).get("template", {}).get("spec")
+    return None
+
+
+def pod_labels(d: dict) -> dict:
+    return d.get("spec", {}).get("template", {}).get("metadata", {}).get("labels", {}) or {}
+
+
+def component(d: dict) -> str:
+    return pod_labels(d).get("app.kubernetes.io/component", "") or d.get("metadata", {}).get("labels", {}).get(
+        "app.kubernetes.io/component", ""
+    )
+
+
+def sidecars(spec: dict) -> list[dict]:
+    return [c for c in spec.get("initContainers", []) or [] if c.get("restartPolicy") == "Always"]
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """matchLabels / matchExpressions semantics (an empty selector matches nothing here)."""
+    if not selector:
+        return False
+    ml = selector.get("matchLabels", {}) or {}
+    if any(labels.get(k) != v for k, v in ml.items()):
+        return False
+    for e in selector.get("matchExpressions", []) or []:
+        k, op, vals = e["key"], e["operator"], e.get("values", [])
+        if op == "In" and labels.get(k) not in vals:
+            return False
+        if op == "NotIn" and labels.get(k) in vals:
+            return False
+        if op == "Exists" and k not in labels:
+            return False
+        if op == "DoesNotExist" and k in labels:
+            return False
+    return bool(ml or selector.get("matchExpressions"))
+
+
+def port_of(container: dict, ref) -> int | None:
+    """The container port a probe or Service targetPort refers to (name or number)."""
+    for p in container.get("ports", []) or []:
+        if ref == p.get("name") or ref == p.get("containerPort"):
+            return p["containerPort"]
+    return None
+
+
+def probe_port(probe: dict):
+    for k in ("httpGet", "tcpSocket", "grpc"):
+        if k in probe:
+            return probe[k].get("port")
+    return None
+
+
+def config_values(docs: list[dict], container: dict) -> dict:
+    """The environment a container gets from env values and the ConfigMaps it loads."""
+    cms = {d["metadata"]["name"]: d.get("data", {}) or {} for d in docs if d["kind"] == "ConfigMap"}
+    env: dict = {}
+    for ef in container.get("envFrom", []) or []:
+        ref = ef.get("configMapRef")
+        if ref and ref.get("name") in cms:
+            env.update(cms[ref["name"]])
+    for e in container.get("env", []) or []:
+        env[e["name"]] = e.get("value", "<from " + ",".join(e.get("valueFrom", {}).keys()) + ">")
+    return env
+
+
+def config_known(docs: list[dict], container: dict) -> bool:
+    """True when every ConfigMap the container loads is in the set (not generated elsewhere)."""
+    cms = {d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"}
+    return all(ef["configMapRef"]["name"] in cms for ef in container.get("envFrom", []) or [] if "configMapRef" in ef)
+
+
+def effective(container: dict, spec: dict, key: str):
+    c = (container.get("securityContext") or {}).get(key)
+    return c if c is not None else (spec.get("securityContext") or {}).get(key)
+
+
+# --------------------------------------------------------------------------------------
+# invariants
+
+
+def check_container(ck: Checker, where: str, c: dict, spec: dict, sidecar: bool, env: dict) -> None:
+    w = f"{where} container {c['name']}"
+    ck.check("readinessProbe" in c and "livenessProbe" in c, f"{w}: readiness and liveness probes",
+             "missing " + ", ".join(p for p in ("readinessProbe", "livenessProbe") if p not in c))
+    if sidecar:
+        ck.check("startupProbe" in c, f"{w}: native sidecar has a startupProbe")
+    for pk in ("startupProbe", "readinessProbe", "livenessProbe"):
+        if pk in c and "exec" not in c[pk]:
+            ref = probe_port(c[pk])
+            ck.check(port_of(c, ref) is not None, f"{w}: {pk} port {ref!r} is a declared container port")
+    res = c.get("resources") or {}
+    req, lim = res.get("requests") or {}, res.get("limits") or {}
+    ck.check("cpu" in req and "memory" in req and "memory" in lim, f"{w}: resources (cpu/memory requests, memory limit)",
+             f"requests={req} limits={lim}")
+    sc = c.get("securityContext") or {}
+    problems = []
+    if effective(c, spec, "runAsNonRoot") is not True:
+        problems.append("runAsNonRoot")
+    uid = effective(c, spec, "runAsUser")
+    if uid is not None and uid == 0:
+        problems.append("runAsUser 0")
+    if sc.get("readOnlyRootFilesystem") is not True:
+        problems.append("readOnlyRootFilesystem")
+    if sc.get("allowPrivilegeEscalation") is not False:
+        problems.append("allowPrivilegeEscalation")
+    if sc.get("privileged"):
+        problems.append("privileged")
+    if "ALL" not in ((sc.get("capabilities") or {}).get("drop") or []):
+        problems.append("capabilities.drop ALL")
+    if (sc.get("capabilities") or {}).get("add"):
+        problems.append("capabilities.add")
+    seccomp = (effective(c, spec, "seccompProfile") or {}).get("type")
+    if seccomp not in ("RuntimeDefault", "Localhost"):
+        problems.append("seccompProfile RuntimeDefault")
+    ck.check(not problems, f"{w}: restrictive securityContext", "missing/bad: " + ", ".join(problems))
+    image = c.get("image", "")
+    ck.check(("@sha256:" in image) or (re.search(r":[^/:]+$", image) is not None and not image.endswith(":latest")),
+             f"{w}: image {image!r} is pinned to a tag or digest")
+    vols = {v["name"] for v in spec.get("volumes", []) or []}
+    for m in c.get("volumeMounts", []) or []:
+        ck.check(m["name"] in vols, f"{w}: volumeMount {m['name']} names a pod volume")
+    # $(VAR) in command/args is expanded only from the container's own environment.
+    defined = {e["name"] for e in c.get("env", []) or []} | set(env)
+    for a in (c.get("command") or []) + (c.get("args") or []):
+        for var in re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", str(a)):
+            ck.check(var in defined, f"{w}: $({var}) in args is defined in env")
+
+
+def check_workload(ck: Checker, docs: list[dict], d: dict, external_secrets: set[str]) -> None:
+    where = name_of(d)
+    spec = pod_spec(d)
+    labels = pod_labels(d)
+    sel = d["spec"].get("selector", {})
+    ck.check(selects(sel, labels), f"{where}: selector matches its own pod template labels", f"{sel} vs {labels}")
+    ck.check(spec.get("automountServiceAccountToken") is False, f"{where}: no service account token mounted")
+    psc = spec.get("securityContext") or {}
+    ck.check(psc.get("runAsNonRoot") is True and (psc.get("seccompProfile") or {}).get("type") == "RuntimeDefault",
+             f"{where}: pod securityContext runAsNonRoot + seccomp RuntimeDefault")
+    sa = spec.get("serviceAccountName")
+    if sa and sa != "default":
+        ck.check(any(x["kind"] == "ServiceAccount" and x["metadata"]["name"] == sa for x in docs) or sa in external_secrets,
+                 f"{where}: ServiceAccount {sa} exists")
+    for c in spec.get("containers", []):
+        check_container(ck, where, c, spec, False, config_values(docs, c))
+    for c in sidecars(spec):
+        check_container(ck, where, c, spec, True, config_values(docs, c))
+    for c in spec.get("initContainers", []) or []:
+        if c.get("restartPolicy") != "Always":
+            ck.check((c.get("securityContext") or {}).get("allowPrivilegeEscalation") is False,
+                     f"{where} init container {c['name']}: restrictive securityContext")
+
+    # References to ConfigMaps and Secrets must resolve (or be optional / external).
+    have = {(x["kind"], x["metadata"]["name"]) for x in docs}
+    refs = []
+    for c in spec.get("containers", []) + (spec.get("initContainers", []) or []):
+        for ef in c.get("envFrom", []) or []:
+            for kind, key in (("ConfigMap", "configMapRef"), ("Secret", "secretRef")):
+                if key in ef:
+                    refs.append((kind, ef[key]["name"], ef[key].get("optional", False)))
+        for e in c.get("env", []) or []:
+            vf = e.get("valueFrom") or {}
+            for kind, key in (("ConfigMap", "configMapKeyRef"), ("Secret", "secretKeyRef")):
+                if key in vf:
+                    refs.append((kind, vf[key]["name"], vf[key].get("optional", False)))
+    for v in spec.get("volumes", []) or []:
+        if "secret" in v:
+            refs.append(("Secret", v["secret"]["secretName"], v["secret"].get("optional", False)))
+        if "configMap" in v:
+            refs.append(("ConfigMap", v["configMap"]["name"], v["configMap"].get("optional", False)))
+        if "persistentVolumeClaim" in v:
+            refs.append(("PersistentVolumeClaim", v["persistentVolumeClaim"]["claimName"], False))
+    for kind, n, optional in refs:
+        if optional:
+            ck.check(True, f"{where}: {kind} {n} is optional")
+        elif n in external_secrets:
+            ck.check(True, f"{where}: {kind} {n} is supplied by the operator (external)")
+        else:
+            ck.check((kind, n) in have, f"{where}: referenced {kind} {n} exists")
+
+    comp = component(d)
+    main = spec["containers"][0]
+    env = config_values(docs, main)
+    if comp in EXPECTED_PORTS:
+        declared = {p.get("name"): p["containerPort"] for p in main.get("ports", [])}
+        ck.check(declared == EXPECTED_PORTS[comp], f"{where}: container ports are the binary's defaults {EXPECTED_PORTS[comp]}",
+                 f"declared {declared}")
+    for var, port in ADDR_VARS.get(comp, {}).items():
+        if var in env:
+            ck.check(str(env[var]).endswith(f":{port}"), f"{where}: {var}={env[var]} listens on the declared port {port}")
+    if comp == "edge":
+        check_edge(ck, docs, d, spec, main, env)
+    if comp == "control":
+        check_control(ck, d, spec, main, env, config_known(docs, main))
+    for sc in sidecars(spec):
+        check_agent_sidecar(ck, where, spec, sc, config_values(docs, sc))
+
+
+def prestop_sleep(c: dict) -> int:
+    return int(((c.get("lifecycle") or {}).get("preStop") or {}).get("sleep", {}).get("seconds", 0))
+
+
+def check_edge(ck: Checker, docs, d, spec, main, env) -> None:
+    where = name_of(d)
+    ck.check(d["kind"] == "StatefulSet", f"{where}: edges run as a StatefulSet (per-pod DNS)")
+    drain = int(env.get("NETBORE_DRAIN_GRACE_SECS", EDGE_DRAIN_DEFAULT))
+    grace = int(spec.get("terminationGracePeriodSeconds", 30))
+    sleep = prestop_sleep(main)
+    ck.check(grace > sleep + drain, f"{where}: terminationGracePeriodSeconds {grace} > preStop {sleep} + drain {drain}")
+    probes = {k: (main.get(k) or {}).get("httpGet", {}) for k in ("readinessProbe", "livenessProbe")}
+    ck.check(probes["readinessProbe"].get("path") == "/readyz" and port_of(main, probes["readinessProbe"].get("port")) == 9090,
+             f"{where}: readiness is GET /readyz on the admin port 9090")
+    ck.check(probes["livenessProbe"].get("path") == "/livez" and port_of(main, probes["livenessProbe"].get("port")) == 9090,
+             f"{where}: liveness is GET /livez on the admin port 9090")
+    args = main.get("args", []) or []
+    ck.check("--edge-id=$(POD_NAME)" in args, f"{where}: edge id is the pod name")
+    adv = [a.split("=", 1)[1] for a in args if a.startswith("--advertise-url=")]
+    pod_env = {e["name"]: (e.get("valueFrom") or {}).get("fieldRef", {}).get("fieldPath") for e in main.get("env", []) or []}
+    ck.check(pod_env.get("POD_NAME") == "metadata.name", f"{where}: POD_NAME comes from the downward API")
+    if ck.check(len(adv) == 1, f"{where}: exactly one --advertise-url"):
+        url = adv[0]
+        ck.check(url.endswith("/v1/connect") and re.match(r"^wss?://", url) is not None,
+                 f"{where}: advertise URL {url} is a ws(s):// URL ending in /v1/connect")
+        if "$(POD_NAME)" in url:
+            svc = d["spec"].get("serviceName")
+            ck.check(url.startswith(f"ws://$(POD_NAME).{svc}.") and ":8001/" in url,
+                     f"{where}: per-pod advertise URL uses the headless Service {svc} and agent port 8001")
+    svc = d["spec"].get("serviceName")
+    headless = [s for s in docs if s["kind"] == "Service" and s["metadata"]["name"] == svc]
+    if ck.check(bool(headless), f"{where}: serviceName {svc} is a Service in the set"):
+        h = headless[0]["spec"]
+        ck.check(h.get("clusterIP") == "None" and selects({"matchLabels": h.get("selector", {})}, pod_labels(d)),
+                 f"{where}: {svc} is headless and selects the edge pods")
+    if "NETBORE_TLS_CERT" in env:
+        mounts = [m["mountPath"] for m in main.get("volumeMounts", []) or []]
+        ck.check(any(env["NETBORE_TLS_CERT"].startswith(m.rstrip("/") + "/") for m in mounts),
+                 f"{where}: NETBORE_TLS_CERT {env['NETBORE_TLS_CERT']} is on a mounted volume")
+        ck.check(not any(m.get("subPath") for m in main.get("volumeMounts", []) or []),
+                 f"{where}: certificate mounted without subPath (renewals reach the pod)")
+
+
+def check_control(ck: Checker, d, spec, main, env, known: bool) -> None:
+    where = name_of(d)
+    grace = int(spec.get("terminationGracePeriodSeconds", 30))
+    sleep = prestop_sleep(main)
+    ck.check(grace > sleep + CONTROL_DRAIN, f"{where}: terminationGracePeriodSeconds {grace} > preStop {sleep} + drain {CONTROL_DRAIN}")
+    rp = (main.get("readinessProbe") or {}).get("httpGet", {})
+    ck.check(rp.get("path") == "/readyz" and port_of(main, rp.get("port")) == 8080, f"{where}: readiness is GET /readyz on 8080")
+    mounts = [m["mountPath"].rstrip("/") + "/" for m in main.get("volumeMounts", []) or []]
+    for var in ("NETBORE_SIGNING_KEYS", "NETBORE_BOOTSTRAP_TOKEN_FILE"):
+        if not known and var not in env:
+            ck.skip(f"{where}: {var}", "its ConfigMap is generated by kustomize, not in this set")
+            continue
+        if ck.check(var in env, f"{where}: {var} is set"):
+            for path in str(env[var]).split(","):
+                ck.check(any(path.startswith(m) for m in mounts), f"{where}: {var} file {path} is on a mounted volume")
+
+
+def check_agent_sidecar(ck: Checker, where: str, spec: dict, sc: dict, env: dict) -> None:
+    w = f"{where} sidecar {sc['name']}"
+    args = sc.get("args", []) or []
+    if not ck.check(len(args) >= 2 and args[0] == "http", f"{w}: runs `netbore http TARGET`"):
+        return
+    target = args[1]
+    m = re.search(r"(\d+)/?$", target.split("://")[-1].split("/")[0])
+    port = int(m.group(1)) if m else None
+    app_ports = {p["containerPort"] for c in spec["containers"] for p in c.get("ports", []) or []}
+    ck.check(port in app_ports, f"{w}: forwards to port {port}, which an app container declares", f"app ports {sorted(app_ports)}")
+    admin = env.get("NETBORE_ADMIN_ADDR") or next((a.split("=", 1)[1] for a in args if a.startswith("--admin-addr=")), None)
+    if ck.check(admin is not None, f"{w}: serves probes (--admin-addr / NETBORE_ADMIN_ADDR)"):
+        aport = int(str(admin).rsplit(":", 1)[1])
+        ck.check(port_of(sc, aport) == aport, f"{w}: admin port {aport} is declared")
+        ck.check(str(admin).startswith("0.0.0.0:") or str(admin).startswith("[::]:"),
+                 f"{w}: admin address {admin} is reachable by the kubelet (not loopback)")
+    ck.check("NETBORE_CONTROL_URL" in env or any(a.startswith("--control") for a in args), f"{w}: control URL is set")
+    state = env.get("NETBORE_STATE_DIR")
+    mounts = [m["mountPath"] for m in sc.get("volumeMounts", []) or []]
+    ck.check(state in mounts, f"{w}: state directory {state} is a writable volume (read-only root filesystem)")
+    grace = int(spec.get("terminationGracePeriodSeconds", 30))
+    ck.check(grace > AGENT_DRAIN, f"{w}: pod grace period {grace} s covers the agent's {AGENT_DRAIN} s drain")
+
+
+def check_service(ck: Checker, docs, s: dict) -> None:
+    where = name_of(s)
+    sel = s["spec"].get("selector") or {}
+    targets = [w for w in docs if pod_spec(w) is not None and selects({"matchLabels": sel}, pod_labels(w))]
+    if not ck.check(bool(targets), f"{where}: selector matches a workload's pods", f"selector {sel}"):
+        return
+    for p in s["spec"].get("ports", []):
+        tp = p.get("targetPort", p["port"])
+        ok = all(any(port_of(c, tp) for c in pod_spec(w)["containers"]) for w in targets)
+        ck.check(ok, f"{where}: port {p.get('name', p['port'])} targets container port {tp!r}")
+
+
+def check_pdb(ck: Checker, docs, p: dict) -> None:
+    where = name_of(p)
+    targets = [w for w in docs if pod_spec(w) is not None and selects(p["spec"].get("selector"), pod_labels(w))]
+    ck.check(len(targets) == 1, f"{where}: selector matches exactly one workload's pods", f"matches {[name_of(t) for t in targets]}")
+    ck.check("maxUnavailable" in p["spec"], f"{where}: uses maxUnavailable (never blocks node drains at 1 replica)")
+
+
+def check_hpa(ck: Checker, docs, h: dict) -> None:
+    where = name_of(h)
+    ref = h["spec"]["scaleTargetRef"]
+    targets = [w for w in docs if w["kind"] == ref["kind"] and w["metadata"]["name"] == ref["name"]]
+    if not ck.check(len(targets) == 1 and ref.get("apiVersion") == "apps/v1", f"{where}: scaleTargetRef {ref['kind']}/{ref['name']} exists"):
+        return
+    t = targets[0]
+    ck.check("replicas" not in t["spec"], f"{where}: {name_of(t)} leaves replicas to the HPA (apply does not reset the scale)")
+    ck.check(h["spec"].get("minReplicas", 1) >= 2, f"{where}: minReplicas >= 2")
+    sd = ((h["spec"].get("behavior") or {}).get("scaleDown") or {})
+    ck.check(sd.get("stabilizationWindowSeconds", 300) >= 600, f"{where}: scale-down stabilization >= 600 s")
+    uses_cpu = any((m.get("resource") or {}).get("name") == "cpu" for m in h["spec"].get("metrics", []))
+    if uses_cpu:
+        ck.check(all("cpu" in ((c.get("resources") or {}).get("requests") or {}) for c in pod_spec(t)["containers"]),
+                 f"{where}: CPU utilisation target has CPU requests to measure against")
+
+
+def invariants(label: str, path: str, external: set[str], expect_pdbs: bool) -> Checker:
+    ck = Checker()
+    docs = load_docs(path)
+    ck.check(bool(docs), f"[{label}] {path} has manifests")
+    print(f"--- [{label}] {len(docs)} objects")
+    for d in docs:
+        ck.check(bool(d.get("metadata", {}).get("labels", {}).get("app.kubernetes.io/name")),
+                 f"[{label}] {name_of(d)}: has app.kubernetes.io/name")
+    workloads = [d for d in docs if pod_spec(d) is not None]
+    for d in workloads:
+        _prefix(ck, label, lambda: check_workload(ck, docs, d, external))
+    for s in (d for d in docs if d["kind"] == "Service"):
+        _prefix(ck, label, lambda: check_service(ck, docs, s))
+    for p in (d for d in docs if d["kind"] == "PodDisruptionBudget"):
+        _prefix(ck, label, lambda: check_pdb(ck, docs, p))
+    for h in (d for d in docs if d["kind"] == "HorizontalPodAutoscaler"):
+        _prefix(ck, label, lambda: check_hpa(ck, docs, h))
+    if expect_pdbs:
+        for w in workloads:
+            if component(w) in ("control", "edge"):
+                ck.check(any(selects(p["spec"].get("selector"), pod_labels(w)) for p in docs if p["kind"] == "PodDisruptionBudget"),
+                         f"[{label}] {name_of(w)}: covered by a PodDisruptionBudget")
+    ns = {d.get("metadata", {}).get("namespace") for d in docs if d["kind"] not in CLUSTER_SCOPED}
+    if ns != {None}:
+        ck.check(len(ns) == 1 and None not in ns, f"[{label}] all namespaced objects share one namespace", f"{ns}")
+    return ck
+
+
+def _prefix(ck: Checker, label: str, fn) -> None:
+    orig = ck.check
+
+    def labelled(ok, what, why=""):
+        return orig(ok, f"[{label}] {what}", why)
+
+    ck.check = labelled  # type: ignore[method-assign]
+    try:
+        fn()
+    finally:
+        ck.check = orig  # type: ignore[method-assign]
+
+
+# --------------------------------------------------------------------------------------
+# helm
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+PEM = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIB2c0iR1x9yN0Zq4wq2a1V7P9yQ1c6Q2bqJ1m0b3Q0Zx\n-----END PRIVATE KEY-----\n"
+
+SCENARIOS: dict[str, tuple[dict, set[str]]] = {
+    # name: (values, Secrets the operator creates)
+    "default": ({}, set()),
+    "production": ({
+        "domain": "t.example.org",
+        "imagePullSecrets": [{"name": "regcred"}],
+        "secrets": {"existingSecret": "netbore-creds",
+                    "existingSecretKeys": {"bootstrapToken": "boot", "signingKeys": ["k2.pem", "k1.pem"]}},
+        "control": {"requireToken": True, "staticEdges": ["id=e1,url=wss://e1.t.example.org/v1/connect,region=eu"],
+                    "image": {"digest": "sha256:" + "a" * 64},
+                    "ingress": {"enabled": True, "className": "nginx", "host": "control.t.example.org",
+                                "tls": {"enabled": True, "secretName": ""}},
+                    "nodeSelector": {"kubernetes.io/os": "linux"},
+                    "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "netbore", "effect": "NoSchedule"}]},
+        "edge": {"region": "eu", "trustedProxies": ["10.0.0.0/8"], "maxBodyBytes": 104857600,
+                 "tls": {"enabled": True, "certManager": {"enabled": True}},
+                 "service": {"publicPort": 443, "loadBalancerSourceRanges": ["0.0.0.0/0"]},
+                 "extraEnv": [{"name": "RUST_BACKTRACE", "value": "1"}]},
+        "redis": {"enabled": False, "urlSecret": {"name": "netbore-redis-url", "key": "url"}},
+        "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+    }, {"netbore-creds", "netbore-redis-url", "regcred"}),
+    "single-node": ({
+        "control": {"replicaCount": 1, "preStopSleepSeconds": 0},
+        "edge": {"autoscaling": {"enabled": False}, "replicaCount": 1, "preStopSleepSeconds": 0,
+                 "advertiseUrl": "ws://edge.tunnels.example.com:8001/v1/connect"},
+        "secrets": {"bootstrapToken": "a-real-secret-from-a-vault", "signingKeys": [PEM, PEM]},
+        "redis": {"persistence": {"enabled": True}},
+        "serviceAccount": {"create": False},
+    }, set()),
+}
+
+# Values the schema or the templates must refuse, with the reason.
+REFUSED = {
+    "unknown top-level key": {"bogus": 1},
+    "unknown nested key (typo)": {"edge": {"autoscalling": {"enabled": False}}},
+    "grace period shorter than preStop + drain": {"edge": {"terminationGracePeriodSeconds": 30}},
+    "external Redis without a URL": {"redis": {"enabled": False}},
+    "domain that is not a DNS name": {"domain": "Not A Domain"},
+    "port out of range": {"edge": {"service": {"publicPort": 70000}}},
+    "bad pull policy": {"control": {"image": {"pullPolicy": "Sometimes"}}},
+    "maxReplicas below minReplicas": {"edge": {"autoscaling": {"minReplicas": 5, "maxReplicas": 3}}},
+    "advertise URL that is not ws(s)": {"edge": {"advertiseUrl": "http://edge:8001/v1/connect"}},
+}
+
+
+def helm_render(chart: str, outdir: str) -> Checker:
+    ck = Checker()
+    try:
+        import helm_python as helm  # type: ignore
+    except ImportError as e:  # the shell installs it; reaching this is a failure
+        ck.check(False, "helm-python-sdk is importable", str(e))
+        return ck
+    print(f"--- helm SDK {helm.helm_sdk_version()} (helm-python-sdk, libhelm_c {helm.helm_c_version()})")
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    for kube in ("v1.29.0", "v1.32.0"):
+        r = helm.lint(chart, strict=True, kube_version=kube)
+        bad = [m for m in r["messages"] if m["severity"] >= 2] + [{"error": e} for e in r["errors"]]
+        ck.check(not bad, f"helm lint --strict (kube {kube})", "; ".join(m["error"] for m in bad))
+    with helm.Chart.load(chart) as c:
+        defaults = c.values
+        for name, (vals, external) in SCENARIOS.items():
+            try:
+                c.validate_schema(deep_merge(defaults, vals))
+                ck.check(True, f"helm values [{name}] pass values.schema.json")
+            except Exception as e:  # noqa: BLE001
+                ck.check(False, f"helm values [{name}] pass values.schema.json", str(e))
+                continue
+            try:
+                rendered = c.render(vals, name="netbore", namespace="netbore", is_install=True)
+            except Exception as e:  # noqa: BLE001
+                ck.check(False, f"helm template [{name}] renders", str(e))
+                continue
+            ck.check(True, f"helm template [{name}] renders ({len(rendered)} templates)")
+            core, crds = [], []
+            for path, text in sorted(rendered.items()):
+                if path.endswith("NOTES.txt"):
+                    ck.check("grpcurl -plaintext" in text and " list" in text, f"helm NOTES [{name}] include the grpcurl smoke command")
+                    continue
+                for d in yaml.safe_load_all(text):
+                    if isinstance(d, dict) and d.get("kind"):
+                        (crds if d["kind"] in CRD_KINDS else core).append(d)
+            for d in core:  # helm install puts everything in the release namespace
+                if d["kind"] not in CLUSTER_SCOPED:
+                    d.setdefault("metadata", {}).setdefault("namespace", "netbore")
+            with open(out / f"{name}.yaml", "w") as fh:
+                yaml.safe_dump_all(core, fh, sort_keys=False)
+            with open(out / f"{name}.crds.yaml", "w") as fh:
+                yaml.safe_dump_all(crds, fh, sort_keys=False)
+            # Secrets that cert-manager creates from a Certificate are not in the chart.
+            external = external | {d["spec"]["secretName"] for d in crds if d["kind"] == "Certificate"}
+            with open(out / f"{name}.external", "w") as fh:
+                fh.write("\n".join(sorted(external)))
+            check_helm_annotations(ck, name, core, vals)
+        # Pods must roll when configuration changes: the checksum annotation follows it.
+        a = c.render({}, name="netbore", namespace="netbore")
+        b = c.render({"domain": "other.example.org", "edge": {"drainGraceSeconds": 20}}, name="netbore", namespace="netbore")
+        for tpl, kind in (("control-deployment.yaml", "Deployment"), ("edge-statefulset.yaml", "StatefulSet")):
+            ca = _checksum(a, tpl)
+            cb = _checksum(b, tpl)
+            ck.check(ca is not None and cb is not None and ca != cb, f"helm {kind}: checksum/config changes with the configuration")
+        for what, vals in REFUSED.items():
+            refused, why = False, ""
+            try:
+                c.validate_schema(deep_merge(defaults, vals))
+            except Exception as e:  # noqa: BLE001
+                refused, why = True, str(e).splitlines()[-1].strip()
+            if not refused:
+                try:
+                    c.render(vals, name="netbore", namespace="netbore")
+                except Exception as e:  # noqa: BLE001
+                    refused, why = True, str(e).splitlines()[-1].strip()
+            ck.check(refused, f"helm refuses {what}" + (f" ({why[:90]})" if why else ""))
+    return ck
+
+
+def _checksum(rendered: dict, tpl: str):
+    for path, text in rendered.items():
+        if path.endswith("/" + tpl):
+            d = yaml.safe_load(text)
+            return d["spec"]["template"]["metadata"].get("annotations", {}).get("checksum/config")
+    return None
+
+
+def check_helm_annotations(ck: Checker, name: str, docs: list[dict], vals: dict) -> None:
+    for d in docs:
+        if d["kind"] in ("Deployment", "StatefulSet") and component(d) in ("control", "edge"):
+            ann = d["spec"]["template"]["metadata"].get("annotations", {}) or {}
+            ck.check("checksum/config" in ann, f"helm [{name}] {name_of(d)}: checksum/config annotation (rolls on config change)")
+            if component(d) == "control" and not (vals.get("secrets") or {}).get("existingSecret"):
+                ck.check("checksum/secret" in ann, f"helm [{name}] {name_of(d)}: checksum/secret annotation")
+
+
+# --------------------------------------------------------------------------------------
+# CRD objects kubernetes-validate has no schema for
+
+
+def crds(path: str) -> Checker:
+    ck = Checker()
+    docs = load_docs(path)
+    if not docs:
+        ck.check(True, f"{path}: no custom resources to check")
+    for d in docs:
+        w = name_of(d)
+        if d["kind"] == "Certificate":
+            s = d.get("spec", {})
+            ck.check(d.get("apiVersion") == "cert-manager.io/v1", f"{w}: apiVersion cert-manager.io/v1")
+            ck.check(bool(s.get("secretName")) and bool(s.get("dnsNames")) and bool((s.get("issuerRef") or {}).get("name")),
+                     f"{w}: secretName, dnsNames and issuerRef set")
+            ck.check(any(n.startswith("*.") for n in s.get("dnsNames", [])), f"{w}: includes the wildcard name")
+        elif d["kind"] == "ServiceMonitor":
+            s = d.get("spec", {})
+            ck.check(d.get("apiVersion") == "monitoring.coreos.com/v1", f"{w}: apiVersion monitoring.coreos.com/v1")
+            eps = s.get("endpoints") or []
+            ck.check(bool(eps) and all(e.get("port") == "admin" and e.get("path") == "/metrics" for e in eps),
+                     f"{w}: scrapes /metrics on the admin port")
+            ck.check(bool((s.get("selector") or {}).get("matchLabels")), f"{w}: has a selector")
+    return ck
+
+
+def crds_against(ck: Checker, crd_path: str, core_path: str) -> None:
+    """A ServiceMonitor must select a Service that exposes the port it scrapes."""
+    core = load_docs(core_path)
+    for d in load_docs(crd_path):
+        if d["kind"] == "ServiceMonitor":
+            sel = d["spec"]["selector"]
+            svcs = [s for s in core if s["kind"] == "Service" and selects(sel, s["metadata"].get("labels", {}))]
+            ck.check(len(svcs) == 1 and any(p.get("name") == "admin" for p in svcs[0]["spec"]["ports"]),
+                     f"{name_of(d)}: selects one Service with an 'admin' port", f"selects {[name_of(s) for s in svcs]}")
+        if d["kind"] == "Certificate":
+            secret = d["spec"]["secretName"]
+            used = any(v.get("secret", {}).get("secretName") == secret
+                       for w in core if pod_spec(w) for v in pod_spec(w).get("volumes", []) or [])
+            ck.check(used, f"{name_of(d)}: its Secret {secret} is mounted by the edges")
+
+
+# --------------------------------------------------------------------------------------
+# Dockerfiles
+
+DOCKERFILES = {
+    "Dockerfile.control": ("netbore-control", {8080, 50051}),
+    "Dockerfile.edge": ("netbore-edge", {8000, 8001, 9090}),
+    "Dockerfile.agent": ("netbore", {9091}),
+}
+
+
+def dockerfiles(d: str) -> Checker:
+    ck = Checker()
+    for f, (binary, ports) in DOCKERFILES.items():
+        p = Path(d) / f
+        if not ck.check(p.exists(), f"{p} exists"):
+            continue
+        text = p.read_text()
+        stages = re.split(r"(?m)^FROM\s", text)
+        final = stages[-1]
+        ck.check(len(stages) >= 3, f"{f}: multi-stage build")
+        ck.check(f"cargo build --release --locked --bin {binary}" in text, f"{f}: cargo build --release --locked --bin {binary}")
+        ck.check("--mount=type=cache" in text, f"{f}: cargo caches in BuildKit cache mounts")
+        user = re.findall(r"(?m)^USER\s+(\S+)", final)
+        ck.check(bool(user) and re.fullmatch(r"[1-9][0-9]*(:[0-9]+)?", user[-1]) is not None,
+                 f"{f}: runtime USER is numeric and not root", f"USER {user}")
+        exposed = {int(x) for line in re.findall(r"(?m)^EXPOSE\s+(.+)$", final) for x in re.findall(r"\d+", line)}
+        ck.check(exposed == ports, f"{f}: EXPOSE {sorted(ports)}", f"EXPOSE {sorted(exposed)}")
+        ck.check(re.search(r'(?m)^ENTRYPOINT\s+\["/', final) is not None, f"{f}: exec-form ENTRYPOINT (no shell at runtime)")
+        ck.check(re.search(r"(?m)^RUN\s", final) is None, f"{f}: runtime stage runs nothing at build time (no shell needed)")
+        ign = Path(d) / f"{f}.dockerignore"
+        ck.check(ign.exists() and "target/" in ign.read_text(), f"{f}.dockerignore keeps target/ out of the build context")
+    return ck
+
+
+# Keys whose values are Kubernetes objects passed through as they are: their inner keys
+# are Kubernetes' own and documented there.
+PASSTHROUGH = {"resources", "podSecurityContext", "containerSecurityContext"}
+
+
+def values_comments(path: str) -> Checker:
+    """Every chart value in values.yaml has a comment line directly above it."""
+    ck = Checker()
+    lines = Path(path).read_text().splitlines()
+    stack: list[tuple[int, str]] = []  # (indent, key) of the enclosing keys
+    missing = []
+    keys = 0
+    for i, line in enumerate(lines):
+        m = re.match(r"^( *)([A-Za-z][A-Za-z0-9]*):", line)
+        if not m:
+            continue
+        indent, key = len(m.group(1)), m.group(2)
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        inside_passthrough = any(k in PASSTHROUGH for _, k in stack)
+        stack.append((indent, key))
+        if inside_passthrough:
+            continue
+        keys += 1
+        if i == 0 or not lines[i - 1].strip().startswith("#"):
+            missing.append(f"line {i + 1}: {'.'.join(k for _, k in stack)}")
+    ck.check(not missing and keys > 0, f"{path}: all {keys} keys have a comment directly above them",
+             "uncommented: " + ", ".join(missing))
+    return ck
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2:
+        print(__doc__)
+        return 2
+    cmd = argv[1]
+    if cmd == "invariants":
+        label, path = argv[2], argv[3]
+        external: set[str] = set()
+        rest = argv[4:]
+        expect_pdbs = True
+        while rest:
+            if rest[0] == "--external" and len(rest) > 1:
+                external |= {x for x in rest[1].split(",") if x}
+                rest = rest[2:]
+            elif rest[0] == "--no-pdb":
+                expect_pdbs = False
+                rest = rest[1:]
+            else:
+                print(f"unknown argument {rest[0]}")
+                return 2
+        return invariants(label, path, external, expect_pdbs).finish()
+    if cmd == "helm-render":
+        return helm_render(argv[2], argv[3]).finish()
+    if cmd == "crds":
+        ck = crds(argv[2])
+        if len(argv) > 3:
+            crds_against(ck, argv[2], argv[3])
+        return ck.finish()
+    if cmd == "values-comments":
+        return values_comments(argv[2]).finish()
+    if cmd == "dockerfiles":
+        return dockerfiles(argv[2]).finish()
+    print(__doc__)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
