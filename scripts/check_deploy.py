@@ -289,9 +289,12 @@ def check_edge(ck: Checker, docs, d, spec, main, env) -> None:
     where = name_of(d)
     ck.check(d["kind"] == "StatefulSet", f"{where}: edges run as a StatefulSet (per-pod DNS)")
     drain = int(env.get("NETBORE_DRAIN_GRACE_SECS", EDGE_DRAIN_DEFAULT))
+    delay = int(env.get("NETBORE_DRAIN_DELAY_SECS", 0))
     grace = int(spec.get("terminationGracePeriodSeconds", 30))
     sleep = prestop_sleep(main)
-    ck.check(grace > sleep + drain, f"{where}: terminationGracePeriodSeconds {grace} > preStop {sleep} + drain {drain}")
+    ck.check(grace > sleep + delay + drain,
+             f"{where}: terminationGracePeriodSeconds {grace} > preStop {sleep} + drain delay {delay} + drain grace {drain}")
+    ck.check(sleep + delay >= 5, f"{where}: load balancers get >= 5 s to stop routing (preStop {sleep} + drain delay {delay})")
     probes = {k: (main.get(k) or {}).get("httpGet", {}) for k in ("readinessProbe", "livenessProbe")}
     ck.check(probes["readinessProbe"].get("path") == "/readyz" and port_of(main, probes["readinessProbe"].get("port")) == 9090,
              f"{where}: readiness is GET /readyz on the admin port 9090")
@@ -478,7 +481,7 @@ SCENARIOS: dict[str, tuple[dict, set[str]]] = {
     }, {"netbore-creds", "netbore-redis-url", "regcred"}),
     "single-node": ({
         "control": {"replicaCount": 1, "preStopSleepSeconds": 0},
-        "edge": {"autoscaling": {"enabled": False}, "replicaCount": 1, "preStopSleepSeconds": 0,
+        "edge": {"autoscaling": {"enabled": False}, "replicaCount": 2, "preStopSleepSeconds": 0, "drainDelaySeconds": 10,
                  "advertiseUrl": "ws://edge.tunnels.example.com:8001/v1/connect"},
         "secrets": {"bootstrapToken": "a-real-secret-from-a-vault", "signingKeys": [PEM, PEM]},
         "redis": {"persistence": {"enabled": True}},
@@ -491,6 +494,7 @@ REFUSED = {
     "unknown top-level key": {"bogus": 1},
     "unknown nested key (typo)": {"edge": {"autoscalling": {"enabled": False}}},
     "grace period shorter than preStop + drain": {"edge": {"terminationGracePeriodSeconds": 30}},
+    "grace period shorter than preStop + delay + drain": {"edge": {"drainDelaySeconds": 10}},
     "external Redis without a URL": {"redis": {"enabled": False}},
     "domain that is not a DNS name": {"domain": "Not A Domain"},
     "port out of range": {"edge": {"service": {"publicPort": 70000}}},

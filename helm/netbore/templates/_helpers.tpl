@@ -183,8 +183,9 @@ bootstrap-token
 {{/* Checks that can only be made on the combination of values. */}}
 {{- define "netbore.validate" -}}
 {{- $e := .Values.edge -}}
-{{- if le (int $e.terminationGracePeriodSeconds) (add (int $e.preStopSleepSeconds) (int $e.drainGraceSeconds)) -}}
-{{- fail (printf "edge.terminationGracePeriodSeconds (%d) must exceed edge.preStopSleepSeconds + edge.drainGraceSeconds (%d), or edges are killed mid-drain" (int $e.terminationGracePeriodSeconds) (add (int $e.preStopSleepSeconds) (int $e.drainGraceSeconds))) -}}
+{{- $drain := add (int $e.preStopSleepSeconds) (int $e.drainDelaySeconds) (int $e.drainGraceSeconds) -}}
+{{- if le (int $e.terminationGracePeriodSeconds) $drain -}}
+{{- fail (printf "edge.terminationGracePeriodSeconds (%d) must exceed edge.preStopSleepSeconds + edge.drainDelaySeconds + edge.drainGraceSeconds (%d), or edges are killed mid-drain" (int $e.terminationGracePeriodSeconds) $drain) -}}
 {{- end -}}
 {{- if le (int .Values.control.terminationGracePeriodSeconds) (add (int .Values.control.preStopSleepSeconds) 10) -}}
 {{- fail "control.terminationGracePeriodSeconds must exceed control.preStopSleepSeconds + 10 (control's own drain)" -}}
