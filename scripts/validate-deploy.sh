@@ -14,7 +14,7 @@
 #   deploy validation: N checks passed, M failed[, K skipped]
 set -uo pipefail
 
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 ROOT=$PWD
 # Kubernetes versions the manifests must be valid for: the oldest supported and a recent one.
 KUBE_VERSIONS=(1.29.0 1.32.0)
@@ -72,7 +72,9 @@ run "tool helm-python-sdk is importable" "$PY" -c 'import helm_python'
 KUSTOMIZE=()
 if [[ ${VALIDATE_NO_KUSTOMIZE:-} == 1 ]]; then
     : # forced: exercise the per-file path
-elif command -v kubectl >/dev/null 2>&1 && kubectl kustomize --help >/dev/null 2>&1; then
+elif command -v kubectl >/dev/null 2>&1 && kubectl kustomize --help >/dev/null 2>&1 &&
+    [[ $(kubectl version --client 2>/dev/null | sed -n 's/^Kustomize Version: v\([0-9]*\).*/\1/p') -ge 4 ]] 2>/dev/null; then
+    # The base uses `labels:` (kustomize 4.1+); Debian's kubernetes-client 1.20 embeds v2.
     KUSTOMIZE=(kubectl kustomize)
 elif command -v kustomize >/dev/null 2>&1; then
     KUSTOMIZE=(kustomize build)
