@@ -2,7 +2,9 @@
 """Invariant checks for Netbore's deployment files (run by scripts/validate-deploy.sh).
 
 Subcommands:
-  invariants LABEL FILE [--external-secret NAME]...  checks a set of manifests
+  invariants LABEL FILE [--external A,B] [--no-pdb]   checks a set of manifests (A, B: objects
+                                                     the operator creates; --no-pdb: no
+                                                     PodDisruptionBudget expected)
   helm-render CHART OUTDIR                           renders the chart for several value
                                                      sets (helm-python-sdk, Helm's own Go
                                                      engine), lints it, and runs the
