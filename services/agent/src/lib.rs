@@ -148,7 +148,8 @@ struct Ctx {
     links: std::sync::atomic::AtomicUsize,
     /// Every link opened, for the final flush.
     muxes: parking_lot::Mutex<Vec<Mux>>,
-    /// Slot 0's recreate token: the other slots serve the same tunnel with it.
+    /// Slot 0's recreate token, published once its link is live: the other slots
+    /// serve the same tunnel with it.
     tunnel: tokio::sync::watch::Sender<Option<String>>,
     /// Stops every slot (shutdown, or a fatal error).
     stop: CancellationToken,
@@ -232,6 +233,9 @@ fn give_up(ctx: &Ctx, e: AgentError) {
     ctx.stop.cancel();
 }
 
+/// How often a spare slot checks whether a link is up before it adds its own.
+pub const SPARE_WAIT_POLL: Duration = Duration::from_millis(100);
+
 /// Longest wait between attempts of a slot that found no edge of its own.
 pub const SPARE_SLOT_RETRY: Duration = Duration::from_secs(10);
 
@@ -256,6 +260,13 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
             };
             t
         };
+        // A spare slot adds redundancy next to a live link; while none is up it waits,
+        // so it never races the first slot onto the same edge.
+        while index > 0 && ctx.links.load(Ordering::Acquire) == 0 {
+            if sleep_or_stop(SPARE_WAIT_POLL, &stop).await {
+                return;
+            }
+        }
         let saved = if index == 0 {
             ctx.store
                 .load()
@@ -314,8 +325,6 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
             }) {
                 warn!(error = %e, "could not save the recreate token; the name may change after a restart");
             }
-            ctx.tunnel
-                .send_replace(Some(created.recreate_token.clone()));
         }
 
         let mut linked = None;
@@ -380,6 +389,13 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
         let mux = l.mux.clone();
         let edge_id = l.welcome.edge_id.clone();
         ctx.muxes.lock().push(mux.clone());
+        if index == 0 {
+            // Spare slots start once this link is live, so they see its edge as held
+            // and never race it onto the same edge (a duplicate closed right after
+            // the edge began routing to it would cut requests).
+            ctx.tunnel
+                .send_replace(Some(created.recreate_token.clone()));
+        }
         let links = ctx.links.fetch_add(1, Ordering::AcqRel) + 1;
         info!(edge = %edge_id, session = %l.welcome.session_id, url = %created.url(), links, "tunnel live");
         let _ = ctx.events.send(AgentEvent::Live {
