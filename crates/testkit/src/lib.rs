@@ -441,6 +441,35 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A real `netbore-control` on free loopback ports; killed when dropped.
+pub struct ControlProc {
+    /// The process.
+    pub proc: Proc,
+    /// REST port.
+    pub rest: u16,
+    /// gRPC port.
+    pub grpc: u16,
+}
+
+impl ControlProc {
+    /// Starts `netbore-control` with `extra` flags after the listen addresses.
+    pub fn spawn(extra: &[&str], env: &[(&str, &str)]) -> ControlProc {
+        let (rest, grpc) = (free_port(), free_port());
+        let (rest_addr, grpc_addr) = (format!("127.0.0.1:{rest}"), format!("127.0.0.1:{grpc}"));
+        let mut args = vec!["--rest-addr", &rest_addr, "--grpc-addr", &grpc_addr];
+        args.extend_from_slice(extra);
+        let mut env = env.to_vec();
+        if !env.iter().any(|(k, _)| *k == "RUST_LOG") {
+            env.push(("RUST_LOG", "warn"));
+        }
+        ControlProc {
+            proc: Proc::spawn("netbore-control", &args, &env),
+            rest,
+            grpc,
+        }
+    }
+}
+
 /// Polls `f` every 20 ms until it returns `Some` or `within` passes.
 pub async fn eventually<T, F, Fut>(within: Duration, mut f: F) -> Option<T>
 where

@@ -7,7 +7,6 @@
 //! go-away it opens a new link at once and lets the old one finish its streams. On
 //! shutdown it refuses new streams and finishes open ones within the grace period.
 
-pub mod control;
 pub mod dev;
 pub mod link;
 pub mod origin;
@@ -27,10 +26,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::control::{ControlClient, ControlError, CreateRequest};
 use crate::link::LinkError;
 use crate::origin::{Origin, OriginConfig};
 use crate::state::{Saved, StateStore};
+use netbore_control::api::CreateTunnelRequest;
+use netbore_control::client::{ControlClient, ControlError};
 
 /// First reconnect delay.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -274,13 +274,14 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
         } else {
             None
         };
-        let req = CreateRequest {
+        let req = CreateTunnelRequest {
             requested_name: if index == 0 { cfg.name.clone() } else { None },
             preferred_transports: vec!["wss".into(), "ws".into()],
             region_hint: None,
             recreate_token: shared_token
                 .or_else(|| saved.as_ref().map(|s| s.recreate_token.clone())),
             management_token: cfg.token.clone(),
+            recreate_token_ttl_seconds: None,
         };
         let created = match ctx.control.create(&req).await {
             Ok(c) => c,
@@ -288,7 +289,7 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
                 ctx.store.clear();
                 return give_up(&ctx, fatal(&code, format!("{message} [{code}]")));
             }
-            Err(e) if e.is_fatal() && saved.is_some() => {
+            Err(e) if e.is_permanent() && saved.is_some() => {
                 // The saved token is no longer good (expired, keys gone): start afresh.
                 warn!(error = %e, "saved recreate token refused; asking for a new tunnel");
                 ctx.store.clear();
@@ -397,9 +398,9 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
                 .send_replace(Some(created.recreate_token.clone()));
         }
         let links = ctx.links.fetch_add(1, Ordering::AcqRel) + 1;
-        info!(edge = %edge_id, session = %l.welcome.session_id, url = %created.url(), links, "tunnel live");
+        info!(edge = %edge_id, session = %l.welcome.session_id, url = %created.public_url, links, "tunnel live");
         let _ = ctx.events.send(AgentEvent::Live {
-            url: created.url(),
+            url: created.public_url.clone(),
             tunnel_id: created.tunnel_id.clone(),
             name: created.name().to_string(),
             edge_id: edge_id.clone(),

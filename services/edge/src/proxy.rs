@@ -186,13 +186,16 @@ fn connection_tokens(h: &HeaderMap) -> Vec<String> {
 /// the response ends.
 pub async fn handle(edge: Edge, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let started = std::time::Instant::now();
-    let tunnel = request_host(&req)
-        .and_then(|h| tunnel_name(&h, &edge.config().domain))
-        .unwrap_or_default();
+    // Parsed once here: the proxy routes by them and the access line names the tunnel.
+    let host = request_host(&req);
+    let name = host
+        .as_deref()
+        .and_then(|h| tunnel_name(h, &edge.config().domain));
+    let tunnel = name.clone().unwrap_or_default();
     let method = req.method().clone();
     // The path only: query strings may carry tokens, which never reach a log.
     let path = req.uri().path().to_string();
-    let resp = proxy(&edge, req, peer).await;
+    let resp = proxy(&edge, req, peer, host, name).await;
     let m = edge.metrics();
     m.response(resp.status().as_u16(), started.elapsed());
     let code = resp
@@ -308,16 +311,22 @@ impl Drop for AccessLogged {
     }
 }
 
-async fn proxy(edge: &Edge, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+async fn proxy(
+    edge: &Edge,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    host: Option<String>,
+    name: Option<String>,
+) -> Response<Body> {
     let json = wants_json(req.headers());
     let cfg = edge.config();
     if let Err(e) = hygiene(cfg, &req) {
         return e.response(json);
     }
-    let Some(host) = request_host(&req) else {
+    let Some(host) = host else {
         return ViewerError::BadHost.response(json);
     };
-    let Some(name) = tunnel_name(&host, &edge.config().domain) else {
+    let Some(name) = name else {
         return ViewerError::TunnelNotFound.response(json);
     };
     let declared = req

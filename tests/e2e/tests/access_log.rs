@@ -4,22 +4,14 @@
 use std::time::Duration;
 
 use netbore_testkit::origin::Origin;
-use netbore_testkit::{InProcAgent, Proc, Viewer, free_port};
+use netbore_testkit::{ControlProc, InProcAgent, Proc, Viewer, free_port};
 use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_json_line_per_request_without_tokens() {
-    let (rest, grpc, public, agents) = (free_port(), free_port(), free_port(), free_port());
-    let _control = Proc::spawn(
-        "netbore-control",
-        &[
-            "--rest-addr",
-            &format!("127.0.0.1:{rest}"),
-            "--grpc-addr",
-            &format!("127.0.0.1:{grpc}"),
-        ],
-        &[("RUST_LOG", "warn")],
-    );
+    let (public, agents) = (free_port(), free_port());
+    let control = ControlProc::spawn(&[], &[]);
+    let (rest, grpc) = (control.rest, control.grpc);
     let mut edge = Proc::spawn_logs(
         "netbore-edge",
         &[

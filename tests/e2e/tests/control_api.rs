@@ -10,7 +10,7 @@ use hyper_util::rt::TokioExecutor;
 use netbore_proto::control::v1 as pb;
 use netbore_proto::control::v1::control_service_client::ControlServiceClient;
 use netbore_testkit::origin::Origin;
-use netbore_testkit::{Proc, Stack, Viewer, eventually, free_port};
+use netbore_testkit::{ControlProc, Proc, Stack, Viewer, eventually, free_port};
 use serde_json::{Value, json};
 
 const BOOT: &str = "test-bootstrap-credential";
@@ -464,20 +464,13 @@ async fn a_key_rotation_keeps_connected_agents_and_admits_new_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_tunnel_disconnects_its_agent_across_processes() {
-    let (rest, grpc, public, agents) = (free_port(), free_port(), free_port(), free_port());
+    let (public, agents) = (free_port(), free_port());
     let template = format!("http://{{name}}.localhost:{public}");
-    let _control = Proc::spawn(
-        "netbore-control",
-        &[
-            "--rest-addr",
-            &format!("127.0.0.1:{rest}"),
-            "--grpc-addr",
-            &format!("127.0.0.1:{grpc}"),
-            "--public-url-template",
-            &template,
-        ],
-        &[("NETBORE_BOOTSTRAP_TOKEN", BOOT), ("RUST_LOG", "warn")],
+    let control = ControlProc::spawn(
+        &["--public-url-template", &template],
+        &[("NETBORE_BOOTSTRAP_TOKEN", BOOT)],
     );
+    let (rest, grpc) = (control.rest, control.grpc);
     let _edge = Proc::spawn(
         "netbore-edge",
         &[

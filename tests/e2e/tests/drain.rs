@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use netbore_testkit::origin::Origin;
-use netbore_testkit::{Proc, free_port};
+use netbore_testkit::{ControlProc, Proc, free_port};
 use serde_json::Value;
 
 struct EdgeProc {
@@ -72,17 +72,8 @@ async fn get(c: &Client, port: u16, host: &str, path: &str) -> Option<u16> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_on_an_edge_loses_no_request_when_the_agent_holds_another() {
-    let (rest, grpc) = (free_port(), free_port());
-    let _control = Proc::spawn(
-        "netbore-control",
-        &[
-            "--rest-addr",
-            &format!("127.0.0.1:{rest}"),
-            "--grpc-addr",
-            &format!("127.0.0.1:{grpc}"),
-        ],
-        &[("RUST_LOG", "warn")],
-    );
+    let control = ControlProc::spawn(&[], &[]);
+    let (rest, grpc) = (control.rest, control.grpc);
     let mut e1 = edge("edge-a", rest, grpc);
     let e2 = edge("edge-b", rest, grpc);
     let origin = Origin::start().await;

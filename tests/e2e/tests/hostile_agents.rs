@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use netbore_agent::control::{ControlClient, CreateRequest};
+use netbore_control::api::CreateTunnelRequest;
+use netbore_control::client::ControlClient;
 use netbore_protocol::PROTOCOL_VERSION;
 use netbore_testkit::origin::Origin;
 use netbore_testkit::{InProcAgent, Stack, Viewer};
@@ -90,7 +91,7 @@ async fn bad_handshakes_are_refused_with_a_code() {
 
     // A real token, but for another tunnel than claimed.
     let created = ControlClient::new(&stack.control_url())
-        .create(&CreateRequest::default())
+        .create(&CreateTunnelRequest::default())
         .await
         .unwrap();
     let mut ws = connect(&stack).await;
@@ -139,7 +140,7 @@ async fn a_wrong_path_gets_404_before_any_websocket() {
 
 async fn welcomed(stack: &Stack) -> Ws {
     let created = ControlClient::new(&stack.control_url())
-        .create(&CreateRequest::default())
+        .create(&CreateTunnelRequest::default())
         .await
         .unwrap();
     let mut ws = connect(stack).await;
