@@ -131,6 +131,8 @@ impl Stack {
             edge_insecure: false,
             drain_grace: Duration::from_secs(5),
             connections: 1,
+            access: Default::default(),
+            limits: Default::default(),
         }
     }
 

@@ -176,6 +176,26 @@ where
         )
         .await;
     }
+    let access = match crate::access::TunnelAccess::new(
+        &grant.tunnel_id,
+        &grant.name,
+        &grant.access,
+        grant.limits.max_body_bytes,
+        grant.session_key.as_ref(),
+    ) {
+        Ok(a) => std::sync::Arc::new(a),
+        Err(e) => {
+            warn!(tunnel = %grant.tunnel_id, error = %e, "agent token carries an unusable access policy");
+            return refuse(
+                &edge,
+                &mut ws,
+                RefusalCode::InvalidToken,
+                &format!("the tunnel's access policy cannot be enforced: {e}; fix it in the agent's flags"),
+                false,
+            )
+            .await;
+        }
+    };
     let conn_id = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
     let session_id = format!("{}-{conn_id}", edge.config().edge_id);
     let cfg = edge.config();
@@ -205,6 +225,7 @@ where
             tunnel_id: grant.tunnel_id.clone(),
             conn_id,
             mux: mux.clone(),
+            access,
         },
     );
     greeting.release();

@@ -8,6 +8,7 @@
 //! ([`proxy`]). The edge holds no signing keys and no state that matters beyond its
 //! live connections.
 
+pub mod access;
 pub mod admin;
 pub mod agents;
 pub mod auth;

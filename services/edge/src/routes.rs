@@ -26,6 +26,8 @@ pub struct Route {
     pub conn_id: u64,
     /// The connection.
     pub mux: Mux,
+    /// The tunnel's access policy, as this connection's token carried it.
+    pub access: std::sync::Arc<crate::access::TunnelAccess>,
 }
 
 /// Result of looking a name up.
