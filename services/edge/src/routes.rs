@@ -50,13 +50,18 @@ pub struct Routes {
 
 impl Routes {
     /// Adds a connection for `name`. Connections of another tunnel id that held the
-    /// name (it was deleted and given out again) are closed.
+    /// name (it was deleted and given out again) are closed; the tunnel's other
+    /// connections take the new one's access policy (the newest agent's wins).
     pub fn insert(&self, name: &str, route: Route) {
         let stale: Vec<Route> = {
             let mut live = self.live.write();
             let v = live.entry(name.to_string()).or_default();
-            let (keep, stale): (Vec<Route>, Vec<Route>) =
+            let (mut keep, stale): (Vec<Route>, Vec<Route>) =
                 v.drain(..).partition(|r| r.tunnel_id == route.tunnel_id);
+            // One policy per tunnel: the newest connection's (the owner changed it).
+            for r in &mut keep {
+                r.access = route.access.clone();
+            }
             *v = keep;
             v.push(route);
             stale

@@ -713,3 +713,242 @@ async fn control_refuses_an_unusable_policy_with_the_field_to_fix() {
         assert!(text.contains(field), "names the field: {text}");
     }
 }
+
+// ---------------------------------------------------------------------------------
+// The real `netbore` binary's flags
+
+fn agent_proc(stack: &Stack, origin: &Origin, extra: &[&str]) -> netbore_testkit::Proc {
+    let control = stack.control_url();
+    let target = origin.url();
+    let mut args = vec![
+        "http",
+        target.as_str(),
+        "--control",
+        control.as_str(),
+        "--connections",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    netbore_testkit::Proc::spawn("netbore", &args, &[("RUST_LOG", "warn")])
+}
+
+fn host_of(url_line: &str) -> String {
+    let url = url_line.split_whitespace().next().unwrap();
+    url.trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_flags_set_the_policy_the_edge_enforces() {
+    let stack = Stack::start().await;
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = owner_key(Algorithm::EdDSA);
+    let key_file = dir.path().join("owner.pub");
+    std::fs::write(&key_file, &key.public_pem).unwrap();
+    // Two state directories: with one, the second agent would get the first's tunnel
+    // back (same control, same origin) and replace its policy.
+    let state = dir.path().join("state");
+    let state2 = dir.path().join("state2");
+    let mut jwt_agent = agent_proc(
+        &stack,
+        &origin,
+        &[
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--jwt-key",
+            key_file.to_str().unwrap(),
+            "--jwt-claim",
+            "workshop_id=ws-42",
+            "--jwt-forward-claim",
+            "seat",
+            "--max-body-bytes",
+            "100",
+        ],
+    );
+    let jwt_host = host_of(&jwt_agent.line(Duration::from_secs(20)).await);
+    let mut basic_agent = agent_proc(
+        &stack,
+        &origin,
+        &[
+            "--state-dir",
+            state2.to_str().unwrap(),
+            "--basic-auth",
+            "alice:wonderland",
+        ],
+    );
+    let basic_host = host_of(&basic_agent.line(Duration::from_secs(20)).await);
+    let v = Viewer::new(stack.public());
+
+    assert_eq!(get(&v, &jwt_host, "/hello", &[]).await.status, 401);
+    let token =
+        key.mint(serde_json::json!({"workshop_id": "ws-42", "seat": "3", "exp": now_unix() + 60}));
+    let bearer = format!("Bearer {token}");
+    let r = get(&v, &jwt_host, "/hello", &[("authorization", &bearer)]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        origin.seen().last().unwrap().header("x-netbore-claim-seat"),
+        Some("3")
+    );
+    let mut post = v.request("POST", &jwt_host, "/echo", full(vec![0u8; 101]));
+    post.headers_mut()
+        .insert("authorization", bearer.parse().unwrap());
+    assert_eq!(collect(v.send(post).await).await.status, 413);
+
+    let r = get(&v, &basic_host, "/hello", &[]).await;
+    assert_eq!(r.error_code(), Some("access_basic_required"));
+    let creds = format!("Basic {}", base64_lite::encode(b"alice:wonderland"));
+    assert_eq!(
+        get(&v, &basic_host, "/hello", &[("authorization", &creds)])
+            .await
+            .status,
+        200
+    );
+    // Only the hash left the agent's machine: the saved state holds no password.
+    for entry in std::fs::read_dir(&state2).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap_or_default();
+        assert!(!text.contains("wonderland"));
+    }
+}
+
+#[tokio::test]
+async fn a_bad_access_flag_stops_the_agent_with_the_flag_named() {
+    let stack = Stack::start().await;
+    let origin = Origin::start().await;
+    for (flags, expect) in [
+        (&["--cors-origin", "portal.example.com"][..], "cors_origins"),
+        (&["--allow-ip", "10.0.0.0/40"][..], "ip_allow"),
+        (&["--jwt-claim", "seat"][..], "--jwt-claim"),
+        (&["--basic-auth", "alice"][..], "--basic-auth"),
+    ] {
+        let control = stack.control_url();
+        let target = origin.url();
+        let mut args = vec!["http", target.as_str(), "--control", control.as_str()];
+        args.extend_from_slice(flags);
+        let mut p = netbore_testkit::Proc::spawn_logs("netbore", &args, &[]);
+        let status = tokio::time::timeout(Duration::from_secs(20), p.child.wait())
+            .await
+            .expect("exits at once")
+            .unwrap();
+        assert_eq!(status.code(), Some(2), "{flags:?}");
+        let mut err = String::new();
+        while let Ok(Some(l)) = tokio::time::timeout(Duration::from_secs(2), p.stdout.recv()).await
+        {
+            err.push_str(&l);
+        }
+        assert!(err.contains(expect), "{flags:?}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn hash_password_prints_a_hash_the_policy_accepts() {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(netbore_testkit::bin_path("netbore"))
+        .arg("hash-password")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"wonderland\n")
+        .await
+        .unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    assert!(out.status.success());
+    let hash = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(hash.starts_with("pbkdf2-sha256$"), "{hash}");
+    assert!(netbore_tokens::access::verify_password(&hash, "wonderland"));
+    assert!(!netbore_tokens::access::verify_password(
+        &hash,
+        "Wonderland"
+    ));
+}
+
+#[tokio::test]
+async fn a_policy_set_over_grpc_is_signed_into_the_agents_token() {
+    use netbore_proto::control::v1 as pb;
+    let stack = Stack::start().await;
+    let mut c = pb::control_service_client::ControlServiceClient::connect(format!(
+        "http://{}",
+        stack.dev.grpc
+    ))
+    .await
+    .unwrap();
+    let created = c
+        .create_tunnel(pb::CreateTunnelRequest {
+            access: Some(pb::AccessPolicy {
+                ip_deny: vec!["192.0.2.0/24".into()],
+                jwt: Some(pb::JwtPolicy {
+                    secret: "s".repeat(32),
+                    claims: [("seat".to_string(), "7".to_string())].into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            limits: Some(pb::TunnelLimits {
+                max_body_bytes: 4096,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // What an edge reads from the token: the policy, the limit and a session key.
+    let payload = created.ephemeral_token.split('.').nth(1).unwrap();
+    let claims: serde_json::Value = serde_json::from_slice(&base64_url_decode(payload)).unwrap();
+    assert_eq!(claims["access"]["ip_deny"][0], "192.0.2.0/24");
+    assert_eq!(claims["access"]["jwt"]["claims"]["seat"], "7");
+    assert_eq!(claims["limits"]["max_body_bytes"], 4096);
+    assert!(
+        claims["session_key"]
+            .as_str()
+            .is_some_and(|k| k.len() >= 43)
+    );
+
+    let err = c
+        .create_tunnel(pb::CreateTunnelRequest {
+            access: Some(pb::AccessPolicy {
+                jwt: Some(pb::JwtPolicy {
+                    secret: "short".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().starts_with("access_invalid:"),
+        "{}",
+        err.message()
+    );
+    assert!(err.message().contains("32 bytes"), "{}", err.message());
+}
+
+fn base64_url_decode(s: &str) -> Vec<u8> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'-' => 62,
+        b'_' => 63,
+        _ => panic!("not base64url"),
+    };
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for &c in s.as_bytes() {
+        acc = (acc << 6) | u32::from(val(c));
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
