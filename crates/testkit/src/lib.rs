@@ -472,6 +472,74 @@ impl ControlProc {
     }
 }
 
+/// A real `netbore-edge` on free loopback ports; killed when dropped.
+pub struct EdgeProc {
+    /// The process.
+    pub proc: Proc,
+    /// Its id.
+    pub id: String,
+    /// Viewer port.
+    pub public: u16,
+    /// Agent port.
+    pub agents: u16,
+    /// Admin port (probes, metrics).
+    pub admin: u16,
+    /// Internal (edge-to-edge) port.
+    pub internal: u16,
+}
+
+/// The internal secret test clusters share.
+pub const TEST_INTERNAL_SECRET: &str = "test-internal-secret-0123456789";
+
+impl EdgeProc {
+    /// Starts `netbore-edge` as `id`, linked to `control`, with `extra` flags. With
+    /// `redis` it joins that registry (internal secret [`TEST_INTERNAL_SECRET`]).
+    pub fn spawn(id: &str, control: &ControlProc, redis: Option<&str>, extra: &[&str]) -> EdgeProc {
+        let (public, agents, admin, internal) =
+            (free_port(), free_port(), free_port(), free_port());
+        let addr = |p: u16| format!("127.0.0.1:{p}");
+        let (pa, aa, ad, ia) = (addr(public), addr(agents), addr(admin), addr(internal));
+        let rest = format!("http://127.0.0.1:{}", control.rest);
+        let grpc = format!("http://127.0.0.1:{}", control.grpc);
+        let mut args = vec![
+            "--edge-id",
+            id,
+            "--public-addr",
+            &pa,
+            "--agent-addr",
+            &aa,
+            "--admin-addr",
+            &ad,
+            "--internal-addr",
+            &ia,
+            "--control-url",
+            &rest,
+            "--control-grpc",
+            &grpc,
+        ];
+        if let Some(url) = redis {
+            args.extend_from_slice(&["--redis-url", url]);
+        }
+        args.extend_from_slice(extra);
+        let proc = Proc::spawn(
+            "netbore-edge",
+            &args,
+            &[
+                ("RUST_LOG", "warn"),
+                ("NETBORE_INTERNAL_SECRET", TEST_INTERNAL_SECRET),
+            ],
+        );
+        EdgeProc {
+            proc,
+            id: id.to_string(),
+            public,
+            agents,
+            admin,
+            internal,
+        }
+    }
+}
+
 /// Polls `f` every 20 ms until it returns `Some` or `within` passes.
 pub async fn eventually<T, F, Fut>(within: Duration, mut f: F) -> Option<T>
 where

@@ -51,6 +51,10 @@ pub const DEFAULT_MAX_STREAMS_PER_TUNNEL: usize = 2000;
 
 pub use netbore_tokens::access::Cidr;
 
+/// Default lease refresh interval: the same as the agent heartbeat, so a restarted Redis
+/// holds every tunnel again within one heartbeat.
+pub const DEFAULT_REGISTRY_REFRESH: Duration = Duration::from_secs(5);
+
 /// The edge's settings.
 #[derive(Debug, Clone)]
 pub struct EdgeConfig {
@@ -71,6 +75,10 @@ pub struct EdgeConfig {
     /// Time between turning not ready and stopping to accept, for load balancers to
     /// notice (0 when a Kubernetes preStop sleep does this).
     pub drain_delay: Duration,
+    /// How often this edge refreshes its leases in the registry (a lease lives
+    /// [`crate::forward::LEASE_REFRESHES`] intervals); also the most time a restarted,
+    /// empty Redis misses a tunnel.
+    pub registry_refresh: Duration,
     /// Largest request head in bytes (431 beyond).
     pub max_header_bytes: usize,
     /// Most header fields per request (431 beyond).
@@ -103,6 +111,7 @@ impl Default for EdgeConfig {
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
             drain_grace: DEFAULT_DRAIN_GRACE,
             drain_delay: Duration::ZERO,
+            registry_refresh: DEFAULT_REGISTRY_REFRESH,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             max_headers: DEFAULT_MAX_HEADERS,
             max_url_bytes: DEFAULT_MAX_URL_BYTES,

@@ -190,9 +190,22 @@ fn connection_tokens(h: &HeaderMap) -> Vec<String> {
 /// Proxies one viewer request, counting the outcome and logging one access line when
 /// the response ends.
 pub async fn handle(edge: Edge, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let host = request_host(&req);
+    let view = client_view(edge.config(), req.headers(), peer);
+    handle_with(edge, req, host, view, Vec::new()).await
+}
+
+/// [`handle`] for a request whose host and viewer are known: from a viewer, or
+/// forwarded by another edge (`via` lists the edges it passed).
+pub(crate) async fn handle_with(
+    edge: Edge,
+    req: Request<Incoming>,
+    host: Option<String>,
+    view: ClientView,
+    via: Vec<String>,
+) -> Response<Body> {
     let started = std::time::Instant::now();
     // Parsed once here: the proxy routes by them and the access line names the tunnel.
-    let host = request_host(&req);
     let name = host
         .as_deref()
         .and_then(|h| tunnel_name(h, &edge.config().domain));
@@ -200,7 +213,8 @@ pub async fn handle(edge: Edge, req: Request<Incoming>, peer: SocketAddr) -> Res
     let method = req.method().clone();
     // The path only: query strings may carry tokens, which never reach a log.
     let path = req.uri().path().to_string();
-    let resp = proxy(&edge, req, peer, host, name).await;
+    let client = view.client;
+    let resp = proxy(&edge, req, host, name, view, via).await;
     let m = edge.metrics();
     m.response(resp.status().as_u16(), started.elapsed());
     let code = resp
@@ -227,7 +241,7 @@ pub async fn handle(edge: Edge, req: Request<Incoming>, peer: SocketAddr) -> Res
             path,
             status: parts.status.as_u16(),
             code,
-            client: peer.ip(),
+            client,
             started,
         }),
     };
@@ -319,9 +333,10 @@ impl Drop for AccessLogged {
 async fn proxy(
     edge: &Edge,
     mut req: Request<Incoming>,
-    peer: SocketAddr,
     host: Option<String>,
     name: Option<String>,
+    view: ClientView,
+    via: Vec<String>,
 ) -> Response<Body> {
     let json = wants_json(req.headers());
     let cfg = edge.config();
@@ -335,14 +350,31 @@ async fn proxy(
         return ViewerError::TunnelNotFound.response(json);
     };
     let upgrade = is_upgrade(&req);
-    let view = client_view(cfg, req.headers(), peer);
     let route = match edge.routes().pick(&name) {
         Lookup::Found(_, in_flight) if in_flight >= cfg.max_streams_per_tunnel => {
             return ViewerError::TunnelOverloaded.response(json);
         }
         Lookup::Found(r, _) => r,
-        Lookup::Offline => return ViewerError::TunnelOffline.response(json),
-        Lookup::Unknown => return ViewerError::TunnelNotFound.response(json),
+        // Not held here (or only by a connection going away): another edge may hold it.
+        miss => {
+            let fallback = match miss {
+                Lookup::Offline => ViewerError::TunnelOffline,
+                _ => ViewerError::TunnelNotFound,
+            };
+            let Some(cluster) = edge.cluster() else {
+                return fallback.response(json);
+            };
+            let f = crate::forward::Forwarded {
+                host: &host,
+                name: &name,
+                client: view.client,
+                xff: &view.xff,
+                proto: &view.proto,
+                via,
+                upgrade,
+            };
+            return crate::forward::forward(edge, cluster, req, f, fallback, json).await;
+        }
     };
     // The tunnel's access policy decides before anything is forwarded.
     let access = route.access.clone();
@@ -409,14 +441,7 @@ async fn proxy(
     // The request body's own failures (too large, stalled) answer the viewer directly.
     let (body_fail_tx, mut body_fail) = tokio::sync::oneshot::channel::<ViewerError>();
     if !upgrade && !end_stream {
-        let body = GuardedBody {
-            inner: req.into_body(),
-            seen: 0,
-            max: max_body,
-            idle: cfg.body_idle_timeout,
-            sleep: Box::pin(tokio::time::sleep(cfg.body_idle_timeout)),
-            failed: None,
-        };
+        let body = guard_body(req.into_body(), max_body, cfg.body_idle_timeout);
         if let Some(mut tx) = tx.take() {
             tokio::spawn(
                 async move {
@@ -555,10 +580,22 @@ fn hygiene(cfg: &crate::EdgeConfig, req: &Request<Incoming>) -> Result<(), Viewe
     Ok(())
 }
 
+/// `body` under the limits [`GuardedBody`] enforces.
+pub(crate) fn guard_body(body: Incoming, max: u64, idle: Duration) -> GuardedBody {
+    GuardedBody {
+        inner: body,
+        seen: 0,
+        max,
+        idle,
+        sleep: Box::pin(tokio::time::sleep(idle)),
+        failed: None,
+    }
+}
+
 /// A viewer's request body with the edge's limits: at most `max` bytes, and no pause
 /// longer than `idle` between pieces. A breach ends the body with an error and records
 /// which, so the viewer is answered 413 or 408.
-struct GuardedBody {
+pub(crate) struct GuardedBody {
     inner: Incoming,
     seen: u64,
     max: u64,
@@ -620,10 +657,13 @@ fn reset_error(code: ResetCode) -> ViewerError {
 }
 
 /// How the edge sees the viewer: the address chain, the client, and the scheme.
-struct ClientView {
-    xff: String,
-    client: std::net::IpAddr,
-    proto: String,
+pub(crate) struct ClientView {
+    /// `X-Forwarded-For` for the origin.
+    pub(crate) xff: String,
+    /// The viewer's address.
+    pub(crate) client: std::net::IpAddr,
+    /// `http` or `https`.
+    pub(crate) proto: String,
 }
 
 /// Works out the viewer's address and scheme. Forwarding headers count only from a

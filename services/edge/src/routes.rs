@@ -149,6 +149,19 @@ impl Routes {
         (live.len() as u64, conns, streams, bin, bout)
     }
 
+    /// The connections to advertise in the registry: (name, tunnel id, connection id)
+    /// of every open connection not going away.
+    pub fn registrations(&self) -> Vec<(String, String, u64)> {
+        let live = self.live.read();
+        live.iter()
+            .flat_map(|(name, v)| {
+                v.iter()
+                    .filter(|r| !r.mux.is_closed() && !r.mux.is_going_away())
+                    .map(move |r| (name.clone(), r.tunnel_id.clone(), r.conn_id))
+            })
+            .collect()
+    }
+
     fn all(&self) -> Vec<Route> {
         self.live.read().values().flatten().cloned().collect()
     }
