@@ -41,6 +41,23 @@ impl RedisServer {
         }
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open and nothing answers, as
+    /// with a hung Redis or a network partition.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaws a [`RedisServer::pause`]d server (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let st = Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(st.success());
+    }
+
     /// Starts it again, empty, on the same port.
     pub fn restart(&mut self) {
         self.stop();

@@ -260,7 +260,7 @@ impl Shared {
                 Err(self.unavailable(e))
             }
             Ok(Err(e)) => Err(StoreError::Unavailable(format!(
-                "Redis at {} refused a command: {e}; check the Redis version (6.2 or later) and its logs",
+                "Redis at {} refused a command: {e}; check that it is a Redis server (not Redis Cluster), version 6 or later, and its logs",
                 self.shown_url
             ))),
             Err(_) => Err(self.unavailable(format!(

@@ -483,6 +483,28 @@ async fn control_starts_not_ready_while_redis_is_down_and_says_why() {
     assert!(RedisStore::open("http://nope").is_err());
 }
 
+#[tokio::test]
+async fn a_hung_redis_is_an_error_within_seconds_not_a_hang() {
+    let redis = RedisServer::start();
+    let c = replica(&redis).await;
+    redis.pause();
+    let start = Instant::now();
+    let e = c.ready().await.unwrap_err().to_string();
+    assert!(e.contains("Redis") && e.contains("unreachable"), "{e}");
+    let e = netbore_control::ops::create(&c, None, CreateTunnelRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, "store_unavailable");
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(6), "two calls took {took:?}");
+    redis.resume();
+    let back = eventually(WAIT, || async { c.ready().await.ok() }).await;
+    assert!(back.is_some(), "ready again once Redis answers");
+    netbore_control::ops::create(&c, None, CreateTunnelRequest::default())
+        .await
+        .unwrap();
+}
+
 // ---------------------------------------------------------------------------------------
 // Real control processes.
 
