@@ -777,6 +777,22 @@ async fn a_redis_outage_makes_control_unready_and_it_recovers_by_itself() {
     );
     let noticed = start.elapsed();
     assert!(noticed < Duration::from_secs(5), "took {noticed:?}");
+    // Deleting needs Redis too; issuing a management token does not.
+    let tok = admin(&c, &a.url()).await;
+    let (st, e) = call(
+        &c,
+        &a.url(),
+        "POST",
+        "/tunnels/delete",
+        Some(&tok),
+        Some(json!({"name": "anything"})),
+    )
+    .await;
+    assert_eq!(
+        (st, e["error"]["code"].as_str()),
+        (503, Some("store_unavailable")),
+        "{e}"
+    );
     // gRPC readiness follows.
     let grpc_not_serving = eventually(WAIT, || async {
         let out = std::process::Command::new("grpcurl")
