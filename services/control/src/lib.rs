@@ -327,13 +327,15 @@ impl Control {
     /// edges known only from their reports, least loaded first. An edge whose report
     /// says it is draining, or whose link is closed or silent for
     /// [`EDGE_SILENT_AFTER`], is left out; a configured edge that never reported is
-    /// kept (edges need not link to control).
+    /// kept (edges need not link to control). This is this replica's own view; creates
+    /// use [`Control::candidates_now`], which with Redis sees every replica's reports.
     pub fn candidate_edges(&self) -> Vec<EdgeEntry> {
         let status = self.inner.edge_status.read().clone();
         order_candidates(&self.edges(), &status, netbore_tokens::now_unix())
     }
 
-    /// Tunnel ids as they are deleted (edges disconnect their agents).
+    /// Tunnel ids as they are deleted, through this replica or (with Redis) any other
+    /// (edges disconnect their agents).
     pub fn subscribe_deletions(&self) -> broadcast::Receiver<String> {
         self.inner.deletions.subscribe()
     }
