@@ -470,6 +470,19 @@ impl ControlProc {
             grpc,
         }
     }
+
+    /// Like [`ControlProc::spawn`], with its state in the Redis at `redis_url`
+    /// (`--redis-url`), as replicas run.
+    pub fn spawn_with_redis(redis_url: &str, extra: &[&str], env: &[(&str, &str)]) -> ControlProc {
+        let mut args = vec!["--redis-url", redis_url];
+        args.extend_from_slice(extra);
+        ControlProc::spawn(&args, env)
+    }
+
+    /// `http://127.0.0.1:REST`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.rest)
+    }
 }
 
 /// A real `netbore-edge` on free loopback ports; killed when dropped.

@@ -224,7 +224,9 @@ impl ControlService for ControlGrpc {
         ops::require_read(&self.0, bearer(&req)).map_err(status)?;
         let edges = self
             .0
-            .edge_statuses()
+            .edge_statuses_now()
+            .await
+            .map_err(|e| status(e.into()))?
             .into_iter()
             .map(|(e, s)| {
                 let s = s.unwrap_or(EdgeStatus {
@@ -317,7 +319,7 @@ impl EdgeService for EdgeGrpc {
                                 tracing::info!(edge = %rep.edge_id, url = %rep.agent_url, "edge linked");
                             }
                             edge_id = rep.edge_id.clone();
-                            control.edge_report(EdgeStatus {
+                            control.record_edge_report(EdgeStatus {
                                 entry: EdgeEntry { edge_id: rep.edge_id, edge_url: rep.agent_url, region: rep.region },
                                 tunnels: rep.tunnels,
                                 connections: rep.connections,
@@ -325,7 +327,7 @@ impl EdgeService for EdgeGrpc {
                                 draining: rep.draining,
                                 last_report: netbore_tokens::now_unix(),
                                 connected: true,
-                            });
+                            }).await;
                         }
                         _ => break,
                     },
@@ -347,7 +349,7 @@ impl EdgeService for EdgeGrpc {
             }
             if !edge_id.is_empty() {
                 tracing::info!(edge = %edge_id, "edge link closed");
-                control.edge_disconnected(&edge_id);
+                control.edge_link_closed(&edge_id).await;
             }
         }.instrument(tracing::info_span!("edge_link", peer = ?peer)));
         let stream =
@@ -381,6 +383,11 @@ pub async fn serve_grpc(
     health
         .set_serving::<ControlServiceServer<ControlGrpc>>()
         .await;
+    tokio::spawn(crate::shared::watch_readiness(
+        control.clone(),
+        health.clone(),
+        shutdown.clone(),
+    ));
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(netbore_proto::FILE_DESCRIPTOR_SET)

@@ -23,7 +23,9 @@ pub mod client;
 pub mod grpc;
 pub mod names;
 pub mod ops;
+pub mod redis_store;
 pub mod rest;
+mod shared;
 pub mod store;
 
 use std::sync::Arc;
@@ -106,6 +108,9 @@ pub struct ControlConfig {
     pub recreate_ttl_max: Duration,
     /// Management token lifetime.
     pub management_ttl: Duration,
+    /// `redis://…` of the Redis that replicas share; `None` keeps state in memory
+    /// (one replica). A secret: the URL may carry a password.
+    pub redis_url: Option<Secret>,
 }
 
 impl Default for ControlConfig {
@@ -121,6 +126,7 @@ impl Default for ControlConfig {
             recreate_ttl_default: DEFAULT_RECREATE_TTL,
             recreate_ttl_max: DEFAULT_RECREATE_TTL_MAX,
             management_ttl: DEFAULT_MANAGEMENT_TTL,
+            redis_url: None,
         }
     }
 }
@@ -180,6 +186,31 @@ impl ControlConfig {
     }
 }
 
+/// The candidate order of [`Control::candidate_edges`], from the configured edges and
+/// the edges' last reports (keyed by edge id).
+pub(crate) fn order_candidates(
+    configured: &[EdgeEntry],
+    status: &std::collections::HashMap<String, EdgeStatus>,
+    now: u64,
+) -> Vec<EdgeEntry> {
+    let silent = EDGE_SILENT_AFTER.as_secs();
+    let usable =
+        |s: &EdgeStatus| !s.draining && s.connected && now.saturating_sub(s.last_report) <= silent;
+    let mut out: Vec<EdgeEntry> = configured
+        .iter()
+        .filter(|e| status.get(&e.edge_id).is_none_or(usable))
+        .cloned()
+        .collect();
+    let mut reported: Vec<&EdgeStatus> = status
+        .values()
+        .filter(|s| usable(s) && !configured.iter().any(|e| e.edge_id == s.entry.edge_id))
+        .collect();
+    reported
+        .sort_by(|a, b| (a.connections, &a.entry.edge_id).cmp(&(b.connections, &b.entry.edge_id)));
+    out.extend(reported.into_iter().map(|s| s.entry.clone()));
+    out
+}
+
 /// Control's state; cheap to clone.
 #[derive(Clone)]
 pub struct Control {
@@ -210,6 +241,7 @@ impl Control {
     ) -> Control {
         let verifier = Verifier::new(&keys.jwks(), config.issuer.clone()).expect("own keys verify");
         let (deletions, _) = broadcast::channel(1024);
+        store.attach_deletions(deletions.clone());
         Control {
             inner: Arc::new(Inner {
                 edges: RwLock::new(config.edges.clone()),
@@ -295,32 +327,15 @@ impl Control {
     /// edges known only from their reports, least loaded first. An edge whose report
     /// says it is draining, or whose link is closed or silent for
     /// [`EDGE_SILENT_AFTER`], is left out; a configured edge that never reported is
-    /// kept (edges need not link to control).
+    /// kept (edges need not link to control). This is this replica's own view; creates
+    /// use [`Control::candidates_now`], which with Redis sees every replica's reports.
     pub fn candidate_edges(&self) -> Vec<EdgeEntry> {
-        let now = netbore_tokens::now_unix();
-        let silent = EDGE_SILENT_AFTER.as_secs();
-        let usable = |s: &EdgeStatus| {
-            !s.draining && s.connected && now.saturating_sub(s.last_report) <= silent
-        };
         let status = self.inner.edge_status.read().clone();
-        let configured = self.edges();
-        let mut out: Vec<EdgeEntry> = configured
-            .iter()
-            .filter(|e| status.get(&e.edge_id).is_none_or(usable))
-            .cloned()
-            .collect();
-        let mut reported: Vec<&EdgeStatus> = status
-            .values()
-            .filter(|s| usable(s) && !configured.iter().any(|e| e.edge_id == s.entry.edge_id))
-            .collect();
-        reported.sort_by(|a, b| {
-            (a.connections, &a.entry.edge_id).cmp(&(b.connections, &b.entry.edge_id))
-        });
-        out.extend(reported.into_iter().map(|s| s.entry.clone()));
-        out
+        order_candidates(&self.edges(), &status, netbore_tokens::now_unix())
     }
 
-    /// Tunnel ids as they are deleted (edges disconnect their agents).
+    /// Tunnel ids as they are deleted, through this replica or (with Redis) any other
+    /// (edges disconnect their agents).
     pub fn subscribe_deletions(&self) -> broadcast::Receiver<String> {
         self.inner.deletions.subscribe()
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use netbore_control::{Control, ControlConfig, EdgeEntry};
+use netbore_control::{ControlConfig, EdgeEntry};
 use netbore_tokens::{KeySet, Secret};
 use tokio_util::sync::CancellationToken;
 
@@ -65,6 +65,10 @@ struct Args {
     /// Require a management token for every tunnel creation.
     #[arg(long, env = "NETBORE_REQUIRE_TOKEN")]
     require_token: bool,
+    /// Redis shared by every control replica (redis://[:PASSWORD@]HOST:PORT[/DB]).
+    /// Without it, state is kept in memory and only one replica may run.
+    #[arg(long, env = "NETBORE_REDIS_URL")]
+    redis_url: Option<String>,
     /// Log as JSON lines.
     #[arg(long, env = "NETBORE_LOG_JSON")]
     log_json: bool,
@@ -135,9 +139,11 @@ async fn main() -> anyhow::Result<()> {
         recreate_ttl_default: Duration::from_secs(args.recreate_ttl_secs),
         recreate_ttl_max: Duration::from_secs(args.recreate_ttl_max_secs),
         management_ttl: Duration::from_secs(args.management_ttl_secs),
+        redis_url: args.redis_url.clone().map(Secret::new),
     };
     config.validate().context("invalid configuration")?;
-    let control = Control::new(config, keys);
+    let control =
+        netbore_control::redis_store::control_for(config, keys).context("invalid configuration")?;
     let rest = tokio::net::TcpListener::bind(args.rest_addr)
         .await
         .with_context(|| format!("binding REST on {}", args.rest_addr))?;
@@ -151,6 +157,7 @@ async fn main() -> anyhow::Result<()> {
         edges = control.edges().len(),
         signing_kid = %control.jwks().keys.last().map(|k| k.kid.as_str()).unwrap_or(""),
         bootstrap = control.config().bootstrap_token.is_some(),
+        store = if control.config().redis_url.is_some() { "redis" } else { "memory" },
         "control ready"
     );
 

@@ -330,7 +330,7 @@ pub async fn create(
 
     // Candidates before the name: a name is never held for a caller who gets nothing.
     let (cands, cand_note) = candidates(
-        &control.candidate_edges(),
+        &control.candidates_now().await?,
         req.region_hint.as_deref(),
         &req.preferred_transports,
     );
@@ -533,7 +533,9 @@ pub async fn delete(
     let until = now + control.config().recreate_ttl_max.as_secs();
     control.store().revoke(&record.tunnel_id, until).await?;
     control.store().remove(&record.tunnel_id).await?;
-    control.announce_deletion(&record.tunnel_id);
+    control
+        .announce_deletion_everywhere(&record.tunnel_id)
+        .await;
     tracing::info!(tunnel = %record.tunnel_id, name = %record.name, "tunnel deleted");
     Ok(record)
 }

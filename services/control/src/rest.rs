@@ -34,7 +34,7 @@ pub fn rest_router(control: Control) -> Router {
         .route("/auth/token", post(issue_token))
         .route("/.well-known/jwks.json", get(jwks))
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(|| async { "ready\n" }))
+        .route("/readyz", get(readyz))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -155,6 +155,12 @@ async fn issue_token(
     ops::issue_token(&control, bearer(&headers), req)
         .await
         .map(Json)
+}
+
+/// 200 while control can serve; 503 `store_unavailable` naming the store otherwise.
+async fn readyz(State(control): State<Control>) -> Result<&'static str, ApiError> {
+    control.ready().await?;
+    Ok("ready\n")
 }
 
 async fn jwks(State(control): State<Control>) -> impl IntoResponse {

@@ -12,6 +12,9 @@ use std::pin::Pin;
 
 use parking_lot::Mutex;
 use serde::Serialize;
+use tokio::sync::broadcast;
+
+use crate::EdgeStatus;
 
 /// One tunnel as control knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -80,6 +83,35 @@ pub trait ControlStore: Send + Sync + 'static {
     fn revoke<'a>(&'a self, tunnel_id: &'a str, until: u64) -> StoreFuture<'a, ()>;
     /// True while `tunnel_id` is revoked.
     fn is_revoked<'a>(&'a self, tunnel_id: &'a str, now: u64) -> StoreFuture<'a, bool>;
+
+    // What a store shared by several replicas adds. The defaults are those of a store
+    // that lives in one process: always reachable, and this replica's view of the
+    // edges is the whole view.
+
+    /// Fails while the store cannot serve (readiness probes ask this).
+    fn ping(&self) -> StoreFuture<'_, ()> {
+        ready(())
+    }
+    /// Shares an edge's report with the other replicas.
+    fn put_edge<'a>(&'a self, _status: &'a EdgeStatus) -> StoreFuture<'a, ()> {
+        ready(())
+    }
+    /// Marks an edge's link to this replica closed (unless it has linked elsewhere since).
+    fn edge_closed<'a>(&'a self, _edge_id: &'a str) -> StoreFuture<'a, ()> {
+        ready(())
+    }
+    /// Every edge any replica has a recent report of; `None` when the store keeps no
+    /// edges (then this replica's own reports are the whole view).
+    fn edges(&self, _now: u64) -> StoreFuture<'_, Option<Vec<EdgeStatus>>> {
+        ready(None)
+    }
+    /// Tells the other replicas that `tunnel_id` was deleted, so they disconnect it on
+    /// the edges linked to them.
+    fn publish_deletion<'a>(&'a self, _tunnel_id: &'a str) -> StoreFuture<'a, ()> {
+        ready(())
+    }
+    /// Where to deliver deletions published by other replicas.
+    fn attach_deletions(&self, _deletions: broadcast::Sender<String>) {}
 }
 
 /// How often the in-memory store forgets expired names and tombstones (seconds).

@@ -1,6 +1,6 @@
-//! Netbore as a platform: a real `redis-server`, control, three edges sharing the
-//! registry, an agent holding links to two of them, and a client that sends requests
-//! to any edge, as a load balancer would. Each scenario prints how many requests it
+//! Netbore as a platform: a real `redis-server`, two control replicas and three edges
+//! sharing it, an agent holding links to two edges, and a client that sends requests to
+//! any edge, as a load balancer would. Each scenario prints how many requests it
 //! sent and how many failed.
 
 use std::collections::HashSet;
@@ -19,7 +19,7 @@ const REFRESH_SECS: u64 = 1;
 
 struct Platform {
     redis: RedisServer,
-    _control: ControlProc,
+    _controls: Vec<ControlProc>,
     edges: Vec<EdgeProc>,
     _origin: Origin,
     agent: Proc,
@@ -36,14 +36,19 @@ type Client = hyper_util::client::legacy::Client<
 
 async fn platform() -> Platform {
     let redis = RedisServer::start();
-    let control = ControlProc::spawn(&[], &[]);
+    let controls = vec![
+        ControlProc::spawn_with_redis(&redis.url(), &[], &[]),
+        ControlProc::spawn_with_redis(&redis.url(), &[], &[]),
+    ];
     let refresh = REFRESH_SECS.to_string();
+    // Edges link to either replica; the agent creates its tunnel through the other.
     let edges: Vec<EdgeProc> = ["edge-a", "edge-b", "edge-c"]
         .iter()
-        .map(|id| {
+        .enumerate()
+        .map(|(i, id)| {
             EdgeProc::spawn(
                 id,
-                &control,
+                &controls[i % 2],
                 Some(&redis.url()),
                 &[
                     "--registry-refresh-secs",
@@ -57,7 +62,7 @@ async fn platform() -> Platform {
     let origin = Origin::start().await;
     // Edges announce themselves to control; wait until control lists all three, so
     // the agent has distinct candidates.
-    let rest = format!("http://127.0.0.1:{}", control.rest);
+    let rest = format!("http://127.0.0.1:{}", controls[1].rest);
     let state = tempfile::tempdir().unwrap().keep();
     let mut agent = Proc::spawn(
         "netbore",
@@ -87,7 +92,7 @@ async fn platform() -> Platform {
         .build_http();
     Platform {
         redis,
-        _control: control,
+        _controls: controls,
         edges,
         _origin: origin,
         agent,
@@ -232,7 +237,7 @@ async fn requests_sent_to_each_of_three_edges_all_reach_the_tunnel() {
             "http",
             &format!("http://{grpc_addr}"),
             "--control",
-            &format!("http://127.0.0.1:{}", p._control.rest),
+            &format!("http://127.0.0.1:{}", p._controls[0].rest),
             "--state-dir",
             state.path().to_str().unwrap(),
             "--connections",
