@@ -36,9 +36,15 @@ type Client = hyper_util::client::legacy::Client<
 
 async fn platform() -> Platform {
     let redis = RedisServer::start();
+    // Replicas share their signing key, as they do from one Kubernetes Secret.
+    let keys = tempfile::tempdir().unwrap().keep();
+    let key = keys.join("signing.pem");
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    std::fs::write(&key, pair.serialize_pem()).unwrap();
+    let key_flag = ["--signing-key", key.to_str().unwrap()];
     let controls = vec![
-        ControlProc::spawn_with_redis(&redis.url(), &[], &[]),
-        ControlProc::spawn_with_redis(&redis.url(), &[], &[]),
+        ControlProc::spawn_with_redis(&redis.url(), &key_flag, &[]),
+        ControlProc::spawn_with_redis(&redis.url(), &key_flag, &[]),
     ];
     let refresh = REFRESH_SECS.to_string();
     // Edges link to either replica; the agent creates its tunnel through the other.
