@@ -7,10 +7,13 @@
 //! - [`origin::Origin`]: an HTTP origin with the endpoints tests need.
 //! - [`Viewer`]: an HTTP/1.1 and HTTP/2 client that reaches a tunnel through the edge.
 //! - [`redis::RedisServer`]: a real `redis-server` child process.
+//! - [`otlp::Collector`]: an OTLP/gRPC trace receiver that keeps what it gets.
+//! - [`EdgeProc`]: a real `netbore-edge` linked to a [`ControlProc`].
 //!
 //! Everything stops when dropped, so a failing test leaves nothing behind.
 
 pub mod origin;
+pub mod otlp;
 pub mod redis;
 
 use std::net::SocketAddr;
@@ -486,4 +489,77 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A real `netbore-edge` on free loopback ports, linked to a control; killed when
+/// dropped.
+pub struct EdgeProc {
+    /// The process.
+    pub proc: Proc,
+    /// Viewer port.
+    pub public: u16,
+    /// Agent port.
+    pub agents: u16,
+    /// Admin port (/livez, /readyz, /metrics).
+    pub admin: u16,
+}
+
+impl EdgeProc {
+    /// Starts an edge with id `id` that fetches keys from and reports to `control`.
+    pub fn spawn(id: &str, control: &ControlProc, env: &[(&str, &str)]) -> EdgeProc {
+        let (public, agents, admin) = (free_port(), free_port(), free_port());
+        let addr = |p: u16| format!("127.0.0.1:{p}");
+        let args = [
+            "--edge-id".to_string(),
+            id.to_string(),
+            "--public-addr".into(),
+            addr(public),
+            "--agent-addr".into(),
+            addr(agents),
+            "--admin-addr".into(),
+            addr(admin),
+            "--control-url".into(),
+            format!("http://127.0.0.1:{}", control.rest),
+            "--control-grpc".into(),
+            format!("http://127.0.0.1:{}", control.grpc),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut env = env.to_vec();
+        if !env.iter().any(|(k, _)| *k == "RUST_LOG") {
+            env.push(("RUST_LOG", "warn"));
+        }
+        EdgeProc {
+            proc: Proc::spawn("netbore-edge", &args, &env),
+            public,
+            agents,
+            admin,
+        }
+    }
+}
+
+/// `GET http://{addr}{path}` over a fresh connection: status and body text, or `None`
+/// while nothing answers there.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let c = Client::builder(TokioExecutor::new()).build_http::<ReqBody>();
+    let req = Request::get(format!("http://{addr}{path}"))
+        .body(empty())
+        .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), c.request(req))
+        .await
+        .ok()?
+        .ok()?;
+    let status = r.status().as_u16();
+    let body = r.into_body().collect().await.ok()?.to_bytes();
+    Some((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Parses Prometheus text into `series -> value` (series with their labels as written).
+pub fn parse_metrics(text: &str) -> std::collections::HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
 }

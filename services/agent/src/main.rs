@@ -127,7 +127,13 @@ async fn main() -> ExitCode {
     let common = match &cli.cmd {
         Cmd::Http { common, .. } | Cmd::Dev { common, .. } => common,
     };
-    netbore_edge::telemetry::init(common.log_json);
+    let telemetry = match netbore_telemetry::init("netbore", common.log_json) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let origin = match common.origin() {
         Ok(o) => o,
         Err(e) => {
@@ -136,7 +142,7 @@ async fn main() -> ExitCode {
         }
     };
     let shutdown = CancellationToken::new();
-    tokio::spawn(netbore_edge::telemetry::on_signal(shutdown.clone()));
+    tokio::spawn(netbore_telemetry::on_signal(shutdown.clone()));
     let state_dir = common
         .state_dir
         .clone()
@@ -250,6 +256,7 @@ async fn main() -> ExitCode {
     let r = netbore_agent::run(cfg, tx, shutdown.clone()).await;
     shutdown.cancel();
     let _ = printer.await;
+    telemetry.shutdown().await;
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(AgentError::Fatal { code, message }) => {

@@ -18,7 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use netbore_mux::body::{PumpEnd, StreamBody, from_header_map, pump_body};
 use netbore_mux::{IncomingStream, bridge};
 use netbore_protocol::{ResetCode, ResponseHead};
-use tracing::debug;
+use tracing::{Instrument, debug};
 
 type OriginBody = BoxBody<Bytes, std::io::Error>;
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, OriginBody>;
@@ -126,7 +126,15 @@ impl Origin {
 
     /// Serves one stream end to end. Never panics on bad input: every failure becomes
     /// a reset with a code the edge turns into a status for the viewer.
+    ///
+    /// The stream runs in a span that continues the edge's `traceparent` (or starts a
+    /// trace), and the origin gets a `traceparent` naming that span.
     pub async fn serve(&self, s: IncomingStream) {
+        let span = request_span(&s.head);
+        self.forward(s).instrument(span).await;
+    }
+
+    async fn forward(&self, s: IncomingStream) {
         let IncomingStream {
             head,
             end_stream,
@@ -174,6 +182,9 @@ impl Origin {
                     builder = builder.header(header::HOST, v);
                 }
             }
+        }
+        if let Some(hm) = builder.headers_mut() {
+            forward_trace_context(hm);
         }
         if use_h2 && let Some(hm) = builder.headers_mut() {
             // Connection-specific headers are illegal in HTTP/2 (te: trailers excepted).
@@ -224,6 +235,7 @@ impl Origin {
             Ok(Ok(r)) => r,
         };
         let status = resp.status().as_u16();
+        tracing::Span::current().record("http.response.status_code", status);
         if status == 101 && upgrade {
             let headers = from_header_map(resp.headers());
             if sender
@@ -276,4 +288,44 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         src = inner.source();
     }
     s
+}
+
+/// The span a stream is forwarded in: a child of the edge's span named by the
+/// request's `traceparent`, or the root of a new trace. No secrets in its fields: the
+/// path without its query, no header values.
+fn request_span(head: &netbore_protocol::RequestHead) -> tracing::Span {
+    let path = head.target.split('?').next().unwrap_or("");
+    let span = tracing::info_span!(
+        "origin",
+        otel.name = "agent forward",
+        otel.kind = "client",
+        http.request.method = %head.method,
+        url.path = %path,
+        http.response.status_code = tracing::field::Empty,
+    );
+    netbore_telemetry::trace_context::set_parent(&span, |name| {
+        head.headers
+            .iter()
+            .find(|h| h.name == name)
+            .and_then(|h| std::str::from_utf8(&h.value).ok())
+            .map(str::to_string)
+    });
+    span
+}
+
+/// Gives the origin a `traceparent` naming the current span (the agent's), in place
+/// of the edge's; with trace export off the edge's headers pass unchanged.
+fn forward_trace_context(headers: &mut http::HeaderMap) {
+    use netbore_telemetry::trace_context::{TRACEPARENT, TRACESTATE, headers_for};
+    let ours = headers_for(&tracing::Span::current());
+    if ours.is_empty() {
+        return;
+    }
+    headers.remove(TRACEPARENT);
+    headers.remove(TRACESTATE);
+    for (k, v) in ours {
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            headers.insert(k, v);
+        }
+    }
 }

@@ -97,7 +97,7 @@ fn parse_edge(s: &str) -> anyhow::Result<EdgeEntry> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_logs(args.log_json);
+    let telemetry = netbore_telemetry::init("netbore-control", args.log_json)?;
     let mut signals = Signals::install()?;
     let edges = args
         .edges
@@ -184,13 +184,15 @@ async fn main() -> anyhow::Result<()> {
     if drained.is_err() {
         tracing::warn!(grace = ?DRAIN_GRACE, "requests still open after the grace period; stopping anyway");
     }
-    match failure {
+    let r = match failure {
         Some(e) => Err(e),
         None => {
             tracing::info!("control stopped");
             Ok(())
         }
-    }
+    };
+    telemetry.shutdown().await;
+    r
 }
 
 fn outcome(r: Result<anyhow::Result<()>, tokio::task::JoinError>) -> String {
@@ -223,18 +225,5 @@ impl Signals {
             _ = self.term.recv() => "SIGTERM",
             _ = self.int.recv() => "SIGINT",
         }
-    }
-}
-
-fn init_logs(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        b.json().init();
-    } else {
-        b.init();
     }
 }

@@ -87,7 +87,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    netbore_edge::telemetry::init(args.log_json);
+    let telemetry = netbore_telemetry::init("netbore-edge", args.log_json)?;
     let cert_source = match (&args.tls_cert, &args.tls_key, args.tls_self_signed) {
         (Some(cert), Some(key), _) => Some(netbore_edge::tls::CertSource::Files {
             cert: cert.clone(),
@@ -172,5 +172,6 @@ async fn main() -> anyhow::Result<()> {
     netbore_edge::run(edge, public, agents, shutdown).await?;
     admin_stop.cancel();
     tracing::info!("edge stopped");
+    telemetry.shutdown().await;
     Ok(())
 }

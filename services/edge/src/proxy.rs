@@ -195,7 +195,11 @@ pub async fn handle(edge: Edge, req: Request<Incoming>, peer: SocketAddr) -> Res
     let method = req.method().clone();
     // The path only: query strings may carry tokens, which never reach a log.
     let path = req.uri().path().to_string();
-    let resp = proxy(&edge, req, peer, host, name).await;
+    let span = crate::telemetry::request_span(&req, &tunnel);
+    let resp = proxy(&edge, req, peer, host, name)
+        .instrument(span.clone())
+        .await;
+    span.record("http.response.status_code", resp.status().as_u16());
     let m = edge.metrics();
     m.response(resp.status().as_u16(), started.elapsed());
     let code = resp
@@ -224,6 +228,7 @@ pub async fn handle(edge: Edge, req: Request<Incoming>, peer: SocketAddr) -> Res
             code,
             client: peer.ip(),
             started,
+            _span: span,
         }),
     };
     Response::from_parts(parts, logged.boxed())
@@ -238,6 +243,8 @@ struct AccessLine {
     code: Option<String>,
     client: std::net::IpAddr,
     started: std::time::Instant,
+    /// The request's span, ended with the response.
+    _span: tracing::Span,
 }
 
 /// The response body, counted; logs the access line when the body ends or is dropped
@@ -338,7 +345,8 @@ async fn proxy(
         return ViewerError::BodyTooLarge.response(json);
     }
     let upgrade = is_upgrade(&req);
-    let head = request_head(edge, &req, &host, peer, upgrade);
+    let mut head = request_head(edge, &req, &host, peer, upgrade);
+    crate::telemetry::forward_trace_context(&tracing::Span::current(), &mut head);
     let body_empty = http_body::Body::is_end_stream(req.body());
     let end_stream = body_empty && !upgrade;
 
