@@ -65,6 +65,10 @@ struct Args {
     /// Require a management token for every tunnel creation.
     #[arg(long, env = "NETBORE_REQUIRE_TOKEN")]
     require_token: bool,
+    /// Admin address serving /metrics (Prometheus text) and /livez; off unless given.
+    /// Keep it off the network the REST port is exposed on.
+    #[arg(long, env = "NETBORE_ADMIN_ADDR")]
+    admin_addr: Option<SocketAddr>,
     /// Log as JSON lines.
     #[arg(long, env = "NETBORE_LOG_JSON")]
     log_json: bool,
@@ -146,6 +150,16 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding gRPC on {}", args.grpc_addr))?;
     tracing::info!(addr = %grpc.local_addr()?, "gRPC listening");
+    let admin = match args.admin_addr {
+        Some(a) => {
+            let l = tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding the admin listener (--admin-addr) on {a}"))?;
+            tracing::info!(addr = %l.local_addr()?, "admin (/metrics) listening");
+            Some(l)
+        }
+        None => None,
+    };
     tracing::info!(
         domain = %args.domain,
         edges = control.edges().len(),
@@ -155,6 +169,15 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let shutdown = CancellationToken::new();
+    // The admin port outlives the drain, so the last counts can still be scraped.
+    let admin_stop = CancellationToken::new();
+    if let Some(l) = admin {
+        tokio::spawn(netbore_control::metrics::serve_admin(
+            l,
+            control.clone(),
+            admin_stop.clone(),
+        ));
+    }
     let mut rest_task = tokio::spawn(netbore_control::serve_rest(
         rest,
         control.clone(),
@@ -184,6 +207,7 @@ async fn main() -> anyhow::Result<()> {
     if drained.is_err() {
         tracing::warn!(grace = ?DRAIN_GRACE, "requests still open after the grace period; stopping anyway");
     }
+    admin_stop.cancel();
     let r = match failure {
         Some(e) => Err(e),
         None => {
