@@ -98,8 +98,8 @@ struct Common {
     /// Log as JSON lines (stderr).
     #[arg(long)]
     log_json: bool,
-    /// Serve /livez and /readyz here (ready while a link to an edge is up), e.g. for a
-    /// sidecar's probes.
+    /// Serve /livez, /readyz (ready while a link to an edge is up) and /metrics here,
+    /// e.g. for a sidecar's probes.
     #[arg(long, env = "NETBORE_ADMIN_ADDR")]
     admin_addr: Option<std::net::SocketAddr>,
 }
@@ -207,11 +207,12 @@ async fn main() -> ExitCode {
     }
 
     let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let metrics = std::sync::Arc::new(netbore_agent::metrics::AgentMetrics::default());
     if let Some(addr) = common.admin_addr {
         match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => {
                 tracing::info!(admin = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "agent probes listening");
-                tokio::spawn(serve_probes(l, ready.clone()));
+                tokio::spawn(serve_probes(l, ready.clone(), metrics.clone()));
             }
             Err(e) => {
                 eprintln!("error: cannot listen for probes on {addr}: {e}");
@@ -253,7 +254,7 @@ async fn main() -> ExitCode {
             announced |= first_live;
         }
     });
-    let r = netbore_agent::run(cfg, tx, shutdown.clone()).await;
+    let r = netbore_agent::run_with_metrics(cfg, metrics, tx, shutdown.clone()).await;
     shutdown.cancel();
     let _ = printer.await;
     telemetry.shutdown().await;
@@ -272,10 +273,12 @@ async fn main() -> ExitCode {
     }
 }
 
-/// `/livez` (the process runs) and `/readyz` (a link to an edge is up).
+/// `/livez` (the process runs), `/readyz` (a link to an edge is up) and `/metrics`
+/// (Prometheus text).
 async fn serve_probes(
     listener: tokio::net::TcpListener,
     ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    metrics: std::sync::Arc<netbore_agent::metrics::AgentMetrics>,
 ) {
     use http_body_util::Full;
     loop {
@@ -283,18 +286,19 @@ async fn serve_probes(
             continue;
         };
         let ready = ready.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let svc =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let up = ready.load(std::sync::atomic::Ordering::Acquire);
                     let (status, body) = match req.uri().path() {
-                        "/livez" => (200, "ok\n"),
-                        "/readyz" if up => (200, "ready: connected to an edge\n"),
-                        "/readyz" => (503, "not ready: no edge connection\n"),
-                        _ => (404, "probe paths: /livez /readyz\n"),
+                        "/livez" => (200, "ok\n".to_string()),
+                        "/readyz" if up => (200, "ready: connected to an edge\n".to_string()),
+                        "/readyz" => (503, "not ready: no edge connection\n".to_string()),
+                        "/metrics" => (200, metrics.render()),
+                        _ => (404, "admin paths: /livez /readyz /metrics\n".to_string()),
                     };
-                    let mut r =
-                        hyper::Response::new(Full::new(bytes::Bytes::from_static(body.as_bytes())));
+                    let mut r = hyper::Response::new(Full::new(bytes::Bytes::from(body)));
                     *r.status_mut() = hyper::StatusCode::from_u16(status).expect("valid status");
                     async move { Ok::<_, std::convert::Infallible>(r) }
                 });

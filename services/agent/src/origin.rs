@@ -7,6 +7,7 @@
 //! all with the explicit insecure flag.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,6 +20,8 @@ use netbore_mux::body::{PumpEnd, StreamBody, from_header_map, pump_body};
 use netbore_mux::{IncomingStream, bridge};
 use netbore_protocol::{ResetCode, ResponseHead};
 use tracing::{Instrument, debug};
+
+use crate::metrics::{AgentMetrics, OriginErrorKind};
 
 type OriginBody = BoxBody<Bytes, std::io::Error>;
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, OriginBody>;
@@ -85,6 +88,7 @@ pub struct Origin {
     cfg: Arc<OriginConfig>,
     h1: HttpsClient,
     h2: HttpsClient,
+    metrics: Arc<AgentMetrics>,
 }
 
 impl Origin {
@@ -116,7 +120,14 @@ impl Origin {
             h1: build(false),
             h2: build(true),
             cfg: Arc::new(cfg),
+            metrics: Arc::default(),
         })
+    }
+
+    /// Counts into `metrics` instead of a private set.
+    pub fn with_metrics(mut self, metrics: Arc<AgentMetrics>) -> Origin {
+        self.metrics = metrics;
+        self
     }
 
     /// The origin's base URL.
@@ -130,6 +141,17 @@ impl Origin {
     /// The stream runs in a span that continues the edge's `traceparent` (or starts a
     /// trace), and the origin gets a `traceparent` naming that span.
     pub async fn serve(&self, s: IncomingStream) {
+        let m = &self.metrics;
+        m.streams.fetch_add(1, Ordering::Relaxed);
+        m.streams_in_flight.fetch_add(1, Ordering::Relaxed);
+        // Decremented however the stream ends, a dropped future included.
+        struct InFlight<'a>(&'a AgentMetrics);
+        impl Drop for InFlight<'_> {
+            fn drop(&mut self) {
+                self.0.streams_in_flight.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        let _in_flight = InFlight(m);
         let span = request_span(&s.head);
         self.forward(s).instrument(span).await;
     }
@@ -213,6 +235,7 @@ impl Origin {
         let client = if use_h2 { &self.h2 } else { &self.h1 };
         let resp = match tokio::time::timeout(self.cfg.timeout, client.request(req)).await {
             Err(_) => {
+                self.metrics.origin_error(OriginErrorKind::Timeout);
                 sender.reset(
                     ResetCode::OriginTimeout,
                     &format!("the origin did not answer within {:?}", self.cfg.timeout),
@@ -221,8 +244,10 @@ impl Origin {
             }
             Ok(Err(e)) => {
                 let code = if e.is_connect() {
+                    self.metrics.origin_error(OriginErrorKind::Unreachable);
                     ResetCode::OriginUnreachable
                 } else {
+                    self.metrics.origin_error(OriginErrorKind::Error);
                     ResetCode::OriginError
                 };
                 debug!(error = ?e, "origin request failed");
@@ -235,6 +260,7 @@ impl Origin {
             Ok(Ok(r)) => r,
         };
         let status = resp.status().as_u16();
+        self.metrics.response(status);
         tracing::Span::current().record("http.response.status_code", status);
         if status == 101 && upgrade {
             let headers = from_header_map(resp.headers());
@@ -250,10 +276,13 @@ impl Origin {
                         bridge(TokioIo::new(up), sender, rx).await;
                     }
                 }
-                Err(e) => sender.reset(
-                    ResetCode::OriginError,
-                    &format!("origin upgrade failed: {e}"),
-                ),
+                Err(e) => {
+                    self.metrics.origin_error(OriginErrorKind::Error);
+                    sender.reset(
+                        ResetCode::OriginError,
+                        &format!("origin upgrade failed: {e}"),
+                    )
+                }
             }
             return;
         }
@@ -274,20 +303,10 @@ impl Origin {
             Ok(()) => {}
         }
         if let PumpEnd::BodyFailed(e) = pump_body(body, &mut sender, ResetCode::OriginError).await {
+            self.metrics.origin_error(OriginErrorKind::Error);
             debug!(error = %e, "origin response body failed");
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }
 
 /// The span a stream is forwarded in: a child of the edge's span named by the
@@ -328,4 +347,15 @@ fn forward_trace_context(headers: &mut http::HeaderMap) {
             headers.insert(k, v);
         }
     }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
 }
