@@ -473,6 +473,19 @@ impl ControlProc {
     }
 }
 
+impl ControlProc {
+    /// Waits (at most 20 s) until REST answers `/healthz`, so edges and agents started
+    /// next link at their first attempt instead of backing off.
+    pub async fn wait_ready(&self) {
+        let addr: SocketAddr = ([127, 0, 0, 1], self.rest).into();
+        eventually(Duration::from_secs(20), || async move {
+            http_get(addr, "/healthz").await.filter(|(s, _)| *s == 200)
+        })
+        .await
+        .expect("control answers /healthz within 20 s");
+    }
+}
+
 /// Polls `f` every 20 ms until it returns `Some` or `within` passes.
 pub async fn eventually<T, F, Fut>(within: Duration, mut f: F) -> Option<T>
 where

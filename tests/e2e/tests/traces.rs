@@ -35,6 +35,7 @@ async fn one_trace_shows_the_edge_and_the_agent_and_reaches_the_origin() {
         ("RUST_LOG", "warn"),
     ];
     let control = ControlProc::spawn(&[], &[]);
+    control.wait_ready().await;
     let mut edge = EdgeProc::spawn("edge-t", &control, &env);
     let origin = Origin::start().await;
     let target = origin.url();
@@ -51,7 +52,7 @@ async fn one_trace_shows_the_edge_and_the_agent_and_reaches_the_origin() {
         ],
         &env,
     );
-    let host = host_of(&agent.line(Duration::from_secs(30)).await);
+    let host = host_of(&agent.line(Duration::from_secs(60)).await);
     let v = Viewer::new(([127, 0, 0, 1], edge.public).into());
 
     // A request that carries a trace context, with a secret in its query string.
