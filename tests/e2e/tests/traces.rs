@@ -181,3 +181,19 @@ async fn an_unusable_collector_url_stops_the_edge_with_the_fix() {
         "the error names the variable and the fix: {said}"
     );
 }
+
+#[tokio::test]
+async fn without_a_collector_the_viewers_traceparent_reaches_the_origin_untouched() {
+    // The in-process stack installs no trace exporter.
+    let stack = netbore_testkit::Stack::start().await;
+    let origin = Origin::start().await;
+    let agent = stack.agent(&origin.url()).await;
+    let v = Viewer::new(stack.public());
+    let sent = format!("00-{TRACE}-{CALLER_SPAN}-01");
+    let mut req = v.request("GET", &agent.host(), "/hello", empty());
+    req.headers_mut()
+        .insert("traceparent", sent.parse().unwrap());
+    assert_eq!(v.send(req).await.status(), 200);
+    let seen = origin.seen();
+    assert_eq!(seen[0].header("traceparent"), Some(sent.as_str()));
+}
