@@ -134,6 +134,8 @@ impl Stack {
             edge_insecure: false,
             drain_grace: Duration::from_secs(5),
             connections: 1,
+            access: Default::default(),
+            limits: Default::default(),
         }
     }
 
@@ -486,6 +488,84 @@ impl ControlProc {
     }
 }
 
+/// A real `netbore-edge` on free loopback ports; killed when dropped.
+pub struct EdgeProc {
+    /// The process.
+    pub proc: Proc,
+    /// Its id.
+    pub id: String,
+    /// Viewer port.
+    pub public: u16,
+    /// Agent port.
+    pub agents: u16,
+    /// Admin port (probes, metrics).
+    pub admin: u16,
+    /// Internal (edge-to-edge) port.
+    pub internal: u16,
+}
+
+/// The internal secret test clusters share.
+pub const TEST_INTERNAL_SECRET: &str = "test-internal-secret-0123456789";
+
+impl EdgeProc {
+    /// Starts `netbore-edge` as `id`, linked to `control`, with `extra` flags. With
+    /// `redis` it joins that registry (internal secret [`TEST_INTERNAL_SECRET`]).
+    pub fn spawn(id: &str, control: &ControlProc, redis: Option<&str>, extra: &[&str]) -> EdgeProc {
+        EdgeProc::spawn_env(id, control, redis, extra, &[])
+    }
+
+    /// Like [`EdgeProc::spawn`], with extra environment variables (e.g. a collector's
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    pub fn spawn_env(
+        id: &str,
+        control: &ControlProc,
+        redis: Option<&str>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> EdgeProc {
+        let (public, agents, admin, internal) =
+            (free_port(), free_port(), free_port(), free_port());
+        let addr = |p: u16| format!("127.0.0.1:{p}");
+        let (pa, aa, ad, ia) = (addr(public), addr(agents), addr(admin), addr(internal));
+        let rest = format!("http://127.0.0.1:{}", control.rest);
+        let grpc = format!("http://127.0.0.1:{}", control.grpc);
+        let mut args = vec![
+            "--edge-id",
+            id,
+            "--public-addr",
+            &pa,
+            "--agent-addr",
+            &aa,
+            "--admin-addr",
+            &ad,
+            "--internal-addr",
+            &ia,
+            "--control-url",
+            &rest,
+            "--control-grpc",
+            &grpc,
+        ];
+        if let Some(url) = redis {
+            args.extend_from_slice(&["--redis-url", url]);
+        }
+        args.extend_from_slice(extra);
+        let mut all_env = vec![("NETBORE_INTERNAL_SECRET", TEST_INTERNAL_SECRET)];
+        all_env.extend_from_slice(env);
+        if !all_env.iter().any(|(k, _)| *k == "RUST_LOG") {
+            all_env.push(("RUST_LOG", "warn"));
+        }
+        let proc = Proc::spawn("netbore-edge", &args, &all_env);
+        EdgeProc {
+            proc,
+            id: id.to_string(),
+            public,
+            agents,
+            admin,
+            internal,
+        }
+    }
+}
+
 /// Polls `f` every 20 ms until it returns `Some` or `within` passes.
 pub async fn eventually<T, F, Fut>(within: Duration, mut f: F) -> Option<T>
 where
@@ -501,52 +581,6 @@ where
             return None;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A real `netbore-edge` on free loopback ports, linked to a control; killed when
-/// dropped.
-pub struct EdgeProc {
-    /// The process.
-    pub proc: Proc,
-    /// Viewer port.
-    pub public: u16,
-    /// Agent port.
-    pub agents: u16,
-    /// Admin port (/livez, /readyz, /metrics).
-    pub admin: u16,
-}
-
-impl EdgeProc {
-    /// Starts an edge with id `id` that fetches keys from and reports to `control`.
-    pub fn spawn(id: &str, control: &ControlProc, env: &[(&str, &str)]) -> EdgeProc {
-        let (public, agents, admin) = (free_port(), free_port(), free_port());
-        let addr = |p: u16| format!("127.0.0.1:{p}");
-        let args = [
-            "--edge-id".to_string(),
-            id.to_string(),
-            "--public-addr".into(),
-            addr(public),
-            "--agent-addr".into(),
-            addr(agents),
-            "--admin-addr".into(),
-            addr(admin),
-            "--control-url".into(),
-            format!("http://127.0.0.1:{}", control.rest),
-            "--control-grpc".into(),
-            format!("http://127.0.0.1:{}", control.grpc),
-        ];
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut env = env.to_vec();
-        if !env.iter().any(|(k, _)| *k == "RUST_LOG") {
-            env.push(("RUST_LOG", "warn"));
-        }
-        EdgeProc {
-            proc: Proc::spawn("netbore-edge", &args, &env),
-            public,
-            agents,
-            admin,
-        }
     }
 }
 

@@ -19,6 +19,24 @@ impl RedisServer {
             .local_addr()
             .unwrap()
             .port();
+        RedisServer::start_on(port)
+    }
+
+    /// Stops the server (clients see it go away).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Stops the server and starts an empty one on the same port, as a Redis restarted
+    /// without persistence.
+    pub fn restart(&mut self) {
+        self.stop();
+        *self = RedisServer::start_on(self.port);
+    }
+
+    /// Starts `redis-server` on `port`.
+    pub fn start_on(port: u16) -> RedisServer {
         let dir = tempfile::tempdir().unwrap();
         let child = Command::new("redis-server")
             .args([

@@ -13,6 +13,8 @@
 //! [`LEEWAY_SECS`] of clock skew. Every token names its key with `kid`, so keys rotate
 //! without downtime.
 
+pub mod access;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -153,6 +155,16 @@ pub struct EphemeralClaims {
     pub exp: u64,
     /// [`TYP_EPHEMERAL`].
     pub typ: String,
+    /// Who may reach the tunnel (absent: public). Edges enforce it.
+    #[serde(default, skip_serializing_if = "access::AccessPolicy::is_public")]
+    pub access: access::AccessPolicy,
+    /// The tunnel's own limits, on top of the edge's.
+    #[serde(default, skip_serializing_if = "access::TunnelLimits::is_empty")]
+    pub limits: access::TunnelLimits,
+    /// The key edges MAC the tunnel's session cookies with (present when the policy
+    /// uses cookies); derived by control per tunnel ([`KeySet::session_key`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_key: Option<Secret>,
 }
 
 impl EphemeralClaims {
@@ -178,6 +190,9 @@ impl EphemeralClaims {
             nbf: now,
             exp: now.saturating_add(ttl_secs),
             typ: TYP_EPHEMERAL.into(),
+            access: access::AccessPolicy::default(),
+            limits: access::TunnelLimits::default(),
+            session_key: None,
         }
     }
 }
@@ -312,6 +327,8 @@ struct SigningKey {
     kid: String,
     encoding: EncodingKey,
     public: Vec<u8>,
+    /// Secret seed for per-tunnel session-cookie keys ([`KeySet::session_key`]).
+    session_seed: [u8; 32],
 }
 
 /// Control's signing keys: the active one (last) signs, all are published.
@@ -341,6 +358,7 @@ fn key_from_pkcs8(der: &[u8]) -> Result<SigningKey, TokenError> {
         kid,
         encoding: EncodingKey::from_ed_der(der),
         public,
+        session_seed: access::session_seed(der),
     })
 }
 
@@ -393,6 +411,14 @@ impl KeySet {
         if n > keep.max(1) {
             self.keys.drain(..n - keep.max(1));
         }
+    }
+
+    /// The session-cookie key of `tunnel_id`, derived from the active signing key: every
+    /// control replica with the same keys derives the same one, and a key rotation
+    /// gives new ones (viewers then present their token again).
+    pub fn session_key(&self, tunnel_id: &str) -> Secret {
+        let k = self.keys.last().expect("a key set has a key");
+        access::derive_session_key(&k.session_seed, tunnel_id)
     }
 
     /// The active key's id.

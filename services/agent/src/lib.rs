@@ -7,6 +7,7 @@
 //! go-away it opens a new link at once and lets the old one finish its streams. On
 //! shutdown it refuses new streams and finishes open ones within the grace period.
 
+pub mod access;
 pub mod dev;
 pub mod link;
 pub mod metrics;
@@ -66,6 +67,10 @@ pub struct AgentConfig {
     pub drain_grace: Duration,
     /// Links to keep, each to a distinct edge.
     pub connections: usize,
+    /// Who may reach the tunnel (default: public); enforced by the edges.
+    pub access: netbore_tokens::access::AccessPolicy,
+    /// The tunnel's own limits, on top of the edges'.
+    pub limits: netbore_tokens::access::TunnelLimits,
 }
 
 /// What the agent reports as it runs (printed by the CLI, as text or JSON lines).
@@ -301,6 +306,8 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
                 .or_else(|| saved.as_ref().map(|s| s.recreate_token.clone())),
             management_token: cfg.token.clone(),
             recreate_token_ttl_seconds: None,
+            access: cfg.access.clone(),
+            limits: cfg.limits.clone(),
         };
         let created = match ctx.control.create(&req).await {
             Ok(c) => c,
@@ -494,7 +501,7 @@ fn e_is_fatal(code: &str) -> bool {
         || code.starts_with("token_")
         || matches!(
             code,
-            "unauthorized" | "forbidden" | "invalid_request" | "bad_request"
+            "unauthorized" | "forbidden" | "invalid_request" | "bad_request" | "access_invalid"
         )
 }
 

@@ -64,6 +64,85 @@ enum Cmd {
         #[arg(long, default_value_t = DEV_PUBLIC_PORT)]
         port: u16,
     },
+    /// Hash a basic-auth password for an access policy (reads the password from stdin,
+    /// prints `pbkdf2-sha256$...`), for the REST API's `access.basic_auth[].hash`.
+    HashPassword,
+}
+
+/// Who may reach the tunnel (docs/access.md). Without any of these it is public.
+#[derive(Args)]
+#[command(next_help_heading = "Access (who may reach the tunnel)")]
+struct AccessArgs {
+    /// JSON access policy (the REST API's `access` object); the flags below add to it.
+    #[arg(long, env = "NETBORE_ACCESS_FILE")]
+    access_file: Option<PathBuf>,
+    /// Viewers need a JWT verified by this PEM public key (Ed25519 or P-256).
+    #[arg(long)]
+    jwt_key: Option<PathBuf>,
+    /// Viewers need a JWT signed with the HS256 secret in this file.
+    #[arg(long)]
+    jwt_secret_file: Option<PathBuf>,
+    /// A claim viewer tokens must carry, NAME=VALUE (repeat for several).
+    #[arg(long = "jwt-claim", value_name = "NAME=VALUE")]
+    jwt_claims: Vec<String>,
+    /// The `aud` viewer tokens must carry.
+    #[arg(long)]
+    jwt_audience: Option<String>,
+    /// The `iss` viewer tokens must carry.
+    #[arg(long)]
+    jwt_issuer: Option<String>,
+    /// Pass this claim to the origin as `X-Netbore-Claim-<NAME>` (repeat for several).
+    #[arg(long = "jwt-forward-claim", value_name = "NAME")]
+    jwt_forward_claims: Vec<String>,
+    /// Viewers need these basic-auth credentials, USER:PASSWORD (repeat for several
+    /// users; hashed before they leave this machine).
+    #[arg(
+        long = "basic-auth",
+        value_name = "USER:PASSWORD",
+        env = "NETBORE_BASIC_AUTH",
+        hide_env_values = true
+    )]
+    basic_auth: Vec<String>,
+    /// Serve only viewers from this CIDR range (repeat for several).
+    #[arg(long = "allow-ip", value_name = "CIDR")]
+    allow_ip: Vec<String>,
+    /// Refuse viewers from this CIDR range (repeat for several).
+    #[arg(long = "deny-ip", value_name = "CIDR")]
+    deny_ip: Vec<String>,
+    /// Only this origin may embed the pages in a frame ('self', 'none' or
+    /// https://host; repeat for several).
+    #[arg(long = "frame-ancestor", value_name = "ORIGIN")]
+    frame_ancestors: Vec<String>,
+    /// Allow browser pages from this origin to call the tunnel (CORS; repeat for several).
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    cors_origins: Vec<String>,
+    /// Largest request body a viewer may send (the edge's own limit still applies).
+    #[arg(long)]
+    max_body_bytes: Option<u64>,
+}
+
+impl AccessArgs {
+    fn flags(&self) -> netbore_agent::access::AccessFlags {
+        netbore_agent::access::AccessFlags {
+            access_file: self.access_file.clone(),
+            jwt_key: self.jwt_key.clone(),
+            jwt_secret_file: self.jwt_secret_file.clone(),
+            jwt_claims: self.jwt_claims.clone(),
+            jwt_audience: self.jwt_audience.clone(),
+            jwt_issuer: self.jwt_issuer.clone(),
+            jwt_forward_claims: self.jwt_forward_claims.clone(),
+            basic_auth: self
+                .basic_auth
+                .iter()
+                .map(|s| netbore_tokens::Secret::new(s.as_str()))
+                .collect(),
+            allow_ip: self.allow_ip.clone(),
+            deny_ip: self.deny_ip.clone(),
+            frame_ancestors: self.frame_ancestors.clone(),
+            cors_origins: self.cors_origins.clone(),
+            max_body_bytes: self.max_body_bytes,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -102,6 +181,8 @@ struct Common {
     /// e.g. for a sidecar's probes.
     #[arg(long, env = "NETBORE_ADMIN_ADDR")]
     admin_addr: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    access: AccessArgs,
 }
 
 impl Common {
@@ -126,6 +207,14 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let common = match &cli.cmd {
         Cmd::Http { common, .. } | Cmd::Dev { common, .. } => common,
+        Cmd::HashPassword => return hash_password(),
+    };
+    let (access, limits) = match common.access.flags().build() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
     };
     let telemetry = match netbore_telemetry::init("netbore", common.log_json) {
         Ok(t) => t,
@@ -158,6 +247,8 @@ async fn main() -> ExitCode {
         edge_insecure: false,
         drain_grace: netbore_agent::DEFAULT_DRAIN_GRACE,
         connections: 1,
+        access,
+        limits,
     };
     match &cli.cmd {
         Cmd::Http {
@@ -204,6 +295,7 @@ async fn main() -> ExitCode {
             // A dev run is throwaway: do not reuse names across runs.
             cfg.state_dir = None;
         }
+        Cmd::HashPassword => unreachable!("handled before start-up"),
     }
 
     let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -271,6 +363,24 @@ async fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// `netbore hash-password`: one line from stdin in, its hash out.
+fn hash_password() -> ExitCode {
+    let mut line = String::new();
+    if std::io::stdin().read_line(&mut line).is_err() {
+        eprintln!("error: cannot read the password from stdin");
+        return ExitCode::from(2);
+    }
+    let pw = line.trim_end_matches(['\r', '\n']);
+    if pw.is_empty() {
+        eprintln!(
+            "error: the password is empty; type it on stdin, e.g. `echo -n 'pw' | netbore hash-password`"
+        );
+        return ExitCode::from(2);
+    }
+    println!("{}", netbore_tokens::access::hash_password(pw));
+    ExitCode::SUCCESS
 }
 
 /// `/livez` (the process runs), `/readyz` (a link to an edge is up) and `/metrics`

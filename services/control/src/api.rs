@@ -4,6 +4,7 @@
 //! Requests refuse unknown fields, so a misspelt field is an error rather than a
 //! silently ignored wish; optional fields are left out when unset.
 
+use netbore_tokens::access::{AccessPolicy, TunnelLimits};
 use serde::{Deserialize, Serialize};
 
 /// `POST /tunnels/create` request. Every field is optional: `{}` creates a tunnel with a
@@ -31,6 +32,13 @@ pub struct CreateTunnelRequest {
     /// A recreate token from an earlier create: gets the same tunnel and name back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recreate_token: Option<String>,
+    /// Who may reach the tunnel (left out: public). Signed into the ephemeral token,
+    /// so every edge enforces it; send it again with every create (the agent does).
+    #[serde(default, skip_serializing_if = "AccessPolicy::is_public")]
+    pub access: AccessPolicy,
+    /// The tunnel's own limits, applied by edges on top of their own.
+    #[serde(default, skip_serializing_if = "TunnelLimits::is_empty")]
+    pub limits: TunnelLimits,
 }
 
 /// One edge an agent may connect to.

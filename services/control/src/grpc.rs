@@ -22,6 +22,34 @@ use crate::ops::{self, ApiError};
 use crate::store::TunnelRecord;
 use crate::{Control, EdgeEntry, EdgeStatus};
 
+/// The REST/token form of a gRPC access policy (empty strings are unset).
+fn access_from_pb(p: pb::AccessPolicy) -> netbore_tokens::access::AccessPolicy {
+    use netbore_tokens::access::{AccessPolicy, BasicUser, JwtPolicy};
+    AccessPolicy {
+        jwt: p.jwt.map(|j| JwtPolicy {
+            alg: non_empty(j.alg),
+            public_key_pem: non_empty(j.public_key_pem),
+            secret: non_empty(j.secret).map(netbore_tokens::Secret::new),
+            claims: j.claims.into_iter().collect(),
+            audience: non_empty(j.audience),
+            issuer: non_empty(j.issuer),
+            forward_claims: j.forward_claims,
+        }),
+        basic_auth: p
+            .basic_auth
+            .into_iter()
+            .map(|u| BasicUser {
+                user: u.user,
+                hash: u.hash,
+            })
+            .collect(),
+        ip_allow: p.ip_allow,
+        ip_deny: p.ip_deny,
+        frame_ancestors: p.frame_ancestors,
+        cors_origins: p.cors_origins,
+    }
+}
+
 fn status(e: ApiError) -> Status {
     let code = match e.status {
         StatusCode::BAD_REQUEST => Code::InvalidArgument,
@@ -86,6 +114,10 @@ impl ControlService for ControlGrpc {
                     .then_some(r.recreate_token_ttl_seconds),
                 management_token: None,
                 recreate_token: non_empty(r.recreate_token),
+                access: r.access.map(access_from_pb).unwrap_or_default(),
+                limits: netbore_tokens::access::TunnelLimits {
+                    max_body_bytes: r.limits.map(|l| l.max_body_bytes).filter(|n| *n > 0),
+                },
             },
         )
         .await

@@ -337,6 +337,18 @@ async fn create_inner(
     if let Some(name) = &req.requested_name {
         names::validate(name).map_err(|e| name_error(name, e))?;
     }
+    req.access.validate().map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "access_invalid",
+            format!("{e} (see docs/access.md)"),
+        )
+    })?;
+    if req.limits.max_body_bytes == Some(0) {
+        return Err(ApiError::bad_request(
+            "limits.max_body_bytes must be at least 1; leave it out for the edges' own limit",
+        ));
+    }
 
     // Candidates before the name: a name is never held for a caller who gets nothing.
     let (cands, cand_note) = candidates(
@@ -436,15 +448,21 @@ async fn create_inner(
     let eph_ttl = cfg.ephemeral_ttl.as_secs();
     let (ephemeral, recreate_token) = {
         let keys = control.keys();
-        let e = keys
-            .sign_ephemeral(&EphemeralClaims::new_at(
-                now,
-                &cfg.issuer,
-                &record.tunnel_id,
-                &record.name,
-                eph_ttl,
-            ))
-            .map_err(ApiError::internal)?;
+        let mut claims =
+            EphemeralClaims::new_at(now, &cfg.issuer, &record.tunnel_id, &record.name, eph_ttl);
+        if req.access.jwt.is_some() {
+            claims.session_key = Some(keys.session_key(&record.tunnel_id));
+        }
+        claims.access = req.access;
+        claims.limits = req.limits;
+        let e = keys.sign_ephemeral(&claims).map_err(ApiError::internal)?;
+        if e.len() > netbore_tokens::MAX_TOKEN_LEN {
+            return Err(ApiError::bad_request(format!(
+                "the access policy makes the agent's token {} bytes long, over the {} byte limit; use fewer or shorter entries",
+                e.len(),
+                netbore_tokens::MAX_TOKEN_LEN
+            )));
+        }
         let r = keys
             .sign_recreate(&RecreateClaims::new_at(
                 now,

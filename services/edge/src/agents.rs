@@ -176,8 +176,48 @@ where
         )
         .await;
     }
+    let access = match crate::access::TunnelAccess::new(
+        &grant.tunnel_id,
+        &grant.name,
+        &grant.access,
+        grant.limits.max_body_bytes,
+        grant.session_key.as_ref(),
+    ) {
+        Ok(a) => std::sync::Arc::new(a),
+        Err(e) => {
+            warn!(tunnel = %grant.tunnel_id, error = %e, "agent token carries an unusable access policy");
+            return refuse(
+                &edge,
+                &mut ws,
+                RefusalCode::InvalidToken,
+                &format!("the tunnel's access policy cannot be enforced: {e}; fix it in the agent's flags"),
+                false,
+            )
+            .await;
+        }
+    };
     let conn_id = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
     let session_id = format!("{}-{conn_id}", edge.config().edge_id);
+    // Other edges must find the tunnel before its URL is announced; without the
+    // registry a new agent is refused (the ones already here keep serving).
+    let lease = edge
+        .cluster()
+        .map(|c| (c.clone(), c.holder(&grant.tunnel_id, conn_id)));
+    if let Some((cluster, holder)) = &lease {
+        let ttl = edge.config().registry_refresh * crate::forward::LEASE_REFRESHES;
+        if let Err(e) = cluster.register(&grant.name, holder.clone(), ttl).await {
+            edge.metrics().registry_error();
+            warn!(tunnel = %grant.tunnel_id, error = %e, "cannot register the tunnel");
+            return refuse(
+                &edge,
+                &mut ws,
+                RefusalCode::Unavailable,
+                &format!("this edge cannot register the tunnel right now ({e}); the agent retries, and tunnels already connected keep serving"),
+                true,
+            )
+            .await;
+        }
+    }
     let cfg = edge.config();
     let welcome = EdgeReply::Welcome(Welcome {
         version: PROTOCOL_VERSION,
@@ -205,6 +245,7 @@ where
             tunnel_id: grant.tunnel_id.clone(),
             conn_id,
             mux: mux.clone(),
+            access,
         },
     );
     greeting.release();
@@ -215,6 +256,9 @@ where
     info!(tunnel = %grant.tunnel_id, name = %grant.name, session = %session_id, agent = %hello.agent, "agent connected");
     mux.closed().await;
     edge.routes().remove(&grant.name, conn_id);
+    if let Some((cluster, holder)) = &lease {
+        cluster.unregister(&grant.name, holder).await;
+    }
     edge.metrics()
         .agent_disconnects
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

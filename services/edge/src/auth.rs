@@ -20,6 +20,12 @@ pub struct AgentGrant {
     pub tunnel_id: String,
     /// The tunnel's public name (the `NAME` in `NAME.<domain>`).
     pub name: String,
+    /// Who may reach the tunnel.
+    pub access: netbore_tokens::access::AccessPolicy,
+    /// The tunnel's own limits.
+    pub limits: netbore_tokens::access::TunnelLimits,
+    /// Key for the tunnel's session cookies (with a JWT policy).
+    pub session_key: Option<netbore_tokens::Secret>,
 }
 
 /// Why a token was refused.
@@ -54,6 +60,9 @@ fn grant(c: netbore_tokens::EphemeralClaims) -> AgentGrant {
     AgentGrant {
         tunnel_id: c.sub,
         name: c.name,
+        access: c.access,
+        limits: c.limits,
+        session_key: c.session_key,
     }
 }
 

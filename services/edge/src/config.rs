@@ -49,57 +49,11 @@ pub const DEFAULT_H2_MAX_STREAMS: u32 = 128;
 /// 429 `tunnel_overloaded`.
 pub const DEFAULT_MAX_STREAMS_PER_TUNNEL: usize = 2000;
 
-/// An IPv4 or IPv6 network in CIDR form.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    addr: std::net::IpAddr,
-    prefix: u8,
-}
+pub use netbore_tokens::access::Cidr;
 
-impl std::str::FromStr for Cidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Cidr, String> {
-        let (a, p) = s.split_once('/').unwrap_or((s, ""));
-        let addr: std::net::IpAddr = a
-            .parse()
-            .map_err(|_| format!("'{s}' is not an address or CIDR range like 10.0.0.0/8"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = if p.is_empty() {
-            max
-        } else {
-            p.parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("'{s}' has a prefix length outside 0..={max}"))?
-        };
-        Ok(Cidr { addr, prefix })
-    }
-}
-
-impl Cidr {
-    /// True when `ip` is inside the range (IPv4-mapped IPv6 counts as IPv4).
-    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
-        let ip = match ip {
-            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
-            v4 => v4,
-        };
-        match (self.addr, ip) {
-            (std::net::IpAddr::V4(n), std::net::IpAddr::V4(i)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(n) & mask == u32::from(i) & mask
-            }
-            (std::net::IpAddr::V6(n), std::net::IpAddr::V6(i)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(n) & mask == u128::from(i) & mask
-            }
-            _ => false,
-        }
-    }
-}
+/// Default lease refresh interval: the same as the agent heartbeat, so a restarted Redis
+/// holds every tunnel again within one heartbeat.
+pub const DEFAULT_REGISTRY_REFRESH: Duration = Duration::from_secs(5);
 
 /// The edge's settings.
 #[derive(Debug, Clone)]
@@ -121,6 +75,10 @@ pub struct EdgeConfig {
     /// Time between turning not ready and stopping to accept, for load balancers to
     /// notice (0 when a Kubernetes preStop sleep does this).
     pub drain_delay: Duration,
+    /// How often this edge refreshes its leases in the registry (a lease lives
+    /// [`crate::forward::LEASE_REFRESHES`] intervals); also the most time a restarted,
+    /// empty Redis misses a tunnel.
+    pub registry_refresh: Duration,
     /// Largest request head in bytes (431 beyond).
     pub max_header_bytes: usize,
     /// Most header fields per request (431 beyond).
@@ -153,6 +111,7 @@ impl Default for EdgeConfig {
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
             drain_grace: DEFAULT_DRAIN_GRACE,
             drain_delay: Duration::ZERO,
+            registry_refresh: DEFAULT_REGISTRY_REFRESH,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             max_headers: DEFAULT_MAX_HEADERS,
             max_url_bytes: DEFAULT_MAX_URL_BYTES,

@@ -8,12 +8,14 @@
 //! ([`proxy`]). The edge holds no signing keys and no state that matters beyond its
 //! live connections.
 
+pub mod access;
 pub mod admin;
 pub mod agents;
 pub mod auth;
 pub mod config;
 pub mod control_link;
 pub mod errors;
+pub mod forward;
 pub mod metrics;
 pub mod proxy;
 pub mod routes;
@@ -46,6 +48,8 @@ struct Inner {
     metrics: metrics::Metrics,
     /// Tracks per-connection tasks so shutdown can wait for them.
     tracker: TaskTracker,
+    /// The registry and internal forwarding, when edges share one.
+    cluster: std::sync::OnceLock<Arc<forward::Cluster>>,
 }
 
 impl Edge {
@@ -65,8 +69,20 @@ impl Edge {
                 tls,
                 metrics: metrics::Metrics::default(),
                 tracker: TaskTracker::new(),
+                cluster: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Joins a cluster of edges (a shared registry and internal forwarding). Call once,
+    /// before serving; later calls are ignored.
+    pub fn attach_cluster(&self, cluster: Arc<forward::Cluster>) {
+        let _ = self.inner.cluster.set(cluster);
+    }
+
+    /// The cluster, when the edge is part of one.
+    pub fn cluster(&self) -> Option<&Arc<forward::Cluster>> {
+        self.inner.cluster.get()
     }
 
     /// The configuration.
@@ -163,7 +179,36 @@ pub async fn run(
     agents: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    run_with_internal(edge, public, agents, None, shutdown).await
+}
+
+/// Like [`run`], also serving other edges' forwarded requests on `internal` and keeping
+/// this edge's leases fresh, when the edge is part of a cluster.
+pub async fn run_with_internal(
+    edge: Edge,
+    public: tokio::net::TcpListener,
+    agents: tokio::net::TcpListener,
+    internal: Option<tokio::net::TcpListener>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let accept_stop = CancellationToken::new();
+    let maintain_stop = CancellationToken::new();
+    let mut internal_task = None;
+    if let Some(cluster) = edge.cluster().cloned() {
+        tokio::spawn(forward::maintain(
+            edge.clone(),
+            cluster.clone(),
+            maintain_stop.clone(),
+        ));
+        if let Some(l) = internal {
+            internal_task = Some(tokio::spawn(forward::serve_internal(
+                edge.clone(),
+                cluster,
+                l,
+                accept_stop.clone(),
+            )));
+        }
+    }
     let p = tokio::spawn(proxy::serve_public(
         edge.clone(),
         public,
@@ -187,10 +232,18 @@ pub async fn run(
         tokio::time::sleep(delay).await;
     }
     tracing::info!(grace = ?edge.config().drain_grace, "draining: go-away sent to agents, finishing open requests");
+    // Other edges stop forwarding here as the agents move.
+    if let Some(cluster) = edge.cluster() {
+        forward::withdraw(&edge, cluster).await;
+    }
     edge.drain();
     accept_stop.cancel();
+    maintain_stop.cancel();
     let _ = p.await;
     let _ = a.await;
+    if let Some(t) = internal_task {
+        let _ = t.await;
+    }
     if tokio::time::timeout(edge.config().drain_grace, edge.wait_idle())
         .await
         .is_err()

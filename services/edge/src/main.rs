@@ -82,7 +82,29 @@ struct Args {
     /// Log as JSON lines.
     #[arg(long, env = "NETBORE_LOG_JSON")]
     log_json: bool,
+    /// Redis shared by the edges (`redis://host:6379`): live tunnels are registered
+    /// there and requests for tunnels held by another edge are forwarded to it. Without
+    /// it the edge serves only the agents connected to it.
+    #[arg(long, env = "NETBORE_REDIS_URL", hide_env_values = true)]
+    redis_url: Option<String>,
+    /// Address for other edges' forwarded requests (needs --redis-url).
+    #[arg(long, env = "NETBORE_INTERNAL_ADDR", default_value = "0.0.0.0:8002")]
+    internal_addr: SocketAddr,
+    /// Address other edges reach the internal listener at (host:port, e.g. the pod IP);
+    /// defaults to --internal-addr when that names a specific address.
+    #[arg(long, env = "NETBORE_INTERNAL_ADVERTISE")]
+    internal_advertise: Option<String>,
+    /// Shared credential every edge presents on the internal listener (at least 16
+    /// characters; the same on every edge). Prefer the environment variable.
+    #[arg(long, env = "NETBORE_INTERNAL_SECRET", hide_env_values = true)]
+    internal_secret: Option<String>,
+    /// Seconds between refreshes of this edge's leases in Redis (a lease lives three).
+    #[arg(long, env = "NETBORE_REGISTRY_REFRESH_SECS", default_value_t = netbore_edge::config::DEFAULT_REGISTRY_REFRESH.as_secs())]
+    registry_refresh_secs: u64,
 }
+
+/// Shortest internal secret accepted.
+const MIN_INTERNAL_SECRET_LEN: usize = 16;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -117,6 +139,7 @@ async fn main() -> anyhow::Result<()> {
         max_body_bytes: args.max_body_bytes,
         drain_grace: std::time::Duration::from_secs(args.drain_grace_secs),
         drain_delay: std::time::Duration::from_secs(args.drain_delay_secs),
+        registry_refresh: std::time::Duration::from_secs(args.registry_refresh_secs.max(1)),
         ..EdgeConfig::default()
     };
     let auth = Arc::new(JwksAuth::new(&args.control_url, &args.issuer));
@@ -133,6 +156,44 @@ async fn main() -> anyhow::Result<()> {
     let admin = tokio::net::TcpListener::bind(args.admin_addr)
         .await
         .with_context(|| format!("binding the admin listener on {}", args.admin_addr))?;
+    let internal = match &args.redis_url {
+        None => None,
+        Some(url) => {
+            let secret = args
+                .internal_secret
+                .clone()
+                .filter(|s| s.len() >= MIN_INTERNAL_SECRET_LEN)
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--redis-url needs NETBORE_INTERNAL_SECRET (or --internal-secret): a shared secret of at least {MIN_INTERNAL_SECRET_LEN} characters, the same on every edge, e.g. from `openssl rand -hex 32`"
+                    )
+                })?;
+            let listener = tokio::net::TcpListener::bind(args.internal_addr)
+                .await
+                .with_context(|| {
+                    format!("binding the internal listener on {}", args.internal_addr)
+                })?;
+            let bound = listener.local_addr()?;
+            let advertise = match &args.internal_advertise {
+                Some(a) => a.clone(),
+                None if !bound.ip().is_unspecified() => bound.to_string(),
+                None => anyhow::bail!(
+                    "--internal-addr {bound} listens on every interface, so other edges need to be told where to reach it: set --internal-advertise (NETBORE_INTERNAL_ADVERTISE) to this edge's host:port, e.g. $(POD_IP):{}",
+                    bound.port()
+                ),
+            };
+            let registry = netbore_registry::RedisRegistry::new(url)
+                .map_err(|e| anyhow::anyhow!("--redis-url: {e}"))?;
+            edge.attach_cluster(netbore_edge::forward::Cluster::new(
+                registry,
+                &args.edge_id,
+                &advertise,
+                netbore_tokens::Secret::new(secret),
+            ));
+            tracing::info!(internal = %bound, advertise = %advertise, redis = %netbore_registry::redact_url(url), "edge joins the registry");
+            Some(listener)
+        }
+    };
     tracing::info!(public = %public.local_addr()?, agents = %agents.local_addr()?, admin = %admin.local_addr()?, domain = %args.domain, edge_id = %args.edge_id, "edge listening");
     let shutdown = CancellationToken::new();
     tokio::spawn(netbore_edge::telemetry::on_signal(shutdown.clone()));
@@ -169,7 +230,7 @@ async fn main() -> anyhow::Result<()> {
         admin,
         admin_stop.clone(),
     ));
-    netbore_edge::run(edge, public, agents, shutdown).await?;
+    netbore_edge::run_with_internal(edge, public, agents, internal, shutdown).await?;
     admin_stop.cancel();
     tracing::info!("edge stopped");
     telemetry.shutdown().await;

@@ -16,7 +16,7 @@ pub const DURATION_BUCKETS: [f64; 12] = [
 ];
 
 /// The edge's own error codes, in the order of the `errors` counters.
-pub const ERROR_CODES: [&str; 17] = [
+pub const ERROR_CODES: [&str; 33] = [
     "tunnel_not_found",
     "tunnel_offline",
     "origin_unreachable",
@@ -34,6 +34,23 @@ pub const ERROR_CODES: [&str; 17] = [
     "body_too_large",
     "body_timeout",
     "tunnel_overloaded",
+    "head_too_large",
+    "registry_unavailable",
+    // Access policies (docs/access.md).
+    "access_token_missing",
+    "access_token_invalid",
+    "access_token_expired",
+    "access_token_not_yet_valid",
+    "access_token_wrong_audience",
+    "access_token_wrong_issuer",
+    "access_claim_missing",
+    "access_claim_mismatch",
+    "access_session_invalid",
+    "access_basic_required",
+    "access_basic_invalid",
+    "ip_denied",
+    "ip_not_allowed",
+    "cors_origin_denied",
 ];
 
 /// Handshake outcomes, in the order of the `handshakes` counters.
@@ -47,7 +64,6 @@ pub const HANDSHAKE_RESULTS: [&str; 6] = [
 ];
 
 /// All counters.
-#[derive(Default)]
 pub struct Metrics {
     /// Responses by status class 1xx..5xx (index 0..=4).
     pub responses: [AtomicU64; 5],
@@ -61,6 +77,25 @@ pub struct Metrics {
     pub handshakes: [AtomicU64; HANDSHAKE_RESULTS.len() + 1],
     /// Agent connections closed.
     pub agent_disconnects: AtomicU64,
+    /// Viewer requests forwarded to another edge.
+    pub forwarded: AtomicU64,
+    /// Registry calls that failed (lease refreshes and lookups).
+    pub registry_errors: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics {
+            responses: Default::default(),
+            errors: std::array::from_fn(|_| AtomicU64::new(0)),
+            durations: Default::default(),
+            duration_sum_us: AtomicU64::new(0),
+            handshakes: Default::default(),
+            agent_disconnects: AtomicU64::new(0),
+            forwarded: AtomicU64::new(0),
+            registry_errors: AtomicU64::new(0),
+        }
+    }
 }
 
 impl Metrics {
@@ -83,6 +118,16 @@ impl Metrics {
         if let Some(i) = ERROR_CODES.iter().position(|c| *c == code) {
             self.errors[i].fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Records a request forwarded to another edge.
+    pub fn forwarded(&self) {
+        self.forwarded.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records a failed registry call.
+    pub fn registry_error(&self) {
+        self.registry_errors.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Records an agent handshake's result.
@@ -193,6 +238,16 @@ pub fn render(edge: &Edge) -> String {
         "# HELP netbore_edge_agent_disconnects_total Agent connections closed.\n# TYPE netbore_edge_agent_disconnects_total counter\nnetbore_edge_agent_disconnects_total {}\n",
         m.agent_disconnects.load(Ordering::Relaxed)
     );
+    let _ = write!(
+        s,
+        "# HELP netbore_edge_forwarded_total Viewer requests forwarded to the edge holding the tunnel.\n# TYPE netbore_edge_forwarded_total counter\nnetbore_edge_forwarded_total {}\n",
+        m.forwarded.load(Ordering::Relaxed)
+    );
+    let _ = write!(
+        s,
+        "# HELP netbore_edge_registry_errors_total Registry (Redis) calls that failed.\n# TYPE netbore_edge_registry_errors_total counter\nnetbore_edge_registry_errors_total {}\n",
+        m.registry_errors.load(Ordering::Relaxed)
+    );
     s
 }
 
@@ -229,6 +284,7 @@ mod tests {
                 v.code()
             );
         }
-        assert_eq!(all.len(), ERROR_CODES.len());
+        // The rest are codes of access policies, forwarding and oversized heads.
+        assert_eq!(all.len() + 16, ERROR_CODES.len());
     }
 }

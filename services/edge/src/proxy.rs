@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span};
 
 use crate::Edge;
+use crate::access::{Admitted, Verdict};
 use crate::config::HANDSHAKE_TIMEOUT;
 use crate::errors::{Body, ViewerError, wants_json};
 use crate::routes::Lookup;
@@ -56,6 +57,10 @@ const HOP_BY_HOP: &[&str] = &[
     "transfer-encoding",
     "upgrade",
 ];
+
+/// Prefix of the headers the edge sets for the origin (client address, verified
+/// identity); every viewer header with it is dropped.
+pub const EDGE_HEADER_PREFIX: &str = "x-netbore-";
 
 /// Headers the edge sets itself; viewers' copies are dropped.
 const EDGE_SET: &[&str] = &[
@@ -185,9 +190,22 @@ fn connection_tokens(h: &HeaderMap) -> Vec<String> {
 /// Proxies one viewer request, counting the outcome and logging one access line when
 /// the response ends.
 pub async fn handle(edge: Edge, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let host = request_host(&req);
+    let view = client_view(edge.config(), req.headers(), peer);
+    handle_with(edge, req, host, view, Vec::new()).await
+}
+
+/// [`handle`] for a request whose host and viewer are known: from a viewer, or
+/// forwarded by another edge (`via` lists the edges it passed).
+pub(crate) async fn handle_with(
+    edge: Edge,
+    req: Request<Incoming>,
+    host: Option<String>,
+    view: ClientView,
+    via: Vec<String>,
+) -> Response<Body> {
     let started = std::time::Instant::now();
     // Parsed once here: the proxy routes by them and the access line names the tunnel.
-    let host = request_host(&req);
     let name = host
         .as_deref()
         .and_then(|h| tunnel_name(h, &edge.config().domain));
@@ -195,8 +213,9 @@ pub async fn handle(edge: Edge, req: Request<Incoming>, peer: SocketAddr) -> Res
     let method = req.method().clone();
     // The path only: query strings may carry tokens, which never reach a log.
     let path = req.uri().path().to_string();
+    let client = view.client;
     let span = crate::telemetry::request_span(&req, &tunnel);
-    let resp = proxy(&edge, req, peer, host, name)
+    let resp = proxy(&edge, req, host, name, view, via)
         .instrument(span.clone())
         .await;
     span.record("http.response.status_code", resp.status().as_u16());
@@ -226,7 +245,7 @@ pub async fn handle(edge: Edge, req: Request<Incoming>, peer: SocketAddr) -> Res
             path,
             status: parts.status.as_u16(),
             code,
-            client: peer.ip(),
+            client,
             started,
             _span: span,
         }),
@@ -321,9 +340,10 @@ impl Drop for AccessLogged {
 async fn proxy(
     edge: &Edge,
     mut req: Request<Incoming>,
-    peer: SocketAddr,
     host: Option<String>,
     name: Option<String>,
+    view: ClientView,
+    via: Vec<String>,
 ) -> Response<Body> {
     let json = wants_json(req.headers());
     let cfg = edge.config();
@@ -336,30 +356,70 @@ async fn proxy(
     let Some(name) = name else {
         return ViewerError::TunnelNotFound.response(json);
     };
+    let upgrade = is_upgrade(&req);
+    let route = match edge.routes().pick(&name) {
+        Lookup::Found(_, in_flight) if in_flight >= cfg.max_streams_per_tunnel => {
+            return ViewerError::TunnelOverloaded.response(json);
+        }
+        Lookup::Found(r, _) => r,
+        // Not held here (or only by a connection going away): another edge may hold it.
+        miss => {
+            let fallback = match miss {
+                Lookup::Offline => ViewerError::TunnelOffline,
+                _ => ViewerError::TunnelNotFound,
+            };
+            let Some(cluster) = edge.cluster() else {
+                return fallback.response(json);
+            };
+            let f = crate::forward::Forwarded {
+                host: &host,
+                name: &name,
+                client: view.client,
+                xff: &view.xff,
+                proto: &view.proto,
+                via,
+                upgrade,
+            };
+            return crate::forward::forward(edge, cluster, req, f, fallback, json).await;
+        }
+    };
+    // The tunnel's access policy decides before anything is forwarded.
+    let access = route.access.clone();
+    let admitted = match access
+        .check(&req, view.client, view.proto == "https", upgrade, json)
+        .await
+    {
+        Verdict::Pass(a) => a,
+        Verdict::Respond(r) => return r,
+    };
+    let max_body = access
+        .max_body_bytes
+        .map_or(cfg.max_body_bytes, |t| t.min(cfg.max_body_bytes));
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > cfg.max_body_bytes) {
+    if declared.is_some_and(|n| n > max_body) {
         return ViewerError::BodyTooLarge.response(json);
     }
-    let upgrade = is_upgrade(&req);
-    let mut head = request_head(edge, &req, &host, peer, upgrade);
+    let request_origin = req.headers().get(header::ORIGIN).cloned();
+    let mut head = request_head(&req, &host, &view, upgrade, &admitted, !access.is_public());
     crate::telemetry::forward_trace_context(&tracing::Span::current(), &mut head);
     let body_empty = http_body::Body::is_end_stream(req.body());
     let end_stream = body_empty && !upgrade;
 
     // A connection can close between the lookup and the open; try the next one once.
     let mut opened = None;
+    let mut first = Some(route);
     for _ in 0..2 {
-        let route = match edge.routes().pick(&name) {
-            Lookup::Found(_, in_flight) if in_flight >= cfg.max_streams_per_tunnel => {
-                return ViewerError::TunnelOverloaded.response(json);
-            }
-            Lookup::Found(r, _) => r,
-            Lookup::Offline => return ViewerError::TunnelOffline.response(json),
-            Lookup::Unknown => return ViewerError::TunnelNotFound.response(json),
+        let route = match first.take() {
+            Some(r) => r,
+            None => match edge.routes().pick(&name) {
+                Lookup::Found(r, _) => r,
+                Lookup::Offline => return ViewerError::TunnelOffline.response(json),
+                Lookup::Unknown => return ViewerError::TunnelNotFound.response(json),
+            },
         };
         match route.mux.open(head.clone(), end_stream) {
             Ok(s) => {
@@ -389,14 +449,7 @@ async fn proxy(
     // The request body's own failures (too large, stalled) answer the viewer directly.
     let (body_fail_tx, mut body_fail) = tokio::sync::oneshot::channel::<ViewerError>();
     if !upgrade && !end_stream {
-        let body = GuardedBody {
-            inner: req.into_body(),
-            seen: 0,
-            max: cfg.max_body_bytes,
-            idle: cfg.body_idle_timeout,
-            sleep: Box::pin(tokio::time::sleep(cfg.body_idle_timeout)),
-            failed: None,
-        };
+        let body = guard_body(req.into_body(), max_body, cfg.body_idle_timeout);
         if let Some(mut tx) = tx.take() {
             tokio::spawn(
                 async move {
@@ -449,6 +502,10 @@ async fn proxy(
     *resp.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
     let switching = head.status == 101;
     *resp.headers_mut() = response_headers(head.headers, switching && upgrade);
+    access.decorate(request_origin.as_ref(), resp.headers_mut());
+    if let Some(c) = admitted.set_cookie {
+        resp.headers_mut().append(header::SET_COOKIE, c);
+    }
 
     if switching {
         let (Some(on_upgrade), Some(mut tx)) = (on_upgrade, tx) else {
@@ -531,10 +588,22 @@ fn hygiene(cfg: &crate::EdgeConfig, req: &Request<Incoming>) -> Result<(), Viewe
     Ok(())
 }
 
+/// `body` under the limits [`GuardedBody`] enforces.
+pub(crate) fn guard_body(body: Incoming, max: u64, idle: Duration) -> GuardedBody {
+    GuardedBody {
+        inner: body,
+        seen: 0,
+        max,
+        idle,
+        sleep: Box::pin(tokio::time::sleep(idle)),
+        failed: None,
+    }
+}
+
 /// A viewer's request body with the edge's limits: at most `max` bytes, and no pause
 /// longer than `idle` between pieces. A breach ends the body with an error and records
 /// which, so the viewer is answered 413 or 408.
-struct GuardedBody {
+pub(crate) struct GuardedBody {
     inner: Incoming,
     seen: u64,
     max: u64,
@@ -595,16 +664,69 @@ fn reset_error(code: ResetCode) -> ViewerError {
     }
 }
 
+/// How the edge sees the viewer: the address chain, the client, and the scheme.
+pub(crate) struct ClientView {
+    /// `X-Forwarded-For` for the origin.
+    pub(crate) xff: String,
+    /// The viewer's address.
+    pub(crate) client: std::net::IpAddr,
+    /// `http` or `https`.
+    pub(crate) proto: String,
+}
+
+/// Works out the viewer's address and scheme. Forwarding headers count only from a
+/// trusted proxy (the load balancer); from anyone else they are replaced.
+fn client_view(cfg: &crate::EdgeConfig, h: &HeaderMap, peer: SocketAddr) -> ClientView {
+    let trusted = |ip: std::net::IpAddr| cfg.trusted_proxies.iter().any(|c| c.contains(ip));
+    let peer_ip = peer.ip();
+    if !trusted(peer_ip) {
+        return ClientView {
+            xff: peer_ip.to_string(),
+            client: peer_ip,
+            proto: cfg.public_scheme.clone(),
+        };
+    }
+    // A trusted proxy speaks for the viewer: keep its chain and take the client as the
+    // rightmost address that is not itself a trusted proxy.
+    let chain: Vec<String> = h
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let client = chain
+        .iter()
+        .rev()
+        .filter_map(|s| s.parse::<std::net::IpAddr>().ok())
+        .find(|ip| !trusted(*ip))
+        .unwrap_or(peer_ip);
+    let mut xff = chain.join(", ");
+    if !xff.is_empty() {
+        xff.push_str(", ");
+    }
+    xff.push_str(&peer_ip.to_string());
+    let proto = h
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .filter(|p| *p == "http" || *p == "https")
+        .map(str::to_string)
+        .unwrap_or_else(|| cfg.public_scheme.clone());
+    ClientView { xff, client, proto }
+}
+
 fn request_head(
-    edge: &Edge,
     req: &Request<Incoming>,
     host: &str,
-    peer: SocketAddr,
+    view: &ClientView,
     upgrade: bool,
+    admitted: &Admitted,
+    strip_session: bool,
 ) -> RequestHead {
     let h = req.headers();
     let nominated = connection_tokens(h);
-    let mut headers = Vec::with_capacity(h.len() + 6);
+    let mut headers = Vec::with_capacity(h.len() + 6 + admitted.add.len());
     for (name, value) in h {
         let n = name.as_str();
         if n == "te" {
@@ -614,7 +736,19 @@ fn request_head(
             }
             continue;
         }
-        if HOP_BY_HOP.contains(&n) || EDGE_SET.contains(&n) || nominated.iter().any(|t| t == n) {
+        if HOP_BY_HOP.contains(&n)
+            || EDGE_SET.contains(&n)
+            // X-Netbore-* headers are the edge's word to the origin: never a viewer's.
+            || n.starts_with(EDGE_HEADER_PREFIX)
+            || nominated.iter().any(|t| t == n)
+            || (admitted.drop_authorization && name == header::AUTHORIZATION)
+        {
+            continue;
+        }
+        if strip_session && name == header::COOKIE {
+            if let Some(v) = crate::access::strip_session_cookies(value.as_bytes()) {
+                headers.push(Header::new("cookie", v));
+            }
             continue;
         }
         headers.push(Header::new(n, Bytes::copy_from_slice(value.as_bytes())));
@@ -632,60 +766,32 @@ fn request_head(
         headers.push(Header::new("connection", Bytes::from_static(b"upgrade")));
         headers.push(Header::new("upgrade", Bytes::copy_from_slice(u.as_bytes())));
     }
-    let cfg = edge.config();
-    let trusted = |ip: std::net::IpAddr| cfg.trusted_proxies.iter().any(|c| c.contains(ip));
-    let peer_ip = peer.ip();
-    let str_of = |name: &str| {
-        h.get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-    };
-    let (xff, client_ip, proto) = if trusted(peer_ip) {
-        // A trusted proxy (the load balancer) speaks for the viewer: keep its chain and
-        // take the client as the rightmost address that is not itself a trusted proxy.
-        let chain: Vec<String> = h
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect();
-        let client = chain
-            .iter()
-            .rev()
-            .filter_map(|s| s.parse::<std::net::IpAddr>().ok())
-            .find(|ip| !trusted(*ip))
-            .unwrap_or(peer_ip);
-        let mut full = chain.join(", ");
-        if !full.is_empty() {
-            full.push_str(", ");
-        }
-        full.push_str(&peer_ip.to_string());
-        let proto = str_of("x-forwarded-proto")
-            .filter(|p| p == "http" || p == "https")
-            .unwrap_or_else(|| cfg.public_scheme.clone());
-        (full, client.to_string(), proto)
-    } else {
-        (
-            peer_ip.to_string(),
-            peer_ip.to_string(),
-            cfg.public_scheme.clone(),
-        )
-    };
     let fwd_host = h
         .get(header::HOST)
         .map(|v| Bytes::copy_from_slice(v.as_bytes()))
         .unwrap_or_else(|| Bytes::from(host.to_string()));
-    headers.push(Header::new("x-forwarded-for", Bytes::from(xff)));
-    headers.push(Header::new("x-forwarded-proto", Bytes::from(proto)));
+    headers.push(Header::new(
+        "x-forwarded-for",
+        Bytes::from(view.xff.clone()),
+    ));
+    headers.push(Header::new(
+        "x-forwarded-proto",
+        Bytes::from(view.proto.clone()),
+    ));
     headers.push(Header::new("x-forwarded-host", fwd_host));
-    headers.push(Header::new(CLIENT_IP_HEADER, Bytes::from(client_ip)));
-    let target = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
+    headers.push(Header::new(
+        CLIENT_IP_HEADER,
+        Bytes::from(view.client.to_string()),
+    ));
+    for (k, v) in &admitted.add {
+        headers.push(Header::new(k.as_str(), Bytes::from(v.clone())));
+    }
+    let target = admitted.target.clone().unwrap_or_else(|| {
+        req.uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into())
+    });
     RequestHead {
         method: req.method().as_str().to_string(),
         target,

@@ -26,6 +26,8 @@ pub struct Route {
     pub conn_id: u64,
     /// The connection.
     pub mux: Mux,
+    /// The tunnel's access policy, as this connection's token carried it.
+    pub access: std::sync::Arc<crate::access::TunnelAccess>,
 }
 
 /// Result of looking a name up.
@@ -48,13 +50,18 @@ pub struct Routes {
 
 impl Routes {
     /// Adds a connection for `name`. Connections of another tunnel id that held the
-    /// name (it was deleted and given out again) are closed.
+    /// name (it was deleted and given out again) are closed; the tunnel's other
+    /// connections take the new one's access policy (the newest agent's wins).
     pub fn insert(&self, name: &str, route: Route) {
         let stale: Vec<Route> = {
             let mut live = self.live.write();
             let v = live.entry(name.to_string()).or_default();
-            let (keep, stale): (Vec<Route>, Vec<Route>) =
+            let (mut keep, stale): (Vec<Route>, Vec<Route>) =
                 v.drain(..).partition(|r| r.tunnel_id == route.tunnel_id);
+            // One policy per tunnel: the newest connection's (the owner changed it).
+            for r in &mut keep {
+                r.access = route.access.clone();
+            }
             *v = keep;
             v.push(route);
             stale
@@ -140,6 +147,19 @@ impl Routes {
             bout += o;
         }
         (live.len() as u64, conns, streams, bin, bout)
+    }
+
+    /// The connections to advertise in the registry: (name, tunnel id, connection id)
+    /// of every open connection not going away.
+    pub fn registrations(&self) -> Vec<(String, String, u64)> {
+        let live = self.live.read();
+        live.iter()
+            .flat_map(|(name, v)| {
+                v.iter()
+                    .filter(|r| !r.mux.is_closed() && !r.mux.is_going_away())
+                    .map(move |r| (name.clone(), r.tunnel_id.clone(), r.conn_id))
+            })
+            .collect()
     }
 
     fn all(&self) -> Vec<Route> {

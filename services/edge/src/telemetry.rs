@@ -41,3 +41,19 @@ pub fn forward_trace_context(span: &tracing::Span, head: &mut RequestHead) {
     head.headers
         .extend(ours.into_iter().map(|(k, v)| Header::new(k, v)));
 }
+
+/// The same for a request forwarded to the edge holding the tunnel: the holder's span
+/// becomes a child of this edge's.
+pub fn forward_trace_context_headers(span: &tracing::Span, headers: &mut http::HeaderMap) {
+    let ours = trace_context::headers_for(span);
+    if ours.is_empty() {
+        return;
+    }
+    headers.remove(TRACEPARENT);
+    headers.remove(TRACESTATE);
+    for (k, v) in ours {
+        if let Ok(v) = http::HeaderValue::from_str(&v) {
+            headers.insert(k, v);
+        }
+    }
+}

@@ -66,7 +66,7 @@ async fn control_and_agent_counters_move_by_exactly_the_traffic_sent() {
         &[("NETBORE_BOOTSTRAP_TOKEN", "boot-credential")],
     );
     control.wait_ready().await;
-    let edge = EdgeProc::spawn("edge-m", &control, &[]);
+    let edge = EdgeProc::spawn("edge-m", &control, None, &[]);
     let origin = Origin::start().await;
     let (good_admin, dead_admin) = (free_port(), free_port());
     let mut good = agent(&control, &origin.url(), good_admin);
@@ -230,7 +230,7 @@ async fn control_and_agent_counters_move_by_exactly_the_traffic_sent() {
 async fn a_lost_edge_counts_one_reconnect_at_the_agent() {
     let control = ControlProc::spawn(&[], &[]);
     control.wait_ready().await;
-    let mut edge = EdgeProc::spawn("edge-r", &control, &[]);
+    let mut edge = EdgeProc::spawn("edge-r", &control, None, &[]);
     let origin = Origin::start().await;
     let admin = free_port();
     let mut a = agent(&control, &origin.url(), admin);

@@ -36,7 +36,7 @@ async fn one_trace_shows_the_edge_and_the_agent_and_reaches_the_origin() {
     ];
     let control = ControlProc::spawn(&[], &[]);
     control.wait_ready().await;
-    let mut edge = EdgeProc::spawn("edge-t", &control, &env);
+    let mut edge = EdgeProc::spawn_env("edge-t", &control, None, &[], &env);
     let origin = Origin::start().await;
     let target = origin.url();
     let control_url = format!("http://127.0.0.1:{}", control.rest);

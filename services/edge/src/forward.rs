@@ -1,0 +1,526 @@
+//! Edge to edge: advertising the tunnels this edge holds, and forwarding viewer
+//! requests for tunnels held by another edge.
+//!
+//! With a registry configured ([`Cluster`]), every agent connection is registered as a
+//! lease ([`netbore_registry`]) when it is accepted, refreshed every
+//! [`crate::EdgeConfig::registry_refresh`], and removed when it closes. A viewer
+//! request for a name with no connection here is looked up there and forwarded,
+//! streamed, to a holder's *internal listener* over HTTP/2 (HTTP/1.1 for upgrades,
+//! whose bytes are then copied both ways). The internal listener accepts only requests
+//! carrying the shared internal credential, and trusts the forwarding edge's word on
+//! the viewer's address, scheme and host.
+//!
+//! Lookups are cached for [`CACHE_FRESH`] and dropped early when the registry announces
+//! a change; while the registry is unreachable, a cached answer up to [`CACHE_STALE_MAX`]
+//! old is used, so tunnels keep working through other edges during a Redis restart.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use netbore_registry::{Holder, LiveRegistry, RegistryError};
+use netbore_tokens::Secret;
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::Edge;
+use crate::errors::{Body, ViewerError, error_response};
+
+/// The shared credential every forwarded request carries.
+pub const AUTH_HEADER: &str = "x-netbore-internal-auth";
+/// The viewer's host (HTTP/2 puts the holder's address in `:authority`).
+pub const HOST_HEADER: &str = "x-netbore-fwd-host";
+/// The viewer's address as the first edge determined it.
+pub const CLIENT_HEADER: &str = "x-netbore-fwd-client";
+/// The `X-Forwarded-For` chain as the first edge built it.
+pub const FOR_HEADER: &str = "x-netbore-fwd-for";
+/// The viewer's scheme.
+pub const PROTO_HEADER: &str = "x-netbore-fwd-proto";
+/// Edges the request passed, comma-separated (loop protection).
+pub const VIA_HEADER: &str = "x-netbore-fwd-via";
+/// Most edges one request may pass: the first, and one holder that moves it on once
+/// (its own connection was going away).
+pub const MAX_HOPS: usize = 2;
+/// A lease lives this many refresh intervals, so one missed refresh is harmless.
+pub const LEASE_REFRESHES: u32 = 3;
+/// How long a lookup is used without asking the registry again.
+pub const CACHE_FRESH: Duration = Duration::from_secs(2);
+/// Oldest cached lookup used while the registry is unreachable.
+pub const CACHE_STALE_MAX: Duration = Duration::from_secs(120);
+/// Most names cached; the cache is emptied when it grows past this.
+pub const CACHE_MAX_NAMES: usize = 100_000;
+/// A holder that refused a connection is tried last for this long.
+pub const BAD_HOLDER_PAUSE: Duration = Duration::from_secs(10);
+/// Longest wait for a connection to another edge.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// This edge's part in a cluster of edges sharing a registry.
+pub struct Cluster {
+    registry: Arc<dyn LiveRegistry>,
+    edge_id: String,
+    /// The internal address other edges forward to.
+    addr: String,
+    secret: Secret,
+    cache: Mutex<HashMap<String, (Vec<Holder>, Instant)>>,
+    bad: Mutex<HashMap<String, Instant>>,
+    h2: Client<HttpConnector, Body>,
+    h1: Client<HttpConnector, Body>,
+    healthy: AtomicBool,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("edge_id", &self.edge_id)
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// Joins `registry` as `edge_id`, reachable by other edges at `addr` (`host:port`)
+    /// with `secret`.
+    pub fn new(
+        registry: Arc<dyn LiveRegistry>,
+        edge_id: &str,
+        addr: &str,
+        secret: Secret,
+    ) -> Arc<Cluster> {
+        let mut conn = HttpConnector::new();
+        conn.set_nodelay(true);
+        conn.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        let h2 = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .http2_adaptive_window(true)
+            .build(conn.clone());
+        let h1 = Client::builder(TokioExecutor::new()).build(conn);
+        Arc::new(Cluster {
+            registry,
+            edge_id: edge_id.to_string(),
+            addr: addr.to_string(),
+            secret,
+            cache: Mutex::new(HashMap::new()),
+            bad: Mutex::new(HashMap::new()),
+            h2,
+            h1,
+            healthy: AtomicBool::new(true),
+        })
+    }
+
+    /// The registry.
+    pub fn registry(&self) -> &Arc<dyn LiveRegistry> {
+        &self.registry
+    }
+
+    /// True while the last registry call succeeded.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    fn mark(&self, ok: bool) {
+        let was = self.healthy.swap(ok, Ordering::AcqRel);
+        match (was, ok) {
+            (true, false) => {
+                warn!("registry unreachable: serving held tunnels, refusing new agents")
+            }
+            (false, true) => info!("registry reachable again"),
+            _ => {}
+        }
+    }
+
+    /// The lease entry for one of this edge's connections.
+    pub fn holder(&self, tunnel_id: &str, conn_id: u64) -> Holder {
+        Holder {
+            edge_id: self.edge_id.clone(),
+            addr: self.addr.clone(),
+            conn_id,
+            tunnel_id: tunnel_id.to_string(),
+        }
+    }
+
+    /// Registers one new connection (an agent's handshake waits for it).
+    pub async fn register(
+        &self,
+        name: &str,
+        holder: Holder,
+        lease: Duration,
+    ) -> Result<(), RegistryError> {
+        let r = self
+            .registry
+            .register(&[(name.to_string(), holder)], lease)
+            .await;
+        self.mark(r.is_ok());
+        r
+    }
+
+    /// Removes one connection's lease (best effort: it expires anyway).
+    pub async fn unregister(&self, name: &str, holder: &Holder) {
+        if let Err(e) = self.registry.unregister(name, holder).await {
+            debug!(error = %e, "could not remove a lease; it expires by itself");
+        }
+    }
+
+    /// The holders of `name` other than this edge (and those in `via`), usable ones
+    /// first; `Err` when the registry is unreachable and nothing cached is recent.
+    async fn holders(&self, name: &str, via: &[String]) -> Result<Vec<Holder>, RegistryError> {
+        let cached = self.cache.lock().get(name).cloned();
+        let list = match cached {
+            Some((h, at)) if at.elapsed() < CACHE_FRESH => h,
+            _ => match self.registry.lookup(name).await {
+                Ok(h) => {
+                    self.mark(true);
+                    let mut c = self.cache.lock();
+                    if c.len() >= CACHE_MAX_NAMES {
+                        c.clear();
+                    }
+                    c.insert(name.to_string(), (h.clone(), Instant::now()));
+                    h
+                }
+                Err(e) => {
+                    self.mark(false);
+                    match cached {
+                        Some((h, at)) if at.elapsed() < CACHE_STALE_MAX => {
+                            debug!(error = %e, "registry unreachable; using a cached lookup");
+                            h
+                        }
+                        _ => return Err(e),
+                    }
+                }
+            },
+        };
+        let bad = {
+            let mut b = self.bad.lock();
+            b.retain(|_, t| t.elapsed() < BAD_HOLDER_PAUSE);
+            b.clone()
+        };
+        let mut v: Vec<Holder> = list
+            .into_iter()
+            .filter(|h| h.edge_id != self.edge_id && !via.contains(&h.edge_id))
+            .collect();
+        // Spread load over holders; known-bad ones last.
+        let offset = rand::random::<u32>() as usize;
+        if !v.is_empty() {
+            let n = v.len();
+            v.rotate_left(offset % n);
+        }
+        v.sort_by_key(|h| bad.contains_key(&h.addr));
+        Ok(v)
+    }
+
+    /// Makes cached lookups of `name` ([`netbore_registry::ALL`]: of every name) stale:
+    /// the next request asks the registry, and falls back on them only if the registry
+    /// cannot answer (a change feed that ends because Redis went away must not take the
+    /// fallback with it).
+    fn forget(&self, name: &str) {
+        let Some(stale) = Instant::now().checked_sub(CACHE_FRESH) else {
+            return;
+        };
+        let mut c = self.cache.lock();
+        if name == netbore_registry::ALL {
+            for (_, at) in c.values_mut() {
+                *at = (*at).min(stale);
+            }
+        } else if let Some((_, at)) = c.get_mut(name) {
+            *at = (*at).min(stale);
+        }
+    }
+
+    fn mark_bad(&self, h: &Holder) {
+        self.bad.lock().insert(h.addr.clone(), Instant::now());
+        // Its leases may outlive it: look again next time.
+        self.forget(netbore_registry::ALL);
+    }
+
+    /// True when `value` is the internal credential (compared in constant time).
+    pub fn authorised(&self, value: Option<&HeaderValue>) -> bool {
+        value.is_some_and(|v| {
+            aws_lc_rs::constant_time::verify_slices_are_equal(
+                v.as_bytes(),
+                self.secret.expose().as_bytes(),
+            )
+            .is_ok()
+        })
+    }
+}
+
+/// Keeps this edge's leases fresh and its lookup cache honest until `stop`: refreshes
+/// every connection's lease each interval (so an emptied Redis is refilled within one
+/// interval), and drops cached lookups the registry announces as changed.
+pub async fn maintain(edge: Edge, cluster: Arc<Cluster>, stop: CancellationToken) {
+    let every = edge.config().registry_refresh;
+    let lease = every * LEASE_REFRESHES;
+    let mut changes = cluster.registry.changes();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {
+                if edge.is_draining() {
+                    continue;
+                }
+                let entries: Vec<(String, Holder)> = edge
+                    .routes()
+                    .registrations()
+                    .into_iter()
+                    .map(|(name, tunnel, conn)| (name, cluster.holder(&tunnel, conn)))
+                    .collect();
+                let r = cluster.registry.register(&entries, lease).await;
+                if let Err(e) = &r {
+                    debug!(error = %e, held = entries.len(), "lease refresh failed");
+                    edge.metrics().registry_error();
+                }
+                cluster.mark(r.is_ok());
+            }
+            m = changes.recv() => match m {
+                Ok(name) => cluster.forget(&name),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => cluster.forget(netbore_registry::ALL),
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    changes = cluster.registry.changes();
+                }
+            },
+        }
+    }
+}
+
+/// Removes every lease this edge holds (at the start of a drain), so other edges stop
+/// forwarding here while agents move.
+pub async fn withdraw(edge: &Edge, cluster: &Cluster) {
+    for (name, tunnel, conn) in edge.routes().registrations() {
+        cluster
+            .unregister(&name, &cluster.holder(&tunnel, conn))
+            .await;
+    }
+}
+
+/// What the first edge knows about a viewer, passed on to the holder.
+pub struct Forwarded<'a> {
+    /// The viewer's host.
+    pub host: &'a str,
+    /// The tunnel name.
+    pub name: &'a str,
+    /// The viewer's address.
+    pub client: std::net::IpAddr,
+    /// `X-Forwarded-For` as built so far.
+    pub xff: &'a str,
+    /// `http` or `https`.
+    pub proto: &'a str,
+    /// Edges already passed.
+    pub via: Vec<String>,
+    /// The request is an HTTP/1.1 upgrade.
+    pub upgrade: bool,
+}
+
+/// Forwards `req` to an edge holding the tunnel; `fallback` is what the viewer gets
+/// when no edge holds it.
+pub async fn forward(
+    edge: &Edge,
+    cluster: &Cluster,
+    mut req: Request<Incoming>,
+    f: Forwarded<'_>,
+    fallback: ViewerError,
+    json: bool,
+) -> Response<Body> {
+    if f.via.len() + 1 > MAX_HOPS {
+        return fallback.response(json);
+    }
+    let holders = match cluster.holders(f.name, &f.via).await {
+        Ok(h) => h,
+        Err(e) => {
+            warn!(error = %e, tunnel = %f.name, "cannot look up a tunnel held elsewhere");
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "registry_unavailable",
+                "The edge cannot find which edge holds this tunnel right now (its registry is unreachable). Retry shortly.",
+                json,
+            );
+        }
+    };
+    if holders.is_empty() {
+        return fallback.response(json);
+    }
+    let mut via = f.via.clone();
+    via.push(cluster.edge_id.clone());
+    let via = via.join(",");
+    let on_upgrade = f.upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (parts, body) = req.into_parts();
+    let cfg = edge.config();
+    let body_empty = http_body::Body::is_end_stream(&body);
+    let mut body: Option<Body> =
+        Some(crate::proxy::guard_body(body, cfg.max_body_bytes, cfg.body_idle_timeout).boxed());
+
+    for h in &holders {
+        let Some(b) = body.take() else { break };
+        let mut out = Request::builder().method(parts.method.clone()).uri(format!(
+            "http://{}{}",
+            h.addr,
+            parts.uri.path_and_query().map_or("/", |p| p.as_str())
+        ));
+        if let Some(hm) = out.headers_mut() {
+            for (k, v) in &parts.headers {
+                // Own copies of these are set below; hop-by-hop headers are dropped by
+                // the holder (upgrade ones are needed for an upgrade).
+                if k.as_str().starts_with(crate::proxy::EDGE_HEADER_PREFIX)
+                    || (!f.upgrade && (k == header::HOST || k == header::CONNECTION))
+                {
+                    continue;
+                }
+                hm.append(k.clone(), v.clone());
+            }
+            let mut set = |n: &'static str, v: &str| {
+                if let Ok(v) = HeaderValue::from_str(v) {
+                    hm.insert(HeaderName::from_static(n), v);
+                }
+            };
+            set(AUTH_HEADER, cluster.secret.expose());
+            set(HOST_HEADER, f.host);
+            set(CLIENT_HEADER, &f.client.to_string());
+            set(FOR_HEADER, f.xff);
+            set(PROTO_HEADER, f.proto);
+            set(VIA_HEADER, &via);
+            crate::telemetry::forward_trace_context_headers(&tracing::Span::current(), hm);
+        }
+        let out = match out.body(b) {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(error = %e, "cannot build the forwarded request");
+                return ViewerError::BadHost.response(json);
+            }
+        };
+        let client = if f.upgrade { &cluster.h1 } else { &cluster.h2 };
+        match client.request(out).await {
+            Ok(resp) => {
+                edge.metrics().forwarded();
+                return relay(resp, on_upgrade).await;
+            }
+            Err(e) if e.is_connect() && body_empty => {
+                debug!(error = %e, holder = %h.edge_id, "holder unreachable; trying the next");
+                cluster.mark_bad(h);
+                body = Some(http_body_util::Empty::new().map_err(|n| match n {}).boxed());
+            }
+            Err(e) => {
+                debug!(error = %e, holder = %h.edge_id, "forwarding failed");
+                if e.is_connect() {
+                    cluster.mark_bad(h);
+                }
+                return ViewerError::TunnelLost.response(json);
+            }
+        }
+    }
+    ViewerError::TunnelLost.response(json)
+}
+
+/// The holder's response for the viewer; a 101 joins the two upgraded connections.
+async fn relay(
+    resp: Response<Incoming>,
+    on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Response<Body> {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(viewer) = on_upgrade
+    {
+        let (parts, body) = resp.into_parts();
+        let inner = hyper::upgrade::on(Response::from_parts(parts.clone(), body));
+        tokio::spawn(
+            async move {
+                let (Ok(v), Ok(i)) = (viewer.await, inner.await) else {
+                    debug!("an upgrade through another edge failed");
+                    return;
+                };
+                let (mut v, mut i) = (TokioIo::new(v), TokioIo::new(i));
+                let _ = tokio::io::copy_bidirectional(&mut v, &mut i).await;
+            }
+            .in_current_span(),
+        );
+        let mut out = Response::new(http_body_util::Empty::new().map_err(|n| match n {}).boxed());
+        *out.status_mut() = parts.status;
+        *out.headers_mut() = parts.headers;
+        return out;
+    }
+    let (parts, body) = resp.into_parts();
+    Response::from_parts(parts, body.map_err(std::io::Error::other).boxed())
+}
+
+/// Accepts other edges' forwarded requests until `stop` fires.
+pub async fn serve_internal(
+    edge: Edge,
+    cluster: Arc<Cluster>,
+    listener: tokio::net::TcpListener,
+    stop: CancellationToken,
+) {
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    while let Some((tcp, peer)) = crate::accept(&listener, &stop, "internal").await {
+        let (edge2, cluster, builder, stop) =
+            (edge.clone(), cluster.clone(), builder.clone(), stop.clone());
+        edge.tracker().spawn(
+            async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let (edge, cluster) = (edge2.clone(), cluster.clone());
+                    async move {
+                        Ok::<_, std::convert::Infallible>(internal(edge, cluster, req).await)
+                    }
+                });
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
+                tokio::pin!(conn);
+                let r = tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = stop.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                };
+                if let Err(e) = r {
+                    debug!(error = %e, "internal connection ended with an error");
+                }
+            }
+            .instrument(info_span!("internal", %peer)),
+        );
+    }
+}
+
+async fn internal(edge: Edge, cluster: Arc<Cluster>, req: Request<Incoming>) -> Response<Body> {
+    if !cluster.authorised(req.headers().get(AUTH_HEADER)) {
+        return error_response(
+            StatusCode::FORBIDDEN,
+            "internal_forbidden",
+            "This listener is for other edges only; they must present the shared internal credential.",
+            true,
+        );
+    }
+    let text = |n: &str| {
+        req.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let (Some(host), Some(client)) = (
+        text(HOST_HEADER),
+        text(CLIENT_HEADER).and_then(|c| c.parse::<std::net::IpAddr>().ok()),
+    ) else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "internal_bad_request",
+            "A forwarded request needs the viewer's host and address.",
+            true,
+        );
+    };
+    let view = crate::proxy::ClientView {
+        xff: text(FOR_HEADER).unwrap_or_else(|| client.to_string()),
+        client,
+        proto: text(PROTO_HEADER)
+            .filter(|p| p == "http" || p == "https")
+            .unwrap_or_else(|| edge.config().public_scheme.clone()),
+    };
+    let via: Vec<String> = text(VIA_HEADER)
+        .map(|v| v.split(',').map(str::to_string).collect())
+        .unwrap_or_default();
+    crate::proxy::handle_with(edge, req, Some(host), view, via).await
+}
