@@ -175,7 +175,22 @@ impl Cluster {
         let cached = self.cache.lock().get(name).cloned();
         let list = match cached {
             Some((h, at)) if at.elapsed() < CACHE_FRESH => h,
+            // While the registry is down, a recent answer serves at once; the lease
+            // refresher finds out when Redis is back (each lookup would wait for it).
+            Some((h, at)) if !self.is_healthy() && at.elapsed() < CACHE_STALE_MAX => h,
             _ => match self.registry.lookup(name).await {
+                // Nobody registered, but holders were known a moment ago: Redis may
+                // have restarted empty and not be refilled yet (within one refresh).
+                // Ask those holders; they answer for their own connections.
+                Ok(h)
+                    if h.is_empty()
+                        && cached.as_ref().is_some_and(|(c, at)| {
+                            !c.is_empty() && at.elapsed() < CACHE_STALE_MAX
+                        }) =>
+                {
+                    self.mark(true);
+                    cached.map(|(c, _)| c).unwrap_or_default()
+                }
                 Ok(h) => {
                     self.mark(true);
                     let mut c = self.cache.lock();

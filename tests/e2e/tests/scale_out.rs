@@ -1,0 +1,472 @@
+//! Netbore as a platform: a real `redis-server`, control, three edges sharing the
+//! registry, an agent holding links to two of them, and a client that sends requests
+//! to any edge, as a load balancer would. Each scenario prints how many requests it
+//! sent and how many failed.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::BodyExt;
+use netbore_testkit::origin::Origin;
+use netbore_testkit::redis::RedisServer;
+use netbore_testkit::{ControlProc, EdgeProc, Proc, eventually};
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Lease refresh interval the edges run with here (the "heartbeat" of the registry).
+const REFRESH_SECS: u64 = 1;
+
+struct Platform {
+    redis: RedisServer,
+    _control: ControlProc,
+    edges: Vec<EdgeProc>,
+    _origin: Origin,
+    agent: Proc,
+    name: String,
+    /// Edge ids the agent is linked to.
+    linked: HashSet<String>,
+    client: Client,
+}
+
+type Client = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    netbore_testkit::ReqBody,
+>;
+
+async fn platform() -> Platform {
+    let redis = RedisServer::start();
+    let control = ControlProc::spawn(&[], &[]);
+    let refresh = REFRESH_SECS.to_string();
+    let edges: Vec<EdgeProc> = ["edge-a", "edge-b", "edge-c"]
+        .iter()
+        .map(|id| {
+            EdgeProc::spawn(
+                id,
+                &control,
+                Some(&redis.url()),
+                &[
+                    "--registry-refresh-secs",
+                    &refresh,
+                    "--drain-delay-secs",
+                    "1",
+                ],
+            )
+        })
+        .collect();
+    let origin = Origin::start().await;
+    // Edges announce themselves to control; wait until control lists all three, so
+    // the agent has distinct candidates.
+    let rest = format!("http://127.0.0.1:{}", control.rest);
+    let state = tempfile::tempdir().unwrap().keep();
+    let mut agent = Proc::spawn(
+        "netbore",
+        &[
+            "http",
+            &origin.url(),
+            "--control",
+            &rest,
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--connections",
+            "2",
+            "--json",
+        ],
+        &[("RUST_LOG", "warn")],
+    );
+    let mut name = String::new();
+    let mut linked = HashSet::new();
+    while linked.len() < 2 {
+        let v: Value = serde_json::from_str(&agent.line(Duration::from_secs(40)).await).unwrap();
+        if v["event"] == "live" {
+            name = v["name"].as_str().unwrap().to_string();
+            linked.insert(v["edge_id"].as_str().unwrap().to_string());
+        }
+    }
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    Platform {
+        redis,
+        _control: control,
+        edges,
+        _origin: origin,
+        agent,
+        name,
+        linked,
+        client,
+    }
+}
+
+impl Platform {
+    fn edge(&self, id: &str) -> &EdgeProc {
+        self.edges.iter().find(|e| e.id == id).unwrap()
+    }
+
+    /// The edge the agent is not linked to: every request there is forwarded.
+    fn unlinked(&self) -> &EdgeProc {
+        self.edges
+            .iter()
+            .find(|e| !self.linked.contains(&e.id))
+            .unwrap()
+    }
+
+    fn host(&self) -> String {
+        format!("{}.localhost", self.name)
+    }
+
+    /// `GET path` through edge port `port`: the status, or None on any failure.
+    async fn get(&self, port: u16, path: &str) -> Option<u16> {
+        let req = http::Request::get(format!("http://127.0.0.1:{port}{path}"))
+            .header("host", self.host())
+            .body(netbore_testkit::empty())
+            .unwrap();
+        match tokio::time::timeout(Duration::from_secs(10), self.client.request(req)).await {
+            Ok(Ok(r)) => {
+                let status = r.status().as_u16();
+                let body = r.into_body().collect().await.ok()?.to_bytes();
+                (status != 200 || body == "hello from origin").then_some(status)
+            }
+            _ => None,
+        }
+    }
+
+    /// The agent's next `live` event with `links` links, within `within`.
+    async fn wait_links(&mut self, links: u64, within: Duration) -> Option<Value> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            let left = deadline - Instant::now();
+            let Ok(Some(l)) = tokio::time::timeout(left, self.agent.stdout.recv()).await else {
+                return None;
+            };
+            let v: Value = serde_json::from_str(&l).unwrap();
+            if v["event"] == "live" && v["links"].as_u64() == Some(links) {
+                return Some(v);
+            }
+        }
+        None
+    }
+}
+
+async fn metric(admin: u16, name: &str) -> u64 {
+    let c: Client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let req = http::Request::get(format!("http://127.0.0.1:{admin}/metrics"))
+        .body(netbore_testkit::empty())
+        .unwrap();
+    let body = c
+        .request(req)
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap();
+    let text = String::from_utf8(body.to_bytes().to_vec()).unwrap();
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} in /metrics"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_sent_to_each_of_three_edges_all_reach_the_tunnel() {
+    let p = platform().await;
+    let mut sent = 0;
+    let mut failed = Vec::new();
+    for e in &p.edges {
+        for i in 0..30 {
+            sent += 1;
+            let st = p.get(e.public, "/hello").await;
+            if st != Some(200) {
+                failed.push(format!("{} #{i}: {st:?}", e.id));
+            }
+        }
+    }
+    println!(
+        "sent {sent} requests across 3 edges, {} failed",
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{failed:?}");
+    let via = p.unlinked();
+    assert!(
+        metric(via.admin, "netbore_edge_forwarded_total").await >= 30,
+        "the unlinked edge forwarded its requests"
+    );
+
+    // Bodies stream through the extra hop byte for byte, both ways.
+    let body: Vec<u8> = (0..3_000_017u32).map(|i| (i % 251) as u8).collect();
+    let req = http::Request::post(format!("http://127.0.0.1:{}/echo", via.public))
+        .header("host", p.host())
+        .body(netbore_testkit::full(body.clone()))
+        .unwrap();
+    let r = p.client.request(req).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let got = r.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        got == body,
+        "echo through forwarding differs ({} bytes)",
+        got.len()
+    );
+
+    // gRPC (HTTP/2 with trailers) through whichever edge: a second agent in front of
+    // a gRPC health service, called through each of the three edges.
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("demo", tonic_health::ServingStatus::Serving)
+        .await;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc_addr = l.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(futures_util::stream::unfold(l, |l| async move {
+                Some((l.accept().await.map(|(s, _)| s), l))
+            })),
+    );
+    let state = tempfile::tempdir().unwrap();
+    let mut grpc_agent = Proc::spawn(
+        "netbore",
+        &[
+            "http",
+            &format!("http://{grpc_addr}"),
+            "--control",
+            &format!("http://127.0.0.1:{}", p._control.rest),
+            "--state-dir",
+            state.path().to_str().unwrap(),
+            "--connections",
+            "1",
+        ],
+        &[("RUST_LOG", "warn")],
+    );
+    let line = grpc_agent.line(Duration::from_secs(30)).await;
+    let grpc_host = line
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .trim_start_matches("http://")
+        .split(':')
+        .next()
+        .unwrap()
+        .to_string();
+    for e in &p.edges {
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", e.public))
+                .unwrap()
+                .origin(format!("http://{grpc_host}").parse().unwrap())
+                .connect()
+                .await
+                .unwrap();
+        let mut hc = tonic_health::pb::health_client::HealthClient::new(channel);
+        let ok = hc
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "demo".into(),
+            })
+            .await
+            .unwrap_or_else(|e2| panic!("gRPC through {}: {e2}", e.id));
+        assert_eq!(ok.into_inner().status, 1, "SERVING through {}", e.id);
+        // The error status travels in trailers.
+        let err = hc
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "nope".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            tonic::Code::NotFound,
+            "trailers through {}",
+            e.id
+        );
+    }
+
+    // A WebSocket through the unlinked edge.
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", via.public))
+        .await
+        .unwrap();
+    let req = http::Request::builder()
+        .uri(format!("ws://{}/ws", p.host()))
+        .header("host", p.host())
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header(
+            "sec-websocket-key",
+            tokio_tungstenite::tungstenite::handshake::client::generate_key(),
+        )
+        .body(())
+        .unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    for i in 0..20 {
+        let m = Message::text(format!("ping {i} across edges"));
+        ws.send(m.clone()).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), m);
+    }
+
+    // The internal listener refuses anyone without the shared secret.
+    let req = http::Request::get(format!("http://127.0.0.1:{}/hello", via.internal))
+        .header("x-netbore-fwd-host", p.host())
+        .header("x-netbore-fwd-client", "203.0.113.9")
+        .body(netbore_testkit::empty())
+        .unwrap();
+    assert_eq!(p.client.request(req).await.unwrap().status(), 403);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_killed_mid_traffic_costs_at_most_the_requests_in_flight() {
+    let mut p = platform().await;
+    let mut linked: Vec<String> = p.linked.iter().cloned().collect();
+    linked.sort();
+    let victim = linked[0].clone();
+    let survivor = linked[1].clone();
+    let targets = [p.edge(&survivor).public, p.unlinked().public];
+    let (mut sent, mut failed_after) = (0u32, Vec::new());
+    let mut killed_at = None;
+    for i in 0..400u32 {
+        if i == 100 {
+            let e = p.edges.iter_mut().find(|e| e.id == victim).unwrap();
+            e.proc.kill().await;
+            killed_at = Some(Instant::now());
+        }
+        let port = targets[(i % 2) as usize];
+        sent += 1;
+        let st = p.get(port, "/hello").await;
+        if st != Some(200) && killed_at.is_some() {
+            failed_after.push(format!("#{i} via port {port}: {st:?}"));
+        }
+    }
+    // The client sends one request at a time: at most one was in flight at the kill.
+    println!(
+        "sent {sent} requests, {} failed after SIGKILL of {victim}",
+        failed_after.len()
+    );
+    assert!(failed_after.len() <= 1, "{failed_after:?}");
+    // The agent replaces the lost link from the candidates.
+    let back = p.wait_links(2, Duration::from_secs(30)).await;
+    let took = killed_at.unwrap().elapsed();
+    println!("agent back to 2 links {took:?} after the kill");
+    let back = back.expect("two links again within 30 s");
+    assert_ne!(back["edge_id"], victim.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_stopped_with_sigterm_mid_traffic_costs_nothing() {
+    let mut p = platform().await;
+    let mut linked: Vec<String> = p.linked.iter().cloned().collect();
+    linked.sort();
+    let victim = linked[0].clone();
+    let probe: Client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let ports: Vec<(String, u16, u16)> = p
+        .edges
+        .iter()
+        .map(|e| (e.id.clone(), e.public, e.admin))
+        .collect();
+    let (mut sent, mut failed) = (0u32, Vec::new());
+    for i in 0..600u32 {
+        if i == 150 {
+            p.edges
+                .iter()
+                .find(|e| e.id == victim)
+                .unwrap()
+                .proc
+                .signal("TERM");
+        }
+        // Like a load balancer: round robin over the edges whose /readyz says ready.
+        let mut pick = None;
+        for k in 0..ports.len() {
+            let (_, public, admin) = &ports[(i as usize + k) % ports.len()];
+            let req = http::Request::get(format!("http://127.0.0.1:{admin}/readyz"))
+                .body(netbore_testkit::empty())
+                .unwrap();
+            if let Ok(Ok(r)) =
+                tokio::time::timeout(Duration::from_secs(2), probe.request(req)).await
+                && r.status() == 200
+            {
+                pick = Some(*public);
+                break;
+            }
+        }
+        let port = pick.expect("some edge is ready");
+        sent += 1;
+        let st = p.get(port, "/hello").await;
+        if st != Some(200) {
+            failed.push(format!("#{i} via port {port}: {st:?}"));
+        }
+    }
+    println!(
+        "sent {sent} requests, {} failed, SIGTERM to {victim} at #150",
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{failed:?}");
+    let e = p.edges.iter_mut().find(|e| e.id == victim).unwrap();
+    let st = tokio::time::timeout(Duration::from_secs(40), e.proc.child.wait())
+        .await
+        .expect("the drained edge exits")
+        .unwrap();
+    assert!(st.success(), "{victim} exits cleanly: {st}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_empty_tunnels_keep_serving_and_return_within_a_heartbeat() {
+    let mut p = platform().await;
+    let key = format!("netbore:live:tunnel:{}", p.name);
+    let ports: Vec<u16> = p.edges.iter().map(|e| e.public).collect();
+    // Warm every edge's view of the tunnel, as steady traffic does.
+    for port in &ports {
+        assert_eq!(p.get(*port, "/hello").await, Some(200));
+    }
+    let (mut sent, mut failed) = (0u32, Vec::new());
+    let mut watcher = None;
+    for i in 0..300u32 {
+        if i == 60 {
+            p.redis.stop();
+        }
+        if i == 180 {
+            p.redis.restart();
+            // From the restart, time how long until both links' leases are back.
+            let client = redis::Client::open(p.redis.url()).unwrap();
+            let key = key.clone();
+            watcher = Some(tokio::spawn(async move {
+                let started = Instant::now();
+                eventually(Duration::from_secs(10), || {
+                    let (client, key) = (client.clone(), key.clone());
+                    async move {
+                        let mut c = client.get_multiplexed_async_connection().await.ok()?;
+                        let n: u64 = redis::cmd("ZCARD")
+                            .arg(&key)
+                            .query_async(&mut c)
+                            .await
+                            .ok()?;
+                        (n >= 2).then_some(())
+                    }
+                })
+                .await
+                .map(|()| started.elapsed())
+            }));
+        }
+        let port = ports[(i as usize) % ports.len()];
+        sent += 1;
+        let st = p.get(port, "/hello").await;
+        if st != Some(200) {
+            failed.push(format!("#{i} via port {port}: {st:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!(
+        "sent {sent} requests across a Redis stop and an empty restart, {} failed",
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{failed:?}");
+    let took = watcher.unwrap().await.unwrap();
+    println!("leases back in Redis {took:?} after the restart (refresh every {REFRESH_SECS} s)");
+    let took = took.expect("the tunnel's leases are back in Redis within 10 s");
+    // One refresh interval, plus the reconnect to the new server.
+    assert!(
+        took <= Duration::from_secs(REFRESH_SECS + 2),
+        "back within one refresh interval (+2 s to reconnect): {took:?}"
+    );
+}
