@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use netbore_testkit::origin::Origin;
 use netbore_testkit::otlp::{Collector, ReceivedSpan};
-use netbore_testkit::{ControlProc, EdgeProc, Proc, Viewer, empty};
+use netbore_testkit::redis::RedisServer;
+use netbore_testkit::{ControlProc, EdgeProc, Proc, Viewer, empty, eventually};
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN: &str = "00f067aa0ba902b7";
@@ -196,4 +197,94 @@ async fn without_a_collector_the_viewers_traceparent_reaches_the_origin_untouche
     assert_eq!(v.send(req).await.status(), 200);
     let seen = origin.seen();
     assert_eq!(seen[0].header("traceparent"), Some(sent.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_forwarded_between_edges_stays_one_trace() {
+    let collector = Collector::start().await;
+    let otel = collector.url();
+    let redis = RedisServer::start();
+    let control = ControlProc::spawn(&[], &[]);
+    control.wait_ready().await;
+    let edge = |id: &'static str| {
+        EdgeProc::spawn_env(
+            id,
+            &control,
+            Some(&redis.url()),
+            &["--registry-refresh-secs", "1"],
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", otel.as_str()),
+                ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+                // Told apart in the collector by their service names.
+                ("OTEL_SERVICE_NAME", id),
+            ],
+        )
+    };
+    let edges = [edge("edge-a"), edge("edge-b")];
+    let origin = Origin::start().await;
+    let control_url = format!("http://127.0.0.1:{}", control.rest);
+    let mut agent = Proc::spawn(
+        "netbore",
+        &[
+            "http",
+            &origin.url(),
+            "--control",
+            &control_url,
+            "--connections",
+            "1",
+            "--json",
+        ],
+        &[
+            ("RUST_LOG", "warn"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", otel.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    );
+    let live: serde_json::Value =
+        serde_json::from_str(&agent.line(Duration::from_secs(60)).await).unwrap();
+    assert_eq!(live["event"], "live");
+    let holder = live["edge_id"].as_str().unwrap().to_string();
+    let other = edges.iter().find(|e| e.id != holder).unwrap();
+    let host = format!("{}.localhost", live["name"].as_str().unwrap());
+    let v = Viewer::new(([127, 0, 0, 1], other.public).into());
+    // Until the holder's lease is in Redis the other edge does not know the tunnel.
+    eventually(Duration::from_secs(20), || async {
+        (v.get(&host, "/hello").await.status == 200).then_some(())
+    })
+    .await
+    .expect("the other edge forwards within 20 s");
+
+    let mut req = v.request("GET", &host, "/hello", empty());
+    req.headers_mut().insert(
+        "traceparent",
+        format!("00-{TRACE}-{CALLER_SPAN}-01").parse().unwrap(),
+    );
+    assert_eq!(v.send(req).await.status(), 200);
+
+    let span = |service: String| {
+        collector.wait_for(Duration::from_secs(20), move |s| {
+            s.service == service && s.trace_id == TRACE
+        })
+    };
+    let first = span(other.id.clone())
+        .await
+        .expect("the edge the viewer reached exported its span");
+    let second = span(holder.clone())
+        .await
+        .expect("the holding edge exported its span");
+    let third = span("netbore".into())
+        .await
+        .expect("the agent exported its span");
+    assert_eq!(first.parent_span_id, CALLER_SPAN);
+    assert_eq!(
+        second.parent_span_id, first.span_id,
+        "the holder's span is a child of the forwarding edge's"
+    );
+    assert_eq!(third.parent_span_id, second.span_id);
+    let seen = origin.seen();
+    let (t, parent) = traceparent_parts(seen.last().unwrap().header("traceparent").unwrap());
+    assert_eq!(
+        (t.as_str(), parent.as_str()),
+        (TRACE, third.span_id.as_str())
+    );
 }
