@@ -7,10 +7,13 @@
 //! - [`origin::Origin`]: an HTTP origin with the endpoints tests need.
 //! - [`Viewer`]: an HTTP/1.1 and HTTP/2 client that reaches a tunnel through the edge.
 //! - [`redis::RedisServer`]: a real `redis-server` child process.
+//! - [`otlp::Collector`]: an OTLP/gRPC trace receiver that keeps what it gets.
+//! - [`EdgeProc`]: a real `netbore-edge` linked to a [`ControlProc`].
 //!
 //! Everything stops when dropped, so a failing test leaves nothing behind.
 
 pub mod origin;
+pub mod otlp;
 pub mod redis;
 
 use std::net::SocketAddr;
@@ -485,6 +488,19 @@ impl ControlProc {
     }
 }
 
+impl ControlProc {
+    /// Waits (at most 20 s) until REST answers `/healthz`, so edges and agents started
+    /// next link at their first attempt instead of backing off.
+    pub async fn wait_ready(&self) {
+        let addr: SocketAddr = ([127, 0, 0, 1], self.rest).into();
+        eventually(Duration::from_secs(20), || async move {
+            http_get(addr, "/healthz").await.filter(|(s, _)| *s == 200)
+        })
+        .await
+        .expect("control answers /healthz within 20 s");
+    }
+}
+
 /// A real `netbore-edge` on free loopback ports; killed when dropped.
 pub struct EdgeProc {
     /// The process.
@@ -508,6 +524,18 @@ impl EdgeProc {
     /// Starts `netbore-edge` as `id`, linked to `control`, with `extra` flags. With
     /// `redis` it joins that registry (internal secret [`TEST_INTERNAL_SECRET`]).
     pub fn spawn(id: &str, control: &ControlProc, redis: Option<&str>, extra: &[&str]) -> EdgeProc {
+        EdgeProc::spawn_env(id, control, redis, extra, &[])
+    }
+
+    /// Like [`EdgeProc::spawn`], with extra environment variables (e.g. a collector's
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    pub fn spawn_env(
+        id: &str,
+        control: &ControlProc,
+        redis: Option<&str>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> EdgeProc {
         let (public, agents, admin, internal) =
             (free_port(), free_port(), free_port(), free_port());
         let addr = |p: u16| format!("127.0.0.1:{p}");
@@ -534,14 +562,12 @@ impl EdgeProc {
             args.extend_from_slice(&["--redis-url", url]);
         }
         args.extend_from_slice(extra);
-        let proc = Proc::spawn(
-            "netbore-edge",
-            &args,
-            &[
-                ("RUST_LOG", "warn"),
-                ("NETBORE_INTERNAL_SECRET", TEST_INTERNAL_SECRET),
-            ],
-        );
+        let mut all_env = vec![("NETBORE_INTERNAL_SECRET", TEST_INTERNAL_SECRET)];
+        all_env.extend_from_slice(env);
+        if !all_env.iter().any(|(k, _)| *k == "RUST_LOG") {
+            all_env.push(("RUST_LOG", "warn"));
+        }
+        let proc = Proc::spawn("netbore-edge", &args, &all_env);
         EdgeProc {
             proc,
             id: id.to_string(),
@@ -569,4 +595,31 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// `GET http://{addr}{path}` over a fresh connection: status and body text, or `None`
+/// while nothing answers there.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let c = Client::builder(TokioExecutor::new()).build_http::<ReqBody>();
+    let req = Request::get(format!("http://{addr}{path}"))
+        .body(empty())
+        .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), c.request(req))
+        .await
+        .ok()?
+        .ok()?;
+    let status = r.status().as_u16();
+    let body = r.into_body().collect().await.ok()?.to_bytes();
+    Some((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Parses Prometheus text into `series -> value` (series with their labels as written).
+pub fn parse_metrics(text: &str) -> std::collections::HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
 }

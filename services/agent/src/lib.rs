@@ -10,6 +10,7 @@
 pub mod access;
 pub mod dev;
 pub mod link;
+pub mod metrics;
 pub mod origin;
 pub mod state;
 pub mod tls;
@@ -28,6 +29,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::link::LinkError;
+use crate::metrics::AgentMetrics;
 use crate::origin::{Origin, OriginConfig};
 use crate::state::{Saved, StateStore};
 use netbore_control::api::CreateTunnelRequest;
@@ -158,6 +160,8 @@ struct Ctx {
     tunnel: tokio::sync::watch::Sender<Option<String>>,
     /// Stops every slot (shutdown, or a fatal error).
     stop: CancellationToken,
+    /// What the agent counts.
+    metrics: Arc<AgentMetrics>,
     fatal: parking_lot::Mutex<Option<AgentError>>,
 }
 
@@ -176,7 +180,19 @@ pub async fn run(
     events: mpsc::UnboundedSender<AgentEvent>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
-    let origin = Origin::new(cfg.origin.clone()).map_err(|e| fatal("origin_config", e))?;
+    run_with_metrics(cfg, Arc::default(), events, shutdown).await
+}
+
+/// Like [`run`], counting into `metrics` (served by the CLI at `/metrics`).
+pub async fn run_with_metrics(
+    cfg: AgentConfig,
+    metrics: Arc<AgentMetrics>,
+    events: mpsc::UnboundedSender<AgentEvent>,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    let origin = Origin::new(cfg.origin.clone())
+        .map_err(|e| fatal("origin_config", e))?
+        .with_metrics(metrics.clone());
     let tls = Arc::new(
         tls::client_config(cfg.edge_ca_file.as_deref(), cfg.edge_insecure)
             .map_err(|e| fatal("tls_config", e))?,
@@ -198,6 +214,7 @@ pub async fn run(
         tunnel: tokio::sync::watch::Sender::new(None),
         stop: shutdown.child_token(),
         fatal: Default::default(),
+        metrics,
         origin,
         tls,
         cfg,
@@ -248,6 +265,8 @@ pub const SPARE_SLOT_RETRY: Duration = Duration::from_secs(10);
 /// edge no other slot holds, serve, repeat.
 async fn slot(ctx: Arc<Ctx>, index: usize) {
     let mut backoff = Backoff::new();
+    // Every link after this slot's first is a reconnect.
+    let mut linked_before = false;
     let stop = ctx.stop.clone();
     let cfg = &ctx.cfg;
     loop {
@@ -312,6 +331,7 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
                 );
             }
             Err(e) => {
+                ctx.metrics.connect_failures.fetch_add(1, Ordering::Relaxed);
                 let delay = backoff.next();
                 warn!(error = %e, "creating the tunnel failed; retrying");
                 let _ = ctx.events.send(AgentEvent::Reconnecting {
@@ -374,6 +394,7 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
             }
         }
         let Some(l) = linked else {
+            ctx.metrics.connect_failures.fetch_add(1, Ordering::Relaxed);
             if index > 0 {
                 // A spare slot with no edge of its own: look again later, quietly.
                 debug!(reason = %last_err, "no further distinct edge for this slot yet");
@@ -405,6 +426,11 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
                 .send_replace(Some(created.recreate_token.clone()));
         }
         let links = ctx.links.fetch_add(1, Ordering::AcqRel) + 1;
+        ctx.metrics.links_up.store(links as u64, Ordering::Relaxed);
+        if linked_before {
+            ctx.metrics.reconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        linked_before = true;
         info!(edge = %edge_id, session = %l.welcome.session_id, url = %created.public_url, links, "tunnel live");
         let _ = ctx.events.send(AgentEvent::Live {
             url: created.public_url.clone(),
@@ -421,6 +447,7 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
                 ctx.origin.clone(),
                 ctx.tracker.clone(),
                 ctx.stopping.clone(),
+                ctx.metrics.clone(),
             )
             .instrument(span),
         );
@@ -435,6 +462,7 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
         }
         ctx.held.lock().remove(&edge_id);
         let links = ctx.links.fetch_sub(1, Ordering::AcqRel) - 1;
+        ctx.metrics.links_up.store(links as u64, Ordering::Relaxed);
         ctx.muxes.lock().retain(|m| !m.is_closed());
         if outcome == "going_away" {
             info!(edge = %edge_id, "edge is going away; moving to another edge");
@@ -489,9 +517,11 @@ async fn serve_link(
     origin: Origin,
     tracker: TaskTracker,
     stopping: Arc<AtomicBool>,
+    metrics: Arc<AgentMetrics>,
 ) {
     while let Some(mut s) = incoming.accept().await {
         if stopping.load(Ordering::Acquire) {
+            metrics.streams_refused.fetch_add(1, Ordering::Relaxed);
             s.sender
                 .reset(ResetCode::Refused, "the agent is shutting down");
             continue;

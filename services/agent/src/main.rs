@@ -177,8 +177,8 @@ struct Common {
     /// Log as JSON lines (stderr).
     #[arg(long)]
     log_json: bool,
-    /// Serve /livez and /readyz here (ready while a link to an edge is up), e.g. for a
-    /// sidecar's probes.
+    /// Serve /livez, /readyz (ready while a link to an edge is up) and /metrics here,
+    /// e.g. for a sidecar's probes.
     #[arg(long, env = "NETBORE_ADMIN_ADDR")]
     admin_addr: Option<std::net::SocketAddr>,
     #[command(flatten)]
@@ -216,7 +216,13 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    netbore_edge::telemetry::init(common.log_json);
+    let telemetry = match netbore_telemetry::init("netbore", common.log_json) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let origin = match common.origin() {
         Ok(o) => o,
         Err(e) => {
@@ -225,7 +231,7 @@ async fn main() -> ExitCode {
         }
     };
     let shutdown = CancellationToken::new();
-    tokio::spawn(netbore_edge::telemetry::on_signal(shutdown.clone()));
+    tokio::spawn(netbore_telemetry::on_signal(shutdown.clone()));
     let state_dir = common
         .state_dir
         .clone()
@@ -293,11 +299,12 @@ async fn main() -> ExitCode {
     }
 
     let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let metrics = std::sync::Arc::new(netbore_agent::metrics::AgentMetrics::default());
     if let Some(addr) = common.admin_addr {
         match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => {
                 tracing::info!(admin = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "agent probes listening");
-                tokio::spawn(serve_probes(l, ready.clone()));
+                tokio::spawn(serve_probes(l, ready.clone(), metrics.clone()));
             }
             Err(e) => {
                 eprintln!("error: cannot listen for probes on {addr}: {e}");
@@ -339,9 +346,10 @@ async fn main() -> ExitCode {
             announced |= first_live;
         }
     });
-    let r = netbore_agent::run(cfg, tx, shutdown.clone()).await;
+    let r = netbore_agent::run_with_metrics(cfg, metrics, tx, shutdown.clone()).await;
     shutdown.cancel();
     let _ = printer.await;
+    telemetry.shutdown().await;
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(AgentError::Fatal { code, message }) => {
@@ -375,10 +383,12 @@ fn hash_password() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// `/livez` (the process runs) and `/readyz` (a link to an edge is up).
+/// `/livez` (the process runs), `/readyz` (a link to an edge is up) and `/metrics`
+/// (Prometheus text).
 async fn serve_probes(
     listener: tokio::net::TcpListener,
     ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    metrics: std::sync::Arc<netbore_agent::metrics::AgentMetrics>,
 ) {
     use http_body_util::Full;
     loop {
@@ -386,18 +396,19 @@ async fn serve_probes(
             continue;
         };
         let ready = ready.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let svc =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let up = ready.load(std::sync::atomic::Ordering::Acquire);
                     let (status, body) = match req.uri().path() {
-                        "/livez" => (200, "ok\n"),
-                        "/readyz" if up => (200, "ready: connected to an edge\n"),
-                        "/readyz" => (503, "not ready: no edge connection\n"),
-                        _ => (404, "probe paths: /livez /readyz\n"),
+                        "/livez" => (200, "ok\n".to_string()),
+                        "/readyz" if up => (200, "ready: connected to an edge\n".to_string()),
+                        "/readyz" => (503, "not ready: no edge connection\n".to_string()),
+                        "/metrics" => (200, metrics.render()),
+                        _ => (404, "admin paths: /livez /readyz /metrics\n".to_string()),
                     };
-                    let mut r =
-                        hyper::Response::new(Full::new(bytes::Bytes::from_static(body.as_bytes())));
+                    let mut r = hyper::Response::new(Full::new(bytes::Bytes::from(body)));
                     *r.status_mut() = hyper::StatusCode::from_u16(status).expect("valid status");
                     async move { Ok::<_, std::convert::Infallible>(r) }
                 });

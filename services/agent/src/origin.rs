@@ -7,6 +7,7 @@
 //! all with the explicit insecure flag.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,7 +19,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use netbore_mux::body::{PumpEnd, StreamBody, from_header_map, pump_body};
 use netbore_mux::{IncomingStream, bridge};
 use netbore_protocol::{ResetCode, ResponseHead};
-use tracing::debug;
+use tracing::{Instrument, debug};
+
+use crate::metrics::{AgentMetrics, OriginErrorKind};
 
 type OriginBody = BoxBody<Bytes, std::io::Error>;
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, OriginBody>;
@@ -85,6 +88,7 @@ pub struct Origin {
     cfg: Arc<OriginConfig>,
     h1: HttpsClient,
     h2: HttpsClient,
+    metrics: Arc<AgentMetrics>,
 }
 
 impl Origin {
@@ -116,7 +120,14 @@ impl Origin {
             h1: build(false),
             h2: build(true),
             cfg: Arc::new(cfg),
+            metrics: Arc::default(),
         })
+    }
+
+    /// Counts into `metrics` instead of a private set.
+    pub fn with_metrics(mut self, metrics: Arc<AgentMetrics>) -> Origin {
+        self.metrics = metrics;
+        self
     }
 
     /// The origin's base URL.
@@ -126,7 +137,26 @@ impl Origin {
 
     /// Serves one stream end to end. Never panics on bad input: every failure becomes
     /// a reset with a code the edge turns into a status for the viewer.
+    ///
+    /// The stream runs in a span that continues the edge's `traceparent` (or starts a
+    /// trace), and the origin gets a `traceparent` naming that span.
     pub async fn serve(&self, s: IncomingStream) {
+        let m = &self.metrics;
+        m.streams.fetch_add(1, Ordering::Relaxed);
+        m.streams_in_flight.fetch_add(1, Ordering::Relaxed);
+        // Decremented however the stream ends, a dropped future included.
+        struct InFlight<'a>(&'a AgentMetrics);
+        impl Drop for InFlight<'_> {
+            fn drop(&mut self) {
+                self.0.streams_in_flight.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        let _in_flight = InFlight(m);
+        let span = request_span(&s.head);
+        self.forward(s).instrument(span).await;
+    }
+
+    async fn forward(&self, s: IncomingStream) {
         let IncomingStream {
             head,
             end_stream,
@@ -175,6 +205,9 @@ impl Origin {
                 }
             }
         }
+        if let Some(hm) = builder.headers_mut() {
+            forward_trace_context(hm);
+        }
         if use_h2 && let Some(hm) = builder.headers_mut() {
             // Connection-specific headers are illegal in HTTP/2 (te: trailers excepted).
             hm.remove(header::CONNECTION);
@@ -202,6 +235,7 @@ impl Origin {
         let client = if use_h2 { &self.h2 } else { &self.h1 };
         let resp = match tokio::time::timeout(self.cfg.timeout, client.request(req)).await {
             Err(_) => {
+                self.metrics.origin_error(OriginErrorKind::Timeout);
                 sender.reset(
                     ResetCode::OriginTimeout,
                     &format!("the origin did not answer within {:?}", self.cfg.timeout),
@@ -210,8 +244,10 @@ impl Origin {
             }
             Ok(Err(e)) => {
                 let code = if e.is_connect() {
+                    self.metrics.origin_error(OriginErrorKind::Unreachable);
                     ResetCode::OriginUnreachable
                 } else {
+                    self.metrics.origin_error(OriginErrorKind::Error);
                     ResetCode::OriginError
                 };
                 debug!(error = ?e, "origin request failed");
@@ -224,6 +260,8 @@ impl Origin {
             Ok(Ok(r)) => r,
         };
         let status = resp.status().as_u16();
+        self.metrics.response(status);
+        tracing::Span::current().record("http.response.status_code", status);
         if status == 101 && upgrade {
             let headers = from_header_map(resp.headers());
             if sender
@@ -238,10 +276,13 @@ impl Origin {
                         bridge(TokioIo::new(up), sender, rx).await;
                     }
                 }
-                Err(e) => sender.reset(
-                    ResetCode::OriginError,
-                    &format!("origin upgrade failed: {e}"),
-                ),
+                Err(e) => {
+                    self.metrics.origin_error(OriginErrorKind::Error);
+                    sender.reset(
+                        ResetCode::OriginError,
+                        &format!("origin upgrade failed: {e}"),
+                    )
+                }
             }
             return;
         }
@@ -262,7 +303,48 @@ impl Origin {
             Ok(()) => {}
         }
         if let PumpEnd::BodyFailed(e) = pump_body(body, &mut sender, ResetCode::OriginError).await {
+            self.metrics.origin_error(OriginErrorKind::Error);
             debug!(error = %e, "origin response body failed");
+        }
+    }
+}
+
+/// The span a stream is forwarded in: a child of the edge's span named by the
+/// request's `traceparent`, or the root of a new trace. No secrets in its fields: the
+/// path without its query, no header values.
+fn request_span(head: &netbore_protocol::RequestHead) -> tracing::Span {
+    let path = head.target.split('?').next().unwrap_or("");
+    let span = tracing::info_span!(
+        "origin",
+        otel.name = "agent forward",
+        otel.kind = "client",
+        http.request.method = %head.method,
+        url.path = %path,
+        http.response.status_code = tracing::field::Empty,
+    );
+    netbore_telemetry::trace_context::set_parent(&span, |name| {
+        head.headers
+            .iter()
+            .find(|h| h.name == name)
+            .and_then(|h| std::str::from_utf8(&h.value).ok())
+            .map(str::to_string)
+    });
+    span
+}
+
+/// Gives the origin a `traceparent` naming the current span (the agent's), in place
+/// of the edge's; with trace export off the edge's headers pass unchanged.
+fn forward_trace_context(headers: &mut http::HeaderMap) {
+    use netbore_telemetry::trace_context::{TRACEPARENT, TRACESTATE, headers_for};
+    let ours = headers_for(&tracing::Span::current());
+    if ours.is_empty() {
+        return;
+    }
+    headers.remove(TRACEPARENT);
+    headers.remove(TRACESTATE);
+    for (k, v) in ours {
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            headers.insert(k, v);
         }
     }
 }

@@ -400,6 +400,7 @@ pub async fn serve_grpc(
         // partitioned node), so they stop being handed out as candidates.
         .http2_keepalive_interval(Some(GRPC_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(GRPC_KEEPALIVE_TIMEOUT))
+        .layer(crate::metrics::GrpcCountLayer(control.metrics_handle()))
         .add_service(health_service)
         .add_service(v1)
         .add_service(v1alpha)

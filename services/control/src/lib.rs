@@ -21,6 +21,7 @@
 pub mod api;
 pub mod client;
 pub mod grpc;
+pub mod metrics;
 pub mod names;
 pub mod ops;
 pub mod redis_store;
@@ -225,6 +226,7 @@ struct Inner {
     edge_status: RwLock<std::collections::HashMap<String, EdgeStatus>>,
     store: Box<dyn store::ControlStore>,
     deletions: broadcast::Sender<String>,
+    metrics: Arc<metrics::ControlMetrics>,
 }
 
 impl Control {
@@ -251,6 +253,7 @@ impl Control {
                 verifier: ArcSwap::from_pointee(verifier),
                 store,
                 deletions,
+                metrics: Arc::default(),
             }),
         }
     }
@@ -258,6 +261,16 @@ impl Control {
     /// The configuration.
     pub fn config(&self) -> &ControlConfig {
         &self.inner.config
+    }
+
+    /// What control counts (served at `/metrics` on the admin listener).
+    pub fn metrics(&self) -> &metrics::ControlMetrics {
+        &self.inner.metrics
+    }
+
+    /// The counters, shared (for the gRPC counting layer).
+    pub fn metrics_handle(&self) -> Arc<metrics::ControlMetrics> {
+        self.inner.metrics.clone()
     }
 
     /// The published public keys.

@@ -69,6 +69,10 @@ struct Args {
     /// Without it, state is kept in memory and only one replica may run.
     #[arg(long, env = "NETBORE_REDIS_URL")]
     redis_url: Option<String>,
+    /// Admin address serving /metrics (Prometheus text) and /livez; off unless given.
+    /// Keep it off the network the REST port is exposed on.
+    #[arg(long, env = "NETBORE_ADMIN_ADDR")]
+    admin_addr: Option<SocketAddr>,
     /// Log as JSON lines.
     #[arg(long, env = "NETBORE_LOG_JSON")]
     log_json: bool,
@@ -101,7 +105,7 @@ fn parse_edge(s: &str) -> anyhow::Result<EdgeEntry> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_logs(args.log_json);
+    let telemetry = netbore_telemetry::init("netbore-control", args.log_json)?;
     let mut signals = Signals::install()?;
     let edges = args
         .edges
@@ -152,6 +156,16 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding gRPC on {}", args.grpc_addr))?;
     tracing::info!(addr = %grpc.local_addr()?, "gRPC listening");
+    let admin = match args.admin_addr {
+        Some(a) => {
+            let l = tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding the admin listener (--admin-addr) on {a}"))?;
+            tracing::info!(addr = %l.local_addr()?, "admin (/metrics) listening");
+            Some(l)
+        }
+        None => None,
+    };
     tracing::info!(
         domain = %args.domain,
         edges = control.edges().len(),
@@ -162,6 +176,15 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let shutdown = CancellationToken::new();
+    // The admin port outlives the drain, so the last counts can still be scraped.
+    let admin_stop = CancellationToken::new();
+    if let Some(l) = admin {
+        tokio::spawn(netbore_control::metrics::serve_admin(
+            l,
+            control.clone(),
+            admin_stop.clone(),
+        ));
+    }
     let mut rest_task = tokio::spawn(netbore_control::serve_rest(
         rest,
         control.clone(),
@@ -191,13 +214,16 @@ async fn main() -> anyhow::Result<()> {
     if drained.is_err() {
         tracing::warn!(grace = ?DRAIN_GRACE, "requests still open after the grace period; stopping anyway");
     }
-    match failure {
+    admin_stop.cancel();
+    let r = match failure {
         Some(e) => Err(e),
         None => {
             tracing::info!("control stopped");
             Ok(())
         }
-    }
+    };
+    telemetry.shutdown().await;
+    r
 }
 
 fn outcome(r: Result<anyhow::Result<()>, tokio::task::JoinError>) -> String {
@@ -230,18 +256,5 @@ impl Signals {
             _ = self.term.recv() => "SIGTERM",
             _ = self.int.recv() => "SIGINT",
         }
-    }
-}
-
-fn init_logs(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        b.json().init();
-    } else {
-        b.init();
     }
 }

@@ -15,9 +15,11 @@ use crate::api::{
     ErrorDetail, IssueTokenRequest, IssueTokenResponse, ListTunnelsQuery, ListTunnelsResponse,
     Tunnel,
 };
+use crate::metrics::Op;
 use crate::names::{self, NameError};
 use crate::store::{Claim, StoreError, TunnelRecord};
 use crate::{Control, EdgeEntry, MAX_CANDIDATES};
+use std::sync::atomic::Ordering;
 
 /// Page size of a list when the caller gives none.
 pub const DEFAULT_LIST_LIMIT: usize = 100;
@@ -285,6 +287,26 @@ pub async fn create(
     bearer: Option<String>,
     req: CreateTunnelRequest,
 ) -> Result<CreateTunnelResponse, ApiError> {
+    counted(
+        control,
+        Op::CreateTunnel,
+        create_inner(control, bearer, req).await,
+    )
+}
+
+/// Counts a refusal of `op` by its code; successes are counted where they happen.
+fn counted<T>(control: &Control, op: Op, r: Result<T, ApiError>) -> Result<T, ApiError> {
+    if let Err(e) = &r {
+        control.metrics().refused(op, &e.code);
+    }
+    r
+}
+
+async fn create_inner(
+    control: &Control,
+    bearer: Option<String>,
+    req: CreateTunnelRequest,
+) -> Result<CreateTunnelResponse, ApiError> {
     let cfg = control.config();
     let mgmt = management(control, req.management_token.clone().or(bearer))?;
     if cfg.require_token {
@@ -457,6 +479,10 @@ pub async fn create(
         rfc3339(record.expires_at)
     ));
     tracing::info!(tunnel = %record.tunnel_id, name = %record.name, recreated = recreate.is_some(), "tunnel created");
+    let m = control.metrics();
+    m.tokens_issued[0].fetch_add(1, Ordering::Relaxed);
+    m.tokens_issued[1].fetch_add(1, Ordering::Relaxed);
+    m.tunnels_created[usize::from(recreate.is_some())].fetch_add(1, Ordering::Relaxed);
     Ok(CreateTunnelResponse {
         public_hostname: format!("{}.{}", record.name, cfg.domain),
         public_url: cfg.public_url_template.replace("{name}", &record.name),
@@ -473,6 +499,18 @@ pub async fn create(
 /// every subscriber ([`Control::subscribe_deletions`]) so its agents are disconnected.
 /// Needs `tunnels:write`, or the tunnel's own recreate token.
 pub async fn delete(
+    control: &Control,
+    bearer: Option<String>,
+    req: DeleteTunnelRequest,
+) -> Result<TunnelRecord, ApiError> {
+    counted(
+        control,
+        Op::DeleteTunnel,
+        delete_inner(control, bearer, req).await,
+    )
+}
+
+async fn delete_inner(
     control: &Control,
     bearer: Option<String>,
     req: DeleteTunnelRequest,
@@ -537,6 +575,10 @@ pub async fn delete(
         .announce_deletion_everywhere(&record.tunnel_id)
         .await;
     tracing::info!(tunnel = %record.tunnel_id, name = %record.name, "tunnel deleted");
+    control
+        .metrics()
+        .tunnels_deleted
+        .fetch_add(1, Ordering::Relaxed);
     Ok(record)
 }
 
@@ -600,6 +642,18 @@ pub async fn issue_token(
     bearer: Option<String>,
     req: IssueTokenRequest,
 ) -> Result<IssueTokenResponse, ApiError> {
+    counted(
+        control,
+        Op::IssueToken,
+        issue_token_inner(control, bearer, req),
+    )
+}
+
+fn issue_token_inner(
+    control: &Control,
+    bearer: Option<String>,
+    req: IssueTokenRequest,
+) -> Result<IssueTokenResponse, ApiError> {
     let cfg = control.config();
     let Some(boot) = &cfg.bootstrap_token else {
         return Err(ApiError::new(
@@ -655,6 +709,7 @@ pub async fn issue_token(
         .sign_management(&claims)
         .map_err(ApiError::internal)?;
     tracing::info!(subject = %subject, scopes = ?scopes, ttl, "management token issued");
+    control.metrics().tokens_issued[2].fetch_add(1, Ordering::Relaxed);
     Ok(IssueTokenResponse {
         token,
         scopes,

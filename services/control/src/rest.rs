@@ -50,6 +50,10 @@ pub fn rest_router(control: Control) -> Router {
             )
         })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::map_response_with_state(
+            control.clone(),
+            crate::metrics::count_rest,
+        ))
         .with_state(control)
 }
 

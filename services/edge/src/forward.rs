@@ -402,6 +402,7 @@ pub async fn forward(
             set(FOR_HEADER, f.xff);
             set(PROTO_HEADER, f.proto);
             set(VIA_HEADER, &via);
+            crate::telemetry::forward_trace_context_headers(&tracing::Span::current(), hm);
         }
         let out = match out.body(b) {
             Ok(r) => r,

@@ -109,7 +109,7 @@ const MIN_INTERNAL_SECRET_LEN: usize = 16;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    netbore_edge::telemetry::init(args.log_json);
+    let telemetry = netbore_telemetry::init("netbore-edge", args.log_json)?;
     let cert_source = match (&args.tls_cert, &args.tls_key, args.tls_self_signed) {
         (Some(cert), Some(key), _) => Some(netbore_edge::tls::CertSource::Files {
             cert: cert.clone(),
@@ -233,5 +233,6 @@ async fn main() -> anyhow::Result<()> {
     netbore_edge::run_with_internal(edge, public, agents, internal, shutdown).await?;
     admin_stop.cancel();
     tracing::info!("edge stopped");
+    telemetry.shutdown().await;
     Ok(())
 }

@@ -214,7 +214,11 @@ pub(crate) async fn handle_with(
     // The path only: query strings may carry tokens, which never reach a log.
     let path = req.uri().path().to_string();
     let client = view.client;
-    let resp = proxy(&edge, req, host, name, view, via).await;
+    let span = crate::telemetry::request_span(&req, &tunnel);
+    let resp = proxy(&edge, req, host, name, view, via)
+        .instrument(span.clone())
+        .await;
+    span.record("http.response.status_code", resp.status().as_u16());
     let m = edge.metrics();
     m.response(resp.status().as_u16(), started.elapsed());
     let code = resp
@@ -243,6 +247,7 @@ pub(crate) async fn handle_with(
             code,
             client,
             started,
+            _span: span,
         }),
     };
     Response::from_parts(parts, logged.boxed())
@@ -257,6 +262,8 @@ struct AccessLine {
     code: Option<String>,
     client: std::net::IpAddr,
     started: std::time::Instant,
+    /// The request's span, ended with the response.
+    _span: tracing::Span,
 }
 
 /// The response body, counted; logs the access line when the body ends or is dropped
@@ -397,7 +404,8 @@ async fn proxy(
         return ViewerError::BodyTooLarge.response(json);
     }
     let request_origin = req.headers().get(header::ORIGIN).cloned();
-    let head = request_head(&req, &host, &view, upgrade, &admitted, !access.is_public());
+    let mut head = request_head(&req, &host, &view, upgrade, &admitted, !access.is_public());
+    crate::telemetry::forward_trace_context(&tracing::Span::current(), &mut head);
     let body_empty = http_body::Body::is_end_stream(req.body());
     let end_stream = body_empty && !upgrade;
 

@@ -464,7 +464,7 @@ async fn a_key_rotation_keeps_connected_agents_and_admits_new_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_tunnel_disconnects_its_agent_across_processes() {
-    let (public, agents) = (free_port(), free_port());
+    let (public, agents, admin) = (free_port(), free_port(), free_port());
     let template = format!("http://{{name}}.localhost:{public}");
     let control = ControlProc::spawn(
         &["--public-url-template", &template],
@@ -478,6 +478,9 @@ async fn deleting_a_tunnel_disconnects_its_agent_across_processes() {
             &format!("127.0.0.1:{public}"),
             "--agent-addr",
             &format!("127.0.0.1:{agents}"),
+            // Not the default 0.0.0.0:9090, which another edge on the machine may hold.
+            "--admin-addr",
+            &format!("127.0.0.1:{admin}"),
             "--control-url",
             &format!("http://127.0.0.1:{rest}"),
             "--control-grpc",
