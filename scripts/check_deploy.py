@@ -32,13 +32,14 @@ import yaml
 # What the binaries listen on by default (services/*/src/main.rs), by component.
 EXPECTED_PORTS = {
     "control": {"http": 8080, "grpc": 50051},
-    "edge": {"public": 8000, "agents": 8001, "admin": 9090},
+    "edge": {"public": 8000, "agents": 8001, "admin": 9090, "internal": 8002},
     "redis": {"redis": 6379},
 }
 # The address variables that move those listeners, and the port each must keep.
 ADDR_VARS = {
     "control": {"NETBORE_REST_ADDR": 8080, "NETBORE_GRPC_ADDR": 50051},
-    "edge": {"NETBORE_PUBLIC_ADDR": 8000, "NETBORE_AGENT_ADDR": 8001, "NETBORE_ADMIN_ADDR": 9090},
+    "edge": {"NETBORE_PUBLIC_ADDR": 8000, "NETBORE_AGENT_ADDR": 8001, "NETBORE_ADMIN_ADDR": 9090,
+             "NETBORE_INTERNAL_ADDR": 8002},
 }
 EDGE_DRAIN_DEFAULT = 30  # DEFAULT_DRAIN_GRACE in services/edge/src/config.rs
 CONTROL_DRAIN = 10  # DRAIN_GRACE in services/control/src/main.rs
@@ -477,10 +478,12 @@ SCENARIOS: dict[str, tuple[dict, set[str]]] = {
         "edge": {"region": "eu", "trustedProxies": ["10.0.0.0/8"], "maxBodyBytes": 104857600,
                  "tls": {"enabled": True, "certManager": {"enabled": True}},
                  "service": {"publicPort": 443, "loadBalancerSourceRanges": ["0.0.0.0/0"]},
-                 "extraEnv": [{"name": "RUST_BACKTRACE", "value": "1"}]},
+                 "extraEnv": [{"name": "RUST_BACKTRACE", "value": "1"}],
+                 "registryRefreshSeconds": 3,
+                 "internalSecret": {"existingSecret": "netbore-edge-internal-ext", "key": "secret"}},
         "redis": {"enabled": False, "urlSecret": {"name": "netbore-redis-url", "key": "url"}},
         "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
-    }, {"netbore-creds", "netbore-redis-url", "regcred"}),
+    }, {"netbore-creds", "netbore-redis-url", "regcred", "netbore-edge-internal-ext"}),
     "single-node": ({
         "control": {"replicaCount": 1, "preStopSleepSeconds": 0},
         "edge": {"autoscaling": {"enabled": False}, "replicaCount": 2, "preStopSleepSeconds": 0, "drainDelaySeconds": 10,
@@ -503,6 +506,10 @@ REFUSED = {
     "bad pull policy": {"control": {"image": {"pullPolicy": "Sometimes"}}},
     "maxReplicas below minReplicas": {"edge": {"autoscaling": {"minReplicas": 5, "maxReplicas": 3}}},
     "advertise URL that is not ws(s)": {"edge": {"advertiseUrl": "http://edge:8001/v1/connect"}},
+    "registry refresh of 0 s": {"edge": {"registryRefreshSeconds": 0}},
+    "internal secret key that is not a Secret key": {"edge": {"internalSecret": {"key": "a key"}}},
+    "unknown key under edge.internalSecret (a literal value)": {"edge": {"internalSecret": {"value": "a-literal-in-values"}}},
+    "edge.networkPolicy.enabled that is not a boolean": {"edge": {"networkPolicy": {"enabled": "yes"}}},
 }
 
 
@@ -642,7 +649,7 @@ def crds_against(ck: Checker, crd_path: str, core_path: str) -> None:
 
 DOCKERFILES = {
     "Dockerfile.control": ("netbore-control", {8080, 50051}),
-    "Dockerfile.edge": ("netbore-edge", {8000, 8001, 9090}),
+    "Dockerfile.edge": ("netbore-edge", {8000, 8001, 8002, 9090}),
     "Dockerfile.agent": ("netbore", {9091}),
 }
 
