@@ -213,6 +213,11 @@ bootstrap-token
 {{- if and (not .Values.redis.enabled) (not .Values.redis.url) (not .Values.redis.urlSecret.name) -}}
 {{- fail "redis.enabled is false: set redis.url or redis.urlSecret.name to an external Redis" -}}
 {{- end -}}
+{{- range $e.extraEnv -}}
+{{- if has .name (list "NETBORE_INTERNAL_SECRET" "NETBORE_INTERNAL_ADVERTISE" "POD_IP") -}}
+{{- fail (printf "edge.extraEnv must not set %s: the chart sets it (the internal secret: edge.internalSecret.existingSecret, never a literal)" .name) -}}
+{{- end -}}
+{{- end -}}
 {{- if and .Values.secrets.existingSecret (not .Values.secrets.existingSecretKeys.signingKeys) -}}
 {{- fail "secrets.existingSecretKeys.signingKeys must name at least one key of secrets.existingSecret" -}}
 {{- end -}}
