@@ -5,6 +5,9 @@ Subcommands:
   invariants LABEL FILE [--external A,B] [--no-pdb]   checks a set of manifests (A, B: objects
                                                      the operator creates; --no-pdb: no
                                                      PodDisruptionBudget expected)
+  broken LABEL FILE [--external A,B]                 breaks a passing edge set in known ways
+                                                     (literal secret, no NetworkPolicy, wrong
+                                                     port, ...); each must fail the invariants
   helm-render CHART OUTDIR                           renders the chart for several value
                                                      sets (helm-python-sdk, Helm's own Go
                                                      engine), lints it, and runs the
@@ -32,15 +35,20 @@ import yaml
 # What the binaries listen on by default (services/*/src/main.rs), by component.
 EXPECTED_PORTS = {
     "control": {"http": 8080, "grpc": 50051},
-    "edge": {"public": 8000, "agents": 8001, "admin": 9090},
+    "edge": {"public": 8000, "agents": 8001, "admin": 9090, "internal": 8002},
     "redis": {"redis": 6379},
 }
 # The address variables that move those listeners, and the port each must keep.
 ADDR_VARS = {
     "control": {"NETBORE_REST_ADDR": 8080, "NETBORE_GRPC_ADDR": 50051},
-    "edge": {"NETBORE_PUBLIC_ADDR": 8000, "NETBORE_AGENT_ADDR": 8001, "NETBORE_ADMIN_ADDR": 9090},
+    "edge": {"NETBORE_PUBLIC_ADDR": 8000, "NETBORE_AGENT_ADDR": 8001, "NETBORE_ADMIN_ADDR": 9090,
+             "NETBORE_INTERNAL_ADDR": 8002},
 }
 EDGE_DRAIN_DEFAULT = 30  # DEFAULT_DRAIN_GRACE in services/edge/src/config.rs
+INTERNAL_PORT = 8002  # --internal-addr default (0.0.0.0:8002) in services/edge/src/main.rs
+MIN_INTERNAL_SECRET_LEN = 16  # MIN_INTERNAL_SECRET_LEN in services/edge/src/main.rs
+# Edge ports that must stay open to every source under a NetworkPolicy (viewers, agents).
+EDGE_PUBLIC_PORTS = {"public": 8000, "agents": 8001}
 CONTROL_DRAIN = 10  # DRAIN_GRACE in services/control/src/main.rs
 AGENT_DRAIN = 30  # DEFAULT_DRAIN_GRACE of the agent
 CRD_KINDS = {"Certificate", "ServiceMonitor"}
@@ -277,6 +285,7 @@ def check_workload(ck: Checker, docs: list[dict], d: dict, external_secrets: set
             ck.check(str(env[var]).endswith(f":{port}"), f"{where}: {var}={env[var]} listens on the declared port {port}")
     if comp == "edge":
         check_edge(ck, docs, d, spec, main, env)
+        check_edge_cluster(ck, docs, d, main, env, config_known(docs, main), external_secrets)
     if comp == "control":
         check_control(ck, d, spec, main, env, config_known(docs, main))
     for sc in sidecars(spec):
@@ -327,6 +336,157 @@ def check_edge(ck: Checker, docs, d, spec, main, env) -> None:
                  f"{where}: NETBORE_TLS_CERT {env['NETBORE_TLS_CERT']} is on a mounted volume")
         ck.check(not any(m.get("subPath") for m in main.get("volumeMounts", []) or []),
                  f"{where}: certificate mounted without subPath (renewals reach the pod)")
+
+
+def env_entries(c: dict, name: str) -> list[dict]:
+    return [e for e in c.get("env", []) or [] if e.get("name") == name]
+
+
+def loaded_configmap_keys(docs: list[dict], c: dict) -> set[str]:
+    cms = {d["metadata"]["name"]: d.get("data", {}) or {} for d in docs if d["kind"] == "ConfigMap"}
+    keys: set[str] = set()
+    for ef in c.get("envFrom", []) or []:
+        ref = ef.get("configMapRef")
+        if ref and ref.get("name") in cms:
+            keys |= set(cms[ref["name"]])
+    return keys
+
+
+def secret_value(docs: list[dict], name: str, key: str) -> str | None:
+    """The value of key in the Secret name when the set holds it (None: no such key)."""
+    import base64
+
+    for d in docs:
+        if d["kind"] == "Secret" and d["metadata"]["name"] == name:
+            if key in (d.get("stringData") or {}):
+                return str(d["stringData"][key])
+            if key in (d.get("data") or {}):
+                return base64.b64decode(d["data"][key]).decode(errors="replace")
+    return None
+
+
+def np_selects(selector: dict | None, labels: dict) -> bool:
+    """NetworkPolicy podSelector semantics: an empty selector selects every pod."""
+    if not (selector or {}).get("matchLabels") and not (selector or {}).get("matchExpressions"):
+        return True
+    return selects(selector, labels)
+
+
+def rule_ports(rule: dict, container: dict) -> set[int] | None:
+    """Container ports a NetworkPolicy rule admits (None: every port)."""
+    ports = rule.get("ports") or []
+    if not ports:
+        return None
+    out: set[int] = set()
+    for p in ports:
+        ref = p.get("port")
+        if ref is None:
+            return None
+        if isinstance(ref, str):
+            n = port_of(container, ref)
+            if n is not None:
+                out.add(n)
+        else:
+            out |= set(range(int(ref), int(p.get("endPort", ref)) + 1))
+    return out
+
+
+def check_edge_cluster(ck: Checker, docs, d, main, env, known: bool, external: set[str]) -> None:
+    """Edges that share a Redis registry forward to each other's internal listener."""
+    where = name_of(d)
+    if "NETBORE_REDIS_URL" not in env:
+        if known:
+            ck.skip(f"{where}: scale-out settings", "no NETBORE_REDIS_URL: a standalone edge")
+            return
+        # The ConfigMap is generated elsewhere: hold the pod spec to the clustered rules.
+    # The shared secret: exactly one env entry, from a Secret; never a literal, a
+    # ConfigMap value or a command-line argument.
+    entries = env_entries(main, "NETBORE_INTERNAL_SECRET")
+    refs = [(e.get("valueFrom") or {}).get("secretKeyRef") for e in entries]
+    ok = len(entries) == 1 and "value" not in entries[0] and bool(refs[0])
+    ck.check(ok, f"{where}: NETBORE_INTERNAL_SECRET comes from a Secret (secretKeyRef), not a literal",
+             f"env entries {entries}" if entries else "not set (the edge refuses to start with NETBORE_REDIS_URL and no secret)")
+    ck.check("NETBORE_INTERNAL_SECRET" not in loaded_configmap_keys(docs, main),
+             f"{where}: NETBORE_INTERNAL_SECRET is not in a ConfigMap")
+    args = (main.get("command") or []) + (main.get("args") or [])
+    ck.check(not any(str(a).startswith("--internal-secret") for a in args),
+             f"{where}: no --internal-secret on the command line (visible in the pod spec and ps)")
+    if ok:
+        ref = refs[0]
+        if ref.get("name") in external:
+            ck.check(True, f"{where}: internal secret {ref.get('name')}/{ref.get('key')} is supplied by the operator (external)")
+        else:
+            v = secret_value(docs, ref.get("name"), ref.get("key"))
+            if ck.check(v is not None, f"{where}: Secret {ref.get('name')} has the key {ref.get('key')!r}"):
+                ck.check(len(v) >= MIN_INTERNAL_SECRET_LEN or "REPLACE" in v,
+                         f"{where}: internal secret has >= {MIN_INTERNAL_SECRET_LEN} characters (or is a marked placeholder the edge refuses)",
+                         f"{len(v)} characters")
+    # The internal listener: declared as "internal" on the binary's default port, and
+    # NETBORE_INTERNAL_ADDR (when set) on that port.
+    declared = port_of(main, "internal")
+    ck.check(declared == INTERNAL_PORT, f"{where}: containerPort 'internal' is {INTERNAL_PORT} (--internal-addr default)",
+             f"declared {declared}")
+    addr = env.get("NETBORE_INTERNAL_ADDR", f"0.0.0.0:{INTERNAL_PORT}")
+    ck.check(str(addr).rsplit(":", 1)[-1] == str(declared),
+             f"{where}: NETBORE_INTERNAL_ADDR {addr} listens on the declared internal port {declared}")
+    # The advertised address: set (the edge listens on 0.0.0.0), on the internal port, and
+    # every $(VAR) in it defined earlier in env (Kubernetes expands only those).
+    adv = env_entries(main, "NETBORE_INTERNAL_ADVERTISE")
+    adv_args = [str(a).split("=", 1)[1] for a in args if str(a).startswith("--internal-advertise=")]
+    values = [e.get("value") for e in adv if "value" in e] + adv_args
+    if ck.check(len(values) == 1, f"{where}: NETBORE_INTERNAL_ADVERTISE is set once (required when listening on 0.0.0.0)",
+                f"found {adv + adv_args}"):
+        value = str(values[0])
+        host, _, port = value.rpartition(":")
+        ck.check(port == str(INTERNAL_PORT) and port == str(declared),
+                 f"{where}: internal advertise {value} names the internal port {INTERNAL_PORT}")
+        ck.check(host not in ("", "0.0.0.0", "[::]", "::", "localhost", "127.0.0.1"),
+                 f"{where}: internal advertise {value} names an address other pods can reach")
+        names = [e.get("name") for e in main.get("env", []) or []]
+        pos = names.index("NETBORE_INTERNAL_ADVERTISE") if adv else len(names)
+        for var in re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", value):
+            ck.check(var in names[:pos], f"{where}: $({var}) in the internal advertise address is defined before it in env",
+                     f"env order {names}")
+        if "$(POD_IP)" in value:
+            pod_ip = env_entries(main, "POD_IP")
+            ck.check(len(pod_ip) == 1 and ((pod_ip[0].get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath") == "status.podIP",
+                     f"{where}: POD_IP comes from the downward API (status.podIP)")
+    # The NetworkPolicy: the internal port admits edge pods of this namespace only, and
+    # the policy does not cut viewers, agents or probes off.
+    labels = pod_labels(d)
+    others = [w for w in docs if pod_spec(w) is not None and w is not d]
+    pols = [n for n in docs if n["kind"] == "NetworkPolicy" and np_selects((n.get("spec") or {}).get("podSelector"), labels)
+            and "Ingress" in ((n.get("spec") or {}).get("policyTypes") or ["Ingress"])]
+    if not ck.check(bool(pols), f"{where}: a NetworkPolicy selects the edge pods for ingress (internal port {INTERNAL_PORT})"):
+        return
+    rules = [r for n in pols for r in (n["spec"].get("ingress") or [])]
+    admits_internal, leaks = [], []
+    for r in rules:
+        ports = rule_ports(r, main)
+        if ports is not None and declared not in ports:
+            continue
+        peers = r.get("from") or []
+        if not peers:
+            leaks.append("a rule without 'from' (every source)")
+            continue
+        for peer in peers:
+            ps = peer.get("podSelector")
+            if "ipBlock" in peer or "namespaceSelector" in peer or ps is None:
+                leaks.append(f"peer {peer}")
+            elif not np_selects(ps, labels):
+                leaks.append(f"peer {peer} does not select the edge pods")
+            elif any(np_selects(ps, pod_labels(w)) for w in others):
+                leaks.append(f"peer {peer} also selects {[name_of(w) for w in others if np_selects(ps, pod_labels(w))]}")
+            else:
+                admits_internal.append(peer)
+    ck.check(bool(admits_internal), f"{where}: the NetworkPolicy admits edge pods to the internal port {declared}")
+    ck.check(not leaks, f"{where}: only edge pods may reach the internal port {declared}", "; ".join(leaks))
+    for pname, pnum in EDGE_PUBLIC_PORTS.items():
+        open_all = any(not r.get("from") and (rule_ports(r, main) is None or pnum in rule_ports(r, main)) for r in rules)
+        ck.check(open_all, f"{where}: the NetworkPolicy leaves port {pnum} ({pname}) open to every source")
+    admin = port_of(main, "admin")
+    ck.check(any(rule_ports(r, main) is None or admin in rule_ports(r, main) for r in rules),
+             f"{where}: the NetworkPolicy admits the admin port {admin} (probes, /metrics)")
 
 
 def check_control(ck: Checker, d, spec, main, env, known: bool) -> None:
@@ -411,6 +571,10 @@ def invariants(label: str, path: str, external: set[str], expect_pdbs: bool) -> 
     docs = load_docs(path)
     ck.check(bool(docs), f"[{label}] {path} has manifests")
     print(f"--- [{label}] {len(docs)} objects")
+    return check_docs(ck, label, docs, external, expect_pdbs)
+
+
+def check_docs(ck: Checker, label: str, docs: list[dict], external: set[str], expect_pdbs: bool) -> Checker:
     for d in docs:
         ck.check(bool(d.get("metadata", {}).get("labels", {}).get("app.kubernetes.io/name")),
                  f"[{label}] {name_of(d)}: has app.kubernetes.io/name")
@@ -431,6 +595,166 @@ def invariants(label: str, path: str, external: set[str], expect_pdbs: bool) -> 
     ns = {d.get("metadata", {}).get("namespace") for d in docs if d["kind"] not in CLUSTER_SCOPED}
     if ns != {None}:
         ck.check(len(ns) == 1 and None not in ns, f"[{label}] all namespaced objects share one namespace", f"{ns}")
+    return ck
+
+
+class QuietChecker(Checker):
+    """Collects failures without printing (for the broken-manifest tests)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures: list[str] = []
+
+    def check(self, ok: bool, what: str, why: str = "") -> bool:
+        if ok:
+            self.passed += 1
+        else:
+            self.failed += 1
+            self.failures.append(what + (f": {why}" if why else ""))
+        return ok
+
+    def skip(self, what: str, why: str) -> None:
+        self.skipped += 1
+
+
+def _edge(docs: list[dict]) -> tuple[dict, dict]:
+    d = next(x for x in docs if pod_spec(x) is not None and component(x) == "edge")
+    return d, pod_spec(d)["containers"][0]
+
+
+def _env(c: dict, name: str) -> dict:
+    return next(e for e in c["env"] if e["name"] == name)
+
+
+def _drop_env(c: dict, name: str) -> None:
+    c["env"] = [e for e in c["env"] if e["name"] != name]
+
+
+def _edge_policies(docs: list[dict]) -> list[dict]:
+    d, _ = _edge(docs)
+    return [n for n in docs if n["kind"] == "NetworkPolicy" and np_selects(n["spec"].get("podSelector"), pod_labels(d))]
+
+
+def _internal_rule(docs: list[dict]) -> dict:
+    d, c = _edge(docs)
+    return next(r for n in _edge_policies(docs) for r in n["spec"]["ingress"]
+                if r.get("from") and INTERNAL_PORT in (rule_ports(r, c) or set()))
+
+
+def _m_secret_literal(docs):
+    e = _env(_edge(docs)[1], "NETBORE_INTERNAL_SECRET")
+    e.pop("valueFrom")
+    e["value"] = "0123456789abcdef0123456789abcdef"
+
+
+def _m_secret_configmap(docs):
+    d, c = _edge(docs)
+    name = c["envFrom"][0]["configMapRef"]["name"]
+    cm = next((x for x in docs if x["kind"] == "ConfigMap" and x["metadata"]["name"] == name), None)
+    if cm is None:  # generated elsewhere (no kustomize): nothing to break here
+        return False
+    # The secretKeyRef stays; a copy in the ConfigMap is a leak all the same.
+    cm.setdefault("data", {})["NETBORE_INTERNAL_SECRET"] = "0123456789abcdef0123456789abcdef"
+    return True
+
+
+def _m_secret_missing_key(docs):
+    ref = _env(_edge(docs)[1], "NETBORE_INTERNAL_SECRET")["valueFrom"]["secretKeyRef"]
+    if any(x["kind"] == "Secret" and x["metadata"]["name"] == ref["name"] for x in docs):
+        ref["key"] = "no-such-key"
+    else:  # the operator's Secret: point at one nobody creates
+        ref["name"] = "no-such-secret"
+
+
+def _m_port(docs):
+    c = _edge(docs)[1]
+    next(p for p in c["ports"] if p["name"] == "internal")["containerPort"] = 8003
+
+
+def _m_addr(docs):
+    c = _edge(docs)[1]
+    c["env"].append({"name": "NETBORE_INTERNAL_ADDR", "value": "0.0.0.0:8003"})
+
+
+def _m_pod_ip_after(docs):
+    c = _edge(docs)[1]
+    pod_ip = _env(c, "POD_IP")
+    _drop_env(c, "POD_IP")
+    c["env"].append(pod_ip)
+
+
+def _m_no_policy(docs):
+    for n in _edge_policies(docs):
+        docs.remove(n)
+
+
+def _m_open_internal(docs):
+    _internal_rule(docs).pop("from")
+
+
+def _m_all_netbore_pods(docs):
+    peer = _internal_rule(docs)["from"][0]["podSelector"]["matchLabels"]
+    peer.pop("app.kubernetes.io/component")
+
+
+def _m_other_namespaces(docs):
+    _internal_rule(docs)["from"][0]["namespaceSelector"] = {}
+
+
+def _m_viewers_cut_off(docs):
+    d, c = _edge(docs)
+    for n in _edge_policies(docs):
+        for r in n["spec"]["ingress"]:
+            if not r.get("from"):
+                r["ports"] = [p for p in r.get("ports") or [] if p.get("port") not in ("public", 8000)]
+
+
+# name: (mutation, text the failure must contain)
+BROKEN = {
+    "NETBORE_INTERNAL_SECRET as a literal value": (_m_secret_literal, "NETBORE_INTERNAL_SECRET comes from a Secret"),
+    "NETBORE_INTERNAL_SECRET missing": (lambda docs: _drop_env(_edge(docs)[1], "NETBORE_INTERNAL_SECRET"),
+                                        "NETBORE_INTERNAL_SECRET comes from a Secret"),
+    "NETBORE_INTERNAL_SECRET in the ConfigMap": (_m_secret_configmap, "NETBORE_INTERNAL_SECRET is not in a ConfigMap"),
+    "internal secret from a key or Secret that does not exist": (_m_secret_missing_key, "Secret"),
+    "NETBORE_INTERNAL_ADVERTISE missing": (lambda docs: _drop_env(_edge(docs)[1], "NETBORE_INTERNAL_ADVERTISE"),
+                                           "NETBORE_INTERNAL_ADVERTISE is set once"),
+    "internal advertise on another port": (lambda docs: _env(_edge(docs)[1], "NETBORE_INTERNAL_ADVERTISE").update(value="$(POD_IP):9002"),
+                                           "names the internal port"),
+    "internal advertise 0.0.0.0": (lambda docs: _env(_edge(docs)[1], "NETBORE_INTERNAL_ADVERTISE").update(value="0.0.0.0:8002"),
+                                   "other pods can reach"),
+    "POD_IP defined after the advertise address": (_m_pod_ip_after, "defined before it in env"),
+    "internal containerPort 8003": (_m_port, "containerPort 'internal' is 8002"),
+    "NETBORE_INTERNAL_ADDR on port 8003": (_m_addr, "NETBORE_INTERNAL_ADDR"),
+    "no NetworkPolicy for the edges": (_m_no_policy, "a NetworkPolicy selects the edge pods"),
+    "NetworkPolicy opens 8002 to every source": (_m_open_internal, "only edge pods may reach the internal port"),
+    "NetworkPolicy admits every netbore pod to 8002": (_m_all_netbore_pods, "only edge pods may reach the internal port"),
+    "NetworkPolicy admits edge-labelled pods of any namespace": (_m_other_namespaces, "only edge pods may reach the internal port"),
+    "NetworkPolicy cuts viewers off (no port 8000)": (_m_viewers_cut_off, "open to every source"),
+}
+
+
+def broken(label: str, path: str, external: set[str], expect_pdbs: bool) -> Checker:
+    """Each mutation of a good manifest set must make the invariants fail, for the reason given."""
+    ck = Checker()
+    docs = load_docs(path)
+    base = QuietChecker()
+    check_docs(base, label, copy.deepcopy(docs), external, expect_pdbs)
+    if not ck.check(base.failed == 0, f"[{label}] broken-manifest tests start from a set that passes", "; ".join(base.failures)):
+        return ck
+    for what, (mutate, expect) in BROKEN.items():
+        mutated = copy.deepcopy(docs)
+        try:
+            if mutate(mutated) is False:
+                ck.skip(f"[{label}] broken: {what}", "does not apply to this set")
+                continue
+        except (StopIteration, KeyError, IndexError) as e:
+            ck.check(False, f"[{label}] broken: {what}: the mutation applies", repr(e))
+            continue
+        q = QuietChecker()
+        check_docs(q, label, mutated, external, expect_pdbs)
+        hit = [f for f in q.failures if expect in f]
+        ck.check(bool(hit), f"[{label}] broken: {what} -> fails" + (f" ({hit[0][:110]})" if hit else ""),
+                 "not caught; failures: " + ("; ".join(q.failures) or "none"))
     return ck
 
 
@@ -477,10 +801,12 @@ SCENARIOS: dict[str, tuple[dict, set[str]]] = {
         "edge": {"region": "eu", "trustedProxies": ["10.0.0.0/8"], "maxBodyBytes": 104857600,
                  "tls": {"enabled": True, "certManager": {"enabled": True}},
                  "service": {"publicPort": 443, "loadBalancerSourceRanges": ["0.0.0.0/0"]},
-                 "extraEnv": [{"name": "RUST_BACKTRACE", "value": "1"}]},
+                 "extraEnv": [{"name": "RUST_BACKTRACE", "value": "1"}],
+                 "registryRefreshSeconds": 3,
+                 "internalSecret": {"existingSecret": "netbore-edge-internal-ext", "key": "secret"}},
         "redis": {"enabled": False, "urlSecret": {"name": "netbore-redis-url", "key": "url"}},
         "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
-    }, {"netbore-creds", "netbore-redis-url", "regcred"}),
+    }, {"netbore-creds", "netbore-redis-url", "regcred", "netbore-edge-internal-ext"}),
     "single-node": ({
         "control": {"replicaCount": 1, "preStopSleepSeconds": 0},
         "edge": {"autoscaling": {"enabled": False}, "replicaCount": 2, "preStopSleepSeconds": 0, "drainDelaySeconds": 10,
@@ -503,6 +829,12 @@ REFUSED = {
     "bad pull policy": {"control": {"image": {"pullPolicy": "Sometimes"}}},
     "maxReplicas below minReplicas": {"edge": {"autoscaling": {"minReplicas": 5, "maxReplicas": 3}}},
     "advertise URL that is not ws(s)": {"edge": {"advertiseUrl": "http://edge:8001/v1/connect"}},
+    "registry refresh of 0 s": {"edge": {"registryRefreshSeconds": 0}},
+    "internal secret key that is not a Secret key": {"edge": {"internalSecret": {"key": "a key"}}},
+    "unknown key under edge.internalSecret (a literal value)": {"edge": {"internalSecret": {"value": "a-literal-in-values"}}},
+    "a literal NETBORE_INTERNAL_SECRET in edge.extraEnv": {"edge": {"extraEnv": [{"name": "NETBORE_INTERNAL_SECRET",
+                                                                               "value": "0123456789abcdef0123"}]}},
+    "edge.networkPolicy.enabled that is not a boolean": {"edge": {"networkPolicy": {"enabled": "yes"}}},
 }
 
 
@@ -592,6 +924,17 @@ def check_helm_annotations(ck: Checker, name: str, docs: list[dict], vals: dict)
             ck.check("checksum/config" in ann, f"helm [{name}] {name_of(d)}: checksum/config annotation (rolls on config change)")
             if component(d) == "control" and not (vals.get("secrets") or {}).get("existingSecret"):
                 ck.check("checksum/secret" in ann, f"helm [{name}] {name_of(d)}: checksum/secret annotation")
+            if component(d) == "edge" and not ((vals.get("edge") or {}).get("internalSecret") or {}).get("existingSecret"):
+                # Hashed from the very value in the Secret (computed once per render), so
+                # the first upgrade, which reads the Secret back, does not roll the edges.
+                import hashlib
+
+                ref = (_env(pod_spec(d)["containers"][0], "NETBORE_INTERNAL_SECRET").get("valueFrom") or {}).get("secretKeyRef") or {}
+                v = secret_value(docs, ref.get("name", ""), ref.get("key", ""))
+                want = hashlib.sha256(v.encode()).hexdigest() if v is not None else None
+                ck.check(want is not None and ann.get("checksum/internal-secret") == want,
+                         f"helm [{name}] {name_of(d)}: checksum/internal-secret is the hash of the generated internal secret",
+                         f"annotation {ann.get('checksum/internal-secret')}, secret {want}")
 
 
 # --------------------------------------------------------------------------------------
@@ -642,7 +985,7 @@ def crds_against(ck: Checker, crd_path: str, core_path: str) -> None:
 
 DOCKERFILES = {
     "Dockerfile.control": ("netbore-control", {8080, 50051}),
-    "Dockerfile.edge": ("netbore-edge", {8000, 8001, 9090}),
+    "Dockerfile.edge": ("netbore-edge", {8000, 8001, 8002, 9090}),
     "Dockerfile.agent": ("netbore", {9091}),
 }
 
@@ -723,6 +1066,12 @@ def main(argv: list[str]) -> int:
                 print(f"unknown argument {rest[0]}")
                 return 2
         return invariants(label, path, external, expect_pdbs).finish()
+    if cmd == "broken":
+        label, path = argv[2], argv[3]
+        external = set()
+        if len(argv) > 5 and argv[4] == "--external":
+            external = {x for x in argv[5].split(",") if x}
+        return broken(label, path, external, True).finish()
     if cmd == "helm-render":
         return helm_render(argv[2], argv[3]).finish()
     if cmd == "crds":

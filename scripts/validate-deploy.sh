@@ -117,10 +117,13 @@ fi
 section "invariants: deploy/k8s"
 if [[ -s $WORK/kustomize.yaml ]]; then
     py_check invariants kustomize "$WORK/kustomize.yaml"
+    # Known ways of breaking the edges' scale-out settings must each fail the invariants.
+    py_check broken kustomize "$WORK/kustomize.yaml"
 else
     # Without kustomize the ConfigMaps it generates are missing: they count as external.
     for f in "${BASE_FILES[@]}"; do cat "$f"; echo "---"; done >"$WORK/base.yaml"
     py_check invariants base-files "$WORK/base.yaml" --external netbore-control-config,netbore-edge-config
+    py_check broken base-files "$WORK/base.yaml" --external netbore-control-config,netbore-edge-config
 fi
 py_check invariants example deploy/k8s/examples/app-with-agent.yaml --no-pdb
 
@@ -134,6 +137,7 @@ for f in "$WORK"/helm/*.yaml; do
     scen=$(basename "$f" .yaml)
     kv "(helm template, values: $scen)" "$f"
     py_check invariants "helm:$scen" "$f" --external "$(tr '\n' ',' <"$WORK/helm/$scen.external")"
+    py_check broken "helm:$scen" "$f" --external "$(tr '\n' ',' <"$WORK/helm/$scen.external")"
     py_check crds "$WORK/helm/$scen.crds.yaml" "$f" 2>&1 | sed "s|$WORK/helm/|helm template |"
 done
 if command -v helm >/dev/null 2>&1; then

@@ -72,6 +72,23 @@ app.kubernetes.io/component: {{ .component }}
 {{- default (printf "%s-secrets" (include "netbore.fullname" .)) .Values.secrets.existingSecret -}}
 {{- end -}}
 
+{{/* The Secret with the edges' shared internal credential (NETBORE_INTERNAL_SECRET). */}}
+{{- define "netbore.edgeInternalSecretName" -}}
+{{- default (printf "%s-internal" (include "netbore.edgeName" .)) .Values.edge.internalSecret.existingSecret -}}
+{{- end -}}
+
+{{/* The chart-generated internal credential: the value already in the cluster (lookup)
+     or 48 random characters, computed once per render and shared by the Secret and the
+     edges' checksum annotation, so they agree and an upgrade rolls nothing. */}}
+{{- define "netbore.edgeInternalSecretValue" -}}
+{{- $s := .Values.edge.internalSecret -}}
+{{- if not (hasKey $s "generated") -}}
+{{- $existing := (lookup "v1" "Secret" .Release.Namespace (include "netbore.edgeInternalSecretName" .)).data | default dict -}}
+{{- $_ := set $s "generated" ((get $existing $s.key | b64dec) | default (randAlphaNum 48)) -}}
+{{- end -}}
+{{- get $s "generated" -}}
+{{- end -}}
+
 {{- define "netbore.edgeTlsSecretName" -}}
 {{- default (printf "%s-tls" (include "netbore.edgeName" .)) .Values.edge.tls.secretName -}}
 {{- end -}}
@@ -195,6 +212,11 @@ bootstrap-token
 {{- end -}}
 {{- if and (not .Values.redis.enabled) (not .Values.redis.url) (not .Values.redis.urlSecret.name) -}}
 {{- fail "redis.enabled is false: set redis.url or redis.urlSecret.name to an external Redis" -}}
+{{- end -}}
+{{- range $e.extraEnv -}}
+{{- if has .name (list "NETBORE_INTERNAL_SECRET" "NETBORE_INTERNAL_ADVERTISE" "POD_IP") -}}
+{{- fail (printf "edge.extraEnv must not set %s: the chart sets it (the internal secret: edge.internalSecret.existingSecret, never a literal)" .name) -}}
+{{- end -}}
 {{- end -}}
 {{- if and .Values.secrets.existingSecret (not .Values.secrets.existingSecretKeys.signingKeys) -}}
 {{- fail "secrets.existingSecretKeys.signingKeys must name at least one key of secrets.existingSecret" -}}
