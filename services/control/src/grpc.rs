@@ -217,6 +217,18 @@ impl ControlService for ControlGrpc {
         }))
     }
 
+    async fn drain_edge(
+        &self,
+        req: Request<pb::DrainEdgeRequest>,
+    ) -> Result<Response<pb::DrainEdgeResponse>, Status> {
+        let b = bearer(&req);
+        let edge_id = req.into_inner().edge_id;
+        ops::drain_edge(&self.0, b, &edge_id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::DrainEdgeResponse { edge_id }))
+    }
+
     async fn list_edges(
         &self,
         req: Request<pb::ListEdgesRequest>,
@@ -332,9 +344,16 @@ impl EdgeService for EdgeGrpc {
                         _ => break,
                     },
                     d = deletions.recv() => match d {
-                        Ok(tunnel_id) => {
-                            let cmd = epb::EdgeCommand {
-                                command: Some(epb::edge_command::Command::DisconnectTunnel(epb::DisconnectTunnel { tunnel_id })),
+                        Ok(msg) => {
+                            let cmd = match msg.strip_prefix(ops::DRAIN_PREFIX) {
+                                // A drain request for another edge: not ours to pass on.
+                                Some(target) if target != edge_id => continue,
+                                Some(_) => epb::EdgeCommand {
+                                    command: Some(epb::edge_command::Command::Drain(epb::Drain {})),
+                                },
+                                None => epb::EdgeCommand {
+                                    command: Some(epb::edge_command::Command::DisconnectTunnel(epb::DisconnectTunnel { tunnel_id: msg })),
+                                },
                             };
                             if tx.send(Ok(cmd)).await.is_err() {
                                 break;

@@ -160,6 +160,39 @@ fn management(
     }
 }
 
+/// Prefix of a message on the deletion feed that asks edge `<rest>` to drain (tunnel
+/// ids start with `tun_`, so the two never mix).
+pub const DRAIN_PREFIX: &str = "drain:";
+
+/// Asks edge `edge_id` to drain, through whichever replica it is linked to. Needs
+/// `admin`; 404 `edge_not_found` for an edge no replica has heard from.
+pub async fn drain_edge(
+    control: &Control,
+    bearer: Option<String>,
+    edge_id: &str,
+) -> Result<(), ApiError> {
+    require_scope(&management(control, bearer)?, "admin")?;
+    let known = control
+        .edge_statuses_now()
+        .await?
+        .iter()
+        .any(|(e, s)| e.edge_id == edge_id && s.as_ref().is_some_and(|s| s.connected));
+    if !known {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "edge_not_found",
+            format!(
+                "no edge '{edge_id}' is linked to control; ListEdges shows the edges and whether they are connected"
+            ),
+        ));
+    }
+    tracing::info!(edge = %edge_id, "drain requested");
+    control
+        .announce_deletion_everywhere(&format!("{DRAIN_PREFIX}{edge_id}"))
+        .await;
+    Ok(())
+}
+
 /// Checks that `bearer` is a management token with `tunnels:read`.
 pub fn require_read(control: &Control, bearer: Option<String>) -> Result<(), ApiError> {
     require_scope(&management(control, bearer)?, "tunnels:read")

@@ -14,6 +14,9 @@ use netbore_testkit::{ControlProc, EdgeProc, Proc, eventually};
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 
+/// The control replicas' bootstrap credential.
+const BOOT: &str = "scale-out-bootstrap-credential";
+
 /// Lease refresh interval the edges run with here (the "heartbeat" of the registry).
 const REFRESH_SECS: u64 = 1;
 
@@ -42,9 +45,10 @@ async fn platform() -> Platform {
     let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
     std::fs::write(&key, pair.serialize_pem()).unwrap();
     let key_flag = ["--signing-key", key.to_str().unwrap()];
+    let boot = [("NETBORE_BOOTSTRAP_TOKEN", BOOT)];
     let controls = vec![
-        ControlProc::spawn_with_redis(&redis.url(), &key_flag, &[]),
-        ControlProc::spawn_with_redis(&redis.url(), &key_flag, &[]),
+        ControlProc::spawn_with_redis(&redis.url(), &key_flag, &boot),
+        ControlProc::spawn_with_redis(&redis.url(), &key_flag, &boot),
     ];
     let refresh = REFRESH_SECS.to_string();
     // Edges link to either replica; the agent creates its tunnel through the other.
@@ -480,4 +484,101 @@ async fn redis_restarted_empty_tunnels_keep_serving_and_return_within_a_heartbea
         took <= Duration::from_secs(REFRESH_SECS + 2),
         "back within one refresh interval (+2 s to reconnect): {took:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_drains_an_edge_through_the_other_control_replica() {
+    use netbore_proto::control::v1 as pb;
+    let mut p = platform().await;
+    // The edge to drain, and a replica it is not linked to (edges link to replica i % 2).
+    let mut linked: Vec<String> = p.linked.iter().cloned().collect();
+    linked.sort();
+    let victim = linked[0].clone();
+    let index = p.edges.iter().position(|e| e.id == victim).unwrap();
+    let other = &p._controls[(index + 1) % 2];
+    let (rest, grpc) = (other.rest, other.grpc);
+
+    let req = http::Request::post(format!("http://127.0.0.1:{rest}/auth/token"))
+        .header("authorization", format!("Bearer {BOOT}"))
+        .header("content-type", "application/json")
+        .body(netbore_testkit::full(r#"{"scopes": ["admin"]}"#))
+        .unwrap();
+    let body = p
+        .client
+        .request(req)
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap();
+    let token: Value = serde_json::from_slice(&body.to_bytes()).unwrap();
+    let token = token["token"].as_str().expect("an admin token").to_string();
+    let mut c = pb::control_service_client::ControlServiceClient::connect(format!(
+        "http://127.0.0.1:{grpc}"
+    ))
+    .await
+    .unwrap();
+    let call = |edge: &str, auth: Option<&str>| {
+        let mut r = tonic::Request::new(pb::DrainEdgeRequest {
+            edge_id: edge.to_string(),
+        });
+        if let Some(t) = auth {
+            r.metadata_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        r
+    };
+    let err = c.drain_edge(call(&victim, None)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    let err = c
+        .drain_edge(call("edge-nope", Some(&token)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{}", err.message());
+    c.drain_edge(call(&victim, Some(&token))).await.unwrap();
+
+    // The edge, linked to the other replica, turns not ready ...
+    let admin = p.edge(&victim).admin;
+    let probe = p.client.clone();
+    let unready = eventually(Duration::from_secs(10), || {
+        let probe = probe.clone();
+        async move {
+            let req = http::Request::get(format!("http://127.0.0.1:{admin}/readyz"))
+                .body(netbore_testkit::empty())
+                .unwrap();
+            let st = probe.request(req).await.ok()?.status();
+            (st == 503).then_some(())
+        }
+    })
+    .await;
+    assert!(
+        unready.is_some(),
+        "{victim} reports not ready after the drain"
+    );
+    // ... its agent moves to the edges left, and the tunnel keeps serving everywhere.
+    let moved = p
+        .wait_links(2, Duration::from_secs(20))
+        .await
+        .expect("two links again");
+    assert_ne!(moved["edge_id"], victim.as_str());
+    let gone = eventually(Duration::from_secs(20), || async move {
+        (metric(admin, "netbore_edge_agent_connections").await == 0).then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "the agent's link left {victim}");
+    let mut failed = Vec::new();
+    for e in &p.edges {
+        for _ in 0..10 {
+            let st = p.get(e.public, "/hello").await;
+            if st != Some(200) {
+                failed.push(format!("{}: {st:?}", e.id));
+            }
+        }
+    }
+    println!(
+        "drained {victim} via the other replica; 30 requests after, {} failed",
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{failed:?}");
 }
