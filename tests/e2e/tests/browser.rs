@@ -4,7 +4,6 @@
 
 use std::convert::Infallible;
 use std::process::Command;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
