@@ -503,6 +503,7 @@ pub async fn serve_internal(
 
 async fn internal(edge: Edge, cluster: Arc<Cluster>, req: Request<Incoming>) -> Response<Body> {
     if !cluster.authorised(req.headers().get(AUTH_HEADER)) {
+        edge.metrics().error("internal_forbidden");
         return error_response(
             StatusCode::FORBIDDEN,
             "internal_forbidden",
@@ -520,6 +521,7 @@ async fn internal(edge: Edge, cluster: Arc<Cluster>, req: Request<Incoming>) -> 
         text(HOST_HEADER),
         text(CLIENT_HEADER).and_then(|c| c.parse::<std::net::IpAddr>().ok()),
     ) else {
+        edge.metrics().error("internal_bad_request");
         return error_response(
             StatusCode::BAD_REQUEST,
             "internal_bad_request",

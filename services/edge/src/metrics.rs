@@ -16,7 +16,7 @@ pub const DURATION_BUCKETS: [f64; 12] = [
 ];
 
 /// The edge's own error codes, in the order of the `errors` counters.
-pub const ERROR_CODES: [&str; 33] = [
+pub const ERROR_CODES: [&str; 35] = [
     "tunnel_not_found",
     "tunnel_offline",
     "origin_unreachable",
@@ -36,6 +36,8 @@ pub const ERROR_CODES: [&str; 33] = [
     "tunnel_overloaded",
     "head_too_large",
     "registry_unavailable",
+    "internal_forbidden",
+    "internal_bad_request",
     // Access policies (docs/access.md).
     "access_token_missing",
     "access_token_invalid",
@@ -285,6 +287,6 @@ mod tests {
             );
         }
         // The rest are codes of access policies, forwarding and oversized heads.
-        assert_eq!(all.len() + 16, ERROR_CODES.len());
+        assert_eq!(all.len() + 18, ERROR_CODES.len());
     }
 }
