@@ -218,6 +218,11 @@ bootstrap-token
 {{- fail (printf "edge.extraEnv must not set %s: the chart sets it (the internal secret: edge.internalSecret.existingSecret, never a literal)" .name) -}}
 {{- end -}}
 {{- end -}}
+{{- range (concat .Values.control.extraEnv $e.extraEnv) -}}
+{{- if and (has .name (list "OTEL_EXPORTER_OTLP_ENDPOINT" "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")) (hasPrefix "https://" (toString .value)) -}}
+{{- fail (printf "%s=%s: the binaries speak OTLP/gRPC without TLS and stop at start on https://; use http://HOST:4317 of a collector in the cluster (otel.endpoint)" .name .value) -}}
+{{- end -}}
+{{- end -}}
 {{- if and .Values.secrets.existingSecret (not .Values.secrets.existingSecretKeys.signingKeys) -}}
 {{- fail "secrets.existingSecretKeys.signingKeys must name at least one key of secrets.existingSecret" -}}
 {{- end -}}
