@@ -299,13 +299,20 @@ def check_workload(ck: Checker, docs: list[dict], d: dict, external_secrets: set
     ann = d["spec"].get("template", {}).get("metadata", {}).get("annotations", {}) or {}
     if ann.get("prometheus.io/scrape") == "true":
         aport = ann.get("prometheus.io/port")
-        ck.check(aport is not None and port_of(main, int(aport)) is not None and ann.get("prometheus.io/path", "/metrics") == "/metrics",
+        every = spec.get("containers", []) + sidecars(spec)
+        ck.check(aport is not None and any(port_of(c, int(aport)) is not None for c in every)
+                 and ann.get("prometheus.io/path", "/metrics") == "/metrics",
                  f"{where}: prometheus.io/port {aport} (path {ann.get('prometheus.io/path', '/metrics')}) is a declared port serving /metrics")
         if comp in ("control", "edge"):
             addr = env.get("NETBORE_ADMIN_ADDR")
             if addr is not None:
                 ck.check(str(addr).rsplit(":", 1)[-1] == str(aport),
                          f"{where}: prometheus.io/port {aport} is the NETBORE_ADMIN_ADDR port ({addr})")
+        for sc in sidecars(spec):  # a pod whose only metrics are the agent's
+            addr = config_values(docs, sc).get("NETBORE_ADMIN_ADDR")
+            if addr is not None and not any(port_of(c, int(aport)) for c in spec.get("containers", [])):
+                ck.check(str(addr).rsplit(":", 1)[-1] == str(aport),
+                         f"{where}: prometheus.io/port {aport} is the agent's NETBORE_ADMIN_ADDR port ({addr})")
     if comp == "edge":
         check_edge(ck, docs, d, spec, main, env)
         check_edge_cluster(ck, docs, d, main, env, config_known(docs, main), external_secrets)
@@ -799,7 +806,7 @@ BROKEN = {
     "NetworkPolicy admits edge-labelled pods of any namespace": (_m_other_namespaces, "only edge pods may reach the internal port"),
     "NetworkPolicy cuts viewers off (no port 8000)": (_m_viewers_cut_off, "open to every source"),
     "control NETBORE_ADMIN_ADDR on port 9091": (_m_control_admin_addr, "NETBORE_ADMIN_ADDR"),
-    "control admin containerPort 9091": (_m_control_admin_port, "admin"),
+    "control admin containerPort 9091": (_m_control_admin_port, "listens on the containerPort 'admin'"),
     "control without NETBORE_ADMIN_ADDR": (_m_control_no_admin, "NETBORE_ADMIN_ADDR is set"),
     "OTEL_EXPORTER_OTLP_ENDPOINT over https://": (_m_otel_https, "plain http:// collector URL"),
 }
