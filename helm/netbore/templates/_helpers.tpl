@@ -22,6 +22,7 @@
 {{- define "netbore.controlName" -}}{{ include "netbore.fullname" . | trunc 55 | trimSuffix "-" }}-control{{- end -}}
 {{- define "netbore.edgeName" -}}{{ include "netbore.fullname" . | trunc 58 | trimSuffix "-" }}-edge{{- end -}}
 {{- define "netbore.edgeHeadlessName" -}}{{ include "netbore.fullname" . | trunc 49 | trimSuffix "-" }}-edge-headless{{- end -}}
+{{- define "netbore.controlMetricsName" -}}{{ include "netbore.fullname" . | trunc 47 | trimSuffix "-" }}-control-metrics{{- end -}}
 {{- define "netbore.redisName" -}}{{ include "netbore.fullname" . | trunc 57 | trimSuffix "-" }}-redis{{- end -}}
 {{- define "netbore.controlConfigName" -}}{{ include "netbore.controlName" . }}-config{{- end -}}
 {{- define "netbore.edgeConfigName" -}}{{ include "netbore.edgeName" . }}-config{{- end -}}
