@@ -14,8 +14,10 @@ Subcommands:
                                                      schema and refusal tests
   dockerfiles DIR                                    checks the Dockerfiles' invariants
   values-comments VALUES_YAML                        every chart value has a comment
-  crds FILE                                          structural checks of cert-manager and
-                                                     Prometheus Operator objects
+  crds FILE [CORE_FILE]                              structural checks of cert-manager and
+                                                     Prometheus Operator objects; with
+                                                     CORE_FILE, ServiceMonitors against the
+                                                     Services and admin addresses there
 
 Every check prints one line, "ok    ..." or "FAIL  ..." (with the reason); the counts
 are appended to $CHECK_COUNTS_FILE as "passed failed skipped" when it is set. The exit
@@ -1053,9 +1055,33 @@ def crds(path: str) -> Checker:
 
 
 def crds_against(ck: Checker, crd_path: str, core_path: str) -> None:
-    """A ServiceMonitor must select a Service that exposes the port it scrapes."""
     core = load_docs(core_path)
     crd_docs = load_docs(crd_path)
+    check_crds_against(ck, crd_docs, core)
+    # The other way round: a ServiceMonitor whose Service leads to a port other than the
+    # admin listener's, or a control nobody scrapes, must fail.
+    if not any(d["kind"] == "ServiceMonitor" for d in crd_docs):
+        return
+    for what, mutate in (("control's metrics Service targets the REST port", _m_sm_target),
+                         ("no ServiceMonitor for control", _m_sm_no_control)):
+        c2, k2 = copy.deepcopy(crd_docs), copy.deepcopy(core)
+        mutate(c2, k2)
+        q = QuietChecker()
+        check_crds_against(q, c2, k2)
+        ck.check(q.failed > 0, f"broken: {what} -> fails" + (f" ({q.failures[0][:100]})" if q.failures else ""), "not caught")
+
+
+def _m_sm_target(crd_docs, core):
+    svc = next(s for s in core if s["kind"] == "Service" and (s["metadata"].get("labels") or {}).get("netbore.dev/service") == "control-metrics")
+    next(p for p in svc["spec"]["ports"] if p["name"] == "admin")["targetPort"] = "http"
+
+
+def _m_sm_no_control(crd_docs, core):
+    crd_docs[:] = [d for d in crd_docs if not (d["kind"] == "ServiceMonitor" and component(d) == "control")]
+
+
+def check_crds_against(ck: Checker, crd_docs: list[dict], core: list[dict]) -> None:
+    """A ServiceMonitor must select a Service that exposes the port it scrapes."""
     scraped: set[str] = set()
     for d in crd_docs:
         if d["kind"] == "ServiceMonitor":
