@@ -14,8 +14,10 @@ Subcommands:
                                                      schema and refusal tests
   dockerfiles DIR                                    checks the Dockerfiles' invariants
   values-comments VALUES_YAML                        every chart value has a comment
-  crds FILE                                          structural checks of cert-manager and
-                                                     Prometheus Operator objects
+  crds FILE [CORE_FILE]                              structural checks of cert-manager and
+                                                     Prometheus Operator objects; with
+                                                     CORE_FILE, ServiceMonitors against the
+                                                     Services and admin addresses there
 
 Every check prints one line, "ok    ..." or "FAIL  ..." (with the reason); the counts
 are appended to $CHECK_COUNTS_FILE as "passed failed skipped" when it is set. The exit
@@ -34,13 +36,13 @@ import yaml
 
 # What the binaries listen on by default (services/*/src/main.rs), by component.
 EXPECTED_PORTS = {
-    "control": {"http": 8080, "grpc": 50051},
+    "control": {"http": 8080, "grpc": 50051, "admin": 9090},
     "edge": {"public": 8000, "agents": 8001, "admin": 9090, "internal": 8002},
     "redis": {"redis": 6379},
 }
 # The address variables that move those listeners, and the port each must keep.
 ADDR_VARS = {
-    "control": {"NETBORE_REST_ADDR": 8080, "NETBORE_GRPC_ADDR": 50051},
+    "control": {"NETBORE_REST_ADDR": 8080, "NETBORE_GRPC_ADDR": 50051, "NETBORE_ADMIN_ADDR": 9090},
     "edge": {"NETBORE_PUBLIC_ADDR": 8000, "NETBORE_AGENT_ADDR": 8001, "NETBORE_ADMIN_ADDR": 9090,
              "NETBORE_INTERNAL_ADDR": 8002},
 }
@@ -52,6 +54,9 @@ EDGE_PUBLIC_PORTS = {"public": 8000, "agents": 8001}
 CONTROL_DRAIN = 10  # DRAIN_GRACE in services/control/src/main.rs
 AGENT_DRAIN = 30  # DEFAULT_DRAIN_GRACE of the agent
 CRD_KINDS = {"Certificate", "ServiceMonitor"}
+# Trace export (crates/telemetry check_endpoint): OTLP/gRPC over plain http:// only.
+OTLP_ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+OTLP_ENDPOINT_RE = re.compile(r"^http://[^/\s]+")
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
 
 
@@ -215,6 +220,16 @@ def check_container(ck: Checker, where: str, c: dict, spec: dict, sidecar: bool,
     vols = {v["name"] for v in spec.get("volumes", []) or []}
     for m in c.get("volumeMounts", []) or []:
         ck.check(m["name"] in vols, f"{w}: volumeMount {m['name']} names a pod volume")
+    # Trace export: an https:// collector URL or another protocol stops the binary at start.
+    for var in OTLP_ENDPOINT_VARS:
+        v = env.get(var)
+        if v is not None and not str(v).startswith("<from "):
+            ck.check(OTLP_ENDPOINT_RE.match(str(v)) is not None,
+                     f"{w}: {var}={v} is a plain http:// collector URL (OTLP/gRPC without TLS)",
+                     "https:// or a non-URL stops the process at start (crates/telemetry)")
+    if "OTEL_EXPORTER_OTLP_PROTOCOL" in env:
+        ck.check(env["OTEL_EXPORTER_OTLP_PROTOCOL"] == "grpc", f"{w}: OTEL_EXPORTER_OTLP_PROTOCOL is grpc (the only one built in)",
+                 f"{env['OTEL_EXPORTER_OTLP_PROTOCOL']!r}")
     # $(VAR) in command/args is expanded only from the container's own environment.
     defined = {e["name"] for e in c.get("env", []) or []} | set(env)
     for a in (c.get("command") or []) + (c.get("args") or []):
@@ -283,6 +298,23 @@ def check_workload(ck: Checker, docs: list[dict], d: dict, external_secrets: set
     for var, port in ADDR_VARS.get(comp, {}).items():
         if var in env:
             ck.check(str(env[var]).endswith(f":{port}"), f"{where}: {var}={env[var]} listens on the declared port {port}")
+    ann = d["spec"].get("template", {}).get("metadata", {}).get("annotations", {}) or {}
+    if ann.get("prometheus.io/scrape") == "true":
+        aport = ann.get("prometheus.io/port")
+        every = spec.get("containers", []) + sidecars(spec)
+        ck.check(aport is not None and any(port_of(c, int(aport)) is not None for c in every)
+                 and ann.get("prometheus.io/path", "/metrics") == "/metrics",
+                 f"{where}: prometheus.io/port {aport} (path {ann.get('prometheus.io/path', '/metrics')}) is a declared port serving /metrics")
+        if comp in ("control", "edge"):
+            addr = env.get("NETBORE_ADMIN_ADDR")
+            if addr is not None:
+                ck.check(str(addr).rsplit(":", 1)[-1] == str(aport),
+                         f"{where}: prometheus.io/port {aport} is the NETBORE_ADMIN_ADDR port ({addr})")
+        for sc in sidecars(spec):  # a pod whose only metrics are the agent's
+            addr = config_values(docs, sc).get("NETBORE_ADMIN_ADDR")
+            if addr is not None and not any(port_of(c, int(aport)) for c in spec.get("containers", [])):
+                ck.check(str(addr).rsplit(":", 1)[-1] == str(aport),
+                         f"{where}: prometheus.io/port {aport} is the agent's NETBORE_ADMIN_ADDR port ({addr})")
     if comp == "edge":
         check_edge(ck, docs, d, spec, main, env)
         check_edge_cluster(ck, docs, d, main, env, config_known(docs, main), external_secrets)
@@ -496,6 +528,22 @@ def check_control(ck: Checker, d, spec, main, env, known: bool) -> None:
     ck.check(grace > sleep + CONTROL_DRAIN, f"{where}: terminationGracePeriodSeconds {grace} > preStop {sleep} + drain {CONTROL_DRAIN}")
     rp = (main.get("readinessProbe") or {}).get("httpGet", {})
     ck.check(rp.get("path") == "/readyz" and port_of(main, rp.get("port")) == 8080, f"{where}: readiness is GET /readyz on 8080")
+    # The admin listener (/metrics, /livez) exists only with NETBORE_ADMIN_ADDR, which
+    # must listen on the containerPort "admin" that scrapes and probes go to.
+    admin = port_of(main, "admin")
+    if not known and "NETBORE_ADMIN_ADDR" not in env:
+        ck.skip(f"{where}: NETBORE_ADMIN_ADDR", "its ConfigMap is generated by kustomize, not in this set")
+    elif ck.check("NETBORE_ADMIN_ADDR" in env, f"{where}: NETBORE_ADMIN_ADDR is set (control serves /metrics only then)"):
+        addr = str(env["NETBORE_ADMIN_ADDR"])
+        ck.check(admin is not None and addr.rsplit(":", 1)[-1] == str(admin),
+                 f"{where}: NETBORE_ADMIN_ADDR {addr} listens on the containerPort 'admin' ({admin})")
+        ck.check(addr.startswith("0.0.0.0:") or addr.startswith("[::]:"),
+                 f"{where}: NETBORE_ADMIN_ADDR {addr} is reachable by the kubelet and scrapers (not loopback)")
+    for pk in ("startupProbe", "readinessProbe", "livenessProbe"):
+        hg = (main.get(pk) or {}).get("httpGet") or {}
+        if hg.get("path") in ("/livez", "/metrics"):
+            ck.check(admin is not None and port_of(main, hg.get("port")) == admin,
+                     f"{where}: {pk} GET {hg.get('path')} goes to the admin port {admin} (only it serves {hg.get('path')})")
     mounts = [m["mountPath"].rstrip("/") + "/" for m in main.get("volumeMounts", []) or []]
     for var in ("NETBORE_SIGNING_KEYS", "NETBORE_BOOTSTRAP_TOKEN_FILE"):
         if not known and var not in env:
@@ -709,6 +757,35 @@ def _m_viewers_cut_off(docs):
                 r["ports"] = [p for p in r.get("ports") or [] if p.get("port") not in ("public", 8000)]
 
 
+def _control(docs: list[dict]) -> tuple[dict, dict]:
+    d = next(x for x in docs if pod_spec(x) is not None and component(x) == "control")
+    return d, pod_spec(d)["containers"][0]
+
+
+def _m_control_admin_addr(docs):
+    _control(docs)[1].setdefault("env", []).append({"name": "NETBORE_ADMIN_ADDR", "value": "0.0.0.0:9091"})
+
+
+def _m_control_admin_port(docs):
+    c = _control(docs)[1]
+    next(p for p in c["ports"] if p["name"] == "admin")["containerPort"] = 9091
+
+
+def _m_control_no_admin(docs):
+    c = _control(docs)[1]
+    names = {ef["configMapRef"]["name"] for ef in c.get("envFrom", []) or [] if "configMapRef" in ef}
+    cms = [x for x in docs if x["kind"] == "ConfigMap" and x["metadata"]["name"] in names]
+    if not cms:  # generated elsewhere (no kustomize): nothing to break here
+        return False
+    for cm in cms:
+        (cm.get("data") or {}).pop("NETBORE_ADMIN_ADDR", None)
+    return True
+
+
+def _m_otel_https(docs):
+    _edge(docs)[1].setdefault("env", []).append({"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "https://otel-collector:4317"})
+
+
 # name: (mutation, text the failure must contain)
 BROKEN = {
     "NETBORE_INTERNAL_SECRET as a literal value": (_m_secret_literal, "NETBORE_INTERNAL_SECRET comes from a Secret"),
@@ -730,6 +807,10 @@ BROKEN = {
     "NetworkPolicy admits every netbore pod to 8002": (_m_all_netbore_pods, "only edge pods may reach the internal port"),
     "NetworkPolicy admits edge-labelled pods of any namespace": (_m_other_namespaces, "only edge pods may reach the internal port"),
     "NetworkPolicy cuts viewers off (no port 8000)": (_m_viewers_cut_off, "open to every source"),
+    "control NETBORE_ADMIN_ADDR on port 9091": (_m_control_admin_addr, "NETBORE_ADMIN_ADDR"),
+    "control admin containerPort 9091": (_m_control_admin_port, "9091"),  # the only thing it changes
+    "control without NETBORE_ADMIN_ADDR": (_m_control_no_admin, "NETBORE_ADMIN_ADDR is set"),
+    "OTEL_EXPORTER_OTLP_ENDPOINT over https://": (_m_otel_https, "plain http:// collector URL"),
 }
 
 
@@ -806,6 +887,7 @@ SCENARIOS: dict[str, tuple[dict, set[str]]] = {
                  "internalSecret": {"existingSecret": "netbore-edge-internal-ext", "key": "secret"}},
         "redis": {"enabled": False, "urlSecret": {"name": "netbore-redis-url", "key": "url"}},
         "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+        "otel": {"endpoint": "http://otel-collector.observability:4317"},
     }, {"netbore-creds", "netbore-redis-url", "regcred", "netbore-edge-internal-ext"}),
     "single-node": ({
         "control": {"replicaCount": 1, "preStopSleepSeconds": 0},
@@ -835,6 +917,10 @@ REFUSED = {
     "a literal NETBORE_INTERNAL_SECRET in edge.extraEnv": {"edge": {"extraEnv": [{"name": "NETBORE_INTERNAL_SECRET",
                                                                                "value": "0123456789abcdef0123"}]}},
     "edge.networkPolicy.enabled that is not a boolean": {"edge": {"networkPolicy": {"enabled": "yes"}}},
+    "an https:// OTLP endpoint (no TLS to the collector)": {"otel": {"endpoint": "https://otel-collector:4317"}},
+    "an OTLP endpoint that is not a URL": {"otel": {"endpoint": "otel-collector:4317"}},
+    "an https:// OTEL_EXPORTER_OTLP_ENDPOINT in control.extraEnv": {"control": {"extraEnv": [
+        {"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "https://otel-collector:4317"}]}},
 }
 
 
@@ -922,6 +1008,10 @@ def check_helm_annotations(ck: Checker, name: str, docs: list[dict], vals: dict)
         if d["kind"] in ("Deployment", "StatefulSet") and component(d) in ("control", "edge"):
             ann = d["spec"]["template"]["metadata"].get("annotations", {}) or {}
             ck.check("checksum/config" in ann, f"helm [{name}] {name_of(d)}: checksum/config annotation (rolls on config change)")
+            # otel.endpoint reaches control and the edges as OTEL_EXPORTER_OTLP_ENDPOINT, or nothing.
+            ep = (vals.get("otel") or {}).get("endpoint") or None
+            got = config_values(docs, pod_spec(d)["containers"][0]).get("OTEL_EXPORTER_OTLP_ENDPOINT")
+            ck.check(got == ep, f"helm [{name}] {name_of(d)}: OTEL_EXPORTER_OTLP_ENDPOINT is otel.endpoint ({ep or 'unset'})", f"got {got!r}")
             if component(d) == "control" and not (vals.get("secrets") or {}).get("existingSecret"):
                 ck.check("checksum/secret" in ann, f"helm [{name}] {name_of(d)}: checksum/secret annotation")
             if component(d) == "edge" and not ((vals.get("edge") or {}).get("internalSecret") or {}).get("existingSecret"):
@@ -965,19 +1055,60 @@ def crds(path: str) -> Checker:
 
 
 def crds_against(ck: Checker, crd_path: str, core_path: str) -> None:
-    """A ServiceMonitor must select a Service that exposes the port it scrapes."""
     core = load_docs(core_path)
-    for d in load_docs(crd_path):
+    crd_docs = load_docs(crd_path)
+    check_crds_against(ck, crd_docs, core)
+    # The other way round: a ServiceMonitor whose Service leads to a port other than the
+    # admin listener's, or a control nobody scrapes, must fail.
+    if not any(d["kind"] == "ServiceMonitor" for d in crd_docs):
+        return
+    for what, mutate in (("control's metrics Service targets the REST port", _m_sm_target),
+                         ("no ServiceMonitor for control", _m_sm_no_control)):
+        c2, k2 = copy.deepcopy(crd_docs), copy.deepcopy(core)
+        mutate(c2, k2)
+        q = QuietChecker()
+        check_crds_against(q, c2, k2)
+        ck.check(q.failed > 0, f"broken: {what} -> fails" + (f" ({q.failures[0][:100]})" if q.failures else ""), "not caught")
+
+
+def _m_sm_target(crd_docs, core):
+    svc = next(s for s in core if s["kind"] == "Service" and (s["metadata"].get("labels") or {}).get("netbore.dev/service") == "control-metrics")
+    next(p for p in svc["spec"]["ports"] if p["name"] == "admin")["targetPort"] = "http"
+
+
+def _m_sm_no_control(crd_docs, core):
+    crd_docs[:] = [d for d in crd_docs if not (d["kind"] == "ServiceMonitor" and component(d) == "control")]
+
+
+def check_crds_against(ck: Checker, crd_docs: list[dict], core: list[dict]) -> None:
+    """A ServiceMonitor must select a Service that exposes the port it scrapes."""
+    scraped: set[str] = set()
+    for d in crd_docs:
         if d["kind"] == "ServiceMonitor":
             sel = d["spec"]["selector"]
             svcs = [s for s in core if s["kind"] == "Service" and selects(sel, s["metadata"].get("labels", {}))]
-            ck.check(len(svcs) == 1 and any(p.get("name") == "admin" for p in svcs[0]["spec"]["ports"]),
-                     f"{name_of(d)}: selects one Service with an 'admin' port", f"selects {[name_of(s) for s in svcs]}")
+            if not ck.check(len(svcs) == 1 and any(p.get("name") == "admin" for p in svcs[0]["spec"]["ports"]),
+                            f"{name_of(d)}: selects one Service with an 'admin' port", f"selects {[name_of(s) for s in svcs]}"):
+                continue
+            # The Service's admin port must lead to the port the binary's admin listener is on.
+            sp = next(p for p in svcs[0]["spec"]["ports"] if p.get("name") == "admin")
+            pods = [w for w in core if pod_spec(w) and selects({"matchLabels": svcs[0]["spec"].get("selector", {})}, pod_labels(w))]
+            for w in pods:
+                main = pod_spec(w)["containers"][0]
+                target = port_of(main, sp.get("targetPort", sp["port"]))
+                addr = config_values(core, main).get("NETBORE_ADMIN_ADDR")
+                ck.check(target is not None and addr is not None and str(addr).rsplit(":", 1)[-1] == str(target),
+                         f"{name_of(d)}: scrapes {name_of(w)} on port {target}, where NETBORE_ADMIN_ADDR ({addr}) listens")
+            scraped.update(name_of(w) for w in pods)
         if d["kind"] == "Certificate":
             secret = d["spec"]["secretName"]
             used = any(v.get("secret", {}).get("secretName") == secret
                        for w in core if pod_spec(w) for v in pod_spec(w).get("volumes", []) or [])
             ck.check(used, f"{name_of(d)}: its Secret {secret} is mounted by the edges")
+    if any(d["kind"] == "ServiceMonitor" for d in crd_docs):
+        for w in core:
+            if pod_spec(w) and component(w) in ("control", "edge"):
+                ck.check(name_of(w) in scraped, f"ServiceMonitors scrape {name_of(w)} (component {component(w)})")
 
 
 # --------------------------------------------------------------------------------------

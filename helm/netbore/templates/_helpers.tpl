@@ -22,6 +22,7 @@
 {{- define "netbore.controlName" -}}{{ include "netbore.fullname" . | trunc 55 | trimSuffix "-" }}-control{{- end -}}
 {{- define "netbore.edgeName" -}}{{ include "netbore.fullname" . | trunc 58 | trimSuffix "-" }}-edge{{- end -}}
 {{- define "netbore.edgeHeadlessName" -}}{{ include "netbore.fullname" . | trunc 49 | trimSuffix "-" }}-edge-headless{{- end -}}
+{{- define "netbore.controlMetricsName" -}}{{ include "netbore.fullname" . | trunc 47 | trimSuffix "-" }}-control-metrics{{- end -}}
 {{- define "netbore.redisName" -}}{{ include "netbore.fullname" . | trunc 57 | trimSuffix "-" }}-redis{{- end -}}
 {{- define "netbore.controlConfigName" -}}{{ include "netbore.controlName" . }}-config{{- end -}}
 {{- define "netbore.edgeConfigName" -}}{{ include "netbore.edgeName" . }}-config{{- end -}}
@@ -216,6 +217,11 @@ bootstrap-token
 {{- range $e.extraEnv -}}
 {{- if has .name (list "NETBORE_INTERNAL_SECRET" "NETBORE_INTERNAL_ADVERTISE" "POD_IP") -}}
 {{- fail (printf "edge.extraEnv must not set %s: the chart sets it (the internal secret: edge.internalSecret.existingSecret, never a literal)" .name) -}}
+{{- end -}}
+{{- end -}}
+{{- range (concat .Values.control.extraEnv $e.extraEnv) -}}
+{{- if and (has .name (list "OTEL_EXPORTER_OTLP_ENDPOINT" "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")) (hasPrefix "https://" (toString .value)) -}}
+{{- fail (printf "%s=%s: the binaries speak OTLP/gRPC without TLS and stop at start on https://; use http://HOST:4317 of a collector in the cluster (otel.endpoint)" .name .value) -}}
 {{- end -}}
 {{- end -}}
 {{- if and .Values.secrets.existingSecret (not .Values.secrets.existingSecretKeys.signingKeys) -}}
