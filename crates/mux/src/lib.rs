@@ -662,6 +662,34 @@ impl StreamSender {
         Ok(())
     }
 
+    /// Sends the last body bytes and ends our half in the same frame, saving the
+    /// separate empty end-of-stream frame (and often a WebSocket message) per response.
+    pub async fn send_data_and_finish(&mut self, mut data: Bytes) -> Result<(), MuxError> {
+        if data.is_empty() {
+            return self.finish();
+        }
+        if self.state.local() != netbore_protocol::stream::Half::Body {
+            self.check(StreamEvent::Data { end_stream: false })?;
+        }
+        while !data.is_empty() {
+            let want = data.len().min(MAX_DATA_CHUNK);
+            let n = self.acquire_credit(want).await?;
+            let chunk = data.split_to(n);
+            let end_stream = data.is_empty();
+            if end_stream {
+                self.check(StreamEvent::Data { end_stream: true })?;
+            }
+            self.shared.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+            self.shared.send(Frame::Data {
+                stream_id: self.ctl.id,
+                data: chunk,
+                end_stream,
+            })?;
+        }
+        self.after_send();
+        Ok(())
+    }
+
     /// Takes between 1 and `want` bytes of both stream and connection credit.
     async fn acquire_credit(&self, want: usize) -> Result<usize, MuxError> {
         let closed = || MuxError::Reset {
@@ -931,7 +959,10 @@ async fn reader<S>(
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
             Message::Text(_) => break "protocol error: text message after the handshake".into(),
         };
-        let mut buf = BytesMut::from(data);
+        // Decoded in place: data payloads share the message's allocation (turning it
+        // into a `BytesMut` would copy the whole message, as tungstenite still holds
+        // the rest of its read buffer).
+        let mut buf: Bytes = data;
         let mut fatal = None;
         loop {
             match decode(&mut buf, max_len) {
