@@ -44,6 +44,11 @@ pub const MAX_DATA_CHUNK: usize = 64 * 1024;
 /// The writer stops adding frames to one WebSocket message beyond this many bytes.
 pub const MAX_BATCH_BYTES: usize = 256 * 1024;
 
+/// A batch smaller than this (heads, window updates, small bodies) waits for one turn
+/// of the scheduler before it is written, so frames queued right behind it share its
+/// write. Bulk data is written at once: there the wait only adds delay.
+pub const CORK_BELOW: usize = 16 * 1024;
+
 /// The edge stops opening streams on a connection at this id and sends go-away, so
 /// ids never wrap (the agent reconnects long before 2^32).
 pub const STREAM_ID_RETIRE: u32 = 1 << 31;
@@ -902,15 +907,13 @@ async fn writer<S>(
         };
         let Some(first) = first else { break };
         encode(&first, &mut buf);
-        let mut taken = 1;
-        while buf.len() < MAX_BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(f) => {
-                    encode(&f, &mut buf);
-                    taken += 1;
-                }
-                Err(_) => break,
-            }
+        let mut taken = 1 + drain_into(&mut rx, &mut buf);
+        if buf.len() < CORK_BELOW {
+            // Let the tasks that are about to queue more run first (a response's data
+            // right behind its head, other streams' frames), so that one write carries
+            // them all instead of one write per tiny frame.
+            tokio::task::yield_now().await;
+            taken += drain_into(&mut rx, &mut buf);
         }
         shared.queued.fetch_sub(taken, Ordering::Relaxed);
         let msg = Message::Binary(buf.split().freeze());
@@ -932,6 +935,22 @@ async fn writer<S>(
     let _ = sink.close().await;
     shared.writer_done.store(true, Ordering::Release);
     shared.writer_done_notify.notify_waiters();
+}
+
+/// Encodes queued frames into `buf` until the queue is empty or the batch is full;
+/// returns how many it took.
+fn drain_into(rx: &mut mpsc::UnboundedReceiver<Frame>, buf: &mut BytesMut) -> usize {
+    let mut taken = 0;
+    while buf.len() < MAX_BATCH_BYTES {
+        match rx.try_recv() {
+            Ok(f) => {
+                encode(&f, buf);
+                taken += 1;
+            }
+            Err(_) => break,
+        }
+    }
+    taken
 }
 
 async fn reader<S>(
