@@ -37,6 +37,8 @@ METRICS = [
     ("w3_upload_MBps", "W3 256 MiB upload (MB/s)", True),
     ("w4_server_rss_kib", "W4 server/edge RSS, 1 idle tunnel (KiB)", False),
     ("w4_client_rss_kib", "W4 client/agent RSS, 1 idle tunnel (KiB)", False),
+    ("w4_server_anon_kib", "W4 server/edge anonymous memory, 1 idle tunnel (KiB)", False),
+    ("w4_client_anon_kib", "W4 client/agent anonymous memory, 1 idle tunnel (KiB)", False),
     ("w4_server_rss_after_load_kib", "W4 edge RSS after W1–W5 (KiB)", False),
     ("w4_client_rss_after_load_kib", "W4 agent RSS after W1–W5 (KiB)", False),
     ("w4_edge_base_rss_kib", "W4 fresh edge RSS, no tunnel (KiB)", False),
@@ -184,7 +186,8 @@ def render(r, root, command):
     target("W4 edge ≤ 10 KiB per idle tunnel at 10,000", nw("w4_per_tunnel_10000_bytes"), "<=",
            10240, 1, lambda a, b: f"{a:,.0f} bytes")
     target("W4 idle agent < 10 MiB RSS", nw("w4_client_rss_kib"), "<=", 10240, 1,
-           lambda a, b: f"{a / 1024:.1f} MiB")
+           lambda a, b: f"{a / 1024:.1f} MiB "
+           f"({num(nw('w4_client_anon_kib') or 0) / 1024:.1f} MiB of it anonymous)")
     for p in ("p50", "p99"):
         target(f"W5 {p} ws within 1.15× nginx", nw(f"w5_{p}_us"), "<=", val("nginx", f"w5_{p}_us"),
                1.15, lambda a, b: f"{a:.0f} vs {b:.0f} µs = {a / b:.2f}×")

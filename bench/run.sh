@@ -2,7 +2,7 @@
 # Side-by-side benchmark: the origin directly, nginx as one reverse-proxy hop, Netbore
 # (ws and wss), rathole 0.5 (tcp and websocket) and bore, on loopback only.
 #
-#   bench/run.sh            # full run (about 6 to 10 minutes on 2 cores), rewrites docs/benchmarks.md
+#   bench/run.sh            # full run (about 3 minutes on 2 cores after the release build), rewrites docs/benchmarks.md
 #   bench/run.sh --quick    # shorter loads, skips the 10,000-tunnel step, prints the table only
 #
 # Needs: wrk, curl, nginx (apt-get install wrk nginx), python3. Optional: rathole
@@ -75,6 +75,13 @@ wait_port() { # port [seconds]
 }
 
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+# Anonymous memory (heap, stacks): RSS less the executable's and libraries' file pages,
+# which a large binary touches at start and which are shared between processes.
+anon_kib() { awk '/^Anonymous/ {print $2}' "/proc/$1/smaps_rollup" 2>/dev/null || echo 0; }
+mem() { # system role pid: puts RSS and anonymous memory
+    put "$1" "w4_${2}_rss_kib" "$(rss_kib "$3")"
+    put "$1" "w4_${2}_anon_kib" "$(anon_kib "$3")"
+}
 
 # ------------------------------------------------------------------ build
 log "building (release): netbore, netbore-edge, netbore-control, netbore-bench"
@@ -162,7 +169,7 @@ first_byte() { # system url host cmd... -> puts w6_ms; sets FB_PID (the client's
 # ------------------------------------------------------------------ direct
 log "direct origin"
 all_loads direct "http://127.0.0.1:$P_ORIGIN" "ws://127.0.0.1:$P_ORIGIN" "localhost"
-put direct w4_server_rss_kib "$(rss_kib "${PIDS[0]}")"
+mem direct server "${PIDS[0]}"
 
 # ------------------------------------------------------------------ nginx
 if command -v nginx >/dev/null; then
@@ -242,8 +249,8 @@ netbore_run() { # system tls
         --connections 1 --state-dir "$WORK/state-$sys" "${ca[@]}"
     agent=$FB_PID
     sleep 1
-    put "$sys" w4_server_rss_kib "$(rss_kib "$EDGE_PID")"
-    put "$sys" w4_client_rss_kib "$(rss_kib "$agent")"
+    mem "$sys" server "$EDGE_PID"
+    mem "$sys" client "$agent"
     all_loads "$sys" "$pub://127.0.0.1:$P_PUBLIC" "$wsp://127.0.0.1:$P_PUBLIC" "bench.localhost"
     put "$sys" w4_server_rss_after_load_kib "$(rss_kib "$EDGE_PID")"
     put "$sys" w4_client_rss_after_load_kib "$(rss_kib "$agent")"
@@ -266,6 +273,7 @@ netbore_idle() { # W4 with N idle tunnels, on a fresh stack
     base=$(rss_kib "$EDGE_PID")
     put netbore-ws w4_edge_base_rss_kib "$base"
     for n in $IDLE_STEPS; do
+        : >"$WORK/idle-$n.log"
         start "idle-$n" "$TOOL" idle "http://127.0.0.1:$P_REST" $((n - have)) >/dev/null
         idle_pid=${PIDS[-1]}
         local i
@@ -329,8 +337,8 @@ EOF
     first_byte "$sys" "http://127.0.0.1:$P_RH_SVC/1k" localhost rathole --client "$WORK/rh-client.toml"
     client=$FB_PID
     sleep 1
-    put "$sys" w4_server_rss_kib "$(rss_kib "$server")"
-    put "$sys" w4_client_rss_kib "$(rss_kib "$client")"
+    mem "$sys" server "$server"
+    mem "$sys" client "$client"
     all_loads "$sys" "http://127.0.0.1:$P_RH_SVC" "ws://127.0.0.1:$P_RH_SVC" localhost
     stop_all_but_origin
 }
@@ -351,8 +359,8 @@ if command -v bore >/dev/null; then
     first_byte bore "http://127.0.0.1:$P_BORE/1k" localhost bore local $P_ORIGIN --to 127.0.0.1 --port $P_BORE
     client=$FB_PID
     sleep 1
-    put bore w4_server_rss_kib "$(rss_kib "$server")"
-    put bore w4_client_rss_kib "$(rss_kib "$client")"
+    mem bore server "$server"
+    mem bore client "$client"
     all_loads bore "http://127.0.0.1:$P_BORE" "ws://127.0.0.1:$P_BORE" localhost
     stop_all_but_origin
 else
