@@ -118,6 +118,14 @@ where
                     if data.is_empty() {
                         continue;
                     }
+                    // The last bytes of a body of known length carry the end of the
+                    // stream with them: one frame, not two.
+                    if http_body::Body::is_end_stream(&body) {
+                        return match tx.send_data_and_finish(data).await {
+                            Ok(()) => PumpEnd::Done,
+                            Err(_) => PumpEnd::StreamGone,
+                        };
+                    }
                     if tx.send_data(data).await.is_err() {
                         return PumpEnd::StreamGone;
                     }

@@ -44,6 +44,11 @@ pub const MAX_DATA_CHUNK: usize = 64 * 1024;
 /// The writer stops adding frames to one WebSocket message beyond this many bytes.
 pub const MAX_BATCH_BYTES: usize = 256 * 1024;
 
+/// A batch smaller than this (heads, window updates, small bodies) waits for one turn
+/// of the scheduler before it is written, so frames queued right behind it share its
+/// write. Bulk data is written at once: there the wait only adds delay.
+pub const CORK_BELOW: usize = 16 * 1024;
+
 /// The edge stops opening streams on a connection at this id and sends go-away, so
 /// ids never wrap (the agent reconnects long before 2^32).
 pub const STREAM_ID_RETIRE: u32 = 1 << 31;
@@ -662,6 +667,34 @@ impl StreamSender {
         Ok(())
     }
 
+    /// Sends the last body bytes and ends our half in the same frame, saving the
+    /// separate empty end-of-stream frame (and often a WebSocket message) per response.
+    pub async fn send_data_and_finish(&mut self, mut data: Bytes) -> Result<(), MuxError> {
+        if data.is_empty() {
+            return self.finish();
+        }
+        if self.state.local() != netbore_protocol::stream::Half::Body {
+            self.check(StreamEvent::Data { end_stream: false })?;
+        }
+        while !data.is_empty() {
+            let want = data.len().min(MAX_DATA_CHUNK);
+            let n = self.acquire_credit(want).await?;
+            let chunk = data.split_to(n);
+            let end_stream = data.is_empty();
+            if end_stream {
+                self.check(StreamEvent::Data { end_stream: true })?;
+            }
+            self.shared.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+            self.shared.send(Frame::Data {
+                stream_id: self.ctl.id,
+                data: chunk,
+                end_stream,
+            })?;
+        }
+        self.after_send();
+        Ok(())
+    }
+
     /// Takes between 1 and `want` bytes of both stream and connection credit.
     async fn acquire_credit(&self, want: usize) -> Result<usize, MuxError> {
         let closed = || MuxError::Reset {
@@ -874,15 +907,13 @@ async fn writer<S>(
         };
         let Some(first) = first else { break };
         encode(&first, &mut buf);
-        let mut taken = 1;
-        while buf.len() < MAX_BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(f) => {
-                    encode(&f, &mut buf);
-                    taken += 1;
-                }
-                Err(_) => break,
-            }
+        let mut taken = 1 + drain_into(&mut rx, &mut buf);
+        if buf.len() < CORK_BELOW {
+            // Let the tasks that are about to queue more run first (a response's data
+            // right behind its head, other streams' frames), so that one write carries
+            // them all instead of one write per tiny frame.
+            tokio::task::yield_now().await;
+            taken += drain_into(&mut rx, &mut buf);
         }
         shared.queued.fetch_sub(taken, Ordering::Relaxed);
         let msg = Message::Binary(buf.split().freeze());
@@ -904,6 +935,22 @@ async fn writer<S>(
     let _ = sink.close().await;
     shared.writer_done.store(true, Ordering::Release);
     shared.writer_done_notify.notify_waiters();
+}
+
+/// Encodes queued frames into `buf` until the queue is empty or the batch is full;
+/// returns how many it took.
+fn drain_into(rx: &mut mpsc::UnboundedReceiver<Frame>, buf: &mut BytesMut) -> usize {
+    let mut taken = 0;
+    while buf.len() < MAX_BATCH_BYTES {
+        match rx.try_recv() {
+            Ok(f) => {
+                encode(&f, buf);
+                taken += 1;
+            }
+            Err(_) => break,
+        }
+    }
+    taken
 }
 
 async fn reader<S>(
@@ -931,7 +978,10 @@ async fn reader<S>(
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
             Message::Text(_) => break "protocol error: text message after the handshake".into(),
         };
-        let mut buf = BytesMut::from(data);
+        // Decoded in place: data payloads share the message's allocation (turning it
+        // into a `BytesMut` would copy the whole message, as tungstenite still holds
+        // the rest of its read buffer).
+        let mut buf: Bytes = data;
         let mut fatal = None;
         loop {
             match decode(&mut buf, max_len) {

@@ -457,7 +457,11 @@ fn put_headers(dst: &mut BytesMut, headers: &[Header]) {
 /// `Ok(Some(frame))` after consuming exactly that frame, or an error for a frame that
 /// can never be valid. `max_len` bounds the payload length the peer may announce, so
 /// a hostile length never makes us wait for (or allocate) more.
-pub fn decode(src: &mut BytesMut, max_len: usize) -> Result<Option<Frame>, DecodeError> {
+///
+/// `src` is a [`BytesMut`] (bytes accumulating from a stream) or a [`Bytes`] (one whole
+/// message, as the tunnel's WebSocket delivers them); either way a data payload is
+/// split off without copying.
+pub fn decode<B: DecodeBuf>(src: &mut B, max_len: usize) -> Result<Option<Frame>, DecodeError> {
     if src.len() < FRAME_HEADER_LEN {
         return Ok(None);
     }
@@ -494,7 +498,7 @@ pub fn decode(src: &mut BytesMut, max_len: usize) -> Result<Option<Frame>, Decod
     if ty == FrameType::Data {
         // Nothing in a data payload can be invalid: take it without copying.
         src.advance(FRAME_HEADER_LEN);
-        let data = src.split_to(len).freeze();
+        let data = src.split_frozen(len);
         return Ok(Some(Frame::Data {
             stream_id,
             data,
@@ -587,6 +591,25 @@ pub fn decode(src: &mut BytesMut, max_len: usize) -> Result<Option<Frame>, Decod
     }
     src.advance(FRAME_HEADER_LEN + len);
     Ok(Some(frame))
+}
+
+/// A buffer [`decode`] reads frames from: its bytes, and a way to split off a prefix as
+/// [`Bytes`] without copying.
+pub trait DecodeBuf: Buf + std::ops::Deref<Target = [u8]> {
+    /// Removes the first `n` bytes and returns them, sharing the allocation.
+    fn split_frozen(&mut self, n: usize) -> Bytes;
+}
+
+impl DecodeBuf for BytesMut {
+    fn split_frozen(&mut self, n: usize) -> Bytes {
+        self.split_to(n).freeze()
+    }
+}
+
+impl DecodeBuf for Bytes {
+    fn split_frozen(&mut self, n: usize) -> Bytes {
+        self.split_to(n)
+    }
 }
 
 /// RFC 9110 token characters (methods and header names).
@@ -697,6 +720,12 @@ mod tests {
         let got = decode(&mut b, DEFAULT_MAX_FRAME_LEN).unwrap().unwrap();
         assert_eq!(got, f);
         assert!(b.is_empty());
+        // The same bytes as one whole message (`Bytes`) decode the same.
+        let mut m = BytesMut::new();
+        encode(&f, &mut m);
+        let mut m = m.freeze();
+        assert_eq!(decode(&mut m, DEFAULT_MAX_FRAME_LEN).unwrap().unwrap(), f);
+        assert!(m.is_empty());
     }
 
     #[test]

@@ -171,6 +171,9 @@ proptest! {
         let mut buf = wire.clone();
         prop_assert_eq!(decode(&mut buf, payload), Ok(Some(f.clone())));
         prop_assert!(buf.is_empty());
+        let mut message = wire.clone().freeze();
+        prop_assert_eq!(decode(&mut message, payload), Ok(Some(f.clone())));
+        prop_assert!(message.is_empty());
 
         if payload > 0 {
             let mut buf = wire.clone();
