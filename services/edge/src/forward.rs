@@ -370,8 +370,11 @@ pub async fn forward(
     let (parts, body) = req.into_parts();
     let cfg = edge.config();
     let body_empty = http_body::Body::is_end_stream(&body);
-    let mut body: Option<Body> =
-        Some(crate::proxy::guard_body(body, cfg.max_body_bytes, cfg.body_idle_timeout).boxed());
+    let mut body: Option<Body> = Some(if body_empty {
+        http_body_util::Empty::new().map_err(|n| match n {}).boxed()
+    } else {
+        crate::proxy::guard_body(body, cfg.max_body_bytes, cfg.body_idle_timeout).boxed()
+    });
 
     for h in &holders {
         let Some(b) = body.take() else { break };
@@ -461,7 +464,73 @@ async fn relay(
         return out;
     }
     let (parts, body) = resp.into_parts();
-    Response::from_parts(parts, body.map_err(std::io::Error::other).boxed())
+    Response::from_parts(parts, Relayed(Some(body)).boxed())
+}
+
+/// Longest a relayed response body is read on after the viewer's side stopped polling.
+pub const DRAIN_ON_DROP: Duration = Duration::from_secs(1);
+/// Most bytes read on after the viewer's side stopped polling.
+pub const DRAIN_ON_DROP_BYTES: usize = 64 * 1024;
+
+/// A holder's response body on its way to the viewer. hyper stops polling a body once
+/// the declared `Content-Length` is delivered; dropping an HTTP/2 stream whose
+/// END_STREAM has not arrived yet resets it, and h2 closes a connection after 1,024
+/// such resets (failing the requests in flight on it: 2 in 1,000 under load before
+/// this). So a body dropped early is read to its end in the background, briefly.
+struct Relayed(Option<Incoming>);
+
+impl http_body::Body for Relayed {
+    type Data = bytes::Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, std::io::Error>>> {
+        match self.0.as_mut() {
+            Some(b) => std::pin::Pin::new(b)
+                .poll_frame(cx)
+                .map_err(std::io::Error::other),
+            None => std::task::Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.as_ref().is_none_or(http_body::Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.0
+            .as_ref()
+            .map(http_body::Body::size_hint)
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Relayed {
+    fn drop(&mut self) {
+        let Some(mut body) = self.0.take() else {
+            return;
+        };
+        if http_body::Body::is_end_stream(&body) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            let _ = tokio::time::timeout(DRAIN_ON_DROP, async {
+                let mut read = 0;
+                while let Some(Ok(f)) = body.frame().await {
+                    read += f.data_ref().map_or(0, |d| d.len());
+                    if read > DRAIN_ON_DROP_BYTES {
+                        break;
+                    }
+                }
+            })
+            .await;
+        });
+    }
 }
 
 /// Accepts other edges' forwarded requests until `stop` fires.

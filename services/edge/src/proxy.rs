@@ -652,6 +652,16 @@ impl http_body::Body for GuardedBody {
             }
         }
     }
+
+    // Delegated, so an empty body is known to be empty: an HTTP/2 client (the hop to
+    // another edge) then ends the stream with the request's HEADERS.
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 fn reset_error(code: ResetCode) -> ViewerError {

@@ -205,6 +205,37 @@ async fn requests_sent_to_each_of_three_edges_all_reach_the_tunnel() {
     );
     assert!(failed.is_empty(), "{failed:?}");
     let via = p.unlinked();
+    // Many requests over the one pooled HTTP/2 connection between two edges: no stream
+    // may be left to a reset (h2 refuses new streams after 1,024 of those).
+    // 64 viewers at once, as a load balancer would send them.
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let (client, host, port) = (p.client.clone(), p.host(), via.public);
+            tokio::spawn(async move {
+                let mut failed = 0;
+                for _ in 0..40 {
+                    let req = http::Request::get(format!("http://127.0.0.1:{port}/hello"))
+                        .header("host", &host)
+                        .body(netbore_testkit::empty())
+                        .unwrap();
+                    let ok = match client.request(req).await {
+                        Ok(r) => r.status() == 200 && r.into_body().collect().await.is_ok(),
+                        Err(_) => false,
+                    };
+                    failed += u32::from(!ok);
+                }
+                failed
+            })
+        })
+        .collect();
+    let mut hop_failed = 0;
+    for t in tasks {
+        hop_failed += t.await.unwrap();
+    }
+    println!(
+        "sent 2560 requests from 64 concurrent viewers through the forwarding edge, {hop_failed} failed"
+    );
+    assert_eq!(hop_failed, 0);
     assert!(
         metric(via.admin, "netbore_edge_forwarded_total").await >= 30,
         "the unlinked edge forwarded its requests"
