@@ -36,6 +36,7 @@ P_NGINX=18081
 P_REST=18090 P_GRPC=18091 P_PUBLIC=18092 P_AGENTS=18093 P_ADMIN=18094
 P_RH_CTRL=18100 P_RH_SVC=18101
 P_BORE=18110
+P_REDIS=18120 P_PUBLIC2=18095 P_AGENTS2=18096 P_ADMIN2=18097 P_INT1=18098 P_INT2=18099
 
 log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 put() { echo "$1 $2 $3" >>"$RESULTS"; }   # system metric value
@@ -96,7 +97,8 @@ ulimit -n "$(ulimit -Hn)"
 # 256 MiB upload source (page-cached after the first read).
 head -c $((256 * 1024 * 1024)) /dev/zero >"$WORK/256m.bin"
 
-for p in $P_ORIGIN $P_NGINX $P_REST $P_GRPC $P_PUBLIC $P_AGENTS $P_ADMIN $P_RH_CTRL $P_RH_SVC $P_BORE 7835; do
+for p in $P_ORIGIN $P_NGINX $P_REST $P_GRPC $P_PUBLIC $P_AGENTS $P_ADMIN $P_RH_CTRL $P_RH_SVC $P_BORE 7835 \
+    $P_REDIS $P_PUBLIC2 $P_AGENTS2 $P_ADMIN2 $P_INT1 $P_INT2; do
     if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
         log "port $p is in use: is another bench/run.sh (or a leftover of one) running?"
         exit 1
@@ -303,7 +305,50 @@ if [[ -x $BIN/netbore-edge ]]; then
     netbore_run netbore-wss 1
     netbore_idle
 fi
-put netbore-e2e forwarding "n/a"
+
+# Edge-to-edge: the agent links to edge-1 only; the load goes to edge-2, which looks the
+# tunnel up in Redis and forwards every request to edge-1's internal listener.
+netbore_forward_run() {
+    if ! command -v redis-server >/dev/null; then
+        put netbore-e2e installed no
+        return
+    fi
+    log "netbore-e2e (edge-to-edge forwarding)"
+    start redis redis-server --port $P_REDIS --bind 127.0.0.1 --save '' --appendonly no >/dev/null
+    wait_port $P_REDIS
+    export NETBORE_INTERNAL_SECRET=bench-internal-secret-0123456789
+    local redis=redis://127.0.0.1:$P_REDIS
+    start control "$BIN/netbore-control" --rest-addr 127.0.0.1:$P_REST --grpc-addr 127.0.0.1:$P_GRPC \
+        --domain localhost --public-url-template "http://{name}.localhost:$P_PUBLIC" \
+        --edge "id=edge-1,url=ws://127.0.0.1:$P_AGENTS/v1/connect,region=local" >/dev/null
+    wait_port $P_REST
+    wait_port $P_GRPC
+    start edge "$BIN/netbore-edge" --public-addr 127.0.0.1:$P_PUBLIC --agent-addr 127.0.0.1:$P_AGENTS \
+        --admin-addr 127.0.0.1:$P_ADMIN --domain localhost --edge-id edge-1 \
+        --control-url http://127.0.0.1:$P_REST --control-grpc http://127.0.0.1:$P_GRPC \
+        --advertise-url "ws://127.0.0.1:$P_AGENTS/v1/connect" \
+        --redis-url "$redis" --internal-addr 127.0.0.1:$P_INT1 >/dev/null
+    # edge-2 has no link to control, so it is never a candidate: no agent connects there.
+    start edge2 "$BIN/netbore-edge" --public-addr 127.0.0.1:$P_PUBLIC2 --agent-addr 127.0.0.1:$P_AGENTS2 \
+        --admin-addr 127.0.0.1:$P_ADMIN2 --domain localhost --edge-id edge-2 \
+        --control-url http://127.0.0.1:$P_REST --control-grpc "" \
+        --redis-url "$redis" --internal-addr 127.0.0.1:$P_INT2 >/dev/null
+    wait_port $P_AGENTS
+    wait_port $P_PUBLIC2
+    start agent "$BIN/netbore" http $P_ORIGIN --control "http://127.0.0.1:$P_REST" --name bench \
+        --connections 1 --state-dir "$WORK/state-e2e" >/dev/null
+    local i
+    for ((i = 0; i < 100; i++)); do
+        curl -sf -o /dev/null -H "Host: bench.localhost" "http://127.0.0.1:$P_PUBLIC2/1k" && break
+        sleep 0.2
+    done
+    all_loads netbore-e2e "http://127.0.0.1:$P_PUBLIC2" "ws://127.0.0.1:$P_PUBLIC2" "bench.localhost"
+    unset NETBORE_INTERNAL_SECRET
+    stop_all_but_origin
+}
+if [[ -x $BIN/netbore-edge ]]; then
+    netbore_forward_run
+fi
 
 # ------------------------------------------------------------------ rathole
 rathole_run() { # system transport
