@@ -552,18 +552,7 @@ pub async fn serve_internal(
                         Ok::<_, std::convert::Infallible>(internal(edge, cluster, req).await)
                     }
                 });
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
-                tokio::pin!(conn);
-                let r = tokio::select! {
-                    r = conn.as_mut() => r,
-                    _ = stop.cancelled() => {
-                        conn.as_mut().graceful_shutdown();
-                        conn.await
-                    }
-                };
-                if let Err(e) = r {
-                    debug!(error = %e, "internal connection ended with an error");
-                }
+                crate::serve_http(&builder, tcp, svc, &stop, "internal").await;
             }
             .instrument(info_span!("internal", %peer)),
         );

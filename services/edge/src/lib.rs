@@ -168,6 +168,41 @@ pub(crate) async fn accept(
     }
 }
 
+/// Serves one HTTP connection (HTTP/1.1 with upgrades, or HTTP/2) with `svc` until it
+/// ends, or until `stop` fires, after which the current requests finish and the
+/// connection closes. `what` names the listener in the log line of a failed connection.
+pub(crate) async fn serve_http<I, S, B>(
+    builder: &hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    io: I,
+    svc: S,
+    stop: &CancellationToken,
+    what: &'static str,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<B>,
+            Error = std::convert::Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let r = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = r {
+        tracing::debug!(error = %e, listener = what, "connection ended with an error");
+    }
+}
+
 /// Pause after a failed accept.
 pub const ACCEPT_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
 

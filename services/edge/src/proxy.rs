@@ -133,19 +133,7 @@ async fn serve_conn<S>(
         let edge = edge.clone();
         async move { Ok::<_, Infallible>(handle(edge, req, peer).await) }
     });
-    let conn =
-        builder.serve_connection_with_upgrades(TokioIo::new(crate::sniff::Sniff::new(io)), svc);
-    tokio::pin!(conn);
-    let r = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = stop.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
-    if let Err(e) = r {
-        debug!(error = %e, "viewer connection ended with an error");
-    }
+    crate::serve_http(&builder, crate::sniff::Sniff::new(io), svc, &stop, "public").await;
 }
 
 /// The tunnel name a host addresses, if it is `NAME.<domain>` with a single label.
