@@ -329,6 +329,40 @@ impl Viewer {
     }
 }
 
+/// A WebSocket client connection through an edge.
+pub type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// Opens a WebSocket to `path` on tunnel `host` through the edge at `edge`, with extra
+/// request `headers`: the socket and the 101, or the status the handshake was refused
+/// with.
+pub async fn websocket(
+    edge: SocketAddr,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(Ws, http::StatusCode), http::StatusCode> {
+    use tokio_tungstenite::tungstenite;
+    let tcp = tokio::net::TcpStream::connect(edge).await.unwrap();
+    let mut req = Request::builder()
+        .uri(format!("ws://{host}{path}"))
+        .header("host", host)
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header(
+            "sec-websocket-key",
+            tungstenite::handshake::client::generate_key(),
+        );
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    match tokio_tungstenite::client_async(req.body(()).unwrap(), tcp).await {
+        Ok((ws, resp)) => Ok((ws, resp.status())),
+        Err(tungstenite::Error::Http(resp)) => Err(resp.status()),
+        Err(e) => panic!("websocket handshake failed oddly: {e}"),
+    }
+}
+
 /// Reads a whole response.
 pub async fn collect(resp: Response<Incoming>) -> Collected {
     let (parts, body) = resp.into_parts();

@@ -8,10 +8,10 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use netbore_testkit::origin::Origin;
-use netbore_testkit::{Collected, InProcAgent, Stack, Viewer, collect, empty, full};
+use netbore_testkit::{Collected, InProcAgent, Stack, Viewer, Ws, collect, empty, full};
 use netbore_tokens::access::{AccessPolicy, BasicUser, JwtPolicy, TunnelLimits, hash_password};
 use netbore_tokens::now_unix;
-use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::tungstenite::Message;
 
 /// A key pair as the tunnel owner's backend holds it: the PEM public key goes into the
 /// policy, the private key mints viewer tokens.
@@ -88,36 +88,14 @@ async fn get(v: &Viewer, host: &str, path: &str, headers: &[(&str, &str)]) -> Co
     collect(v.send(req).await).await
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
-
-/// Opens a WebSocket to `path` on tunnel `host` through the edge.
+/// Opens a WebSocket to `path` on tunnel `host` through the stack's edge.
 async fn websocket(
     stack: &Stack,
     host: &str,
     path: &str,
     headers: &[(&str, &str)],
 ) -> Result<(Ws, http::StatusCode), http::StatusCode> {
-    let tcp = tokio::net::TcpStream::connect(stack.public())
-        .await
-        .unwrap();
-    let mut req = http::Request::builder()
-        .uri(format!("ws://{host}{path}"))
-        .header("host", host)
-        .header("connection", "Upgrade")
-        .header("upgrade", "websocket")
-        .header("sec-websocket-version", "13")
-        .header(
-            "sec-websocket-key",
-            tungstenite::handshake::client::generate_key(),
-        );
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    match tokio_tungstenite::client_async(req.body(()).unwrap(), tcp).await {
-        Ok((ws, resp)) => Ok((ws, resp.status())),
-        Err(tungstenite::Error::Http(resp)) => Err(resp.status()),
-        Err(e) => panic!("websocket handshake failed oddly: {e}"),
-    }
+    netbore_testkit::websocket(stack.public(), host, path, headers).await
 }
 
 async fn echo_once(ws: &mut Ws, text: &str) {

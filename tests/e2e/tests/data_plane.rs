@@ -195,23 +195,10 @@ async fn two_hundred_concurrent_requests_on_one_tunnel_all_complete() {
 #[tokio::test]
 async fn websocket_echo_with_text_binary_and_close() {
     let (s, _o, agent, _v) = setup().await;
-    let tcp = tokio::net::TcpStream::connect(s.public()).await.unwrap();
-    let req = http::Request::builder()
-        .uri(format!("ws://{}/ws", agent.host()))
-        .header("host", agent.host())
-        .header("connection", "Upgrade")
-        .header("upgrade", "websocket")
-        .header("sec-websocket-version", "13")
-        .header(
-            "sec-websocket-key",
-            tokio_tungstenite::tungstenite::handshake::client::generate_key(),
-        )
-        .body(())
-        .unwrap();
-    let (mut ws, resp) = tokio_tungstenite::client_async(req, tcp)
+    let (mut ws, status) = netbore_testkit::websocket(s.public(), &agent.host(), "/ws", &[])
         .await
         .expect("upgrade through the tunnel");
-    assert_eq!(resp.status(), 101);
+    assert_eq!(status, 101);
     ws.send(Message::text("hello over the tunnel"))
         .await
         .unwrap();

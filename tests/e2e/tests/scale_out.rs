@@ -328,23 +328,11 @@ async fn requests_sent_to_each_of_three_edges_all_reach_the_tunnel() {
     }
 
     // A WebSocket through the unlinked edge.
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", via.public))
-        .await
-        .unwrap();
-    let req = http::Request::builder()
-        .uri(format!("ws://{}/ws", p.host()))
-        .header("host", p.host())
-        .header("connection", "Upgrade")
-        .header("upgrade", "websocket")
-        .header("sec-websocket-version", "13")
-        .header(
-            "sec-websocket-key",
-            tokio_tungstenite::tungstenite::handshake::client::generate_key(),
-        )
-        .body(())
-        .unwrap();
-    let (mut ws, resp) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
-    assert_eq!(resp.status(), 101);
+    let (mut ws, status) =
+        netbore_testkit::websocket(([127, 0, 0, 1], via.public).into(), &p.host(), "/ws", &[])
+            .await
+            .unwrap();
+    assert_eq!(status, 101);
     for i in 0..20 {
         let m = Message::text(format!("ping {i} across edges"));
         ws.send(m.clone()).await.unwrap();
