@@ -727,17 +727,19 @@ mod tests {
             origin_set_cookie(b"a=1; Path=/; Domain=.localhost; HttpOnly; domain = x").as_deref(),
             Some(&b"a=1; Path=/; HttpOnly"[..])
         );
-        assert_eq!(
-            origin_set_cookie(b"a=1").as_deref(),
-            Some(&b"a=1"[..])
-        );
+        assert_eq!(origin_set_cookie(b"a=1").as_deref(), Some(&b"a=1"[..]));
         for bad in [
             &b"netbore_session=x; Path=/"[..],
             b"__Host-netbore_session=x; Secure; Path=/",
             b" NETBORE_SESSION =x",
             b"=netbore_session=x",
         ] {
-            assert_eq!(origin_set_cookie(bad), None, "{}", String::from_utf8_lossy(bad));
+            assert_eq!(
+                origin_set_cookie(bad),
+                None,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 

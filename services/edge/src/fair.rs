@@ -108,7 +108,9 @@ pub struct SlotGuard {
 
 impl std::fmt::Debug for SlotGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SlotGuard").field("tunnel", &self.name).finish()
+        f.debug_struct("SlotGuard")
+            .field("tunnel", &self.name)
+            .finish()
     }
 }
 
@@ -135,7 +137,10 @@ mod tests {
         assert_eq!(s.held("t", a), 0);
         assert!(s.try_take("t", a, 3).is_some());
         drop(g);
-        assert!(s.table.lock().get("t").is_none(), "empty entries are removed");
+        assert!(
+            s.table.lock().get("t").is_none(),
+            "empty entries are removed"
+        );
     }
 
     #[test]

@@ -391,9 +391,9 @@ async fn proxy(
     };
     // One client address gets at most its share of the tunnel's slots, so a flood of
     // slow requests from one place leaves the rest to everyone else.
-    let capacity = cfg.max_streams_per_tunnel.min(
-        edge.routes().connections(&name).max(1) * cfg.limits.max_concurrent_streams as usize,
-    );
+    let capacity = cfg
+        .max_streams_per_tunnel
+        .min(edge.routes().connections(&name).max(1) * cfg.limits.max_concurrent_streams as usize);
     let Some(slot) = edge.client_slots().try_take(
         &name,
         view.client,
