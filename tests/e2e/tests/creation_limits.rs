@@ -47,7 +47,11 @@ async fn call(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, retry, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    (
+        status,
+        retry,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
 }
 
 async fn management_token(control: &ControlProc) -> String {
@@ -95,7 +99,10 @@ async fn anonymous_creations_past_the_burst_get_429_while_tokens_and_other_addre
                 limited += 1;
                 assert_eq!(b["error"]["code"], "rate_limited", "{b}");
                 let msg = b["error"]["message"].as_str().unwrap();
-                assert!(msg.contains("management token") && msg.contains("wait"), "{msg}");
+                assert!(
+                    msg.contains("management token") && msg.contains("wait"),
+                    "{msg}"
+                );
                 let retry = retry.expect("Retry-After on a 429");
                 assert!((1..=60).contains(&retry), "Retry-After {retry}");
             }

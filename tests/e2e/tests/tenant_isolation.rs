@@ -118,7 +118,13 @@ async fn one_addresss_slow_requests_leave_slots_for_another_address() {
         "the flooder got exactly its share"
     );
     // Its slots came back: it is served again.
-    let r = collect(flooder.request(request(edge, &a.host(), "/hello")).await.unwrap()).await;
+    let r = collect(
+        flooder
+            .request(request(edge, &a.host(), "/hello"))
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(r.status, 200);
 }
 
@@ -208,7 +214,9 @@ async fn password_guesses_on_one_tunnel_do_not_delay_first_logins_on_another() {
         during < bound,
         "a first login took {during:?} during the flood (baseline {baseline:?}, bound {bound:?})"
     );
-    eprintln!("first login: baseline {baseline:?}, during a flood of {GUESSERS} guessers {during:?}");
+    eprintln!(
+        "first login: baseline {baseline:?}, during a flood of {GUESSERS} guessers {during:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -294,7 +302,11 @@ impl OwnerKey {
 }
 
 async fn send(v: &Viewer, method: &str, host: &str, path: &str, h: &[(&str, &str)]) -> Collected {
-    let body = if method == "POST" { full("form=1") } else { empty() };
+    let body = if method == "POST" {
+        full("form=1")
+    } else {
+        empty()
+    };
     let mut req = v.request(method, host, path, body);
     for (k, val) in h {
         req.headers_mut().append(
@@ -355,7 +367,10 @@ async fn viewer_tokens_reach_neither_the_origin_nor_a_referer_in_any_spelling() 
     )
     .await;
     assert_eq!(r.status, 200, "{:?}", r.error_code());
-    assert!(!no_referrer(&r), "no token in this URL: the origin's own policy");
+    assert!(
+        !no_referrer(&r),
+        "no token in this URL: the origin's own policy"
+    );
     // An odd spelling beside a valid cookie never reaches the origin either.
     let r = send(
         &v,
@@ -368,16 +383,30 @@ async fn viewer_tokens_reach_neither_the_origin_nor_a_referer_in_any_spelling() 
     assert_eq!(r.status, 200, "{:?}", r.error_code());
     // A Referer without a token passes as it is.
     let plain = format!("http://{host}/page?x=1");
-    let r = send(&v, "GET", &host, "/hello", &[("cookie", &cookie), ("referer", &plain)]).await;
+    let r = send(
+        &v,
+        "GET",
+        &host,
+        "/hello",
+        &[("cookie", &cookie), ("referer", &plain)],
+    )
+    .await;
     assert_eq!(r.status, 200);
 
     let seen = origin.seen();
-    assert_eq!(seen.len(), 4, "the POSTs, /headers and /hello reached the origin");
+    assert_eq!(
+        seen.len(),
+        4,
+        "the POSTs, /headers and /hello reached the origin"
+    );
     let all: String = seen
         .iter()
         .map(|s| format!("{} {:?}\n", s.target, s.headers))
         .collect();
-    assert!(!all.contains(&token), "the token reached the origin:\n{all}");
+    assert!(
+        !all.contains(&token),
+        "the token reached the origin:\n{all}"
+    );
     assert_eq!(seen[0].target, "/echo?y=2");
     assert_eq!(
         seen[1].header("referer"),
@@ -437,7 +466,11 @@ async fn an_origin_cannot_set_cookies_for_other_tunnels_or_the_session_cookie() 
         .collect();
     assert_eq!(
         set,
-        ["theme=dark; Path=/; HttpOnly", "cart=7; Max-Age=60", "plain=1"],
+        [
+            "theme=dark; Path=/; HttpOnly",
+            "cart=7; Max-Age=60",
+            "plain=1"
+        ],
         "host-only cookies, and none named like the session"
     );
     assert_eq!(r.text(), "cookies");
