@@ -60,11 +60,17 @@ fn status(e: ApiError) -> Status {
         StatusCode::GONE => Code::FailedPrecondition,
         StatusCode::CONFLICT => Code::AlreadyExists,
         StatusCode::SERVICE_UNAVAILABLE => Code::Unavailable,
+        StatusCode::TOO_MANY_REQUESTS => Code::ResourceExhausted,
         _ => Code::Internal,
     };
     let mut md = tonic::metadata::MetadataMap::new();
     if let Ok(v) = e.code.parse() {
         md.insert(ERROR_CODE_METADATA, v);
+    }
+    if let Some(s) = e.retry_after_secs
+        && let Ok(v) = s.to_string().parse()
+    {
+        md.insert("retry-after", v);
     }
     Status::with_metadata(code, format!("{}: {}", e.code, e.message), md)
 }
@@ -102,8 +108,16 @@ impl ControlService for ControlGrpc {
         req: Request<pb::CreateTunnelRequest>,
     ) -> Result<Response<pb::CreateTunnelResponse>, Status> {
         let b = bearer(&req);
+        let client = crate::ratelimit::client_of(
+            req.remote_addr(),
+            req.metadata()
+                .get_all(crate::ratelimit::FORWARDED_FOR)
+                .iter()
+                .filter_map(|v| v.to_str().ok()),
+            &self.0.config().trusted_proxies,
+        );
         let r = req.into_inner();
-        let out = ops::create(
+        let out = ops::create_from(
             &self.0,
             b,
             CreateTunnelRequest {
@@ -119,6 +133,7 @@ impl ControlService for ControlGrpc {
                     max_body_bytes: r.limits.map(|l| l.max_body_bytes).filter(|n| *n > 0),
                 },
             },
+            client,
         )
         .await
         .map_err(status)?;

@@ -24,6 +24,7 @@ pub mod grpc;
 pub mod metrics;
 pub mod names;
 pub mod ops;
+pub mod ratelimit;
 pub mod redis_store;
 pub mod rest;
 mod shared;
@@ -112,6 +113,13 @@ pub struct ControlConfig {
     /// `redis://…` of the Redis that replicas share; `None` keeps state in memory
     /// (one replica). A secret: the URL may carry a password.
     pub redis_url: Option<Secret>,
+    /// Anonymous creations one client address may make at once ([`ratelimit`]).
+    pub anonymous_create_burst: u32,
+    /// Anonymous creations one client address regains per minute; 0: no limit.
+    pub anonymous_create_per_minute: u32,
+    /// Proxies (the load balancer) whose `X-Forwarded-For` names the client; everyone
+    /// else is the client themselves.
+    pub trusted_proxies: Vec<netbore_tokens::access::Cidr>,
 }
 
 impl Default for ControlConfig {
@@ -128,6 +136,9 @@ impl Default for ControlConfig {
             recreate_ttl_max: DEFAULT_RECREATE_TTL_MAX,
             management_ttl: DEFAULT_MANAGEMENT_TTL,
             redis_url: None,
+            anonymous_create_burst: ratelimit::DEFAULT_ANONYMOUS_CREATE_BURST,
+            anonymous_create_per_minute: ratelimit::DEFAULT_ANONYMOUS_CREATE_PER_MINUTE,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -227,6 +238,8 @@ struct Inner {
     store: Box<dyn store::ControlStore>,
     deletions: broadcast::Sender<String>,
     metrics: Arc<metrics::ControlMetrics>,
+    /// Anonymous creations per client address; `None`: unlimited.
+    create_limiter: Option<ratelimit::CreateLimiter>,
 }
 
 impl Control {
@@ -244,6 +257,10 @@ impl Control {
         let verifier = Verifier::new(&keys.jwks(), config.issuer.clone()).expect("own keys verify");
         let (deletions, _) = broadcast::channel(1024);
         store.attach_deletions(deletions.clone());
+        let create_limiter = ratelimit::CreateLimiter::new(
+            config.anonymous_create_burst,
+            config.anonymous_create_per_minute,
+        );
         Control {
             inner: Arc::new(Inner {
                 edges: RwLock::new(config.edges.clone()),
@@ -254,8 +271,14 @@ impl Control {
                 store,
                 deletions,
                 metrics: Arc::default(),
+                create_limiter,
             }),
         }
+    }
+
+    /// The per-address limit on anonymous creation, when there is one.
+    pub fn create_limiter(&self) -> Option<&ratelimit::CreateLimiter> {
+        self.inner.create_limiter.as_ref()
     }
 
     /// The configuration.

@@ -62,9 +62,22 @@ struct Args {
     /// Lifetime (and maximum) of management tokens, in seconds.
     #[arg(long, env = "NETBORE_MANAGEMENT_TTL_SECS", default_value_t = netbore_control::DEFAULT_MANAGEMENT_TTL.as_secs())]
     management_ttl_secs: u64,
-    /// Require a management token for every tunnel creation.
+    /// Require a management token for every tunnel creation (turns anonymous creation
+    /// off).
     #[arg(long, env = "NETBORE_REQUIRE_TOKEN")]
     require_token: bool,
+    /// Anonymous creations (no management or recreate token) one client address may
+    /// make at once before it must wait.
+    #[arg(long, env = "NETBORE_ANONYMOUS_CREATE_BURST", default_value_t = netbore_control::ratelimit::DEFAULT_ANONYMOUS_CREATE_BURST)]
+    anonymous_create_burst: u32,
+    /// Anonymous creations one client address regains per minute (429 `rate_limited`
+    /// beyond the burst); 0 removes the limit.
+    #[arg(long, env = "NETBORE_ANONYMOUS_CREATE_PER_MINUTE", default_value_t = netbore_control::ratelimit::DEFAULT_ANONYMOUS_CREATE_PER_MINUTE)]
+    anonymous_create_per_minute: u32,
+    /// Load balancer ranges whose X-Forwarded-For names the client (comma-separated
+    /// CIDRs); other peers are the client themselves.
+    #[arg(long, env = "NETBORE_TRUSTED_PROXIES", value_delimiter = ',')]
+    trusted_proxies: Vec<netbore_tokens::access::Cidr>,
     /// Redis shared by every control replica (redis://[:PASSWORD@]HOST:PORT[/DB]).
     /// Without it, state is kept in memory and only one replica may run.
     #[arg(long, env = "NETBORE_REDIS_URL")]
@@ -144,6 +157,9 @@ async fn main() -> anyhow::Result<()> {
         recreate_ttl_max: Duration::from_secs(args.recreate_ttl_max_secs),
         management_ttl: Duration::from_secs(args.management_ttl_secs),
         redis_url: args.redis_url.clone().map(Secret::new),
+        anonymous_create_burst: args.anonymous_create_burst,
+        anonymous_create_per_minute: args.anonymous_create_per_minute,
+        trusted_proxies: args.trusted_proxies.clone(),
     };
     config.validate().context("invalid configuration")?;
     let control =

@@ -6,7 +6,7 @@
 //! gRPC into a status whose message is `code: message`.
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use netbore_tokens::{EphemeralClaims, ManagementClaims, RecreateClaims, TokenError, now_unix};
 
@@ -48,6 +48,8 @@ pub struct ApiError {
     pub code: String,
     /// What happened and what to do.
     pub message: String,
+    /// Seconds after which a retry can succeed (REST `Retry-After`, gRPC `retry-after`).
+    pub retry_after_secs: Option<u64>,
 }
 
 impl ApiError {
@@ -61,6 +63,30 @@ impl ApiError {
             status,
             code: code.into(),
             message: message.into(),
+            retry_after_secs: None,
+        }
+    }
+
+    /// 429 `rate_limited` for an anonymous creation past its address's allowance.
+    fn rate_limited(why: crate::ratelimit::Refused) -> ApiError {
+        let secs = why.retry_after_secs();
+        let what = match why {
+            crate::ratelimit::Refused::Wait(_) => {
+                "too many tunnels were created from your address without a token"
+            }
+            crate::ratelimit::Refused::Crowded(_) => {
+                "too many addresses are creating tunnels without a token right now"
+            }
+        };
+        ApiError {
+            retry_after_secs: Some(secs),
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "{what}; wait {secs} s, or create it with a management token (Authorization: Bearer <token>, issued by POST /auth/token), which is not limited"
+                ),
+            )
         }
     }
 
@@ -103,8 +129,12 @@ impl From<StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let retry_after = self
+            .retry_after_secs
+            .map(|s| [(header::RETRY_AFTER, s.to_string())]);
         (
             self.status,
+            retry_after,
             Json(ErrorBody {
                 error: ErrorDetail {
                     code: self.code,
@@ -320,10 +350,23 @@ pub async fn create(
     bearer: Option<String>,
     req: CreateTunnelRequest,
 ) -> Result<CreateTunnelResponse, ApiError> {
+    create_from(control, bearer, req, None).await
+}
+
+/// [`create`] for a request from `client` (the REST or gRPC caller's address, see
+/// [`crate::ratelimit::client_address`]): a creation without a management or recreate
+/// token counts against that address's allowance (`None`: an in-process caller, not
+/// counted).
+pub async fn create_from(
+    control: &Control,
+    bearer: Option<String>,
+    req: CreateTunnelRequest,
+    client: Option<std::net::IpAddr>,
+) -> Result<CreateTunnelResponse, ApiError> {
     counted(
         control,
         Op::CreateTunnel,
-        create_inner(control, bearer, req).await,
+        create_inner(control, bearer, req, client).await,
     )
 }
 
@@ -339,6 +382,7 @@ async fn create_inner(
     control: &Control,
     bearer: Option<String>,
     req: CreateTunnelRequest,
+    client: Option<std::net::IpAddr>,
 ) -> Result<CreateTunnelResponse, ApiError> {
     let cfg = control.config();
     let mgmt = management(control, req.management_token.clone().or(bearer))?;
@@ -354,6 +398,16 @@ async fn create_inner(
         ),
         None => None,
     };
+    // Anonymous: no credential at all. Checked after the tokens, so a bad token is
+    // refused for what it is, and before anything is stored.
+    if mgmt.is_none()
+        && recreate.is_none()
+        && let (Some(limiter), Some(client)) = (control.create_limiter(), client)
+        && let Err(why) = limiter.take(client, std::time::Instant::now())
+    {
+        tracing::info!(%client, "anonymous creation refused: rate limited");
+        return Err(ApiError::rate_limited(why));
+    }
     let now = now_unix();
     if let Some(r) = &recreate
         && control.store().is_revoked(&r.sub, now).await?

@@ -6,7 +6,10 @@
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{FromRequest, Query, Request, State};
+use std::net::SocketAddr;
+
+use axum::Extension;
+use axum::extract::{ConnectInfo, FromRequest, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
@@ -64,9 +67,13 @@ pub async fn serve_rest(
     control: Control,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, rest_router(control))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    // The peer address reaches handlers (the anonymous creation limit counts by it).
+    axum::serve(
+        listener,
+        rest_router(control).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await
 }
 
 fn bearer(headers: &HeaderMap) -> Option<String> {
@@ -115,10 +122,21 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 
 async fn create(
     State(control): State<Control>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     JsonBody(req): JsonBody<CreateTunnelRequest>,
 ) -> Result<Json<CreateTunnelResponse>, ApiError> {
-    ops::create(&control, bearer(&headers), req).await.map(Json)
+    let client = crate::ratelimit::client_of(
+        peer.map(|Extension(ConnectInfo(a))| a),
+        headers
+            .get_all(crate::ratelimit::FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+        &control.config().trusted_proxies,
+    );
+    ops::create_from(&control, bearer(&headers), req, client)
+        .await
+        .map(Json)
 }
 
 async fn delete(

@@ -49,15 +49,28 @@ pub const USER_HEADER: &str = "x-netbore-user";
 pub const CLAIM_HEADER_PREFIX: &str = "x-netbore-claim-";
 /// Preflight answers may be cached this long by browsers (seconds).
 pub const CORS_MAX_AGE_SECS: u32 = 600;
-/// Basic-auth password checks running at once on this edge (each costs PBKDF2 work);
-/// further attempts wait, so strangers cannot take every core.
-pub const MAX_CONCURRENT_PASSWORD_CHECKS: usize = 2;
+/// Basic-auth password checks running at once for one tunnel (each costs PBKDF2 work);
+/// further attempts on that tunnel wait their turn, so guesses against one tunnel never
+/// queue in front of another tunnel's logins.
+pub const MAX_PASSWORD_CHECKS_PER_TUNNEL: usize = 2;
+/// Password checks running at once on the whole edge, per core: the ceiling that keeps
+/// PBKDF2 work from taking every core when many tunnels are guessed at once. It is never
+/// below twice the per-tunnel limit, so one tunnel alone never reaches it.
+pub const PASSWORD_CHECKS_PER_CORE: usize = 2;
 /// Verified basic-auth credentials remembered per tunnel, so a viewer's later requests
 /// cost no hashing.
 pub const BASIC_CACHE_ENTRIES: usize = 1024;
 
+/// The edge-wide number of password checks that may run at once.
+pub fn password_check_ceiling() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores * PASSWORD_CHECKS_PER_CORE).max(2 * MAX_PASSWORD_CHECKS_PER_TUNNEL)
+}
+
+/// The edge-wide ceiling. tokio's semaphore is fair (first come, first served), and a
+/// tunnel holds at most [`MAX_PASSWORD_CHECKS_PER_TUNNEL`] places in its queue.
 static PASSWORD_CHECKS: LazyLock<tokio::sync::Semaphore> =
-    LazyLock::new(|| tokio::sync::Semaphore::new(MAX_CONCURRENT_PASSWORD_CHECKS));
+    LazyLock::new(|| tokio::sync::Semaphore::new(password_check_ceiling()));
 
 /// A tunnel's policy, ready to check requests.
 pub struct TunnelAccess {
@@ -68,6 +81,8 @@ pub struct TunnelAccess {
     session: Option<SessionKey>,
     basic: Vec<BasicUser>,
     basic_ok: Mutex<HashSet<[u8; 32]>>,
+    /// This tunnel's password checks at once ([`MAX_PASSWORD_CHECKS_PER_TUNNEL`]).
+    password_checks: tokio::sync::Semaphore,
     allow: Vec<Cidr>,
     deny: Vec<Cidr>,
     frame_ancestors: Vec<String>,
@@ -137,6 +152,7 @@ impl TunnelAccess {
             session,
             basic: policy.basic_auth.clone(),
             basic_ok: Mutex::new(HashSet::new()),
+            password_checks: tokio::sync::Semaphore::new(MAX_PASSWORD_CHECKS_PER_TUNNEL),
             allow: cidrs(&policy.ip_allow)?,
             deny: cidrs(&policy.ip_deny)?,
             frame_ancestors: policy.frame_ancestors.clone(),
@@ -402,7 +418,12 @@ impl TunnelAccess {
         let Some(u) = self.basic.iter().find(|u| u.user == user) else {
             return false;
         };
-        let Ok(_permit) = PASSWORD_CHECKS.acquire().await else {
+        // This tunnel's turn first, then a place under the edge's ceiling: a flood of
+        // guesses waits on its own tunnel's semaphore, not in front of other tunnels.
+        let Ok(_mine) = self.password_checks.acquire().await else {
+            return false;
+        };
+        let Ok(_edge) = PASSWORD_CHECKS.acquire().await else {
             return false;
         };
         let (hash, pass) = (u.hash.clone(), pass.to_string());
@@ -529,15 +550,105 @@ pub fn strip_session_cookies(value: &[u8]) -> Option<Bytes> {
     (!kept.is_empty()).then(|| Bytes::from(kept.join("; ")))
 }
 
-/// The `token` parameter of a URI's query (percent-decoded), and the rest of the
-/// query without it (`None` when nothing is left).
+/// True when a raw query parameter name is the token parameter in any spelling:
+/// percent-encoded (`%74oken`) or in another case (`Token`), as an origin's framework
+/// may decode it.
+pub fn is_token_name(raw: &str) -> bool {
+    // Longer than every encoding of "token" (each byte as %XX): cannot be it.
+    raw.len() <= 3 * TOKEN_PARAM.len() && percent_decode(raw).eq_ignore_ascii_case(TOKEN_PARAM)
+}
+
+/// True when the request target's query carries the token parameter.
+pub fn has_query_token(uri: &http::Uri) -> bool {
+    uri.query().is_some_and(|q| {
+        q.split('&')
+            .any(|p| is_token_name(p.split_once('=').map_or(p, |(k, _)| k)))
+    })
+}
+
+/// `url` (a `Referer`: absolute URL or path) without the token parameter in its query;
+/// `None` when it had none (leave it as it is).
+pub fn strip_token_from_url(url: &str) -> Option<String> {
+    let (before_fragment, fragment) = match url.find('#') {
+        Some(i) => (&url[..i], &url[i..]),
+        None => (url, ""),
+    };
+    let (base, query) = before_fragment.split_once('?')?;
+    let mut found = false;
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|p| {
+            let token = is_token_name(p.split_once('=').map_or(*p, |(k, _)| k));
+            found |= token;
+            !token && !p.is_empty()
+        })
+        .collect();
+    if !found {
+        return None;
+    }
+    let mut out = base.to_string();
+    if !kept.is_empty() {
+        out.push('?');
+        out.push_str(&kept.join("&"));
+    }
+    out.push_str(fragment);
+    Some(out)
+}
+
+/// An origin's `Set-Cookie` made safe to pass on: `None` when it sets the edge's session
+/// cookie (an origin must never plant or replace that), otherwise the value without
+/// its `Domain` attributes, so the cookie stays with this tunnel's host and never
+/// reaches other tunnels under the same domain.
+pub fn origin_set_cookie(value: &[u8]) -> Option<Bytes> {
+    let mut parts = value.split(|b| *b == b';');
+    let pair = parts.next().unwrap_or_default();
+    // RFC 6265bis: a pair without `=` is a nameless cookie whose value browsers send as
+    // is, and `=name=v` is a nameless cookie sent as `name=v`: both can pose as `name`.
+    let name_of = |p: &[u8]| -> Vec<u8> {
+        let p = p.trim_ascii();
+        match p.iter().position(|b| *b == b'=') {
+            Some(0) => {
+                let rest = &p[1..];
+                let end = rest.iter().position(|b| *b == b'=').unwrap_or(rest.len());
+                rest[..end].trim_ascii().to_vec()
+            }
+            Some(i) => p[..i].trim_ascii().to_vec(),
+            None => p.to_vec(),
+        }
+    };
+    let name = name_of(pair);
+    if [SESSION_COOKIE_HTTP, SESSION_COOKIE_HTTPS]
+        .iter()
+        .any(|s| s.as_bytes().eq_ignore_ascii_case(&name))
+    {
+        return None;
+    }
+    let mut out = pair.to_vec();
+    for attr in parts {
+        let key = attr
+            .split(|b| *b == b'=')
+            .next()
+            .unwrap_or_default()
+            .trim_ascii();
+        if key.eq_ignore_ascii_case(b"domain") {
+            continue;
+        }
+        out.push(b';');
+        out.extend_from_slice(attr);
+    }
+    Some(Bytes::from(out))
+}
+
+/// The `token` parameter of a URI's query (percent-decoded; the name in any spelling,
+/// see [`is_token_name`]), and the rest of the query without it (`None` when nothing
+/// is left).
 fn split_token(uri: &http::Uri) -> Option<(String, Option<String>)> {
     let q = uri.query()?;
     let mut token = None;
     let mut rest = Vec::new();
     for pair in q.split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        if k == TOKEN_PARAM {
+        if is_token_name(k) {
             token.get_or_insert_with(|| percent_decode(v));
         } else if !pair.is_empty() {
             rest.push(pair);
@@ -585,6 +696,51 @@ mod tests {
         assert_eq!(split_token(&u), Some(("x".to_string(), None)));
         let u: http::Uri = "/t?tokens=x".parse().unwrap();
         assert_eq!(split_token(&u), None);
+        for spelling in ["%74oken", "%74%6F%6b%65%6E", "Token", "TOKEN"] {
+            let u: http::Uri = format!("/t?{spelling}=x&a=1").parse().unwrap();
+            assert_eq!(
+                split_token(&u),
+                Some(("x".to_string(), Some("a=1".to_string()))),
+                "{spelling}"
+            );
+            assert!(has_query_token(&u), "{spelling}");
+        }
+    }
+
+    #[test]
+    fn the_token_is_taken_out_of_a_referer() {
+        assert_eq!(
+            strip_token_from_url("https://a.example/p?x=1&%74oken=abc&y=2#f").as_deref(),
+            Some("https://a.example/p?x=1&y=2#f")
+        );
+        assert_eq!(
+            strip_token_from_url("https://a.example/p?token=abc").as_deref(),
+            Some("https://a.example/p")
+        );
+        assert_eq!(strip_token_from_url("https://a.example/p?x=1"), None);
+        assert_eq!(strip_token_from_url("https://a.example/p"), None);
+    }
+
+    #[test]
+    fn origin_cookies_lose_domain_and_cannot_be_the_session() {
+        assert_eq!(
+            origin_set_cookie(b"a=1; Path=/; Domain=.localhost; HttpOnly; domain = x").as_deref(),
+            Some(&b"a=1; Path=/; HttpOnly"[..])
+        );
+        assert_eq!(origin_set_cookie(b"a=1").as_deref(), Some(&b"a=1"[..]));
+        for bad in [
+            &b"netbore_session=x; Path=/"[..],
+            b"__Host-netbore_session=x; Secure; Path=/",
+            b" NETBORE_SESSION =x",
+            b"=netbore_session=x",
+        ] {
+            assert_eq!(
+                origin_set_cookie(bad),
+                None,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[test]

@@ -95,6 +95,9 @@ pub struct EdgeConfig {
     pub h2_max_streams: u32,
     /// In-flight requests per tunnel (429 beyond).
     pub max_streams_per_tunnel: usize,
+    /// Share of a tunnel's request slots one client address may hold, in percent
+    /// (429 `client_busy` beyond; see [`crate::fair`]).
+    pub client_slot_share: u8,
     /// Peers whose `X-Forwarded-For` / `X-Forwarded-Proto` / `Forwarded` are believed
     /// (the load balancer); everyone else's are replaced.
     pub trusted_proxies: Vec<Cidr>,
@@ -120,6 +123,7 @@ impl Default for EdgeConfig {
             body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
             h2_max_streams: DEFAULT_H2_MAX_STREAMS,
             max_streams_per_tunnel: DEFAULT_MAX_STREAMS_PER_TUNNEL,
+            client_slot_share: crate::fair::DEFAULT_CLIENT_SLOT_SHARE,
             trusted_proxies: Vec::new(),
         }
     }

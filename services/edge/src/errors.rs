@@ -51,6 +51,10 @@ pub enum ViewerError {
     BodyTimeout,
     /// The tunnel has too many requests in flight (429).
     TunnelOverloaded,
+    /// HTTP/2: `:authority` and `Host` name different hosts (400).
+    AuthorityMismatch,
+    /// This client address holds its whole share of the tunnel's request slots (429).
+    ClientBusy,
 }
 
 impl ViewerError {
@@ -68,11 +72,14 @@ impl ViewerError {
             | ViewerError::DuplicateHost
             | ViewerError::AmbiguousLength
             | ViewerError::BadTransferEncoding
-            | ViewerError::HostMismatch => StatusCode::BAD_REQUEST,
+            | ViewerError::HostMismatch
+            | ViewerError::AuthorityMismatch => StatusCode::BAD_REQUEST,
             ViewerError::UrlTooLong => StatusCode::URI_TOO_LONG,
             ViewerError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ViewerError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            ViewerError::TunnelOverloaded => StatusCode::TOO_MANY_REQUESTS,
+            ViewerError::TunnelOverloaded | ViewerError::ClientBusy => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
         }
     }
 
@@ -96,6 +103,8 @@ impl ViewerError {
             ViewerError::BodyTooLarge => "body_too_large",
             ViewerError::BodyTimeout => "body_timeout",
             ViewerError::TunnelOverloaded => "tunnel_overloaded",
+            ViewerError::AuthorityMismatch => "authority_mismatch",
+            ViewerError::ClientBusy => "client_busy",
         }
     }
 
@@ -146,6 +155,12 @@ impl ViewerError {
             }
             ViewerError::TunnelOverloaded => {
                 "The tunnel has too many requests in flight. Retry shortly."
+            }
+            ViewerError::AuthorityMismatch => {
+                "The request's :authority and Host name different hosts; send the same host in both, or leave Host out."
+            }
+            ViewerError::ClientBusy => {
+                "You have as many requests in flight on this tunnel as one client may; other viewers need the rest. Retry when some of yours have finished."
             }
         }
     }

@@ -15,6 +15,7 @@ pub mod auth;
 pub mod config;
 pub mod control_link;
 pub mod errors;
+pub mod fair;
 pub mod forward;
 pub mod metrics;
 pub mod proxy;
@@ -42,6 +43,8 @@ pub struct Edge {
 struct Inner {
     config: EdgeConfig,
     routes: Routes,
+    /// Requests in flight per tunnel and client address (fair shares of slots).
+    slots: Arc<fair::ClientSlots>,
     auth: Arc<dyn AgentAuth>,
     draining: AtomicBool,
     tls: Option<tls::Tls>,
@@ -64,6 +67,7 @@ impl Edge {
             inner: Arc::new(Inner {
                 config,
                 routes: Routes::default(),
+                slots: Arc::default(),
                 auth,
                 draining: AtomicBool::new(false),
                 tls,
@@ -93,6 +97,11 @@ impl Edge {
     /// The live route table.
     pub fn routes(&self) -> &Routes {
         &self.inner.routes
+    }
+
+    /// Requests in flight per tunnel and client address.
+    pub fn client_slots(&self) -> &Arc<fair::ClientSlots> {
+        &self.inner.slots
     }
 
     pub(crate) fn auth(&self) -> &Arc<dyn AgentAuth> {

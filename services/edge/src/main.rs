@@ -26,6 +26,10 @@ struct Args {
     /// (comma-separated CIDRs); others' are replaced.
     #[arg(long, env = "NETBORE_TRUSTED_PROXIES", value_delimiter = ',')]
     trusted_proxies: Vec<netbore_edge::config::Cidr>,
+    /// Share of a tunnel's request slots one client address may hold, in percent
+    /// (1-100; 429 `client_busy` beyond), so one client cannot take them all.
+    #[arg(long, env = "NETBORE_CLIENT_SLOT_SHARE", default_value_t = netbore_edge::fair::DEFAULT_CLIENT_SLOT_SHARE, value_parser = clap::value_parser!(u8).range(1..=100))]
+    client_slot_share: u8,
     /// Largest request body in bytes (413 beyond).
     #[arg(long, env = "NETBORE_MAX_BODY_BYTES", default_value_t = netbore_edge::config::DEFAULT_MAX_BODY_BYTES)]
     max_body_bytes: u64,
@@ -137,6 +141,7 @@ async fn main() -> anyhow::Result<()> {
         domain: args.domain.clone(),
         trusted_proxies: args.trusted_proxies.clone(),
         max_body_bytes: args.max_body_bytes,
+        client_slot_share: args.client_slot_share,
         drain_grace: std::time::Duration::from_secs(args.drain_grace_secs),
         drain_delay: std::time::Duration::from_secs(args.drain_delay_secs),
         registry_refresh: std::time::Duration::from_secs(args.registry_refresh_secs.max(1)),

@@ -16,7 +16,7 @@ pub const DURATION_BUCKETS: [f64; 12] = [
 ];
 
 /// The edge's own error codes, in the order of the `errors` counters.
-pub const ERROR_CODES: [&str; 35] = [
+pub const ERROR_CODES: [&str; 37] = [
     "tunnel_not_found",
     "tunnel_offline",
     "origin_unreachable",
@@ -53,6 +53,8 @@ pub const ERROR_CODES: [&str; 35] = [
     "ip_denied",
     "ip_not_allowed",
     "cors_origin_denied",
+    "authority_mismatch",
+    "client_busy",
 ];
 
 /// Handshake outcomes, in the order of the `handshakes` counters.
@@ -278,6 +280,8 @@ mod tests {
             V::BodyTooLarge,
             V::BodyTimeout,
             V::TunnelOverloaded,
+            V::AuthorityMismatch,
+            V::ClientBusy,
         ];
         for v in all {
             assert!(

@@ -202,10 +202,19 @@ pub(crate) async fn handle_with(
     // The path only: query strings may carry tokens, which never reach a log.
     let path = req.uri().path().to_string();
     let client = view.client;
+    // A viewer token in the URL must not leave in a Referer from whatever page answers,
+    // refusals included (finding 9 of issue 12).
+    let query_token = crate::access::has_query_token(req.uri());
     let span = crate::telemetry::request_span(&req, &tunnel);
-    let resp = proxy(&edge, req, host, name, view, via)
+    let mut resp = proxy(&edge, req, host, name, view, via)
         .instrument(span.clone())
         .await;
+    if query_token {
+        resp.headers_mut().insert(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        );
+    }
     span.record("http.response.status_code", resp.status().as_u16());
     let m = edge.metrics();
     m.response(resp.status().as_u16(), started.elapsed());
@@ -380,6 +389,18 @@ async fn proxy(
         Verdict::Pass(a) => a,
         Verdict::Respond(r) => return r,
     };
+    // One client address gets at most its share of the tunnel's slots, so a flood of
+    // slow requests from one place leaves the rest to everyone else.
+    let capacity = cfg
+        .max_streams_per_tunnel
+        .min(edge.routes().connections(&name).max(1) * cfg.limits.max_concurrent_streams as usize);
+    let Some(slot) = edge.client_slots().try_take(
+        &name,
+        view.client,
+        crate::fair::client_cap(capacity, cfg.client_slot_share),
+    ) else {
+        return ViewerError::ClientBusy.response(json);
+    };
     let max_body = access
         .max_body_bytes
         .map_or(cfg.max_body_bytes, |t| t.min(cfg.max_body_bytes));
@@ -502,6 +523,8 @@ async fn proxy(
         };
         tokio::spawn(
             async move {
+                // The upgraded stream holds the viewer's slot while it lasts.
+                let _slot = slot;
                 match on_upgrade.await {
                     Ok(up) => netbore_mux::bridge(TokioIo::new(up), tx, rx).await,
                     Err(e) => {
@@ -520,8 +543,38 @@ async fn proxy(
         // The origin declined the upgrade: our request half ends here.
         let _ = tx.finish();
     }
-    *resp.body_mut() = StreamBody::new(rx).boxed();
+    *resp.body_mut() = Holding {
+        inner: StreamBody::new(rx),
+        _slot: slot,
+    }
+    .boxed();
     resp
+}
+
+/// A response body that holds the request's slot until it ends or is dropped.
+struct Holding<B> {
+    inner: B,
+    _slot: crate::fair::SlotGuard,
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for Holding<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Refuses requests whose framing or host is ambiguous, before anything is forwarded.
@@ -554,14 +607,19 @@ fn hygiene(cfg: &crate::EdgeConfig, req: &Request<Incoming>) -> Result<(), Viewe
             return Err(ViewerError::BadTransferEncoding);
         }
         // Absolute-form targets must agree with Host.
-        if let (Some(a), Some(host)) = (req.uri().authority(), h.get(header::HOST)) {
-            let hv = host.to_str().unwrap_or("");
-            let hh = hv
-                .parse::<http::uri::Authority>()
-                .map(|x| x.host().to_ascii_lowercase());
-            if hh.as_deref().ok() != Some(&a.host().to_ascii_lowercase()) {
-                return Err(ViewerError::HostMismatch);
-            }
+        if let (Some(a), Some(host)) = (req.uri().authority(), h.get(header::HOST))
+            && !same_host(a, host)
+        {
+            return Err(ViewerError::HostMismatch);
+        }
+    } else if let (Some(a), Some(host)) = (req.uri().authority(), h.get(header::HOST)) {
+        // HTTP/2 routes by :authority; a Host naming another tunnel would reach this
+        // tunnel's origin as if meant for it (finding 8 of issue 12).
+        if h.get_all(header::HOST).iter().count() > 1 {
+            return Err(ViewerError::DuplicateHost);
+        }
+        if !same_host(a, host) {
+            return Err(ViewerError::AuthorityMismatch);
         }
     }
     let host_has_userinfo = req
@@ -574,6 +632,16 @@ fn hygiene(cfg: &crate::EdgeConfig, req: &Request<Incoming>) -> Result<(), Viewe
         return Err(ViewerError::BadHost);
     }
     Ok(())
+}
+
+/// True when `host` (a `Host` value) names the same host as `authority`, compared as
+/// routing compares them: port ignored, ASCII case ignored, a trailing dot ignored.
+fn same_host(authority: &http::uri::Authority, host: &HeaderValue) -> bool {
+    let norm = |h: &str| h.trim_end_matches('.').to_ascii_lowercase();
+    host.to_str()
+        .ok()
+        .and_then(|v| v.parse::<http::uri::Authority>().ok())
+        .is_some_and(|hv| norm(hv.host()) == norm(authority.host()))
 }
 
 /// `body` under the limits [`GuardedBody`] enforces.
@@ -743,6 +811,14 @@ fn request_head(
         {
             continue;
         }
+        if name == header::REFERER
+            && let Some(v) =
+                crate::access::strip_token_from_url(&String::from_utf8_lossy(value.as_bytes()))
+        {
+            // A page opened with ?token= sends it on in Referer: never to the origin.
+            headers.push(Header::new("referer", Bytes::from(v)));
+            continue;
+        }
         if strip_session && name == header::COOKIE {
             if let Some(v) = crate::access::strip_session_cookies(value.as_bytes()) {
                 headers.push(Header::new("cookie", v));
@@ -814,9 +890,18 @@ pub fn response_headers(headers: Vec<Header>, keep_upgrade: bool) -> HeaderMap {
         if hop && !(keep_upgrade && (n == "connection" || n == "upgrade")) {
             continue;
         }
+        let value = if n.eq_ignore_ascii_case("set-cookie") {
+            // Host-only cookies, and never the edge's session cookie (finding 10).
+            match crate::access::origin_set_cookie(&h.value) {
+                Some(v) => v,
+                None => continue,
+            }
+        } else {
+            h.value
+        };
         if let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(n.as_bytes()),
-            HeaderValue::from_maybe_shared(h.value),
+            HeaderValue::from_maybe_shared(value),
         ) {
             map.append(name, value);
         }

@@ -129,6 +129,15 @@ impl Routes {
         }
     }
 
+    /// Usable connections (open, not going away) serving `name`.
+    pub fn connections(&self, name: &str) -> usize {
+        self.live.read().get(name).map_or(0, |v| {
+            v.iter()
+                .filter(|r| !r.mux.is_closed() && !r.mux.is_going_away())
+                .count()
+        })
+    }
+
     /// Number of tunnels with at least one connection, and of connections.
     pub fn counts(&self) -> (usize, usize) {
         let live = self.live.read();
