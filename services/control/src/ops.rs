@@ -353,11 +353,9 @@ async fn create_inner(
     };
     // A valid recreate token for its own tunnel is a credential too: an agent whose
     // tunnel exists reconnects with it alone, long after any management token expired.
-    let own_tunnel = recreate.as_ref().is_some_and(|r| {
-        req.requested_name
-            .as_ref()
-            .is_none_or(|n| *n == r.name)
-    });
+    let own_tunnel = recreate
+        .as_ref()
+        .is_some_and(|r| req.requested_name.as_ref().is_none_or(|n| *n == r.name));
     if cfg.require_token && !own_tunnel {
         require_scope(&mgmt, "tunnels:write")?;
     }
@@ -429,8 +427,8 @@ async fn create_inner(
     // A named tunnel (a management token and a requested name) holds its name until it
     // is deleted; any other holds it for the name hold, which every edge report naming
     // the tunnel renews (see `Control::tunnels_held`).
-    let named = req.requested_name.is_some()
-        && mgmt.as_ref().is_some_and(|m| m.allows("tunnels:write"));
+    let named =
+        req.requested_name.is_some() && mgmt.as_ref().is_some_and(|m| m.allows("tunnels:write"));
     let hold_until = if named {
         HELD_UNTIL_DELETED
     } else {

@@ -660,7 +660,12 @@ impl ControlStore for RedisStore {
         })
     }
 
-    fn refresh<'a>(&'a self, tunnel_ids: &'a [String], now: u64, until: u64) -> StoreFuture<'a, ()> {
+    fn refresh<'a>(
+        &'a self,
+        tunnel_ids: &'a [String],
+        now: u64,
+        until: u64,
+    ) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             if tunnel_ids.is_empty() {
                 return Ok(());

@@ -78,11 +78,7 @@ impl Control {
             return;
         }
         let now = now_unix();
-        let hold = self
-            .config()
-            .name_hold
-            .max(crate::LIVE_LINK_HOLD)
-            .as_secs();
+        let hold = self.config().name_hold.max(crate::LIVE_LINK_HOLD).as_secs();
         if let Err(e) = self
             .store()
             .refresh(tunnel_ids, now, now.saturating_add(hold))

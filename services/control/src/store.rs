@@ -87,7 +87,8 @@ pub trait ControlStore: Send + Sync + 'static {
     ) -> StoreFuture<'a, Vec<TunnelRecord>>;
     /// Extends the hold of each of these tunnels (a link to it is live on some edge) to at
     /// least `until`: for each id whose record is live at `now`, expires_at = max(expires_at, until).
-    fn refresh<'a>(&'a self, tunnel_ids: &'a [String], now: u64, until: u64) -> StoreFuture<'a, ()>;
+    fn refresh<'a>(&'a self, tunnel_ids: &'a [String], now: u64, until: u64)
+    -> StoreFuture<'a, ()>;
     /// Marks a deleted tunnel so its recreate tokens are refused until `until`.
     fn revoke<'a>(&'a self, tunnel_id: &'a str, until: u64) -> StoreFuture<'a, ()>;
     /// True while `tunnel_id` is revoked.
@@ -265,7 +266,12 @@ impl ControlStore for MemoryStore {
         ready(page)
     }
 
-    fn refresh<'a>(&'a self, tunnel_ids: &'a [String], now: u64, until: u64) -> StoreFuture<'a, ()> {
+    fn refresh<'a>(
+        &'a self,
+        tunnel_ids: &'a [String],
+        now: u64,
+        until: u64,
+    ) -> StoreFuture<'a, ()> {
         let mut st = self.state.lock();
         let st = &mut *st;
         for id in tunnel_ids {
