@@ -493,7 +493,12 @@ pub struct ControlProc {
 impl ControlProc {
     /// Starts `netbore-control` with `extra` flags after the listen addresses.
     pub fn spawn(extra: &[&str], env: &[(&str, &str)]) -> ControlProc {
-        let (rest, grpc) = (free_port(), free_port());
+        ControlProc::spawn_at(free_port(), free_port(), extra, env)
+    }
+
+    /// Like [`ControlProc::spawn`], on the given REST and gRPC ports (to restart control
+    /// where its edges and agents look for it).
+    pub fn spawn_at(rest: u16, grpc: u16, extra: &[&str], env: &[(&str, &str)]) -> ControlProc {
         let (rest_addr, grpc_addr) = (format!("127.0.0.1:{rest}"), format!("127.0.0.1:{grpc}"));
         let mut args = vec!["--rest-addr", &rest_addr, "--grpc-addr", &grpc_addr];
         args.extend_from_slice(extra);

@@ -99,6 +99,17 @@ pub async fn start_with(
         control.clone(),
         shutdown.clone(),
     ));
+    // The edge reports to control as a separate edge does, so the names of tunnels
+    // linked to it stay held (control's name hold is renewed by these reports).
+    tokio::spawn(netbore_edge::control_link::run(
+        edge.clone(),
+        format!("http://{grpc_addr}"),
+        netbore_edge::control_link::LinkIdentity {
+            agent_url: format!("ws://{agents_addr}{}", netbore_edge::agents::AGENT_PATH),
+            region: "local".into(),
+        },
+        shutdown.clone(),
+    ));
     tokio::spawn(netbore_edge::admin::serve_admin(
         edge.clone(),
         admin_l,

@@ -6,6 +6,13 @@
 //! with exponential backoff and jitter, fetching a fresh ephemeral token each time. On
 //! go-away it opens a new link at once and lets the old one finish its streams. On
 //! shutdown it refuses new streams and finishes open ones within the grace period.
+//!
+//! Credentials: the management token (`--token`) creates the tunnel or claims its name;
+//! once the tunnel exists every reconnect uses its recreate token alone, so a management
+//! token that expires later never stops the agent. A refused recreate token never
+//! deletes the saved state: with `--name` the agent then tries the management token and
+//! otherwise stops with an error naming the fix; a quick tunnel takes a new name and
+//! says so ([`AgentEvent::UrlChanged`]).
 
 pub mod access;
 pub mod dev;
@@ -55,7 +62,8 @@ pub struct AgentConfig {
     pub origin: OriginConfig,
     /// A name to claim.
     pub name: Option<String>,
-    /// A management token (needed to claim some names).
+    /// A management token: creates the tunnel (or claims its name); reconnects use the
+    /// tunnel's recreate token instead.
     pub token: Option<String>,
     /// Where the recreate token is kept; `None` keeps nothing.
     pub state_dir: Option<std::path::PathBuf>,
@@ -100,6 +108,18 @@ pub enum AgentEvent {
         retry_in_ms: u64,
         /// Links to edges still up.
         links: usize,
+    },
+    /// The public URL changed (a quick tunnel whose recreate token was refused got a
+    /// new name); the next `Live` carries the new URL. Never happens with `--name`.
+    UrlChanged {
+        /// The URL announced before.
+        old_url: String,
+        /// The new URL.
+        url: String,
+        /// The new name.
+        name: String,
+        /// Why the old name could not be kept.
+        reason: String,
     },
     /// The agent stopped.
     Stopped,
@@ -158,6 +178,15 @@ struct Ctx {
     /// Slot 0's recreate token, published once its link is live: the other slots
     /// serve the same tunnel with it.
     tunnel: tokio::sync::watch::Sender<Option<String>>,
+    /// Slot 0's newest recreate token, set on every create (before the link is up).
+    current: parking_lot::Mutex<Option<String>>,
+    /// Slot 0's recreate token (this run's or the saved one) was refused: the next
+    /// create goes without it (with the management token, if any).
+    recreate_refused: AtomicBool,
+    /// Why it was refused, for the messages that follow.
+    refused_reason: parking_lot::Mutex<Option<String>>,
+    /// The public URL last announced (this run's, or the saved state's).
+    announced: parking_lot::Mutex<Option<String>>,
     /// Stops every slot (shutdown, or a fatal error).
     stop: CancellationToken,
     /// What the agent counts.
@@ -197,14 +226,23 @@ pub async fn run_with_metrics(
         tls::client_config(cfg.edge_ca_file.as_deref(), cfg.edge_insecure)
             .map_err(|e| fatal("tls_config", e))?,
     );
-    let key = format!(
-        "{}-{}",
-        cfg.control_url,
-        cfg.name.clone().unwrap_or_else(|| origin.url().to_string())
+    let store = StateStore::for_tunnel(
+        cfg.state_dir.clone(),
+        &cfg.control_url,
+        cfg.name.as_deref(),
+        &origin.url().to_string(),
     );
+    let announced = store
+        .load()
+        .filter(|s| cfg.name.as_ref().is_none_or(|n| *n == s.name))
+        .and_then(|s| s.public_url);
     let ctx = Arc::new(Ctx {
         control: ControlClient::new(&cfg.control_url),
-        store: StateStore::new(cfg.state_dir.clone(), &key),
+        store,
+        current: Default::default(),
+        recreate_refused: AtomicBool::new(false),
+        refused_reason: Default::default(),
+        announced: parking_lot::Mutex::new(announced),
         tracker: TaskTracker::new(),
         stopping: Arc::new(AtomicBool::new(false)),
         events,
@@ -298,13 +336,28 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
         } else {
             None
         };
+        // The tunnel's recreate token when there is one (this run's newest first), so
+        // reconnects never need the management token; without one, or once it was
+        // refused, the management token (if any) creates the tunnel or claims its name.
+        let recreate_token = if index == 0 {
+            ctx.current
+                .lock()
+                .clone()
+                .or_else(|| saved.as_ref().map(|s| s.recreate_token.clone()))
+                .filter(|_| !ctx.recreate_refused.load(Ordering::Acquire))
+        } else {
+            shared_token
+        };
         let req = CreateTunnelRequest {
             requested_name: if index == 0 { cfg.name.clone() } else { None },
             preferred_transports: vec!["wss".into(), "ws".into()],
             region_hint: None,
-            recreate_token: shared_token
-                .or_else(|| saved.as_ref().map(|s| s.recreate_token.clone())),
-            management_token: cfg.token.clone(),
+            management_token: if recreate_token.is_some() {
+                None
+            } else {
+                cfg.token.clone()
+            },
+            recreate_token: recreate_token.clone(),
             recreate_token_ttl_seconds: None,
             access: cfg.access.clone(),
             limits: cfg.limits.clone(),
@@ -312,23 +365,44 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
         let created = match ctx.control.create(&req).await {
             Ok(c) => c,
             Err(ControlError::Api { code, message, .. }) if code == "tunnel_deleted" => {
+                // Deleted on purpose: the state is of no further use.
                 ctx.store.clear();
                 return give_up(&ctx, fatal(&code, format!("{message} [{code}]")));
             }
-            Err(e) if e.is_permanent() && saved.is_some() => {
-                // The saved token is no longer good (expired, keys gone): start afresh.
-                warn!(error = %e, "saved recreate token refused; asking for a new tunnel");
-                ctx.store.clear();
+            Err(e) if e.is_permanent() && index > 0 => {
+                // A spare slot's token was refused: slot 0 gets the tunnel back (or a
+                // new one) and publishes its token; wait for that.
+                debug!(error = %e, "spare slot's recreate token refused; waiting for the first slot");
+                if sleep_or_stop(backoff.next().min(SPARE_SLOT_RETRY), &stop).await {
+                    return;
+                }
+                continue;
+            }
+            Err(e) if recreate_token.is_some() && refuses_recreate(&e) => {
+                // Expired, or signed by keys control no longer has. The saved state is
+                // kept (a fixed control may take it again); try without it.
+                warn!(error = %e, state = %ctx.store.path().map(|p| p.display().to_string()).unwrap_or_default(), "the recreate token was refused; the saved state is kept; trying without it");
+                ctx.recreate_refused.store(true, Ordering::Release);
+                *ctx.refused_reason.lock() = Some(e.to_string());
                 continue;
             }
             Err(ControlError::Api { code, message, .. }) if e_is_fatal(&code) => {
-                return give_up(
-                    &ctx,
-                    fatal(
-                        &code,
-                        format!("control refused the tunnel: {message} [{code}]"),
+                let refused = ctx
+                    .refused_reason
+                    .lock()
+                    .clone()
+                    .map(|r| format!(" (its recreate token was refused: {r})"))
+                    .unwrap_or_default();
+                let message = match (code.as_str(), &cfg.name) {
+                    ("name_taken", Some(n)) => format!(
+                        "the name '{n}' is held by another tunnel{refused}; to keep it, run with the state directory holding its recreate token (--state-dir), or pass a management token with the names:claim scope (--token); or choose another --name [name_taken]"
                     ),
-                );
+                    _ if !refused.is_empty() && cfg.token.is_none() => format!(
+                        "control refused the tunnel{refused}, then without it: {message}; pass a management token (--token) to create or claim it again [{code}]"
+                    ),
+                    _ => format!("control refused the tunnel{refused}: {message} [{code}]"),
+                };
+                return give_up(&ctx, fatal(&code, message));
             }
             Err(e) => {
                 ctx.metrics.connect_failures.fetch_add(1, Ordering::Relaxed);
@@ -346,10 +420,29 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
             }
         };
         if index == 0 {
+            *ctx.current.lock() = Some(created.recreate_token.clone());
+            ctx.recreate_refused.store(false, Ordering::Release);
+            let reason = ctx.refused_reason.lock().take();
+            let old = ctx.announced.lock().replace(created.public_url.clone());
+            if let Some(old) = old
+                && old != created.public_url
+            {
+                // Only a quick tunnel gets here: with --name control gives that name
+                // or refuses.
+                let reason = reason.unwrap_or_else(|| "control gave this tunnel a new name".into());
+                warn!(old = %old, new = %created.public_url, reason = %reason, "the tunnel's public URL changed");
+                let _ = ctx.events.send(AgentEvent::UrlChanged {
+                    old_url: old,
+                    url: created.public_url.clone(),
+                    name: created.name().to_string(),
+                    reason,
+                });
+            }
             if let Err(e) = ctx.store.save(&Saved {
                 tunnel_id: created.tunnel_id.clone(),
                 name: created.name().to_string(),
                 recreate_token: created.recreate_token.clone(),
+                public_url: Some(created.public_url.clone()),
             }) {
                 warn!(error = %e, "could not save the recreate token; the name may change after a restart");
             }
@@ -452,10 +545,25 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
             .instrument(span),
         );
         let linked_at = Instant::now();
-        let outcome = tokio::select! {
-            _ = mux.closed() => "closed",
-            _ = async { mux.going_away().await; if mux.is_closed() { std::future::pending::<()>().await } } => "going_away",
-            _ = stop.cancelled() => "stop",
+        let outcome = loop {
+            // Slot 0 renews the recreate token while the link lasts, so a link that
+            // outlives the token's lifetime still reconnects with a valid one.
+            let renew = if index == 0 {
+                ctx.current
+                    .lock()
+                    .as_deref()
+                    .and_then(|t| renew_in(t, netbore_tokens::now_unix()))
+            } else {
+                None
+            };
+            tokio::select! {
+                _ = mux.closed() => break "closed",
+                _ = async { mux.going_away().await; if mux.is_closed() { std::future::pending::<()>().await } } => break "going_away",
+                _ = stop.cancelled() => break "stop",
+                _ = async { match renew { Some(d) => tokio::time::sleep(d).await, None => std::future::pending().await } } => {
+                    renew_recreate(&ctx).await;
+                }
+            }
         };
         if outcome == "stop" {
             return;
@@ -495,6 +603,70 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
     }
 }
 
+/// Shortest wait before renewing the recreate token, and between failed renewals.
+pub const RENEW_MIN_DELAY: Duration = Duration::from_secs(30);
+
+/// When to renew a recreate token: once half its lifetime has passed (read from the
+/// token's own `iat` and `exp`, unverified: it only schedules the renewal, control
+/// verifies), but not sooner than [`RENEW_MIN_DELAY`]. `None` when the token does not
+/// say.
+fn renew_in(token: &str, now: u64) -> Option<Duration> {
+    use base64::Engine;
+    #[derive(serde::Deserialize)]
+    struct Window {
+        iat: u64,
+        exp: u64,
+    }
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    let w: Window = serde_json::from_slice(&bytes).ok()?;
+    let at = w.iat + w.exp.saturating_sub(w.iat) / 2;
+    Some(Duration::from_secs(at.saturating_sub(now)).max(RENEW_MIN_DELAY))
+}
+
+/// Gets a fresh recreate token for the live tunnel and saves it; a failure is logged
+/// and retried after [`RENEW_MIN_DELAY`] (the link is not touched either way).
+async fn renew_recreate(ctx: &Ctx) {
+    let Some(token) = ctx.current.lock().clone() else {
+        return;
+    };
+    let req = CreateTunnelRequest {
+        requested_name: ctx.cfg.name.clone(),
+        preferred_transports: vec!["wss".into(), "ws".into()],
+        recreate_token: Some(token),
+        access: ctx.cfg.access.clone(),
+        limits: ctx.cfg.limits.clone(),
+        ..Default::default()
+    };
+    match ctx.control.create(&req).await {
+        Ok(created) => {
+            *ctx.current.lock() = Some(created.recreate_token.clone());
+            ctx.tunnel
+                .send_replace(Some(created.recreate_token.clone()));
+            if let Err(e) = ctx.store.save(&Saved {
+                tunnel_id: created.tunnel_id.clone(),
+                name: created.name().to_string(),
+                recreate_token: created.recreate_token,
+                public_url: Some(created.public_url),
+            }) {
+                warn!(error = %e, "could not save the renewed recreate token");
+            }
+            debug!("recreate token renewed");
+        }
+        Err(e) => warn!(error = %e, "renewing the recreate token failed; retrying later"),
+    }
+}
+
+/// Control refused the recreate token itself (expired, unknown key, another tunnel's,
+/// or its name now held by another tunnel), so trying without it may still work.
+fn refuses_recreate(e: &ControlError) -> bool {
+    e.is_permanent()
+        && e.code()
+            .is_some_and(|c| c.starts_with("token_") || c == "name_taken" || c == "forbidden")
+}
+
 /// Control errors that retrying cannot fix: the user must change a flag or token.
 fn e_is_fatal(code: &str) -> bool {
     code.starts_with("name_")
@@ -528,5 +700,36 @@ async fn serve_link(
         }
         let origin = origin.clone();
         tracker.spawn(async move { origin.serve(s).await }.in_current_span());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jwt(iat: u64, exp: u64) -> String {
+        use base64::Engine;
+        let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        format!(
+            "{}.{}.sig",
+            e.encode(br#"{"alg":"EdDSA"}"#),
+            e.encode(format!(r#"{{"sub":"tun_1","iat":{iat},"exp":{exp}}}"#))
+        )
+    }
+
+    #[test]
+    fn the_recreate_token_is_renewed_at_half_its_life() {
+        let day = 24 * 3600;
+        assert_eq!(
+            renew_in(&jwt(1000, 1000 + 7 * day), 1000),
+            Some(Duration::from_secs(7 * day / 2))
+        );
+        assert_eq!(
+            renew_in(&jwt(1000, 1000 + 7 * day), 1000 + 3 * day),
+            Some(Duration::from_secs(day / 2))
+        );
+        // Past half-life (or a short token): soon, but never in a tight loop.
+        assert_eq!(renew_in(&jwt(1000, 1060), 1050), Some(RENEW_MIN_DELAY));
+        assert_eq!(renew_in("not-a-jwt", 0), None);
     }
 }

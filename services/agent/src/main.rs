@@ -42,7 +42,9 @@ enum Cmd {
         /// Public name to claim (NAME.<domain>); random when not given.
         #[arg(long, env = "NETBORE_NAME")]
         name: Option<String>,
-        /// Management token, needed to claim a name you do not hold a recreate token for.
+        /// Management token: creates the tunnel or claims a name you hold no recreate
+        /// token for. Needed only then: reconnects and restarts with the saved state use
+        /// the tunnel's recreate token, so this token may expire.
         #[arg(long, env = "NETBORE_TOKEN", hide_env_values = true)]
         token: Option<String>,
         /// Extra CA certificate (PEM) to trust for wss:// edges.
@@ -152,7 +154,8 @@ struct Common {
     /// Print machine-readable JSON events on stdout instead of text.
     #[arg(long)]
     json: bool,
-    /// Also write the public URL to this file once the tunnel is live.
+    /// Also write the public URL to this file once the tunnel is live (rewritten if the
+    /// URL changes).
     #[arg(long)]
     url_file: Option<PathBuf>,
     /// Speak HTTP/2 to the origin (h2c on http://). gRPC requests use HTTP/2 regardless.
@@ -317,33 +320,55 @@ async fn main() -> ExitCode {
     let url_file = common.url_file.clone();
     let ready2 = ready.clone();
     let printer = tokio::spawn(async move {
-        let mut announced = false;
+        // The URL last printed and written: a new one (a quick tunnel that lost its
+        // name) is printed and written again, so neither keeps a dead URL.
+        let mut shown: Option<String> = None;
         while let Some(ev) = rx.recv().await {
             let up = match &ev {
                 AgentEvent::Live { links, .. } | AgentEvent::Reconnecting { links, .. } => {
-                    *links > 0
+                    Some(*links > 0)
                 }
-                AgentEvent::Stopped => false,
+                AgentEvent::Stopped => Some(false),
+                AgentEvent::UrlChanged { .. } => None,
             };
-            ready2.store(up, std::sync::atomic::Ordering::Release);
-            let first_live = matches!(ev, AgentEvent::Live { .. }) && !announced;
+            if let Some(up) = up {
+                ready2.store(up, std::sync::atomic::Ordering::Release);
+            }
+            let new_url = match &ev {
+                AgentEvent::Live { url, .. } if shown.as_ref() != Some(url) => Some(url.clone()),
+                _ => None,
+            };
             // The file first, so a script that sees the line can read the file.
-            if first_live
-                && let (AgentEvent::Live { url, .. }, Some(f)) = (&ev, &url_file)
-                && let Err(e) = std::fs::write(f, format!("{url}\n"))
+            if let (Some(url), Some(f)) = (&new_url, &url_file)
+                && let Err(e) = write_url_file(f, url)
             {
                 eprintln!("warning: cannot write the URL to {}: {e}", f.display());
             }
             let mut out = std::io::stdout().lock();
             if json {
                 let _ = writeln!(out, "{}", serde_json::to_string(&ev).expect("serializable"));
-            } else if let AgentEvent::Live { url, origin, .. } = &ev
-                && first_live
-            {
-                let _ = writeln!(out, "{url} -> {origin}");
+            } else {
+                match &ev {
+                    AgentEvent::Live { url, origin, .. } if new_url.is_some() => {
+                        let _ = writeln!(out, "{url} -> {origin}");
+                    }
+                    AgentEvent::UrlChanged {
+                        old_url,
+                        url,
+                        reason,
+                        ..
+                    } => {
+                        eprintln!(
+                            "warning: the public URL changed from {old_url} to {url} ({reason}); the old one no longer reaches this service"
+                        );
+                    }
+                    _ => {}
+                }
             }
             let _ = out.flush();
-            announced |= first_live;
+            if new_url.is_some() {
+                shown = new_url;
+            }
         }
     });
     let r = netbore_agent::run_with_metrics(cfg, metrics, tx, shutdown.clone()).await;
@@ -363,6 +388,13 @@ async fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Replaces the URL file whole (write, then rename), so a reader never sees half a URL.
+fn write_url_file(path: &std::path::Path, url: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{url}\n"))?;
+    std::fs::rename(&tmp, path)
 }
 
 /// `netbore hash-password`: one line from stdin in, its hash out.

@@ -1,5 +1,12 @@
 //! The agent's state directory: the recreate token that gets the same name back after
-//! a restart. One small JSON file per (control, tunnel key), readable only by the user.
+//! a restart. One small JSON file per tunnel identity (the name given with `--name`, or
+//! the origin of a quick tunnel), readable only by the user. The identity does not
+//! include control's URL, so the same agent pointed at another control replica (or a
+//! renamed load balancer) finds its state; files of earlier versions, keyed by control
+//! URL too, are read once and written under the new key (the old file is left alone).
+//!
+//! The agent never deletes this file because a token was refused: only a deleted
+//! tunnel ([`StateStore::clear`]) or a newer tunnel (overwritten on success) replaces it.
 
 use std::path::PathBuf;
 
@@ -14,12 +21,42 @@ pub struct Saved {
     pub name: String,
     /// The recreate token (a secret: the file is mode 0600).
     pub recreate_token: String,
+    /// The public URL last announced, so a changed name can be told apart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
 }
 
 /// A state file location.
 #[derive(Debug, Clone)]
 pub struct StateStore {
     path: Option<PathBuf>,
+    /// Where an earlier version kept the same state, read when `path` has none.
+    legacy: Option<PathBuf>,
+}
+
+/// `key` as a file name: ASCII letters, digits and `-` kept, anything else `_`.
+fn file_name(key: &str) -> String {
+    let file: String = key
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{file}.json")
+}
+
+/// The identity a tunnel's state is kept under: `name-NAME` for a name given with
+/// `--name`, else `origin-ORIGIN` (a quick tunnel is the same tunnel as long as it
+/// serves the same origin).
+pub fn tunnel_key(name: Option<&str>, origin: &str) -> String {
+    match name {
+        Some(n) => format!("name-{n}"),
+        None => format!("origin-{origin}"),
+    }
 }
 
 /// The default state directory: `$NETBORE_STATE_DIR`, else `$XDG_STATE_HOME/netbore`,
@@ -37,25 +74,54 @@ pub fn default_dir() -> Option<PathBuf> {
 impl StateStore {
     /// The file for `key` under `dir`; `None` keeps nothing.
     pub fn new(dir: Option<PathBuf>, key: &str) -> StateStore {
-        let file: String = key
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
         StateStore {
-            path: dir.map(|d| d.join(format!("{file}.json"))),
+            path: dir.map(|d| d.join(file_name(key))),
+            legacy: None,
         }
     }
 
-    /// The saved state, if any and readable.
+    /// The file of the tunnel named `name` (or, without one, of the quick tunnel for
+    /// `origin`) under `dir`, migrating the file an earlier version kept for the same
+    /// tunnel at `control_url`.
+    pub fn for_tunnel(
+        dir: Option<PathBuf>,
+        control_url: &str,
+        name: Option<&str>,
+        origin: &str,
+    ) -> StateStore {
+        let legacy_key = format!("{control_url}-{}", name.unwrap_or(origin));
+        StateStore {
+            legacy: dir.as_ref().map(|d| d.join(file_name(&legacy_key))),
+            path: dir.map(|d| d.join(file_name(&tunnel_key(name, origin)))),
+        }
+    }
+
+    /// The file, if any.
+    pub fn path(&self) -> Option<&std::path::Path> {
+        self.path.as_deref()
+    }
+
+    /// The saved state, if any and readable. State found only at the legacy location
+    /// is written to the current one first.
     pub fn load(&self) -> Option<Saved> {
-        let bytes = std::fs::read(self.path.as_ref()?).ok()?;
-        serde_json::from_slice(&bytes).ok()
+        let read = |p: &PathBuf| -> Option<Saved> {
+            let bytes = std::fs::read(p).ok()?;
+            serde_json::from_slice(&bytes).ok()
+        };
+        let path = self.path.as_ref()?;
+        if let Some(s) = read(path) {
+            return Some(s);
+        }
+        let old = self.legacy.as_ref().and_then(read)?;
+        match self.save(&old) {
+            Ok(()) => {
+                tracing::info!(from = %self.legacy.as_ref().map(|p| p.display().to_string()).unwrap_or_default(), to = %path.display(), "agent state migrated to its per-tunnel file")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not migrate the agent state; reading the old file")
+            }
+        }
+        Some(old)
     }
 
     /// Saves state (best effort: a read-only home must not stop the tunnel).
@@ -84,10 +150,62 @@ impl StateStore {
         std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
     }
 
-    /// Forgets the state (the token was refused).
+    /// Forgets the state: only when control says the tunnel was deleted (a refused token
+    /// never clears it).
     pub fn clear(&self) {
         if let Some(p) = &self.path {
             let _ = std::fs::remove_file(p);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn saved(name: &str) -> Saved {
+        Saved {
+            tunnel_id: "tun_1".into(),
+            name: name.into(),
+            recreate_token: "rt".into(),
+            public_url: None,
+        }
+    }
+
+    #[test]
+    fn state_is_keyed_by_tunnel_not_by_control() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Some(dir.path().to_path_buf());
+        let a = StateStore::for_tunnel(d.clone(), "http://a:8080", Some("hub"), "http://o");
+        a.save(&saved("hub")).unwrap();
+        let b = StateStore::for_tunnel(d.clone(), "http://b:8080", Some("hub"), "http://o");
+        assert_eq!(b.load(), Some(saved("hub")));
+        // Another name, or a quick tunnel of the same origin, is another tunnel.
+        assert!(
+            StateStore::for_tunnel(d.clone(), "http://a:8080", Some("x"), "http://o")
+                .load()
+                .is_none()
+        );
+        assert!(
+            StateStore::for_tunnel(d, "http://a:8080", None, "http://o")
+                .load()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_file_of_an_earlier_version_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Some(dir.path().to_path_buf());
+        // Where earlier versions kept it: keyed by control URL and name.
+        StateStore::new(d.clone(), "http://a:8080-hub")
+            .save(&saved("hub"))
+            .unwrap();
+        let s = StateStore::for_tunnel(d.clone(), "http://a:8080", Some("hub"), "http://o");
+        assert_eq!(s.load(), Some(saved("hub")));
+        assert!(s.path().unwrap().exists(), "written under the new key");
+        // From then on it is found whatever the control URL.
+        let other = StateStore::for_tunnel(d, "http://b:8080", Some("hub"), "http://o");
+        assert_eq!(other.load(), Some(saved("hub")));
     }
 }

@@ -346,6 +346,7 @@ impl EdgeService for EdgeGrpc {
                                 tracing::info!(edge = %rep.edge_id, url = %rep.agent_url, "edge linked");
                             }
                             edge_id = rep.edge_id.clone();
+                            control.tunnels_held(&edge_id, &rep.linked_tunnel_ids).await;
                             control.record_edge_report(EdgeStatus {
                                 entry: EdgeEntry { edge_id: rep.edge_id, edge_url: rep.agent_url, region: rep.region },
                                 tunnels: rep.tunnels,

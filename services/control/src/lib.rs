@@ -43,12 +43,18 @@ pub use rest::{rest_router, serve_rest};
 
 /// Default lifetime of ephemeral tokens.
 pub const DEFAULT_EPHEMERAL_TTL: Duration = Duration::from_secs(5 * 60);
-/// Default lifetime of recreate tokens (and of an idle name reservation).
+/// Default lifetime of recreate tokens.
 pub const DEFAULT_RECREATE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Longest recreate token lifetime a caller may ask for.
 pub const DEFAULT_RECREATE_TTL_MAX: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Default lifetime of management tokens.
 pub const DEFAULT_MANAGEMENT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Default time an anonymous tunnel's name stays held after its last link closed.
+pub const DEFAULT_NAME_HOLD: Duration = Duration::from_secs(24 * 3600);
+/// A tunnel an edge reports as linked is held at least this long past the report:
+/// three report intervals (edges report every 5 s, and at once when a tunnel first links
+/// to them), so a live name never lapses between reports or across one missed report.
+pub const LIVE_LINK_HOLD: Duration = Duration::from_secs(15);
 /// At most this many candidates are returned.
 pub const MAX_CANDIDATES: usize = 3;
 
@@ -110,6 +116,9 @@ pub struct ControlConfig {
     pub recreate_ttl_max: Duration,
     /// Management token lifetime.
     pub management_ttl: Duration,
+    /// How long an anonymous tunnel's name stays held after its last link closed (a
+    /// named tunnel's is held until it is deleted).
+    pub name_hold: Duration,
     /// `redis://…` of the Redis that replicas share; `None` keeps state in memory
     /// (one replica). A secret: the URL may carry a password.
     pub redis_url: Option<Secret>,
@@ -135,6 +144,7 @@ impl Default for ControlConfig {
             recreate_ttl_default: DEFAULT_RECREATE_TTL,
             recreate_ttl_max: DEFAULT_RECREATE_TTL_MAX,
             management_ttl: DEFAULT_MANAGEMENT_TTL,
+            name_hold: DEFAULT_NAME_HOLD,
             redis_url: None,
             anonymous_create_burst: ratelimit::DEFAULT_ANONYMOUS_CREATE_BURST,
             anonymous_create_per_minute: ratelimit::DEFAULT_ANONYMOUS_CREATE_PER_MINUTE,
@@ -186,6 +196,9 @@ impl ControlConfig {
         }
         if self.ephemeral_ttl.as_secs() < 10 || self.management_ttl.as_secs() < 60 {
             return err("token lifetimes are too short: ephemeral needs at least 10 s, management at least 60 s".into());
+        }
+        if self.name_hold.is_zero() {
+            return err("the name hold is 0 s; give --name-hold-secs at least 1 (the default is 86400, a day)".into());
         }
         if self.recreate_ttl_default > self.recreate_ttl_max {
             return err(format!(

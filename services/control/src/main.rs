@@ -53,7 +53,7 @@ struct Args {
     /// Lifetime of ephemeral tokens (the agent's pass at an edge), in seconds.
     #[arg(long, env = "NETBORE_EPHEMERAL_TTL_SECS", default_value_t = netbore_control::DEFAULT_EPHEMERAL_TTL.as_secs())]
     ephemeral_ttl_secs: u64,
-    /// Default lifetime of recreate tokens (and of a name's hold), in seconds.
+    /// Default lifetime of recreate tokens, in seconds.
     #[arg(long, env = "NETBORE_RECREATE_TTL_SECS", default_value_t = netbore_control::DEFAULT_RECREATE_TTL.as_secs())]
     recreate_ttl_secs: u64,
     /// Longest recreate token lifetime a caller may ask for, in seconds.
@@ -62,8 +62,12 @@ struct Args {
     /// Lifetime (and maximum) of management tokens, in seconds.
     #[arg(long, env = "NETBORE_MANAGEMENT_TTL_SECS", default_value_t = netbore_control::DEFAULT_MANAGEMENT_TTL.as_secs())]
     management_ttl_secs: u64,
-    /// Require a management token for every tunnel creation (turns anonymous creation
-    /// off).
+    /// How long an anonymous tunnel's name stays held after its last agent link closed,
+    /// in seconds (a named tunnel keeps its name until it is deleted).
+    #[arg(long, env = "NETBORE_NAME_HOLD_SECS", default_value_t = netbore_control::DEFAULT_NAME_HOLD.as_secs())]
+    name_hold_secs: u64,
+    /// Require a management token to create a tunnel (an agent reconnecting with its
+    /// own tunnel's recreate token needs none).
     #[arg(long, env = "NETBORE_REQUIRE_TOKEN")]
     require_token: bool,
     /// Anonymous creations (no management or recreate token) one client address may
@@ -156,6 +160,7 @@ async fn main() -> anyhow::Result<()> {
         recreate_ttl_default: Duration::from_secs(args.recreate_ttl_secs),
         recreate_ttl_max: Duration::from_secs(args.recreate_ttl_max_secs),
         management_ttl: Duration::from_secs(args.management_ttl_secs),
+        name_hold: Duration::from_secs(args.name_hold_secs),
         redis_url: args.redis_url.clone().map(Secret::new),
         anonymous_create_burst: args.anonymous_create_burst,
         anonymous_create_per_minute: args.anonymous_create_per_minute,

@@ -17,7 +17,7 @@ use crate::api::{
 };
 use crate::metrics::Op;
 use crate::names::{self, NameError};
-use crate::store::{Claim, StoreError, TunnelRecord};
+use crate::store::{Claim, HELD_UNTIL_DELETED, StoreError, TunnelRecord};
 use crate::{Control, EdgeEntry, MAX_CANDIDATES};
 use std::sync::atomic::Ordering;
 
@@ -386,9 +386,6 @@ async fn create_inner(
 ) -> Result<CreateTunnelResponse, ApiError> {
     let cfg = control.config();
     let mgmt = management(control, req.management_token.clone().or(bearer))?;
-    if cfg.require_token {
-        require_scope(&mgmt, "tunnels:write")?;
-    }
     let recreate = match &req.recreate_token {
         Some(t) => Some(
             control
@@ -398,6 +395,14 @@ async fn create_inner(
         ),
         None => None,
     };
+    // A valid recreate token for its own tunnel is a credential too: an agent whose
+    // tunnel exists reconnects with it alone, long after any management token expired.
+    let own_tunnel = recreate
+        .as_ref()
+        .is_some_and(|r| req.requested_name.as_ref().is_none_or(|n| *n == r.name));
+    if cfg.require_token && !own_tunnel {
+        require_scope(&mgmt, "tunnels:write")?;
+    }
     // Anonymous: no credential at all. Checked after the tokens, so a bad token is
     // refused for what it is, and before anything is stored.
     if mgmt.is_none()
@@ -473,11 +478,21 @@ async fn create_inner(
         Some(t) => t,
     };
     let force = mgmt.as_ref().is_some_and(|m| m.allows("names:claim"));
+    // A named tunnel (a management token and a requested name) holds its name until it
+    // is deleted; any other holds it for the name hold, which every edge report naming
+    // the tunnel renews (see `Control::tunnels_held`).
+    let named =
+        req.requested_name.is_some() && mgmt.as_ref().is_some_and(|m| m.allows("tunnels:write"));
+    let hold_until = if named {
+        HELD_UNTIL_DELETED
+    } else {
+        now.saturating_add(cfg.name_hold.as_secs())
+    };
     let store = control.store();
 
     let record: TunnelRecord = match (&req.requested_name, &recreate) {
         (Some(name), Some(r)) if r.name == *name => {
-            match store.claim(name, &r.sub, now, now + ttl, force).await? {
+            match store.claim(name, &r.sub, now, hold_until, force).await? {
                 Claim::Won(rec) => rec,
                 Claim::Taken(_) => return Err(name_taken(name)),
             }
@@ -492,12 +507,12 @@ async fn create_inner(
             } else {
                 new_tunnel_id()
             };
-            match store.claim(name, &id, now, now + ttl, force).await? {
+            match store.claim(name, &id, now, hold_until, force).await? {
                 Claim::Won(rec) => rec,
                 Claim::Taken(_) => return Err(name_taken(name)),
             }
         }
-        (None, Some(r)) => match store.claim(&r.name, &r.sub, now, now + ttl, false).await? {
+        (None, Some(r)) => match store.claim(&r.name, &r.sub, now, hold_until, false).await? {
             Claim::Won(rec) => rec,
             Claim::Taken(_) => {
                 return Err(ApiError::new(
@@ -515,7 +530,7 @@ async fn create_inner(
             for _ in 0..RANDOM_NAME_ATTEMPTS {
                 let n = names::random();
                 if let Claim::Won(r) = store
-                    .claim(&n, &new_tunnel_id(), now, now + ttl, false)
+                    .claim(&n, &new_tunnel_id(), now, hold_until, false)
                     .await?
                 {
                     won = Some(r);
@@ -561,10 +576,14 @@ async fn create_inner(
             .map_err(ApiError::internal)?;
         (e, r)
     };
-    notes.push(format!(
-        "recreate token valid for {ttl} s; the name is held until {}",
-        rfc3339(record.expires_at)
-    ));
+    notes.push(if record.expires_at == HELD_UNTIL_DELETED {
+        format!("recreate token valid for {ttl} s; the name is held until the tunnel is deleted")
+    } else {
+        format!(
+            "recreate token valid for {ttl} s; the name is held while an agent is linked and for {} s after",
+            cfg.name_hold.as_secs()
+        )
+    });
     tracing::info!(tunnel = %record.tunnel_id, name = %record.name, recreated = recreate.is_some(), "tunnel created");
     let m = control.metrics();
     m.tokens_issued[0].fetch_add(1, Ordering::Relaxed);

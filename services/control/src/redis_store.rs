@@ -5,7 +5,7 @@
 //!
 //! | key | type | holds | expires |
 //! | --- | --- | --- | --- |
-//! | `name:{name}` | hash | `tunnel_id`, `created_at`, `expires_at` | at `expires_at` |
+//! | `name:{name}` | hash | `tunnel_id`, `created_at`, `expires_at` | at `expires_at` (never for a named tunnel) |
 //! | `tunnel:{id}` | string | the name the tunnel holds | with its name |
 //! | `names` | sorted set, all scores 0 | every held name, in name order (the list index) | entries whose record is gone are dropped when a list or the sweep passes them |
 //! | `revoked:{id}` | string | refused-until (Unix seconds) | then |
@@ -52,12 +52,32 @@ pub const SUBSCRIPTION_PING_INTERVAL: Duration = Duration::from_secs(5);
 pub const EDGE_REPORT_TTL: Duration = Duration::from_secs(15);
 /// How often each replica drops names of expired tunnels from the list index.
 pub const INDEX_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+/// Tunnel ids one refresh script extends (a report with more runs several).
+pub const REFRESH_BATCH: usize = 500;
 /// Entries of the list index a script reads per step.
 const LIST_BATCH: usize = 200;
 
+/// Lua helpers the scripts that write `expires_at` share. Times stay strings from Rust
+/// to Redis and back: Lua numbers are doubles, which would round
+/// [`crate::store::HELD_UNTIL_DELETED`] and print it in exponent form. A hold past
+/// [`NO_EXPIRY_FROM`] never expires in Redis (`PERSIST`; `EXPIREAT` refuses such times).
+const EXPIRY_HELPERS: &str = r#"
+local function later(a, b)
+  if tonumber(a) >= tonumber(b) then return a else return b end
+end
+local function expire_at(k, e, never)
+  if tonumber(e) >= tonumber(never) then redis.call('PERSIST', k) else redis.call('EXPIREAT', k, e) end
+end
+"#;
+
+/// Holds ending at or after this Unix time are kept without a Redis expiry (year 33658:
+/// only [`crate::store::HELD_UNTIL_DELETED`] is that far, and `EXPIREAT` in milliseconds overflows
+/// somewhat further on).
+pub const NO_EXPIRY_FROM: u64 = 1_000_000_000_000;
+
 const CLAIM: &str = r#"
 local name, id = ARGV[1], ARGV[2]
-local now, exp = tonumber(ARGV[3]), tonumber(ARGV[4])
+local now = tonumber(ARGV[3])
 local force, p = ARGV[5] == '1', ARGV[6]
 local cur = redis.call('HMGET', KEYS[1], 'tunnel_id', 'created_at', 'expires_at')
 local live = cur[1] and tonumber(cur[3]) > now
@@ -65,11 +85,11 @@ if live and cur[1] ~= id and not force then
   return {0, cur[1], cur[2], cur[3]}
 end
 if live and cur[1] == id then
-  local e = math.max(tonumber(cur[3]), exp)
+  local e = later(cur[3], ARGV[4])
   redis.call('HSET', KEYS[1], 'expires_at', e)
-  redis.call('EXPIREAT', KEYS[1], e)
+  expire_at(KEYS[1], e, ARGV[7])
   redis.call('SET', KEYS[2], name)
-  redis.call('EXPIREAT', KEYS[2], e)
+  expire_at(KEYS[2], e, ARGV[7])
   redis.call('ZADD', KEYS[3], 0, name)
   return {1, id, cur[2], e}
 end
@@ -89,11 +109,33 @@ if prev and prev ~= name then
 end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'tunnel_id', id, 'created_at', ARGV[3], 'expires_at', ARGV[4])
-redis.call('EXPIREAT', KEYS[1], exp)
+expire_at(KEYS[1], ARGV[4], ARGV[7])
 redis.call('SET', KEYS[2], name)
-redis.call('EXPIREAT', KEYS[2], exp)
+expire_at(KEYS[2], ARGV[4], ARGV[7])
 redis.call('ZADD', KEYS[3], 0, name)
 return {1, id, ARGV[3], ARGV[4]}
+"#;
+
+/// ARGV: key prefix, now, until, [`NO_EXPIRY_FROM`], then the tunnel ids.
+const REFRESH: &str = r#"
+local p, now, untl, never = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local n = 0
+for i = 5, #ARGV do
+  local id = ARGV[i]
+  local tk = p .. 'tunnel:' .. id
+  local name = redis.call('GET', tk)
+  if name then
+    local nk = p .. 'name:' .. name
+    local cur = redis.call('HMGET', nk, 'tunnel_id', 'expires_at')
+    if cur[1] == id and tonumber(cur[2]) > now and tonumber(untl) > tonumber(cur[2]) then
+      redis.call('HSET', nk, 'expires_at', untl)
+      expire_at(nk, untl, never)
+      expire_at(tk, untl, never)
+      n = n + 1
+    end
+  end
+end
+return n
 "#;
 
 const BY_ID: &str = r#"
@@ -198,6 +240,7 @@ return removed
 
 struct Scripts {
     claim: Script,
+    refresh: Script,
     by_id: Script,
     remove: Script,
     list: Script,
@@ -308,7 +351,8 @@ impl RedisStore {
         Ok(RedisStore {
             shared,
             scripts: Scripts {
-                claim: Script::new(CLAIM),
+                claim: Script::new(&format!("{EXPIRY_HELPERS}{CLAIM}")),
+                refresh: Script::new(&format!("{EXPIRY_HELPERS}{REFRESH}")),
                 by_id: Script::new(BY_ID),
                 remove: Script::new(REMOVE),
                 list: Script::new(LIST),
@@ -507,7 +551,8 @@ impl ControlStore for RedisStore {
                 .arg(now)
                 .arg(expires_at)
                 .arg(if force { "1" } else { "0" })
-                .arg(KEY_PREFIX);
+                .arg(KEY_PREFIX)
+                .arg(NO_EXPIRY_FROM);
             let (won, id, created, expires): (u8, String, u64, u64) =
                 self.shared.timed(inv.invoke_async(&mut c)).await?;
             let r = TunnelRecord {
@@ -612,6 +657,31 @@ impl ControlStore for RedisStore {
                     expires_at: to_u64(&r[3]),
                 })
                 .collect())
+        })
+    }
+
+    fn refresh<'a>(
+        &'a self,
+        tunnel_ids: &'a [String],
+        now: u64,
+        until: u64,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            if tunnel_ids.is_empty() {
+                return Ok(());
+            }
+            let mut c = self.shared.conn()?;
+            // One script per batch: each is atomic and short, so a large edge does not
+            // hold Redis for long.
+            for batch in tunnel_ids.chunks(REFRESH_BATCH) {
+                let mut inv = self.scripts.refresh.prepare_invoke();
+                inv.arg(KEY_PREFIX).arg(now).arg(until).arg(NO_EXPIRY_FROM);
+                for id in batch {
+                    inv.arg(id);
+                }
+                let _: u64 = self.shared.timed(inv.invoke_async(&mut c)).await?;
+            }
+            Ok(())
         })
     }
 

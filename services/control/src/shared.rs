@@ -68,6 +68,26 @@ impl Control {
         }
     }
 
+    /// Holds the names of tunnels an edge reports as linked: each live record's hold
+    /// reaches at least [`crate::LIVE_LINK_HOLD`] and the configured name hold past now,
+    /// so a name is never free while any edge holds a link to its tunnel, and an
+    /// anonymous one stays held for the name hold after the last report naming it. A
+    /// store failure is logged, not returned: the next report retries.
+    pub async fn tunnels_held(&self, edge_id: &str, tunnel_ids: &[String]) {
+        if tunnel_ids.is_empty() {
+            return;
+        }
+        let now = now_unix();
+        let hold = self.config().name_hold.max(crate::LIVE_LINK_HOLD).as_secs();
+        if let Err(e) = self
+            .store()
+            .refresh(tunnel_ids, now, now.saturating_add(hold))
+            .await
+        {
+            tracing::warn!(edge = %edge_id, tunnels = tunnel_ids.len(), error = %e, "holds of linked tunnels not refreshed; the next report retries");
+        }
+    }
+
     /// Marks an edge's link to this replica closed, here and in the shared store.
     pub async fn edge_link_closed(&self, edge_id: &str) {
         self.edge_disconnected(edge_id);

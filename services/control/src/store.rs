@@ -25,9 +25,15 @@ pub struct TunnelRecord {
     pub name: String,
     /// Creation time (Unix seconds).
     pub created_at: u64,
-    /// When the name is released unless recreated (Unix seconds).
+    /// When the name is released unless recreated or refreshed (Unix seconds);
+    /// [`HELD_UNTIL_DELETED`] for a named tunnel.
     pub expires_at: u64,
 }
+
+/// The `expires_at` of a name held until its tunnel is deleted (a *named* tunnel: made
+/// with a management token and a requested name). The largest value every store can
+/// keep exactly (SQL `BIGINT`, Redis strings), so stores need no separate flag.
+pub const HELD_UNTIL_DELETED: u64 = i64::MAX as u64;
 
 /// Result of a claim.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +85,10 @@ pub trait ControlStore: Send + Sync + 'static {
         limit: usize,
         now: u64,
     ) -> StoreFuture<'a, Vec<TunnelRecord>>;
+    /// Extends the hold of each of these tunnels (a link to it is live on some edge) to at
+    /// least `until`: for each id whose record is live at `now`, expires_at = max(expires_at, until).
+    fn refresh<'a>(&'a self, tunnel_ids: &'a [String], now: u64, until: u64)
+    -> StoreFuture<'a, ()>;
     /// Marks a deleted tunnel so its recreate tokens are refused until `until`.
     fn revoke<'a>(&'a self, tunnel_id: &'a str, until: u64) -> StoreFuture<'a, ()>;
     /// True while `tunnel_id` is revoked.
@@ -256,6 +266,26 @@ impl ControlStore for MemoryStore {
         ready(page)
     }
 
+    fn refresh<'a>(
+        &'a self,
+        tunnel_ids: &'a [String],
+        now: u64,
+        until: u64,
+    ) -> StoreFuture<'a, ()> {
+        let mut st = self.state.lock();
+        let st = &mut *st;
+        for id in tunnel_ids {
+            if let Some(name) = st.by_id.get(id)
+                && let Some(r) = st.by_name.get_mut(name)
+                && r.tunnel_id == *id
+                && r.expires_at > now
+            {
+                r.expires_at = r.expires_at.max(until);
+            }
+        }
+        ready(())
+    }
+
     fn revoke<'a>(&'a self, tunnel_id: &'a str, until: u64) -> StoreFuture<'a, ()> {
         let mut st = self.state.lock();
         let until = st.revoked.get(tunnel_id).map_or(until, |u| (*u).max(until));
@@ -333,6 +363,27 @@ mod tests {
         assert_eq!(names(s.list("b", Some("b"), 10, 1).await.unwrap()), ["ba"]);
         // Expired records are not listed.
         assert!(s.list("", None, 10, 100).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn refresh_extends_only_live_records_and_never_shortens() {
+        let s = MemoryStore::default();
+        s.claim("live", "t1", 0, 10, false).await.unwrap();
+        s.claim("gone", "t2", 0, 5, false).await.unwrap();
+        s.claim("named", "t3", 0, HELD_UNTIL_DELETED, false)
+            .await
+            .unwrap();
+        let ids = ["t1", "t2", "t3", "t-unknown"].map(String::from);
+        s.refresh(&ids, 6, 100).await.unwrap();
+        assert_eq!(s.by_id("t1", 6).await.unwrap().unwrap().expires_at, 100);
+        // An expired record is not brought back by a late report.
+        assert!(s.by_id("t2", 6).await.unwrap().is_none());
+        assert_eq!(
+            s.by_id("t3", 6).await.unwrap().unwrap().expires_at,
+            HELD_UNTIL_DELETED
+        );
+        s.refresh(&ids, 7, 50).await.unwrap();
+        assert_eq!(s.by_id("t1", 7).await.unwrap().unwrap().expires_at, 100);
     }
 
     #[tokio::test]

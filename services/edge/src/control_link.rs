@@ -1,6 +1,7 @@
 //! The edge's link to control: a bidirectional gRPC stream on which the edge reports
-//! its load every [`REPORT_INTERVAL`] and control sends commands (disconnect a deleted
-//! tunnel, drain). Reconnects with backoff; the edge keeps serving while it is down.
+//! its load and the tunnels linked to it every [`REPORT_INTERVAL`] (and at once when a
+//! tunnel first links here), which keeps their names held at control, and control sends
+//! commands (disconnect a deleted tunnel, drain). Reconnects with backoff; the edge keeps serving while it is down.
 
 use std::time::Duration;
 
@@ -26,6 +27,39 @@ pub struct LinkIdentity {
     pub region: String,
 }
 
+/// Most tunnel ids in one report; an edge holding more sends several reports in a
+/// row (about 40 KB each, far under gRPC's 4 MiB message limit).
+pub const MAX_TUNNEL_IDS_PER_REPORT: usize = 1000;
+
+/// This edge's report: its load, and the tunnels linked to it (so control keeps their
+/// names held), split into reports of at most [`MAX_TUNNEL_IDS_PER_REPORT`] ids.
+fn reports(edge: &Edge, id: &LinkIdentity) -> Vec<EdgeReport> {
+    let base = report(edge, id);
+    let ids = edge.routes().tunnel_ids();
+    if ids.is_empty() {
+        return vec![base];
+    }
+    ids.chunks(MAX_TUNNEL_IDS_PER_REPORT)
+        .map(|chunk| EdgeReport {
+            linked_tunnel_ids: chunk.to_vec(),
+            ..base.clone()
+        })
+        .collect()
+}
+
+async fn send_reports(
+    tx: &tokio::sync::mpsc::Sender<EdgeReport>,
+    edge: &Edge,
+    id: &LinkIdentity,
+) -> Result<(), String> {
+    for r in reports(edge, id) {
+        tx.send(r)
+            .await
+            .map_err(|_| "report stream closed".to_string())?;
+    }
+    Ok(())
+}
+
 fn report(edge: &Edge, id: &LinkIdentity) -> EdgeReport {
     let (tunnels, connections, streams, bytes_in, bytes_out) = edge.routes().load();
     EdgeReport {
@@ -38,6 +72,7 @@ fn report(edge: &Edge, id: &LinkIdentity) -> EdgeReport {
         bytes_in,
         bytes_out,
         draining: edge.is_draining(),
+        linked_tunnel_ids: Vec::new(),
     }
 }
 
@@ -71,6 +106,7 @@ async fn link_once(
     let (tx, rx) = tokio::sync::mpsc::channel::<EdgeReport>(4);
     let outbound =
         futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
+    // The first report introduces the edge; the tunnels follow once the link is up.
     tx.send(report(edge, id)).await.map_err(|e| e.to_string())?;
     let mut commands = client
         .link(outbound)
@@ -78,15 +114,15 @@ async fn link_once(
         .map_err(|e| e.to_string())?
         .into_inner();
     info!(control = %url, "linked to control");
+    send_reports(&tx, edge, id).await?;
     let mut tick = tokio::time::interval(REPORT_INTERVAL);
     tick.tick().await;
     loop {
         tokio::select! {
-            _ = tick.tick() => {
-                if tx.send(report(edge, id)).await.is_err() {
-                    return Err("report stream closed".into());
-                }
-            }
+            _ = tick.tick() => send_reports(&tx, edge, id).await?,
+            // A tunnel new to this edge is reported at once, so its name is held from
+            // its first link on, however short control's name hold.
+            _ = edge.routes().first_link() => send_reports(&tx, edge, id).await?,
             m = commands.message() => match m {
                 Ok(Some(cmd)) => match cmd.command {
                     Some(Command::DisconnectTunnel(d)) => {

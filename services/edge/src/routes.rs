@@ -46,6 +46,9 @@ pub enum Lookup {
 pub struct Routes {
     live: RwLock<HashMap<String, Vec<Route>>>,
     offline: Mutex<HashMap<String, Instant>>,
+    /// Woken when a tunnel gains its first connection here, so the link to control
+    /// reports it at once (control holds its name from that report on).
+    first_link: tokio::sync::Notify,
 }
 
 impl Routes {
@@ -53,7 +56,7 @@ impl Routes {
     /// name (it was deleted and given out again) are closed; the tunnel's other
     /// connections take the new one's access policy (the newest agent's wins).
     pub fn insert(&self, name: &str, route: Route) {
-        let stale: Vec<Route> = {
+        let (stale, first): (Vec<Route>, bool) = {
             let mut live = self.live.write();
             let v = live.entry(name.to_string()).or_default();
             let (mut keep, stale): (Vec<Route>, Vec<Route>) =
@@ -62,10 +65,14 @@ impl Routes {
             for r in &mut keep {
                 r.access = route.access.clone();
             }
+            let first = keep.is_empty();
             *v = keep;
             v.push(route);
-            stale
+            (stale, first)
         };
+        if first {
+            self.first_link.notify_one();
+        }
         self.offline.lock().remove(name);
         for r in stale {
             r.mux.close("the name now belongs to another tunnel");
@@ -156,6 +163,25 @@ impl Routes {
             bout += o;
         }
         (live.len() as u64, conns, streams, bin, bout)
+    }
+
+    /// Ids of the tunnels with at least one connection here, each once.
+    pub fn tunnel_ids(&self) -> Vec<String> {
+        let live = self.live.read();
+        let mut ids: Vec<String> = live
+            .values()
+            .flatten()
+            .map(|r| r.tunnel_id.clone())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// Resolves when a tunnel has gained its first connection here since the last call
+    /// (at once if one did meanwhile).
+    pub async fn first_link(&self) {
+        self.first_link.notified().await;
     }
 
     /// The connections to advertise in the registry: (name, tunnel id, connection id)

@@ -157,6 +157,11 @@ async fn a_name_held_by_another_agent_is_refused_with_a_message() {
         saw.push_str(&l);
     }
     assert!(saw.contains("\"code\":\"name_taken\""), "{saw}");
+    // The message names the fixes.
+    assert!(
+        saw.contains("--state-dir") && saw.contains("names:claim") && saw.contains("--name"),
+        "{saw}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

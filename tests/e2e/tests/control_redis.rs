@@ -13,7 +13,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use netbore_control::api::{CreateTunnelRequest, DeleteTunnelRequest};
 use netbore_control::redis_store::RedisStore;
-use netbore_control::store::{Claim, ControlStore, MemoryStore, TunnelRecord};
+use netbore_control::store::{Claim, ControlStore, HELD_UNTIL_DELETED, MemoryStore, TunnelRecord};
 use netbore_control::{Control, ControlConfig, EdgeEntry, EdgeStatus};
 use netbore_testkit::origin::Origin;
 use netbore_testkit::redis::RedisServer;
@@ -271,6 +271,72 @@ async fn contract_tombstones_last_until_their_time_and_never_shorten() {
         assert!(!s.is_revoked("t", b + 100).await.unwrap(), "{kind}");
         assert!(!s.is_revoked("other", b).await.unwrap(), "{kind}");
     }
+}
+
+#[tokio::test]
+async fn contract_refresh_extends_live_holds_only_and_a_named_hold_never_lapses() {
+    let (stores, redis) = stores().await;
+    let b = now_unix();
+    for (kind, s) in &stores {
+        let s = s.as_ref();
+        let p = |x: &str| format!("{kind}-{x}");
+        assert!(
+            won(s, &p("live"), &p("t1"), b, b + 10, false).await,
+            "{kind}"
+        );
+        assert!(
+            won(s, &p("lapsed"), &p("t2"), b, b + 5, false).await,
+            "{kind}"
+        );
+        assert!(
+            won(s, &p("named"), &p("t3"), b, HELD_UNTIL_DELETED, false).await,
+            "{kind}"
+        );
+        let ids = [p("t1"), p("t2"), p("t3"), p("t-unknown")];
+        s.refresh(&ids, b + 6, b + 100).await.unwrap();
+        let exp = |r: Option<TunnelRecord>| r.map(|r| r.expires_at);
+        assert_eq!(
+            exp(s.by_id(&p("t1"), b + 6).await.unwrap()),
+            Some(b + 100),
+            "{kind}"
+        );
+        // A late report does not bring back a name that lapsed.
+        assert_eq!(exp(s.by_id(&p("t2"), b + 6).await.unwrap()), None, "{kind}");
+        // Nor shortens a hold.
+        s.refresh(&ids, b + 7, b + 50).await.unwrap();
+        assert_eq!(
+            exp(s.by_id(&p("t1"), b + 7).await.unwrap()),
+            Some(b + 100),
+            "{kind}"
+        );
+        // A named hold stays exact through refreshes and reclaims, and never lapses.
+        assert!(
+            won(s, &p("named"), &p("t3"), b + 8, b + 60, false).await,
+            "{kind}"
+        );
+        assert_eq!(
+            exp(s.by_name(&p("named"), u64::MAX / 4).await.unwrap()),
+            Some(HELD_UNTIL_DELETED),
+            "{kind}"
+        );
+        assert!(
+            !won(s, &p("named"), &p("t4"), b + 9, b + 60, false).await,
+            "{kind}"
+        );
+    }
+    // In Redis the named hold is kept without an expiry, the refreshed one with it.
+    assert_eq!(
+        redis_cli(&redis, &["TTL", "netbore:control:name:redis-named"]),
+        "-1"
+    );
+    assert_eq!(
+        redis_cli(&redis, &["TTL", "netbore:control:tunnel:redis-t3"]),
+        "-1"
+    );
+    let ttl: u64 = redis_cli(&redis, &["TTL", "netbore:control:name:redis-live"])
+        .parse()
+        .unwrap();
+    assert!((90..=100).contains(&ttl), "refreshed TTL {ttl}");
 }
 
 fn redis_cli(redis: &RedisServer, args: &[&str]) -> String {
