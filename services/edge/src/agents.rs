@@ -176,12 +176,74 @@ where
         )
         .await;
     }
+    // The token verified; now what binds it beyond its signature. Refusals name the
+    // tunnel, never the token.
+    if edge.gate().is_revoked(&grant.tunnel_id) {
+        warn!(tunnel = %grant.tunnel_id, name = %grant.name, "agent refused: the tunnel was deleted");
+        return refuse(
+            &edge,
+            &mut ws,
+            RefusalCode::TunnelDeleted,
+            "the tunnel was deleted at control; its tokens are refused. Start the agent without its saved state to create a new tunnel",
+            false,
+        )
+        .await;
+    }
+    let _slot = match edge.gate().admit(crate::gate::digest(&hello.token)) {
+        Ok(slot) => slot,
+        Err(e) => {
+            warn!(tunnel = %grant.tunnel_id, error = %e, "agent refused: per-token limit");
+            return refuse(
+                &edge,
+                &mut ws,
+                RefusalCode::LimitReached,
+                &e.to_string(),
+                true,
+            )
+            .await;
+        }
+    };
+    if let Some(other) = name_held_elsewhere(&edge, &grant.name, &grant.tunnel_id).await {
+        warn!(tunnel = %grant.tunnel_id, name = %grant.name, holder = %other, "agent refused: another tunnel holds the name");
+        return refuse(
+            &edge,
+            &mut ws,
+            RefusalCode::NameInUse,
+            &format!(
+                "the name '{}' is held by another tunnel with a live link; a link never displaces another tunnel's. If this tunnel was deleted, start the agent without its saved state",
+                grant.name
+            ),
+            true,
+        )
+        .await;
+    }
+    // The session-cookie key comes from control's seed for the token's signing key,
+    // never from the token (anyone holding the token could forge cookies with it).
+    let session_key = if grant.access.jwt.is_some() {
+        let kid = netbore_tokens::kid_of(&hello.token).unwrap_or_default();
+        match edge.gate().session_key(&kid, &grant.tunnel_id) {
+            Some(k) => Some(k),
+            None => {
+                warn!(tunnel = %grant.tunnel_id, kid = %kid, "agent refused: no session seed from control for this key yet");
+                return refuse(
+                    &edge,
+                    &mut ws,
+                    RefusalCode::Unavailable,
+                    "this edge has not received the session keys for this tunnel's signing key from control yet; retry shortly",
+                    true,
+                )
+                .await;
+            }
+        }
+    } else {
+        None
+    };
     let access = match crate::access::TunnelAccess::new(
         &grant.tunnel_id,
         &grant.name,
         &grant.access,
         grant.limits.max_body_bytes,
-        grant.session_key.as_ref(),
+        session_key.as_ref(),
     ) {
         Ok(a) => std::sync::Arc::new(a),
         Err(e) => {
@@ -239,7 +301,7 @@ where
         CancellationToken::new(),
         serde_json::to_string(&welcome).expect("serializable"),
     );
-    edge.routes().insert(
+    if let Err(holder) = edge.routes().insert(
         &grant.name,
         Route {
             tunnel_id: grant.tunnel_id.clone(),
@@ -247,7 +309,15 @@ where
             mux: mux.clone(),
             access,
         },
-    );
+    ) {
+        // Another tunnel's agent took the name between the check above and now.
+        warn!(tunnel = %grant.tunnel_id, name = %grant.name, holder = %holder, "agent refused: another tunnel holds the name");
+        mux.close("the name is held by another tunnel with a live link");
+        if let Some((cluster, holder)) = &lease {
+            cluster.unregister(&grant.name, holder).await;
+        }
+        return Err("name held by another tunnel".into());
+    }
     greeting.release();
     edge.metrics().handshake("accepted");
     if edge.is_draining() {
@@ -265,6 +335,21 @@ where
     info!(tunnel = %grant.tunnel_id, name = %grant.name, session = %session_id, reason = %mux.close_reason(), "agent disconnected");
     let _ = peer;
     Ok(())
+}
+
+/// The tunnel id of a live link for `name` of another tunnel than `tunnel_id`, on this
+/// edge or (with a registry) on any other, ignoring tunnels known to be deleted.
+async fn name_held_elsewhere(edge: &Edge, name: &str, tunnel_id: &str) -> Option<String> {
+    if let Some(other) = edge.routes().live_other_tunnel(name, tunnel_id) {
+        return Some(other);
+    }
+    let cluster = edge.cluster()?;
+    // An unreachable registry is handled by the registration that follows.
+    let holders = cluster.registry().lookup(name).await.ok()?;
+    holders
+        .into_iter()
+        .find(|h| h.tunnel_id != tunnel_id && !edge.gate().is_revoked(&h.tunnel_id))
+        .map(|h| h.tunnel_id)
 }
 
 async fn refuse<S>(

@@ -24,8 +24,6 @@ pub struct AgentGrant {
     pub access: netbore_tokens::access::AccessPolicy,
     /// The tunnel's own limits.
     pub limits: netbore_tokens::access::TunnelLimits,
-    /// Key for the tunnel's session cookies (with a JWT policy).
-    pub session_key: Option<netbore_tokens::Secret>,
 }
 
 /// Why a token was refused.
@@ -62,7 +60,6 @@ fn grant(c: netbore_tokens::EphemeralClaims) -> AgentGrant {
         name: c.name,
         access: c.access,
         limits: c.limits,
-        session_key: c.session_key,
     }
 }
 

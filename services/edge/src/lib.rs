@@ -16,6 +16,7 @@ pub mod config;
 pub mod control_link;
 pub mod errors;
 pub mod forward;
+pub mod gate;
 pub mod metrics;
 pub mod proxy;
 pub mod routes;
@@ -50,6 +51,8 @@ struct Inner {
     tracker: TaskTracker,
     /// The registry and internal forwarding, when edges share one.
     cluster: std::sync::OnceLock<Arc<forward::Cluster>>,
+    /// Revocations, per-token link caps and session seeds.
+    gate: Arc<gate::Gate>,
 }
 
 impl Edge {
@@ -70,6 +73,7 @@ impl Edge {
                 metrics: metrics::Metrics::default(),
                 tracker: TaskTracker::new(),
                 cluster: std::sync::OnceLock::new(),
+                gate: Arc::default(),
             }),
         }
     }
@@ -139,6 +143,19 @@ impl Edge {
     /// Disconnects every agent connection serving `tunnel_id` (the tunnel was deleted).
     pub fn disconnect_tunnel(&self, tunnel_id: &str) -> usize {
         self.inner.routes.disconnect_tunnel(tunnel_id)
+    }
+
+    /// The tunnel was deleted: refuse its tokens until `until` (Unix seconds) and
+    /// disconnect its agents. Returns how many connections were closed.
+    pub fn revoke_tunnel(&self, tunnel_id: &str, until: u64) -> usize {
+        // Revoke first, so an agent reconnecting as its link closes is refused.
+        self.inner.gate.revoke(tunnel_id, until);
+        self.inner.routes.disconnect_tunnel(tunnel_id)
+    }
+
+    /// Revocations, per-token link caps and session seeds.
+    pub fn gate(&self) -> &Arc<gate::Gate> {
+        &self.inner.gate
     }
 }
 
