@@ -203,6 +203,44 @@ where
             .await;
         }
     };
+    // The same count across every edge sharing the registry, so one token cannot hold
+    // the limit on each edge. Unreachable Redis is left to the registration below.
+    let token_key = hex(&crate::gate::digest(&hello.token));
+    let cluster_place = match edge.cluster() {
+        Some(c) => {
+            let ttl = std::time::Duration::from_secs(
+                grant
+                    .expires_at
+                    .saturating_sub(netbore_tokens::now_unix())
+                    .saturating_add(netbore_tokens::LEEWAY_SECS),
+            );
+            match c
+                .registry()
+                .acquire(&token_key, crate::gate::MAX_LINKS_PER_TOKEN as u64, ttl)
+                .await
+            {
+                Ok(true) => Some(c.clone()),
+                Ok(false) => {
+                    warn!(tunnel = %grant.tunnel_id, "agent refused: per-token limit across the cluster");
+                    return refuse(
+                        &edge,
+                        &mut ws,
+                        RefusalCode::LimitReached,
+                        &crate::gate::GateRefusal::TooManyLinks(crate::gate::MAX_LINKS_PER_TOKEN)
+                            .to_string(),
+                        true,
+                    )
+                    .await;
+                }
+                Err(_) => None,
+            }
+        }
+        None => None,
+    };
+    let _cluster_place = ClusterPlace {
+        cluster: cluster_place,
+        key: token_key,
+    };
     if let Some(other) = name_held_elsewhere(&edge, &grant.name, &grant.tunnel_id).await {
         warn!(tunnel = %grant.tunnel_id, name = %grant.name, holder = %other, "agent refused: another tunnel holds the name");
         return refuse(
@@ -335,6 +373,27 @@ where
     info!(tunnel = %grant.tunnel_id, name = %grant.name, session = %session_id, reason = %mux.close_reason(), "agent disconnected");
     let _ = peer;
     Ok(())
+}
+
+fn hex(d: &[u8]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A place in a token's cluster-wide link count, given back when the link ends.
+struct ClusterPlace {
+    cluster: Option<std::sync::Arc<crate::forward::Cluster>>,
+    key: String,
+}
+
+impl Drop for ClusterPlace {
+    fn drop(&mut self) {
+        if let Some(c) = self.cluster.take() {
+            let key = std::mem::take(&mut self.key);
+            tokio::spawn(async move {
+                let _ = c.registry().release(&key).await;
+            });
+        }
+    }
 }
 
 /// The tunnel id of a live link for `name` of another tunnel than `tunnel_id`, on this

@@ -24,6 +24,8 @@ pub struct AgentGrant {
     pub access: netbore_tokens::access::AccessPolicy,
     /// The tunnel's own limits.
     pub limits: netbore_tokens::access::TunnelLimits,
+    /// When the token expires (Unix seconds).
+    pub expires_at: u64,
 }
 
 /// Why a token was refused.
@@ -60,6 +62,7 @@ fn grant(c: netbore_tokens::EphemeralClaims) -> AgentGrant {
         name: c.name,
         access: c.access,
         limits: c.limits,
+        expires_at: c.exp,
     }
 }
 
