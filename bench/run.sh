@@ -91,6 +91,11 @@ log "building (release): netbore, netbore-edge, netbore-control, netbore-bench"
 BIN=$CARGO_TARGET_DIR/release
 TOOL=$BIN/netbore-bench
 
+# Edges link to control with a credential control knows (docs/security.md, finding 1).
+NETBORE_EDGE_TOKEN=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+NETBORE_EDGE_CREDENTIALS="*=sha256:$(printf %s "$NETBORE_EDGE_TOKEN" | sha256sum | cut -d' ' -f1)"
+export NETBORE_EDGE_TOKEN NETBORE_EDGE_CREDENTIALS
+
 # 10,000 idle agent links need 10,000 descriptors in the edge and in the load tool.
 ulimit -n "$(ulimit -Hn)"
 

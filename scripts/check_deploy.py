@@ -362,12 +362,68 @@ def check_edge(ck: Checker, docs, d, spec, main, env) -> None:
         h = headless[0]["spec"]
         ck.check(h.get("clusterIP") == "None" and selects({"matchLabels": h.get("selector", {})}, pod_labels(d)),
                  f"{where}: {svc} is headless and selects the edge pods")
+    check_edge_credential(ck, docs, d, main)
     if "NETBORE_TLS_CERT" in env:
         mounts = [m["mountPath"] for m in main.get("volumeMounts", []) or []]
         ck.check(any(env["NETBORE_TLS_CERT"].startswith(m.rstrip("/") + "/") for m in mounts),
                  f"{where}: NETBORE_TLS_CERT {env['NETBORE_TLS_CERT']} is on a mounted volume")
         ck.check(not any(m.get("subPath") for m in main.get("volumeMounts", []) or []),
                  f"{where}: certificate mounted without subPath (renewals reach the pod)")
+
+
+def check_edge_credential(ck: Checker, docs, d, main) -> None:
+    """Edges authenticate to control's gRPC link with a token from a Secret; control
+    holds only its SHA-256, bound to a pattern that covers these edge pods' names."""
+    import hashlib
+
+    where = name_of(d)
+    entries = env_entries(main, "NETBORE_EDGE_TOKEN")
+    refs = [(e.get("valueFrom") or {}).get("secretKeyRef") for e in entries]
+    ok = len(entries) == 1 and "value" not in entries[0] and bool(refs[0])
+    ck.check(ok, f"{where}: NETBORE_EDGE_TOKEN comes from a Secret (secretKeyRef), not a literal",
+             f"env entries {entries}" if entries else "not set (control refuses the edge's link and never offers it to agents)")
+    ck.check("NETBORE_EDGE_TOKEN" not in loaded_configmap_keys(docs, main),
+             f"{where}: NETBORE_EDGE_TOKEN is not in a ConfigMap")
+    args = (main.get("command") or []) + (main.get("args") or [])
+    ck.check(not any("edge-token" in str(a) and not str(a).startswith("--control-token-file") for a in args),
+             f"{where}: no edge token on the command line")
+    controls = [w for w in docs if pod_spec(w) is not None and component(w) == "control"]
+    if not controls:
+        ck.skip(f"{where}: control accepts this edge's credential", "no control workload in this set")
+        return
+    cmain = pod_spec(controls[0])["containers"][0]
+    cenv = config_values(docs, cmain)
+    creds = [e.get("value") for e in env_entries(cmain, "NETBORE_EDGE_CREDENTIALS") if "value" in e]
+    creds += [cenv["NETBORE_EDGE_CREDENTIALS"]] if "NETBORE_EDGE_CREDENTIALS" in cenv and not creds else []
+    if not config_known(docs, cmain) and not creds:
+        ck.skip(f"{where}: control accepts this edge's credential", "control's ConfigMap is generated elsewhere")
+        return
+    if not ck.check(len(creds) == 1, f"{where}: control is given the edges' credential digest (NETBORE_EDGE_CREDENTIALS)",
+                    "not set: control refuses every edge link"):
+        return
+    entries = [c for c in str(creds[0]).split(";") if c.strip()]
+    pod_prefix = f"{name_of(d).split('/')[-1]}-"
+    covering = []
+    for c in entries:
+        pattern, _, digest = c.strip().partition("=")
+        if pattern == "*" or (pattern.endswith("*") and pod_prefix.startswith(pattern[:-1])) or pattern == pod_prefix + "0":
+            covering.append(digest)
+    ck.check(bool(covering), f"{where}: control's edge credential pattern covers the pod names {pod_prefix}N",
+             f"patterns {[c.partition('=')[0] for c in entries]}")
+    ck.check(all(c.startswith("sha256:") for c in covering),
+             f"{where}: control holds only the token's SHA-256 (sha256:HEX), never the token")
+    if ok and covering:
+        ref = refs[0]
+        token = secret_value(docs, ref.get("name"), ref.get("key"))
+        if token is None:
+            ck.skip(f"{where}: the edge token's digest matches control's", f"Secret {ref.get('name')} is not in this set")
+        elif "REPLACE" in token:
+            ck.check(any("REPLACE" in c for c in covering),
+                     f"{where}: placeholder edge token pairs with a placeholder digest control refuses at start")
+        else:
+            digest = "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+            ck.check(digest in covering, f"{where}: the edge token's SHA-256 is the digest control accepts",
+                     "the edges would be refused")
 
 
 def env_entries(c: dict, name: str) -> list[dict]:

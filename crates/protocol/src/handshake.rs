@@ -100,8 +100,15 @@ pub enum RefusalCode {
     Draining,
     /// The edge cannot register the tunnel right now (registry unreachable); retry.
     Unavailable,
-    /// Too many connections for this tunnel or this edge.
+    /// Too many connections for this tunnel or this edge, or too many links or
+    /// handshakes with one token; retry later.
     LimitReached,
+    /// The token's tunnel was deleted; control will not issue another for it.
+    TunnelDeleted,
+    /// Another tunnel (a newer owner of the name) holds the name with a live link; an
+    /// older tunnel never displaces it. Retry: once the other tunnel is gone (its
+    /// deletion reaches the edge), the link is taken.
+    NameInUse,
 }
 
 /// Edge → agent when the hello is refused.

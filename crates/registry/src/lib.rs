@@ -114,7 +114,23 @@ pub trait LiveRegistry: Send + Sync + 'static {
 
     /// Names whose holders changed, as announced ([`ALL`] means every name).
     fn changes(&self) -> broadcast::Receiver<String>;
+
+    /// Takes one of at most `max` places counted under `key` by every edge sharing the
+    /// registry (an ephemeral token's links); the count is forgotten after `ttl` (the
+    /// token's remaining life). `Ok(false)` when every place is taken. A registry that
+    /// lives in one process counts nothing here (each edge counts its own).
+    fn acquire<'a>(&'a self, _key: &'a str, _max: u64, _ttl: Duration) -> RegistryFuture<'a, bool> {
+        Box::pin(async { Ok(true) })
+    }
+
+    /// Gives back a place taken with [`LiveRegistry::acquire`].
+    fn release<'a>(&'a self, _key: &'a str) -> RegistryFuture<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
 }
+
+/// Key prefix of the per-token link counts ([`LiveRegistry::acquire`]).
+pub const PLACES_PREFIX: &str = "netbore:live:places:";
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -294,6 +310,41 @@ impl RedisRegistry {
 }
 
 impl LiveRegistry for RedisRegistry {
+    fn acquire<'a>(&'a self, key: &'a str, max: u64, ttl: Duration) -> RegistryFuture<'a, bool> {
+        Box::pin(async move {
+            let key = format!("{PLACES_PREFIX}{key}");
+            let mut pipe = redis::pipe();
+            pipe.cmd("INCR").arg(&key);
+            pipe.cmd("PEXPIRE")
+                .arg(&key)
+                .arg(ttl.as_millis().max(1) as u64)
+                .ignore();
+            let (n,): (u64,) = self.run(&pipe).await?;
+            if n <= max {
+                return Ok(true);
+            }
+            let mut undo = redis::pipe();
+            undo.cmd("DECR").arg(&key).ignore();
+            self.run::<()>(&undo).await?;
+            Ok(false)
+        })
+    }
+
+    fn release<'a>(&'a self, key: &'a str) -> RegistryFuture<'a, ()> {
+        Box::pin(async move {
+            let key = format!("{PLACES_PREFIX}{key}");
+            // Only while the count exists: a count that expired is not brought back
+            // below zero.
+            let mut pipe = redis::pipe();
+            pipe.cmd("EVAL")
+                .arg("if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('DECR', KEYS[1]) end return 0")
+                .arg(1)
+                .arg(&key)
+                .ignore();
+            self.run::<()>(&pipe).await
+        })
+    }
+
     fn register<'a>(
         &'a self,
         entries: &'a [(String, Holder)],

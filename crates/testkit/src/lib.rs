@@ -428,6 +428,21 @@ impl Proc {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        // Edges and control that know each other, unless the test says otherwise: every
+        // control accepts the test edge credential for any edge id, every edge presents it.
+        let has = |k: &str| env.iter().any(|(n, _)| *n == k);
+        if bin == "netbore-control" && !has("NETBORE_EDGE_CREDENTIALS") {
+            cmd.env(
+                "NETBORE_EDGE_CREDENTIALS",
+                format!(
+                    "*={}",
+                    netbore_control::edge_auth::token_digest(TEST_EDGE_TOKEN)
+                ),
+            );
+        }
+        if bin == "netbore-edge" && !has("NETBORE_EDGE_TOKEN") {
+            cmd.env("NETBORE_EDGE_TOKEN", TEST_EDGE_TOKEN);
+        }
         let mut child = cmd.spawn().expect("binary starts");
         let out: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if logs {
             Box::new(child.stderr.take().unwrap())
@@ -555,6 +570,11 @@ pub struct EdgeProc {
     /// Internal (edge-to-edge) port.
     pub internal: u16,
 }
+
+/// The edge credential test processes share: [`Proc::spawn`] gives it to every
+/// `netbore-edge` (`NETBORE_EDGE_TOKEN`) and has every `netbore-control` accept it for
+/// any edge id (`NETBORE_EDGE_CREDENTIALS`), unless the test sets those itself.
+pub const TEST_EDGE_TOKEN: &str = "test-edge-token-0123456789abcdef0123456789";
 
 /// The internal secret test clusters share.
 pub const TEST_INTERNAL_SECRET: &str = "test-internal-secret-0123456789";

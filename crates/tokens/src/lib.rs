@@ -161,10 +161,9 @@ pub struct EphemeralClaims {
     /// The tunnel's own limits, on top of the edge's.
     #[serde(default, skip_serializing_if = "access::TunnelLimits::is_empty")]
     pub limits: access::TunnelLimits,
-    /// The key edges MAC the tunnel's session cookies with (present when the policy
-    /// uses cookies); derived by control per tunnel ([`KeySet::session_key`]).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub session_key: Option<Secret>,
+    // No session-cookie key here: anyone holding the token (the agent, and any edge
+    // the agent offers it to) could forge viewers' cookies with it. Edges derive the
+    // key from a seed control sends only to authenticated edges ([`SessionSeed`]).
 }
 
 impl EphemeralClaims {
@@ -192,7 +191,6 @@ impl EphemeralClaims {
             typ: TYP_EPHEMERAL.into(),
             access: access::AccessPolicy::default(),
             limits: access::TunnelLimits::default(),
-            session_key: None,
         }
     }
 }
@@ -323,11 +321,53 @@ pub struct Jwks {
     pub keys: Vec<Jwk>,
 }
 
+/// Length of a [`SessionSeed`] in bytes.
+pub const SESSION_SEED_LEN: usize = 32;
+
+/// One signing key's secret seed for tunnels' session-cookie keys. Only control and
+/// authenticated edges hold it; it is never in a token. `Debug` prints no secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SessionSeed {
+    /// The signing key id it belongs to (the `kid` of the agents' tokens).
+    pub kid: String,
+    seed: [u8; SESSION_SEED_LEN],
+}
+
+impl std::fmt::Debug for SessionSeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionSeed")
+            .field("kid", &self.kid)
+            .field("seed", &"<redacted>")
+            .finish()
+    }
+}
+
+impl SessionSeed {
+    /// A seed from its bytes as they travel to edges; `None` unless exactly
+    /// [`SESSION_SEED_LEN`] bytes.
+    pub fn from_bytes(kid: &str, bytes: &[u8]) -> Option<SessionSeed> {
+        Some(SessionSeed {
+            kid: kid.to_string(),
+            seed: bytes.try_into().ok()?,
+        })
+    }
+
+    /// The seed's bytes, to send to an authenticated edge; never log them.
+    pub fn expose(&self) -> &[u8] {
+        &self.seed
+    }
+
+    /// The session-cookie key of `tunnel_id` (HMAC-SHA256 of the tunnel id).
+    pub fn session_key(&self, tunnel_id: &str) -> Secret {
+        access::derive_session_key(&self.seed, tunnel_id)
+    }
+}
+
 struct SigningKey {
     kid: String,
     encoding: EncodingKey,
     public: Vec<u8>,
-    /// Secret seed for per-tunnel session-cookie keys ([`KeySet::session_key`]).
+    /// Secret seed for per-tunnel session-cookie keys ([`SessionSeed`]).
     session_seed: [u8; 32],
 }
 
@@ -413,12 +453,18 @@ impl KeySet {
         }
     }
 
-    /// The session-cookie key of `tunnel_id`, derived from the active signing key: every
-    /// control replica with the same keys derives the same one, and a key rotation
-    /// gives new ones (viewers then present their token again).
-    pub fn session_key(&self, tunnel_id: &str) -> Secret {
-        let k = self.keys.last().expect("a key set has a key");
-        access::derive_session_key(&k.session_seed, tunnel_id)
+    /// The session seeds of every key in the set (control sends them to authenticated
+    /// edges; a tunnel's cookie key is [`SessionSeed::session_key`] of the seed whose
+    /// `kid` signed the agent's token, so every edge derives the same key, and a key
+    /// rotation gives new ones: viewers then present their token again).
+    pub fn session_seeds(&self) -> Vec<SessionSeed> {
+        self.keys
+            .iter()
+            .map(|k| SessionSeed {
+                kid: k.kid.clone(),
+                seed: k.session_seed,
+            })
+            .collect()
     }
 
     /// The active key's id.
@@ -980,6 +1026,35 @@ mod tests {
         std::fs::write(&junk, "hello").unwrap();
         let err = KeySet::from_pem_files(&[junk]).unwrap_err().to_string();
         assert!(err.contains("junk.pem"), "{err}");
+    }
+
+    #[test]
+    fn session_seeds_are_per_key_and_never_in_a_token() {
+        let mut ks = KeySet::generate();
+        let t = ks.sign_ephemeral(&eph()).unwrap();
+        let payload = URL_SAFE_NO_PAD
+            .decode(t.split('.').nth(1).unwrap())
+            .unwrap();
+        assert!(!String::from_utf8(payload).unwrap().contains("session"));
+        let before = ks.session_seeds();
+        ks.rotate();
+        let after = ks.session_seeds();
+        assert_eq!(after.len(), 2);
+        // The old key's seed is unchanged (its tunnels' cookies keep working) and the
+        // new key's gives other cookie keys.
+        assert_eq!(after[0], before[0]);
+        assert_ne!(
+            after[0].session_key("t1").expose(),
+            after[1].session_key("t1").expose()
+        );
+        assert_ne!(
+            after[1].session_key("t1").expose(),
+            after[1].session_key("t2").expose()
+        );
+        let again = SessionSeed::from_bytes(&after[1].kid, after[1].expose()).unwrap();
+        assert_eq!(again, after[1]);
+        assert!(SessionSeed::from_bytes("k", &[0; 16]).is_none());
+        assert!(!format!("{again:?}").contains(&format!("{:?}", after[1].expose())));
     }
 
     #[test]

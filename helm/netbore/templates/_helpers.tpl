@@ -90,6 +90,30 @@ app.kubernetes.io/component: {{ .component }}
 {{- get $s "generated" -}}
 {{- end -}}
 
+{{/* The Secret with the edges' credential for control's link (NETBORE_EDGE_TOKEN). */}}
+{{- define "netbore.edgeControlTokenSecretName" -}}
+{{- default (printf "%s-control-token" (include "netbore.edgeName" .)) .Values.edge.controlToken.existingSecret -}}
+{{- end -}}
+
+{{/* The chart-generated edge token: the value already in the cluster (lookup) or 48
+     random characters, computed once per render (the Secret and control's digest agree). */}}
+{{- define "netbore.edgeControlTokenValue" -}}
+{{- $s := .Values.edge.controlToken -}}
+{{- if not (hasKey $s "generated") -}}
+{{- $existing := (lookup "v1" "Secret" .Release.Namespace (include "netbore.edgeControlTokenSecretName" .)).data | default dict -}}
+{{- $_ := set $s "generated" ((get $existing $s.key | b64dec) | default (randAlphaNum 48)) -}}
+{{- end -}}
+{{- get $s "generated" -}}
+{{- end -}}
+
+{{/* What control accepts (NETBORE_EDGE_CREDENTIALS): the edge token's SHA-256, bound to
+     this release's edge pod names. */}}
+{{- define "netbore.edgeCredentials" -}}
+{{- $s := .Values.edge.controlToken -}}
+{{- $digest := ternary $s.sha256 (include "netbore.edgeControlTokenValue" . | sha256sum) (ne $s.existingSecret "") -}}
+{{- printf "%s-*=sha256:%s" (include "netbore.edgeName" .) $digest -}}
+{{- end -}}
+
 {{- define "netbore.edgeTlsSecretName" -}}
 {{- default (printf "%s-tls" (include "netbore.edgeName" .)) .Values.edge.tls.secretName -}}
 {{- end -}}
@@ -214,7 +238,18 @@ bootstrap-token
 {{- if and (not .Values.redis.enabled) (not .Values.redis.url) (not .Values.redis.urlSecret.name) -}}
 {{- fail "redis.enabled is false: set redis.url or redis.urlSecret.name to an external Redis" -}}
 {{- end -}}
+{{- if and $e.controlToken.existingSecret (not $e.controlToken.sha256) -}}
+{{- fail "edge.controlToken.existingSecret is set: set edge.controlToken.sha256 to the token's SHA-256 (printf %s \"$TOKEN\" | sha256sum), which control is given" -}}
+{{- end -}}
+{{- range .Values.control.extraEnv -}}
+{{- if has .name (list "NETBORE_EDGE_CREDENTIALS" "NETBORE_EDGE_CREDENTIALS_FILE") -}}
+{{- fail (printf "control.extraEnv must not set %s: the chart sets it from edge.controlToken" .name) -}}
+{{- end -}}
+{{- end -}}
 {{- range $e.extraEnv -}}
+{{- if has .name (list "NETBORE_EDGE_TOKEN" "NETBORE_EDGE_TOKEN_FILE") -}}
+{{- fail (printf "edge.extraEnv must not set %s: the chart sets it (edge.controlToken.existingSecret, never a literal)" .name) -}}
+{{- end -}}
 {{- if has .name (list "NETBORE_INTERNAL_SECRET" "NETBORE_INTERNAL_ADVERTISE" "POD_IP") -}}
 {{- fail (printf "edge.extraEnv must not set %s: the chart sets it (the internal secret: edge.internalSecret.existingSecret, never a literal)" .name) -}}
 {{- end -}}

@@ -69,6 +69,17 @@ pub async fn start_with(
         }],
         ..ControlConfig::default()
     };
+    // The in-process edge links to control like a separate edge, with a credential made
+    // for this run only.
+    let edge_token = netbore_tokens::Secret::new(
+        (0..32)
+            .map(|_| format!("{:02x}", rand::random::<u8>()))
+            .collect::<String>(),
+    );
+    config.edge_credentials = netbore_control::edge_auth::EdgeCredentials(vec![
+        netbore_control::edge_auth::EdgeCredential::from_token("edge-1", &edge_token)
+            .expect("a 64-character token is long enough"),
+    ]);
     adjust(&mut config);
     let issuer = config.issuer.clone();
     let control = Control::new(config, KeySet::generate());
@@ -81,12 +92,29 @@ pub async fn start_with(
     };
     adjust_edge(&mut edge_config);
     let edge = Edge::new(edge_config, auth.clone());
-    // Deleted tunnels lose their agents; rotated keys reach the edge.
+    // What a separate edge learns on its authenticated link to control, handed over in
+    // process: deleted tunnels lose their agents and their tokens are refused, and the
+    // session seeds (cookie keys) follow key rotations.
     let mut deletions = control.subscribe_deletions();
     let edge2 = edge.clone();
+    let control2 = control.clone();
     tokio::spawn(async move {
-        while let Ok(tunnel_id) = deletions.recv().await {
-            edge2.disconnect_tunnel(&tunnel_id);
+        while let Ok(msg) = deletions.recv().await {
+            if msg.starts_with(netbore_control::ops::DRAIN_PREFIX) {
+                continue;
+            }
+            let until = control2.record_revocation(&msg, netbore_tokens::now_unix());
+            edge2.revoke_tunnel(&msg, until);
+        }
+    });
+    let mut seeds = control.subscribe_session_seeds();
+    edge.gate()
+        .set_session_seeds(seeds.borrow_and_update().clone());
+    let edge3 = edge.clone();
+    tokio::spawn(async move {
+        while seeds.changed().await.is_ok() {
+            let s = seeds.borrow_and_update().clone();
+            edge3.gate().set_session_seeds(s);
         }
     });
     tokio::spawn(netbore_control::serve_rest(
@@ -107,6 +135,7 @@ pub async fn start_with(
         netbore_edge::control_link::LinkIdentity {
             agent_url: format!("ws://{agents_addr}{}", netbore_edge::agents::AGENT_PATH),
             region: "local".into(),
+            token: Some(edge_token),
         },
         shutdown.clone(),
     ));

@@ -310,8 +310,9 @@ impl ControlService for ControlGrpc {
     }
 }
 
-/// The edges' link service. Links end when `shutdown` fires, so a draining control
-/// does not wait on streams that never end by themselves.
+/// The edges' link service. Every call must carry an edge credential
+/// ([`crate::edge_auth`]); links end when `shutdown` fires, so a draining control does
+/// not wait on streams that never end by themselves.
 pub struct EdgeGrpc {
     /// Control.
     pub control: Control,
@@ -320,6 +321,51 @@ pub struct EdgeGrpc {
 }
 
 type CommandStream = Pin<Box<dyn Stream<Item = Result<epb::EdgeCommand, Status>> + Send>>;
+
+/// How long control waits for a link's first report (which names the edge) before it
+/// closes the link.
+pub const FIRST_REPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn disconnect(tunnel_id: String, revoked_until: u64) -> epb::EdgeCommand {
+    epb::EdgeCommand {
+        command: Some(epb::edge_command::Command::DisconnectTunnel(
+            epb::DisconnectTunnel {
+                tunnel_id,
+                revoked_until,
+            },
+        )),
+    }
+}
+
+fn session_keys(seeds: &[netbore_tokens::SessionSeed]) -> epb::EdgeCommand {
+    epb::EdgeCommand {
+        command: Some(epb::edge_command::Command::SessionKeys(epb::SessionKeys {
+            seeds: seeds
+                .iter()
+                .map(|s| epb::SessionSeed {
+                    kid: s.kid.clone(),
+                    seed: s.expose().to_vec(),
+                })
+                .collect(),
+        })),
+    }
+}
+
+fn edge_status(rep: epb::EdgeReport) -> EdgeStatus {
+    EdgeStatus {
+        entry: EdgeEntry {
+            edge_id: rep.edge_id,
+            edge_url: rep.agent_url,
+            region: rep.region,
+        },
+        tunnels: rep.tunnels,
+        connections: rep.connections,
+        streams: rep.streams,
+        draining: rep.draining,
+        last_report: netbore_tokens::now_unix(),
+        connected: true,
+    }
+}
 
 #[tonic::async_trait]
 impl EdgeService for EdgeGrpc {
@@ -330,35 +376,90 @@ impl EdgeService for EdgeGrpc {
         req: Request<Streaming<epb::EdgeReport>>,
     ) -> Result<Response<Self::LinkStream>, Status> {
         let peer = req.remote_addr();
+        // Nothing of an unauthenticated call is read, stored or answered.
+        let auth = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        let identity = match self.control.config().edge_credentials.authenticate(auth) {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::warn!(peer = ?peer, error = %e, "edge link refused");
+                return Err(Status::unauthenticated(e.to_string()));
+            }
+        };
         let mut reports = req.into_inner();
+        // The first report names the edge; it must be one this credential speaks for.
+        let first = match tokio::time::timeout(FIRST_REPORT_TIMEOUT, reports.message()).await {
+            Ok(Ok(Some(r))) => r,
+            Ok(Ok(None)) | Ok(Err(_)) => {
+                return Err(Status::invalid_argument(
+                    "the link ended before the edge's first report",
+                ));
+            }
+            Err(_) => {
+                return Err(Status::deadline_exceeded(format!(
+                    "no first report within {} s",
+                    FIRST_REPORT_TIMEOUT.as_secs()
+                )));
+            }
+        };
+        if !identity.may_report_as(&first.edge_id) {
+            tracing::warn!(peer = ?peer, edge = %first.edge_id, allowed = ?identity.patterns(), "edge link refused: credential not bound to this edge id");
+            return Err(Status::permission_denied(format!(
+                "edge_id_not_allowed: this edge credential may not report as '{}'; give each edge the credential bound to its id",
+                first.edge_id
+            )));
+        }
+        let edge_id = first.edge_id.clone();
         let control = self.control.clone();
         let shutdown = self.shutdown.clone();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<epb::EdgeCommand, Status>>(64);
+        // Subscribe before taking the snapshots, so nothing falls between them.
         let mut deletions = control.subscribe_deletions();
+        let mut seeds = control.subscribe_session_seeds();
+        let initial_seeds = seeds.borrow_and_update().clone();
+        let recent = control.recent_revocations(netbore_tokens::now_unix());
+        tracing::info!(edge = %edge_id, url = %first.agent_url, revocations = recent.len(), "edge linked");
+        control.record_edge_report(edge_status(first)).await;
         tokio::spawn(async move {
-            let mut edge_id = String::new();
+            // What an edge that linked late or reconnected must know before it takes
+            // agents: the cookie seeds and the tunnels deleted while it was away.
+            if tx.send(Ok(session_keys(&initial_seeds))).await.is_err() {
+                control.edge_link_closed(&edge_id).await;
+                return;
+            }
+            for (t, until) in recent {
+                if tx.send(Ok(disconnect(t, until))).await.is_err() {
+                    break;
+                }
+            }
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     r = reports.message() => match r {
                         Ok(Some(rep)) => {
-                            if edge_id.is_empty() {
-                                tracing::info!(edge = %rep.edge_id, url = %rep.agent_url, "edge linked");
+                            if rep.edge_id != edge_id {
+                                tracing::warn!(edge = %edge_id, named = %rep.edge_id, "edge link closed: a report named another edge");
+                                let _ = tx.send(Err(Status::permission_denied(
+                                    "edge_id_not_allowed: every report on a link must name the edge that opened it",
+                                ))).await;
+                                break;
                             }
-                            edge_id = rep.edge_id.clone();
                             control.tunnels_held(&edge_id, &rep.linked_tunnel_ids).await;
-                            control.record_edge_report(EdgeStatus {
-                                entry: EdgeEntry { edge_id: rep.edge_id, edge_url: rep.agent_url, region: rep.region },
-                                tunnels: rep.tunnels,
-                                connections: rep.connections,
-                                streams: rep.streams,
-                                draining: rep.draining,
-                                last_report: netbore_tokens::now_unix(),
-                                connected: true,
-                            }).await;
+                            control.record_edge_report(edge_status(rep)).await;
                         }
                         _ => break,
                     },
+                    c = seeds.changed() => {
+                        if c.is_err() {
+                            break;
+                        }
+                        let s = seeds.borrow_and_update().clone();
+                        if tx.send(Ok(session_keys(&s))).await.is_err() {
+                            break;
+                        }
+                    }
                     d = deletions.recv() => match d {
                         Ok(msg) => {
                             let cmd = match msg.strip_prefix(ops::DRAIN_PREFIX) {
@@ -367,9 +468,10 @@ impl EdgeService for EdgeGrpc {
                                 Some(_) => epb::EdgeCommand {
                                     command: Some(epb::edge_command::Command::Drain(epb::Drain {})),
                                 },
-                                None => epb::EdgeCommand {
-                                    command: Some(epb::edge_command::Command::DisconnectTunnel(epb::DisconnectTunnel { tunnel_id: msg })),
-                                },
+                                None => {
+                                    let until = control.record_revocation(&msg, netbore_tokens::now_unix());
+                                    disconnect(msg, until)
+                                }
                             };
                             if tx.send(Ok(cmd)).await.is_err() {
                                 break;
@@ -382,10 +484,8 @@ impl EdgeService for EdgeGrpc {
                     },
                 }
             }
-            if !edge_id.is_empty() {
-                tracing::info!(edge = %edge_id, "edge link closed");
-                control.edge_link_closed(&edge_id).await;
-            }
+            tracing::info!(edge = %edge_id, "edge link closed");
+            control.edge_link_closed(&edge_id).await;
         }.instrument(tracing::info_span!("edge_link", peer = ?peer)));
         let stream =
             futures_util::stream::unfold(
@@ -393,6 +493,27 @@ impl EdgeService for EdgeGrpc {
                 |mut rx| async move { rx.recv().await.map(|x| (x, rx)) },
             );
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// Remembers every deletion (this replica's and, through the store, the others') for
+/// edges that link later, until `shutdown`.
+async fn record_revocations(control: Control, shutdown: CancellationToken) {
+    let mut deletions = control.subscribe_deletions();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            d = deletions.recv() => match d {
+                Ok(msg) if !msg.starts_with(ops::DRAIN_PREFIX) => {
+                    control.record_revocation(&msg, netbore_tokens::now_unix());
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "revocation recorder fell behind on deletions");
+                }
+                Err(_) => return,
+            },
+        }
     }
 }
 
@@ -418,6 +539,7 @@ pub async fn serve_grpc(
     health
         .set_serving::<ControlServiceServer<ControlGrpc>>()
         .await;
+    tokio::spawn(record_revocations(control.clone(), shutdown.clone()));
     tokio::spawn(crate::shared::watch_readiness(
         control.clone(),
         health.clone(),

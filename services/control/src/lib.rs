@@ -20,6 +20,7 @@
 
 pub mod api;
 pub mod client;
+pub mod edge_auth;
 pub mod grpc;
 pub mod metrics;
 pub mod names;
@@ -129,6 +130,9 @@ pub struct ControlConfig {
     /// Proxies (the load balancer) whose `X-Forwarded-For` names the client; everyone
     /// else is the client themselves.
     pub trusted_proxies: Vec<netbore_tokens::access::Cidr>,
+    /// Credentials edges authenticate with on `EdgeService` (none: every edge call is
+    /// refused, and only configured edges are candidates).
+    pub edge_credentials: edge_auth::EdgeCredentials,
 }
 
 impl Default for ControlConfig {
@@ -149,6 +153,7 @@ impl Default for ControlConfig {
             anonymous_create_burst: ratelimit::DEFAULT_ANONYMOUS_CREATE_BURST,
             anonymous_create_per_minute: ratelimit::DEFAULT_ANONYMOUS_CREATE_PER_MINUTE,
             trusted_proxies: Vec::new(),
+            edge_credentials: edge_auth::EdgeCredentials::default(),
         }
     }
 }
@@ -253,7 +258,17 @@ struct Inner {
     metrics: Arc<metrics::ControlMetrics>,
     /// Anonymous creations per client address; `None`: unlimited.
     create_limiter: Option<ratelimit::CreateLimiter>,
+    /// Tunnels deleted recently → until when edges must refuse their tokens.
+    revocations: parking_lot::Mutex<std::collections::HashMap<String, u64>>,
+    /// The session seeds of the current key set, for edges' links.
+    seeds: tokio::sync::watch::Sender<Vec<netbore_tokens::SessionSeed>>,
 }
+
+/// Most recent revocations control remembers for edges that link later; beyond it the
+/// ones that lapse soonest are dropped (deleting needs a credential, so this is reached
+/// only by a very busy installation, and those tunnels' agents were disconnected
+/// already).
+pub const MAX_RECENT_REVOCATIONS: usize = 100_000;
 
 impl Control {
     /// Control with the in-memory store.
@@ -274,6 +289,7 @@ impl Control {
             config.anonymous_create_burst,
             config.anonymous_create_per_minute,
         );
+        let (seeds, _) = tokio::sync::watch::channel(keys.session_seeds());
         Control {
             inner: Arc::new(Inner {
                 edges: RwLock::new(config.edges.clone()),
@@ -285,6 +301,8 @@ impl Control {
                 deletions,
                 metrics: Arc::default(),
                 create_limiter,
+                revocations: Default::default(),
+                seeds,
             }),
         }
     }
@@ -316,11 +334,12 @@ impl Control {
 
     /// Starts signing with a new key; tokens signed by older keys stay valid.
     pub fn rotate_keys(&self) {
-        let jwks = {
+        let (jwks, seeds) = {
             let mut k = self.inner.keys.write();
             k.rotate();
-            k.jwks()
+            (k.jwks(), k.session_seeds())
         };
+        self.inner.seeds.send_replace(seeds);
         self.inner.verifier.store(Arc::new(
             Verifier::new(&jwks, self.inner.config.issuer.clone()).expect("own keys verify"),
         ));
@@ -387,6 +406,43 @@ impl Control {
     /// (edges disconnect their agents).
     pub fn subscribe_deletions(&self) -> broadcast::Receiver<String> {
         self.inner.deletions.subscribe()
+    }
+
+    /// The session seeds edges derive cookie keys from, as they change (key rotation).
+    /// Only for authenticated edges: anyone holding one can forge viewers' cookies.
+    pub fn subscribe_session_seeds(
+        &self,
+    ) -> tokio::sync::watch::Receiver<Vec<netbore_tokens::SessionSeed>> {
+        self.inner.seeds.subscribe()
+    }
+
+    /// How long after a deletion edges must refuse the tunnel's ephemeral tokens: the
+    /// longest such a token lives, plus the verifiers' clock leeway.
+    pub fn revocation_window(&self) -> u64 {
+        self.inner.config.ephemeral_ttl.as_secs() + netbore_tokens::LEEWAY_SECS
+    }
+
+    /// Remembers that `tunnel_id` was deleted at `now`, for edges that link later.
+    /// Returns until when its tokens must be refused.
+    pub fn record_revocation(&self, tunnel_id: &str, now: u64) -> u64 {
+        let until = now + self.revocation_window();
+        let mut r = self.inner.revocations.lock();
+        r.retain(|_, u| *u > now);
+        if r.len() >= MAX_RECENT_REVOCATIONS
+            && let Some(k) = r.iter().min_by_key(|(_, u)| **u).map(|(k, _)| k.clone())
+        {
+            r.remove(&k);
+        }
+        let e = r.entry(tunnel_id.to_string()).or_insert(until);
+        *e = (*e).max(until);
+        *e
+    }
+
+    /// The revocations still in force at `now`: (tunnel id, refused until).
+    pub fn recent_revocations(&self, now: u64) -> Vec<(String, u64)> {
+        let mut r = self.inner.revocations.lock();
+        r.retain(|_, u| *u > now);
+        r.iter().map(|(k, u)| (k.clone(), *u)).collect()
     }
 
     pub(crate) fn keys(&self) -> parking_lot::RwLockReadGuard<'_, KeySet> {

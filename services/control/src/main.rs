@@ -90,6 +90,20 @@ struct Args {
     /// Keep it off the network the REST port is exposed on.
     #[arg(long, env = "NETBORE_ADMIN_ADDR")]
     admin_addr: Option<SocketAddr>,
+    /// An edge credential control accepts on EdgeService, as PATTERN=sha256:HEX: the
+    /// SHA-256 of the edge's token, bound to an edge id, an id prefix ending in '*', or
+    /// '*' (repeatable; ';'-separated in the environment). Without any, every edge call
+    /// is refused.
+    #[arg(
+        long = "edge-credential",
+        env = "NETBORE_EDGE_CREDENTIALS",
+        value_delimiter = ';'
+    )]
+    edge_credentials: Vec<String>,
+    /// File of edge credentials, one PATTERN=sha256:HEX per line (# comments), e.g.
+    /// mounted from a Secret; read at start.
+    #[arg(long, env = "NETBORE_EDGE_CREDENTIALS_FILE")]
+    edge_credentials_file: Option<PathBuf>,
     /// Log as JSON lines.
     #[arg(long, env = "NETBORE_LOG_JSON")]
     log_json: bool,
@@ -149,6 +163,26 @@ async fn main() -> anyhow::Result<()> {
     } else {
         KeySet::from_pem_files(&args.signing_keys).context("loading signing keys")?
     };
+    let mut edge_credentials = match &args.edge_credentials_file {
+        Some(f) => netbore_control::edge_auth::EdgeCredentials::from_file(f)
+            .map_err(|e| anyhow::anyhow!("--edge-credentials-file: {e}"))?,
+        None => Default::default(),
+    };
+    for c in args
+        .edge_credentials
+        .iter()
+        .filter(|c| !c.trim().is_empty())
+    {
+        edge_credentials.0.push(
+            netbore_control::edge_auth::EdgeCredential::parse(c)
+                .map_err(|e| anyhow::anyhow!("--edge-credential: {e}"))?,
+        );
+    }
+    if edge_credentials.is_empty() {
+        tracing::warn!(
+            "no edge credentials configured (--edge-credential, --edge-credentials-file): every edge link is refused and only --edge entries are candidates"
+        );
+    }
     let config = ControlConfig {
         domain: args.domain.clone(),
         public_url_template: args.public_url_template.clone(),
@@ -165,6 +199,7 @@ async fn main() -> anyhow::Result<()> {
         anonymous_create_burst: args.anonymous_create_burst,
         anonymous_create_per_minute: args.anonymous_create_per_minute,
         trusted_proxies: args.trusted_proxies.clone(),
+        edge_credentials,
     };
     config.validate().context("invalid configuration")?;
     let control =
@@ -192,6 +227,7 @@ async fn main() -> anyhow::Result<()> {
         edges = control.edges().len(),
         signing_kid = %control.jwks().keys.last().map(|k| k.kid.as_str()).unwrap_or(""),
         bootstrap = control.config().bootstrap_token.is_some(),
+        edge_credentials = control.config().edge_credentials.0.len(),
         store = if control.config().redis_url.is_some() { "redis" } else { "memory" },
         "control ready"
     );

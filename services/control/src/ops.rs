@@ -552,9 +552,8 @@ async fn create_inner(
         let keys = control.keys();
         let mut claims =
             EphemeralClaims::new_at(now, &cfg.issuer, &record.tunnel_id, &record.name, eph_ttl);
-        if req.access.jwt.is_some() {
-            claims.session_key = Some(keys.session_key(&record.tunnel_id));
-        }
+        // No session-cookie key in the token: edges derive it from the seed control
+        // sends only to authenticated edges (docs/security.md, "The cookie key").
         claims.access = req.access;
         claims.limits = req.limits;
         let e = keys.sign_ephemeral(&claims).map_err(ApiError::internal)?;

@@ -252,12 +252,6 @@ async fn reflection_v1_and_v1alpha_list_every_service() {
 #[tokio::test]
 async fn an_edge_link_reports_load_gets_deletions_and_ends_on_shutdown() {
     let h = Harness::start().await;
-    let mut ec = EdgeServiceClient::connect(format!("http://{}", h.grpc))
-        .await
-        .unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel::<epb::EdgeReport>(4);
-    let reports =
-        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
     let report = epb::EdgeReport {
         edge_id: "edge-linked".into(),
         agent_url: "wss://edge-linked.example.com/v1/connect".into(),
@@ -265,8 +259,21 @@ async fn an_edge_link_reports_load_gets_deletions_and_ends_on_shutdown() {
         connections: 7,
         ..Default::default()
     };
-    tx.send(report).await.unwrap();
-    let mut commands = ec.link(reports).await.unwrap().into_inner();
+    let (tx, mut commands) = edge_link(&h, Some(common::EDGE_TOKEN), report)
+        .await
+        .unwrap();
+    // The first command hands over the session seeds (the cookie keys' source).
+    let first = tokio::time::timeout(WAIT, commands.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let Some(epb::edge_command::Command::SessionKeys(k)) = first.command else {
+        panic!("the first command is not the session keys: {first:?}");
+    };
+    assert_eq!(k.seeds.len(), 1);
+    assert_eq!(k.seeds[0].seed.len(), 32);
+    assert_eq!(k.seeds[0].kid, h.control.jwks().keys[0].kid);
 
     // The report arrives: the edge is listed, and handed out after the configured ones.
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -300,13 +307,15 @@ async fn an_edge_link_reports_load_gets_deletions_and_ends_on_shutdown() {
         .unwrap()
         .unwrap()
         .unwrap();
-    assert_eq!(
-        cmd.command,
-        Some(epb::edge_command::Command::DisconnectTunnel(
-            epb::DisconnectTunnel {
-                tunnel_id: t.tunnel_id
-            }
-        ))
+    let Some(epb::edge_command::Command::DisconnectTunnel(d)) = cmd.command else {
+        panic!("not a disconnect: {cmd:?}");
+    };
+    assert_eq!(d.tunnel_id, t.tunnel_id);
+    // Refused for as long as a token issued before the deletion can live.
+    let now = netbore_tokens::now_unix();
+    assert!(
+        d.revoked_until >= now + h.control.config().ephemeral_ttl.as_secs(),
+        "{d:?}"
     );
 
     // A draining report takes it out of the candidates.
@@ -338,6 +347,193 @@ async fn an_edge_link_reports_load_gets_deletions_and_ends_on_shutdown() {
         .unwrap();
     assert!(!matches!(end, Ok(Some(_))), "{end:?}");
     drop(tx);
+}
+
+type Commands = tonic::Streaming<epb::EdgeCommand>;
+
+/// Opens an edge link to `h` with `token` as its credential (none: anonymous), after
+/// queueing `first` as its first report.
+async fn edge_link(
+    h: &Harness,
+    token: Option<&str>,
+    first: epb::EdgeReport,
+) -> Result<(tokio::sync::mpsc::Sender<epb::EdgeReport>, Commands), tonic::Status> {
+    let mut ec = EdgeServiceClient::connect(format!("http://{}", h.grpc))
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<epb::EdgeReport>(4);
+    let reports =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+    tx.send(first).await.unwrap();
+    let mut req = Request::new(reports);
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    let commands = ec.link(req).await?.into_inner();
+    Ok((tx, commands))
+}
+
+fn fake_report(edge_id: &str) -> epb::EdgeReport {
+    epb::EdgeReport {
+        edge_id: edge_id.into(),
+        agent_url: format!("ws://{edge_id}.attacker.example/v1/connect"),
+        region: "default".into(),
+        ..Default::default()
+    }
+}
+
+/// True when `edge_id` is among the edges control would hand out now, or listed at all.
+async fn known(h: &Harness, edge_id: &str) -> bool {
+    h.control
+        .candidates_now()
+        .await
+        .unwrap()
+        .iter()
+        .any(|e| e.edge_id == edge_id)
+        || h.control
+            .edge_statuses()
+            .iter()
+            .any(|(e, _)| e.edge_id == edge_id)
+}
+
+#[tokio::test]
+async fn an_edge_link_without_a_known_credential_is_unauthenticated_and_changes_nothing() {
+    let h = Harness::start().await;
+    // Anonymous, a wrong token, and the right token in the wrong form.
+    let wrong = "not-the-edge-token-0123456789abcdef0123";
+    for token in [None, Some(wrong)] {
+        let Err(err) = edge_link(&h, token, fake_report("edge-fake")).await else {
+            panic!("the link was accepted");
+        };
+        assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+        assert!(
+            err.message().contains("edge credential"),
+            "{}",
+            err.message()
+        );
+    }
+    let mut ec = EdgeServiceClient::connect(format!("http://{}", h.grpc))
+        .await
+        .unwrap();
+    let mut req = Request::new(futures_util::stream::iter([fake_report("edge-fake")]));
+    req.metadata_mut()
+        .insert("authorization", common::EDGE_TOKEN.parse().unwrap());
+    assert_eq!(
+        ec.link(req).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+
+    // A draining report for a real edge from an anonymous caller changes nothing either.
+    let real = h.control.candidates_now().await.unwrap();
+    let mut r = fake_report(&real[0].edge_id);
+    r.draining = true;
+    assert_eq!(
+        edge_link(&h, None, r).await.err().unwrap().code(),
+        Code::Unauthenticated
+    );
+    // Nothing stored: the fake edge is never a candidate, the real one still is, and
+    // a tunnel created now is offered only the configured edges.
+    assert!(!known(&h, "edge-fake").await);
+    assert_eq!(h.control.candidates_now().await.unwrap(), real);
+    let t = h
+        .client()
+        .create(&common::named("afterfake"))
+        .await
+        .unwrap();
+    assert!(t.candidates.iter().all(|c| c.edge_id != "edge-fake"));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_credential_bound_to_one_edge_cannot_report_as_another() {
+    const A: &str = "edge-a-credential-0123456789abcdef0123456";
+    let h = Harness::start_with(|c| {
+        c.edge_credentials = netbore_control::edge_auth::EdgeCredentials(vec![
+            netbore_control::edge_auth::EdgeCredential::from_token(
+                "edge-a",
+                &netbore_tokens::Secret::new(A),
+            )
+            .unwrap(),
+        ]);
+    })
+    .await;
+    // Opening as B with A's credential: refused, nothing stored.
+    let Err(err) = edge_link(&h, Some(A), fake_report("edge-b")).await else {
+        panic!("the link was accepted");
+    };
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("edge-b"), "{}", err.message());
+    assert!(!known(&h, "edge-b").await);
+    // As A it links and becomes a candidate ...
+    let (tx, mut commands) = edge_link(&h, Some(A), fake_report("edge-a")).await.unwrap();
+    let ok = within_wait(|| async { known(&h, "edge-a").await }).await;
+    assert!(ok, "edge-a never became a candidate");
+    // ... but a later report on its link naming B closes the link, and B stays unknown.
+    tx.send(fake_report("edge-b")).await.unwrap();
+    let end = tokio::time::timeout(WAIT, async {
+        loop {
+            match commands.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the link ends");
+    assert_eq!(end.unwrap_err().code(), Code::PermissionDenied);
+    assert!(!known(&h, "edge-b").await);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_late_link_learns_recent_deletions_first() {
+    let h = Harness::start().await;
+    let t = h.client().create(&common::named("gone")).await.unwrap();
+    h.admin(&["tunnels:write"])
+        .await
+        .delete(&netbore_control::api::DeleteTunnelRequest {
+            tunnel_id: Some(t.tunnel_id.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // The recorder runs beside the deletion; an edge that links a moment later hears it.
+    let found = within_wait(|| async {
+        let (_tx, mut commands) = edge_link(&h, Some(common::EDGE_TOKEN), fake_report("edge-late"))
+            .await
+            .unwrap();
+        let mut seen = false;
+        for _ in 0..2 {
+            if let Ok(Ok(Some(c))) = tokio::time::timeout(WAIT, commands.message()).await
+                && let Some(epb::edge_command::Command::DisconnectTunnel(d)) = c.command
+            {
+                seen = d.tunnel_id == t.tunnel_id && d.revoked_until > netbore_tokens::now_unix();
+            }
+        }
+        seen
+    })
+    .await;
+    assert!(found, "a link opened after the deletion was not told of it");
+    h.stop().await;
+}
+
+/// Polls `f` every 50 ms for up to [`WAIT`].
+async fn within_wait<F, Fut>(mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if f().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The `grpcurl` on PATH, or a failure that says how to install it.
@@ -437,5 +633,39 @@ async fn grpcurl_lists_describes_and_calls_without_proto_files() {
     ])
     .await;
     assert!(health.contains("SERVING"), "{health}");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn grpcurl_without_a_credential_cannot_link_as_an_edge() {
+    let h = Harness::start().await;
+    let addr = h.grpc.to_string();
+    let report = r#"{"edge_id": "edge-fake", "agent_url": "ws://attacker.example/v1/connect"}"#;
+    let wrong = "authorization: Bearer not-the-edge-token-0123456789abcdef";
+    for extra in [&[][..], &["-H", wrong][..]] {
+        let mut args = vec!["-plaintext", "-max-time", "20"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["-d", report, &addr, "netbore.edge.v1.EdgeService/Link"]);
+        let out = tokio::time::timeout(
+            Duration::from_secs(60),
+            tokio::process::Command::new(grpcurl())
+                .args(&args)
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .expect("grpcurl finishes within 60 s")
+        .expect("grpcurl runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "grpcurl {args:?} linked");
+        assert!(stderr.contains("Unauthenticated"), "{stderr}");
+        assert!(stderr.contains("edge_unauthenticated"), "{stderr}");
+        assert!(
+            out.stdout.is_empty(),
+            "commands were sent: {:?}",
+            out.stdout
+        );
+    }
+    assert!(!known(&h, "edge-fake").await);
     h.stop().await;
 }

@@ -176,12 +176,112 @@ where
         )
         .await;
     }
+    // The token verified; now what binds it beyond its signature. Refusals name the
+    // tunnel, never the token.
+    if edge.gate().is_revoked(&grant.tunnel_id) {
+        warn!(tunnel = %grant.tunnel_id, name = %grant.name, "agent refused: the tunnel was deleted");
+        return refuse(
+            &edge,
+            &mut ws,
+            RefusalCode::TunnelDeleted,
+            "the tunnel was deleted at control; its tokens are refused. Start the agent without its saved state to create a new tunnel",
+            false,
+        )
+        .await;
+    }
+    let _slot = match edge.gate().admit(crate::gate::digest(&hello.token)) {
+        Ok(slot) => slot,
+        Err(e) => {
+            warn!(tunnel = %grant.tunnel_id, error = %e, "agent refused: per-token limit");
+            return refuse(
+                &edge,
+                &mut ws,
+                RefusalCode::LimitReached,
+                &e.to_string(),
+                true,
+            )
+            .await;
+        }
+    };
+    // The same count across every edge sharing the registry, so one token cannot hold
+    // the limit on each edge. Unreachable Redis is left to the registration below.
+    let token_key = hex(&crate::gate::digest(&hello.token));
+    let cluster_place = match edge.cluster() {
+        Some(c) => {
+            let ttl = std::time::Duration::from_secs(
+                grant
+                    .expires_at
+                    .saturating_sub(netbore_tokens::now_unix())
+                    .saturating_add(netbore_tokens::LEEWAY_SECS),
+            );
+            match c
+                .registry()
+                .acquire(&token_key, crate::gate::MAX_LINKS_PER_TOKEN as u64, ttl)
+                .await
+            {
+                Ok(true) => Some(c.clone()),
+                Ok(false) => {
+                    warn!(tunnel = %grant.tunnel_id, "agent refused: per-token limit across the cluster");
+                    return refuse(
+                        &edge,
+                        &mut ws,
+                        RefusalCode::LimitReached,
+                        &crate::gate::GateRefusal::TooManyLinks(crate::gate::MAX_LINKS_PER_TOKEN)
+                            .to_string(),
+                        true,
+                    )
+                    .await;
+                }
+                Err(_) => None,
+            }
+        }
+        None => None,
+    };
+    let _cluster_place = ClusterPlace {
+        cluster: cluster_place,
+        key: token_key,
+    };
+    if let Some(other) = name_held_elsewhere(&edge, &grant.name, &grant.tunnel_id).await {
+        warn!(tunnel = %grant.tunnel_id, name = %grant.name, holder = %other, "agent refused: another tunnel holds the name");
+        return refuse(
+            &edge,
+            &mut ws,
+            RefusalCode::NameInUse,
+            &format!(
+                "the name '{}' is held by another tunnel with a live link; a link never displaces another tunnel's. If this tunnel was deleted, start the agent without its saved state",
+                grant.name
+            ),
+            true,
+        )
+        .await;
+    }
+    // The session-cookie key comes from control's seed for the token's signing key,
+    // never from the token (anyone holding the token could forge cookies with it).
+    let session_key = if grant.access.jwt.is_some() {
+        let kid = netbore_tokens::kid_of(&hello.token).unwrap_or_default();
+        match edge.gate().session_key(&kid, &grant.tunnel_id) {
+            Some(k) => Some(k),
+            None => {
+                warn!(tunnel = %grant.tunnel_id, kid = %kid, "agent refused: no session seed from control for this key yet");
+                return refuse(
+                    &edge,
+                    &mut ws,
+                    RefusalCode::Unavailable,
+                    "this edge has not received the session keys for this tunnel's signing key from control yet; retry shortly",
+                    true,
+                )
+                .await;
+            }
+        }
+    } else {
+        None
+    };
     let access = match crate::access::TunnelAccess::new(
         &grant.tunnel_id,
         &grant.name,
         &grant.access,
         grant.limits.max_body_bytes,
-        grant.session_key.as_ref(),
+        session_key.as_ref(),
     ) {
         Ok(a) => std::sync::Arc::new(a),
         Err(e) => {
@@ -239,7 +339,7 @@ where
         CancellationToken::new(),
         serde_json::to_string(&welcome).expect("serializable"),
     );
-    edge.routes().insert(
+    if let Err(holder) = edge.routes().insert(
         &grant.name,
         Route {
             tunnel_id: grant.tunnel_id.clone(),
@@ -247,7 +347,15 @@ where
             mux: mux.clone(),
             access,
         },
-    );
+    ) {
+        // Another tunnel's agent took the name between the check above and now.
+        warn!(tunnel = %grant.tunnel_id, name = %grant.name, holder = %holder, "agent refused: another tunnel holds the name");
+        mux.close("the name is held by another tunnel with a live link");
+        if let Some((cluster, holder)) = &lease {
+            cluster.unregister(&grant.name, holder).await;
+        }
+        return Err("name held by another tunnel".into());
+    }
     greeting.release();
     edge.metrics().handshake("accepted");
     if edge.is_draining() {
@@ -265,6 +373,42 @@ where
     info!(tunnel = %grant.tunnel_id, name = %grant.name, session = %session_id, reason = %mux.close_reason(), "agent disconnected");
     let _ = peer;
     Ok(())
+}
+
+fn hex(d: &[u8]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A place in a token's cluster-wide link count, given back when the link ends.
+struct ClusterPlace {
+    cluster: Option<std::sync::Arc<crate::forward::Cluster>>,
+    key: String,
+}
+
+impl Drop for ClusterPlace {
+    fn drop(&mut self) {
+        if let Some(c) = self.cluster.take() {
+            let key = std::mem::take(&mut self.key);
+            tokio::spawn(async move {
+                let _ = c.registry().release(&key).await;
+            });
+        }
+    }
+}
+
+/// The tunnel id of a live link for `name` of another tunnel than `tunnel_id`, on this
+/// edge or (with a registry) on any other, ignoring tunnels known to be deleted.
+async fn name_held_elsewhere(edge: &Edge, name: &str, tunnel_id: &str) -> Option<String> {
+    if let Some(other) = edge.routes().live_other_tunnel(name, tunnel_id) {
+        return Some(other);
+    }
+    let cluster = edge.cluster()?;
+    // An unreachable registry is handled by the registration that follows.
+    let holders = cluster.registry().lookup(name).await.ok()?;
+    holders
+        .into_iter()
+        .find(|h| h.tunnel_id != tunnel_id && !edge.gate().is_revoked(&h.tunnel_id))
+        .map(|h| h.tunnel_id)
 }
 
 async fn refuse<S>(

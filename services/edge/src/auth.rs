@@ -24,8 +24,8 @@ pub struct AgentGrant {
     pub access: netbore_tokens::access::AccessPolicy,
     /// The tunnel's own limits.
     pub limits: netbore_tokens::access::TunnelLimits,
-    /// Key for the tunnel's session cookies (with a JWT policy).
-    pub session_key: Option<netbore_tokens::Secret>,
+    /// When the token expires (Unix seconds).
+    pub expires_at: u64,
 }
 
 /// Why a token was refused.
@@ -62,7 +62,7 @@ fn grant(c: netbore_tokens::EphemeralClaims) -> AgentGrant {
         name: c.name,
         access: c.access,
         limits: c.limits,
-        session_key: c.session_key,
+        expires_at: c.exp,
     }
 }
 

@@ -1,7 +1,9 @@
 //! The edge's link to control: a bidirectional gRPC stream on which the edge reports
 //! its load and the tunnels linked to it every [`REPORT_INTERVAL`] (and at once when a
 //! tunnel first links here), which keeps their names held at control, and control sends
-//! commands (disconnect a deleted tunnel, drain). Reconnects with backoff; the edge keeps serving while it is down.
+//! commands (disconnect a deleted tunnel, drain, session seeds). Every call carries the
+//! edge's credential (`authorization: Bearer <token>`); control refuses a link without
+//! one. Reconnects with backoff; the edge keeps serving while it is down.
 
 use std::time::Duration;
 
@@ -25,6 +27,9 @@ pub struct LinkIdentity {
     pub agent_url: String,
     /// Region label.
     pub region: String,
+    /// The credential control knows this edge by (`--control-token-file`,
+    /// `NETBORE_EDGE_TOKEN`); `None` links without one, which control refuses.
+    pub token: Option<netbore_tokens::Secret>,
 }
 
 /// Most tunnel ids in one report; an edge holding more sends several reports in a
@@ -100,9 +105,25 @@ async fn link_once(
     id: &LinkIdentity,
     shutdown: &CancellationToken,
 ) -> Result<(), String> {
-    let mut client = EdgeServiceClient::connect(url.to_string())
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|e| e.to_string())?
+        .connect()
         .await
         .map_err(|e| e.to_string())?;
+    let bearer = match &id.token {
+        Some(t) => Some(
+            tonic::metadata::MetadataValue::try_from(format!("Bearer {}", t.expose()))
+                .map_err(|_| "the edge token holds characters a header cannot carry".to_string())?,
+        ),
+        None => None,
+    };
+    let mut client =
+        EdgeServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+            if let Some(b) = &bearer {
+                req.metadata_mut().insert("authorization", b.clone());
+            }
+            Ok(req)
+        });
     let (tx, rx) = tokio::sync::mpsc::channel::<EdgeReport>(4);
     let outbound =
         futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
@@ -126,8 +147,19 @@ async fn link_once(
             m = commands.message() => match m {
                 Ok(Some(cmd)) => match cmd.command {
                     Some(Command::DisconnectTunnel(d)) => {
-                        let n = edge.disconnect_tunnel(&d.tunnel_id);
-                        info!(tunnel = %d.tunnel_id, connections = n, "tunnel deleted at control; agents disconnected");
+                        let n = edge.revoke_tunnel(&d.tunnel_id, d.revoked_until);
+                        if n > 0 {
+                            info!(tunnel = %d.tunnel_id, connections = n, "tunnel deleted at control; agents disconnected");
+                        }
+                    }
+                    Some(Command::SessionKeys(k)) => {
+                        let seeds: Vec<_> = k
+                            .seeds
+                            .iter()
+                            .filter_map(|s| netbore_tokens::SessionSeed::from_bytes(&s.kid, &s.seed))
+                            .collect();
+                        info!(keys = seeds.len(), "session keys from control");
+                        edge.gate().set_session_seeds(seeds);
                     }
                     Some(Command::Drain(_)) => {
                         info!("control asked this edge to drain");
@@ -137,6 +169,9 @@ async fn link_once(
                     None => {}
                 },
                 Ok(None) => return Err("control closed the link".into()),
+                Err(e) if e.code() == tonic::Code::Unauthenticated || e.code() == tonic::Code::PermissionDenied => {
+                    return Err(format!("control refused this edge's credential: {}; check --control-token-file / NETBORE_EDGE_TOKEN", e.message()));
+                }
                 Err(e) => return Err(e.to_string()),
             },
             _ = shutdown.cancelled() => {

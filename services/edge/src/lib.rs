@@ -17,6 +17,7 @@ pub mod control_link;
 pub mod errors;
 pub mod fair;
 pub mod forward;
+pub mod gate;
 pub mod metrics;
 pub mod proxy;
 pub mod routes;
@@ -53,6 +54,8 @@ struct Inner {
     tracker: TaskTracker,
     /// The registry and internal forwarding, when edges share one.
     cluster: std::sync::OnceLock<Arc<forward::Cluster>>,
+    /// Revocations, per-token link caps and session seeds.
+    gate: Arc<gate::Gate>,
 }
 
 impl Edge {
@@ -74,6 +77,7 @@ impl Edge {
                 metrics: metrics::Metrics::default(),
                 tracker: TaskTracker::new(),
                 cluster: std::sync::OnceLock::new(),
+                gate: Arc::default(),
             }),
         }
     }
@@ -148,6 +152,19 @@ impl Edge {
     /// Disconnects every agent connection serving `tunnel_id` (the tunnel was deleted).
     pub fn disconnect_tunnel(&self, tunnel_id: &str) -> usize {
         self.inner.routes.disconnect_tunnel(tunnel_id)
+    }
+
+    /// The tunnel was deleted: refuse its tokens until `until` (Unix seconds) and
+    /// disconnect its agents. Returns how many connections were closed.
+    pub fn revoke_tunnel(&self, tunnel_id: &str, until: u64) -> usize {
+        // Revoke first, so an agent reconnecting as its link closes is refused.
+        self.inner.gate.revoke(tunnel_id, until);
+        self.inner.routes.disconnect_tunnel(tunnel_id)
+    }
+
+    /// Revocations, per-token link caps and session seeds.
+    pub fn gate(&self) -> &Arc<gate::Gate> {
+        &self.inner.gate
     }
 }
 

@@ -74,6 +74,10 @@ struct Args {
         default_value = "http://127.0.0.1:50051"
     )]
     control_grpc: String,
+    /// File holding this edge's credential for control's gRPC link (NETBORE_EDGE_TOKEN
+    /// also works); control refuses a link without a credential it knows.
+    #[arg(long, env = "NETBORE_EDGE_TOKEN_FILE")]
+    control_token_file: Option<std::path::PathBuf>,
     /// URL agents use to reach this edge, announced to control (default: ws://<agent-addr>/v1/connect).
     #[arg(long, env = "NETBORE_ADVERTISE_URL")]
     advertise_url: Option<String>,
@@ -206,6 +210,23 @@ async fn main() -> anyhow::Result<()> {
         tokio::spawn(tls.watch(src, shutdown.clone()));
     }
     if !args.control_grpc.is_empty() {
+        let token = match (
+            &args.control_token_file,
+            std::env::var("NETBORE_EDGE_TOKEN"),
+        ) {
+            (Some(f), _) => Some(netbore_tokens::Secret::new(
+                std::fs::read_to_string(f)
+                    .with_context(|| format!("reading the edge credential from {}", f.display()))?
+                    .trim(),
+            )),
+            (None, Ok(t)) if !t.trim().is_empty() => Some(netbore_tokens::Secret::new(t.trim())),
+            _ => {
+                tracing::warn!(
+                    "no edge credential (--control-token-file, NETBORE_EDGE_TOKEN): control will refuse this edge's link, so agents are not sent here"
+                );
+                None
+            }
+        };
         let agent_url = args.advertise_url.clone().unwrap_or_else(|| {
             let scheme = if edge.config().public_scheme == "https" {
                 "wss"
@@ -224,6 +245,7 @@ async fn main() -> anyhow::Result<()> {
             netbore_edge::control_link::LinkIdentity {
                 agent_url,
                 region: args.region.clone(),
+                token,
             },
             shutdown.clone(),
         ));

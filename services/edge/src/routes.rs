@@ -52,31 +52,42 @@ pub struct Routes {
 }
 
 impl Routes {
-    /// Adds a connection for `name`. Connections of another tunnel id that held the
-    /// name (it was deleted and given out again) are closed; the tunnel's other
+    /// Adds a connection for `name`, unless another tunnel holds the name with a live
+    /// connection (then returns that tunnel's id): a link never displaces another
+    /// tunnel's, so an old token of a deleted tunnel cannot take back a name given out
+    /// again. Closed connections of another tunnel are dropped. The tunnel's other
     /// connections take the new one's access policy (the newest agent's wins).
-    pub fn insert(&self, name: &str, route: Route) {
-        let (stale, first): (Vec<Route>, bool) = {
+    pub fn insert(&self, name: &str, route: Route) -> Result<(), String> {
+        let first = {
             let mut live = self.live.write();
             let v = live.entry(name.to_string()).or_default();
-            let (mut keep, stale): (Vec<Route>, Vec<Route>) =
-                v.drain(..).partition(|r| r.tunnel_id == route.tunnel_id);
+            v.retain(|r| r.tunnel_id == route.tunnel_id || !r.mux.is_closed());
+            if let Some(other) = v.iter().find(|r| r.tunnel_id != route.tunnel_id) {
+                return Err(other.tunnel_id.clone());
+            }
             // One policy per tunnel: the newest connection's (the owner changed it).
-            for r in &mut keep {
+            for r in v.iter_mut() {
                 r.access = route.access.clone();
             }
-            let first = keep.is_empty();
-            *v = keep;
+            let first = v.is_empty();
             v.push(route);
-            (stale, first)
+            first
         };
         if first {
             self.first_link.notify_one();
         }
         self.offline.lock().remove(name);
-        for r in stale {
-            r.mux.close("the name now belongs to another tunnel");
-        }
+        Ok(())
+    }
+
+    /// The tunnel id of a live connection for `name` of another tunnel than `tunnel_id`.
+    pub fn live_other_tunnel(&self, name: &str, tunnel_id: &str) -> Option<String> {
+        self.live
+            .read()
+            .get(name)?
+            .iter()
+            .find(|r| r.tunnel_id != tunnel_id && !r.mux.is_closed())
+            .map(|r| r.tunnel_id.clone())
     }
 
     /// Removes one connection (it closed).

@@ -18,6 +18,9 @@ use tokio_util::sync::CancellationToken;
 
 /// The bootstrap credential every test control is started with.
 pub const BOOT: &str = "test-bootstrap-credential";
+/// The edge credential the harness's control accepts for any edge id.
+#[allow(dead_code)]
+pub const EDGE_TOKEN: &str = "harness-edge-token-0123456789abcdef0123";
 /// How long a test waits for anything before failing.
 pub const WAIT: Duration = Duration::from_secs(10);
 
@@ -67,7 +70,8 @@ pub fn write_pem(dir: &std::path::Path, name: &str) -> PathBuf {
 }
 
 impl Harness {
-    /// Control with [`edges`] and the [`BOOT`] credential.
+    /// Control with [`edges`], the [`BOOT`] credential, and [`EDGE_TOKEN`] accepted
+    /// from any edge.
     pub async fn start() -> Harness {
         Harness::start_with(|_| {}).await
     }
@@ -81,6 +85,13 @@ impl Harness {
             public_url_template: "https://{name}.tunnels.test".into(),
             edges: edges(),
             bootstrap_token: Some(Secret::new(BOOT)),
+            edge_credentials: netbore_control::edge_auth::EdgeCredentials(vec![
+                netbore_control::edge_auth::EdgeCredential::from_token(
+                    "*",
+                    &Secret::new(EDGE_TOKEN),
+                )
+                .unwrap(),
+            ]),
             ..ControlConfig::default()
         };
         adjust(&mut config);
