@@ -486,13 +486,49 @@ impl Proc {
 }
 
 /// A loopback port nobody listens on right now, for binaries that take an address
-/// rather than a listener (a small race with other processes is accepted).
+/// rather than a listener.
+///
+/// Not from the kernel's ephemeral range: a port picked there (bind to port 0, then
+/// close) can be given to any outgoing connection before the child process binds it,
+/// and the suite opens thousands. It comes from the range below, and a lock file held
+/// until this test process exits keeps every other test process (nextest runs one per
+/// test) from picking it too.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::Mutex;
+    static HELD: Mutex<Vec<std::fs::File>> = Mutex::new(Vec::new());
+    let (lo, hi) = test_port_range();
+    let dir = std::env::temp_dir().join("netbore-test-ports");
+    let _ = std::fs::create_dir_all(&dir);
+    for _ in 0..10_000 {
+        let port = lo + (rand::random::<u32>() % u32::from(hi - lo)) as u16;
+        let Ok(lock) = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(format!("{port}.lock")))
+        else {
+            continue;
+        };
+        if lock.try_lock().is_err() {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            HELD.lock().unwrap_or_else(|e| e.into_inner()).push(lock);
+            return port;
+        }
+    }
+    panic!("no free loopback port in {lo}..{hi} after 10,000 tries");
+}
+
+/// Ports [`free_port`] picks from: below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`), at most 10000..32768.
+fn test_port_range() -> (u16, u16) {
+    let ephemeral_lo = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let hi = ephemeral_lo.clamp(12_000, 32_768);
+    (10_000, hi)
 }
 
 /// A real `netbore-control` on free loopback ports; killed when dropped.
