@@ -18,6 +18,7 @@ async fn pair(limits: Limits) -> (Mux, Mux, netbore_mux::Incoming) {
         limits,
         heartbeat_interval: Duration::from_secs(5),
         label: format!("{role:?}"),
+        write_stall_timeout: netbore_mux::DEFAULT_WRITE_STALL_TIMEOUT,
     };
     let (edge, _) = Mux::start(edge_ws, cfg(Role::Edge), CancellationToken::new());
     let (agent, incoming) = Mux::start(agent_ws, cfg(Role::Agent), CancellationToken::new());

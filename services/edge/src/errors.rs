@@ -51,6 +51,13 @@ pub enum ViewerError {
     BodyTimeout,
     /// The tunnel has too many requests in flight (429).
     TunnelOverloaded,
+    /// The agent sent a response head or trailers with more fields than the protocol
+    /// allows (502).
+    ResponseHeadTooLarge,
+    /// This client has too many bytes of request heads in flight (429).
+    ClientOverloaded,
+    /// Malformed chunked encoding (400).
+    BadChunkedEncoding,
 }
 
 impl ViewerError {
@@ -68,11 +75,15 @@ impl ViewerError {
             | ViewerError::DuplicateHost
             | ViewerError::AmbiguousLength
             | ViewerError::BadTransferEncoding
-            | ViewerError::HostMismatch => StatusCode::BAD_REQUEST,
+            | ViewerError::HostMismatch
+            | ViewerError::BadChunkedEncoding => StatusCode::BAD_REQUEST,
             ViewerError::UrlTooLong => StatusCode::URI_TOO_LONG,
             ViewerError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ViewerError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            ViewerError::TunnelOverloaded => StatusCode::TOO_MANY_REQUESTS,
+            ViewerError::TunnelOverloaded | ViewerError::ClientOverloaded => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            ViewerError::ResponseHeadTooLarge => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -96,6 +107,9 @@ impl ViewerError {
             ViewerError::BodyTooLarge => "body_too_large",
             ViewerError::BodyTimeout => "body_timeout",
             ViewerError::TunnelOverloaded => "tunnel_overloaded",
+            ViewerError::ResponseHeadTooLarge => "response_head_too_large",
+            ViewerError::ClientOverloaded => "client_overloaded",
+            ViewerError::BadChunkedEncoding => "bad_chunked_encoding",
         }
     }
 
@@ -147,6 +161,15 @@ impl ViewerError {
             ViewerError::TunnelOverloaded => {
                 "The tunnel has too many requests in flight. Retry shortly."
             }
+            ViewerError::ResponseHeadTooLarge => {
+                "The service behind the tunnel answered with more than 1024 header fields, more than the tunnel carries. Send fewer headers from the local service."
+            }
+            ViewerError::ClientOverloaded => {
+                "Your address has too many large requests in flight on this edge. Wait for some to finish, or send smaller headers."
+            }
+            ViewerError::BadChunkedEncoding => {
+                "The request's chunked body is malformed (a chunk size that is not 1-16 hex digits, or chunk data not followed by CRLF); fix it."
+            }
         }
     }
 
@@ -159,6 +182,7 @@ impl ViewerError {
                 | ViewerError::DuplicateHost
                 | ViewerError::AmbiguousLength
                 | ViewerError::BadTransferEncoding
+                | ViewerError::BadChunkedEncoding
                 | ViewerError::HostMismatch
                 | ViewerError::BadHost
                 | ViewerError::BodyTooLarge

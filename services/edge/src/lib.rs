@@ -12,7 +12,9 @@ pub mod access;
 pub mod admin;
 pub mod agents;
 pub mod auth;
+pub mod budget;
 pub mod config;
+pub mod conns;
 pub mod control_link;
 pub mod errors;
 pub mod forward;
@@ -50,6 +52,11 @@ struct Inner {
     tracker: TaskTracker,
     /// The registry and internal forwarding, when edges share one.
     cluster: std::sync::OnceLock<Arc<forward::Cluster>>,
+    /// Request-head bytes in flight per client.
+    head_budget: Arc<budget::ClientBudget>,
+    /// Open connections per peer address, on the public and the agent listener.
+    public_conns: Arc<conns::PerAddress>,
+    agent_conns: Arc<conns::PerAddress>,
 }
 
 impl Edge {
@@ -62,7 +69,6 @@ impl Edge {
     pub fn with_tls(config: EdgeConfig, auth: Arc<dyn AgentAuth>, tls: Option<tls::Tls>) -> Edge {
         Edge {
             inner: Arc::new(Inner {
-                config,
                 routes: Routes::default(),
                 auth,
                 draining: AtomicBool::new(false),
@@ -70,6 +76,10 @@ impl Edge {
                 metrics: metrics::Metrics::default(),
                 tracker: TaskTracker::new(),
                 cluster: std::sync::OnceLock::new(),
+                head_budget: Default::default(),
+                public_conns: Arc::new(conns::PerAddress::new(config.max_connections_per_address)),
+                agent_conns: Arc::new(conns::PerAddress::new(config.max_connections_per_address)),
+                config,
             }),
         }
     }
@@ -106,6 +116,20 @@ impl Edge {
 
     pub(crate) fn tls(&self) -> Option<&tls::Tls> {
         self.inner.tls.as_ref()
+    }
+
+    pub(crate) fn head_budget(&self) -> &Arc<budget::ClientBudget> {
+        &self.inner.head_budget
+    }
+
+    /// Open connections per peer address on the public listener.
+    pub fn public_conns(&self) -> &Arc<conns::PerAddress> {
+        &self.inner.public_conns
+    }
+
+    /// Open connections per peer address on the agent listener.
+    pub fn agent_conns(&self) -> &Arc<conns::PerAddress> {
+        &self.inner.agent_conns
     }
 
     pub(crate) fn tracker(&self) -> &TaskTracker {
