@@ -172,7 +172,13 @@ async fn main() {
         }
     }
 
+    let fds = |pid: u32| std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
     let mib = |k: u64| k as f64 / 1024.0;
+    println!(
+        "open file descriptors {after_secs} s after: edge {}, agent {}",
+        fds(edge_pid),
+        fds(agent_pid)
+    );
     println!(
         "flood: {FLOOD_CONNS} h2 connections x {STREAMS_PER_CONN} streams, {PAD_COPIES} x 4000-byte header per request, {flood_secs} s"
     );
