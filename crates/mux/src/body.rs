@@ -67,7 +67,8 @@ impl http_body::Body for StreamBody {
 
 /// Protocol headers to a header map, skipping any that `http` rejects.
 pub fn to_header_map(headers: Vec<Header>) -> HeaderMap {
-    let mut map = HeaderMap::with_capacity(headers.len());
+    // Never sized by the peer's count alone: `HeaderMap` panics beyond 24,576 fields.
+    let mut map = HeaderMap::with_capacity(headers.len().min(netbore_protocol::MAX_HEADER_FIELDS));
     for h in headers {
         if let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(h.name.as_bytes()),

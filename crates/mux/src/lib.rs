@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use netbore_protocol::{
     Frame, GoAway, Header, Limits, RecvWindow, RequestHead, ResetCode, ResponseHead, StreamEvent,
@@ -54,9 +54,24 @@ pub const CORK_BELOW: usize = 16 * 1024;
 pub const STREAM_ID_RETIRE: u32 = 1 << 31;
 
 /// Frames queued for the writer beyond which the peer is taken to have stopped
-/// reading (data is bounded by the windows; this bounds control frames, e.g. pongs
-/// owed to a peer that pings without reading).
+/// reading and the connection is closed (data is bounded by the windows and heads by
+/// [`MAX_LINK_HEAD_BYTES`]; this bounds the small control frames too, e.g. pongs owed
+/// to a peer that pings without reading).
 pub const MAX_QUEUED_FRAMES: usize = 65_536;
+
+/// Bytes of heads (request heads on the edge, response heads on the agent) that the
+/// open streams of one connection may hold, counting the heads the peer sent us too.
+/// Heads are not covered by the credit windows and HTTP/2 header compression lets a
+/// viewer turn a few bytes into a 64 KiB head, so without this a flood of requests
+/// queues without bound. A new stream beyond it is refused at once (the edge answers
+/// 503 `tunnel_busy`; the agent resets a stream the edge opens beyond it with
+/// `REFUSED`). 16 MiB holds 256 heads of 64 KiB, or thousands of ordinary ones.
+pub const MAX_LINK_HEAD_BYTES: usize = 16 * 1024 * 1024;
+
+/// Default longest time one write to the peer may make no progress before the peer is
+/// taken to have stopped reading and the connection is closed. A write is at most one
+/// batch ([`MAX_BATCH_BYTES`] plus a frame), so this allows links down to ~10 KB/s.
+pub const DEFAULT_WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Missing this many heartbeat intervals without hearing anything from the peer means
 /// the link is dead.
@@ -98,6 +113,9 @@ pub struct MuxConfig {
     pub heartbeat_interval: Duration,
     /// A label for logs (session id).
     pub label: String,
+    /// A write that makes no progress for this long closes the connection (the peer
+    /// stopped reading); [`DEFAULT_WRITE_STALL_TIMEOUT`] unless configured.
+    pub write_stall_timeout: Duration,
 }
 
 /// Why a connection or stream operation failed.
@@ -149,6 +167,19 @@ struct StreamCtl {
     reset: AtomicBool,
     /// The receiver was dropped before the peer finished; reset once we finish too.
     recv_dropped: AtomicBool,
+    /// The stream was reset before its head was written: the writer dropped the head,
+    /// so it drops every later frame of the stream too (the peer never heard of it).
+    unsent: AtomicBool,
+    /// Bytes of heads this stream holds against [`MAX_LINK_HEAD_BYTES`].
+    head_bytes: std::sync::atomic::AtomicUsize,
+}
+
+/// A frame waiting for the writer, with the stream it belongs to (when it has one) so
+/// frames of a stream abandoned before its head left are dropped, not sent.
+struct Out {
+    frame: Frame,
+    ctl: Option<Arc<StreamCtl>>,
+    len: usize,
 }
 
 struct Entry {
@@ -160,7 +191,7 @@ struct Entry {
 
 struct Shared {
     cfg: MuxConfig,
-    out: mpsc::UnboundedSender<Frame>,
+    out: mpsc::UnboundedSender<Out>,
     streams: Mutex<HashMap<u32, Entry>>,
     next_id: AtomicU32,
     last_remote_id: AtomicU32,
@@ -176,6 +207,11 @@ struct Shared {
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
     queued: std::sync::atomic::AtomicUsize,
+    /// Encoded bytes waiting for the writer, and the most there ever were.
+    queued_bytes: std::sync::atomic::AtomicUsize,
+    peak_queued_bytes: std::sync::atomic::AtomicUsize,
+    /// Bytes of heads held by open streams (see [`MAX_LINK_HEAD_BYTES`]).
+    head_bytes: std::sync::atomic::AtomicUsize,
     writer_done: AtomicBool,
     writer_done_notify: Notify,
 }
@@ -292,6 +328,9 @@ impl Mux {
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             queued: std::sync::atomic::AtomicUsize::new(0),
+            queued_bytes: std::sync::atomic::AtomicUsize::new(0),
+            peak_queued_bytes: std::sync::atomic::AtomicUsize::new(0),
+            head_bytes: std::sync::atomic::AtomicUsize::new(0),
             writer_done: AtomicBool::new(false),
             writer_done_notify: Notify::new(),
             cfg,
@@ -333,6 +372,7 @@ impl Mux {
         };
         netbore_protocol::frame::check_encodable(&probe, sh.cfg.limits.max_frame_len as usize)
             .map_err(MuxError::TooLarge)?;
+        let probe_len = probe.encoded_len();
         let Frame::RequestHead { head, .. } = probe else {
             unreachable!("built above")
         };
@@ -340,6 +380,7 @@ impl Mux {
         state
             .on_send(StreamEvent::Head { end_stream })
             .map_err(|e| MuxError::Misuse(e.to_string()))?;
+        let head_len = probe_len;
         let (tx, rx) = mpsc::unbounded_channel();
         // The id is taken and the head queued under one lock, so heads reach the wire
         // in id order (the agent refuses an id that is not above the last one).
@@ -348,14 +389,20 @@ impl Mux {
             if streams.len() >= sh.cfg.limits.max_concurrent_streams as usize {
                 return Err(MuxError::Refused("too many concurrent streams"));
             }
+            if !sh.take_head_bytes(head_len) {
+                return Err(MuxError::Refused(
+                    "the connection holds its limit of request head bytes",
+                ));
+            }
             let id = sh.next_id.fetch_add(1, Ordering::Relaxed);
             if id >= STREAM_ID_RETIRE {
                 drop(streams);
+                sh.release_head_bytes(head_len);
                 // Ids are running out: move the agent to a fresh connection first.
                 self.go_away("stream ids exhausted; reconnect");
                 return Err(MuxError::Refused("the connection is going away"));
             }
-            let ctl = new_ctl(id, &sh.cfg.limits);
+            let ctl = new_ctl(id, &sh.cfg.limits, head_len);
             streams.insert(
                 id,
                 Entry {
@@ -365,12 +412,16 @@ impl Mux {
                     local_done: end_stream,
                 },
             );
-            if let Err(e) = sh.send(Frame::RequestHead {
-                stream_id: id,
-                head,
-                end_stream,
-            }) {
+            if let Err(e) = sh.send_for(
+                Frame::RequestHead {
+                    stream_id: id,
+                    head,
+                    end_stream,
+                },
+                &ctl,
+            ) {
                 streams.remove(&id);
+                sh.release_head_bytes(head_len);
                 return Err(e);
             }
             ctl
@@ -498,24 +549,91 @@ impl Mux {
     pub fn label(&self) -> &str {
         &self.shared.cfg.label
     }
+
+    /// Encoded bytes waiting to be written to the peer now, and the most there have
+    /// ever been on this connection.
+    pub fn queued_bytes(&self) -> (usize, usize) {
+        (
+            self.shared.queued_bytes.load(Ordering::Relaxed),
+            self.shared.peak_queued_bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Bytes of heads held by this connection's open streams (at most
+    /// [`MAX_LINK_HEAD_BYTES`]).
+    pub fn head_bytes(&self) -> usize {
+        self.shared.head_bytes.load(Ordering::Relaxed)
+    }
 }
 
-fn new_ctl(id: u32, limits: &Limits) -> Arc<StreamCtl> {
+fn new_ctl(id: u32, limits: &Limits, head_bytes: usize) -> Arc<StreamCtl> {
     Arc::new(StreamCtl {
         id,
         send_credit: Semaphore::new(limits.initial_stream_window as usize),
         recv_window: Mutex::new(RecvWindow::new(limits.initial_stream_window)),
         reset: AtomicBool::new(false),
         recv_dropped: AtomicBool::new(false),
+        unsent: AtomicBool::new(false),
+        head_bytes: std::sync::atomic::AtomicUsize::new(head_bytes),
     })
 }
 
 impl Shared {
     fn send(&self, frame: Frame) -> Result<(), MuxError> {
+        self.enqueue(frame, None)
+    }
+
+    /// Queues a frame of the stream `ctl`.
+    fn send_for(&self, frame: Frame, ctl: &Arc<StreamCtl>) -> Result<(), MuxError> {
+        self.enqueue(frame, Some(ctl.clone()))
+    }
+
+    fn enqueue(&self, frame: Frame, ctl: Option<Arc<StreamCtl>>) -> Result<(), MuxError> {
+        let closed = || MuxError::Closed(self.close_reason.lock().clone().unwrap_or_default());
+        if self.queued.load(Ordering::Relaxed) >= MAX_QUEUED_FRAMES {
+            // Closing here could take the streams lock a caller holds: only mark the
+            // connection closed; the reader's exit resets the streams.
+            self.mark_closed("the peer stopped reading: too many frames queued for it");
+            return Err(closed());
+        }
+        let len = frame.encoded_len();
         self.queued.fetch_add(1, Ordering::Relaxed);
-        self.out
-            .send(frame)
-            .map_err(|_| MuxError::Closed(self.close_reason.lock().clone().unwrap_or_default()))
+        let now = self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len;
+        self.peak_queued_bytes.fetch_max(now, Ordering::Relaxed);
+        self.out.send(Out { frame, ctl, len }).map_err(|_| {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            closed()
+        })
+    }
+
+    /// Takes `n` bytes of the head budget, or returns false when it is spent.
+    fn take_head_bytes(&self, n: usize) -> bool {
+        self.head_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                (held + n <= MAX_LINK_HEAD_BYTES).then_some(held + n)
+            })
+            .is_ok()
+    }
+
+    fn release_head_bytes(&self, n: usize) {
+        self.head_bytes.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// Forgets a stream: releases what it held.
+    fn forget(&self, e: &Entry) {
+        self.release_head_bytes(e.ctl.head_bytes.swap(0, Ordering::AcqRel));
+    }
+
+    /// Records why and cancels, without touching the streams (see [`Shared::close`]).
+    fn mark_closed(&self, reason: &str) {
+        {
+            let mut r = self.close_reason.lock();
+            if r.is_none() {
+                *r = Some(reason.to_string());
+            }
+        }
+        self.cancel.cancel();
     }
 
     fn close(&self, reason: &str) {
@@ -529,6 +647,7 @@ impl Shared {
         let drained: Vec<Entry> = self.streams.lock().drain().map(|(_, e)| e).collect();
         for e in drained {
             e.ctl.reset.store(true, Ordering::Release);
+            self.forget(&e);
             e.ctl.send_credit.close();
             let _ = e.tx.send(Event::Reset(
                 ResetCode::Cancel,
@@ -546,7 +665,9 @@ impl Shared {
         if let Some(e) = streams.get_mut(&id) {
             e.local_done = true;
             if e.state.remote() == netbore_protocol::stream::Half::Closed {
-                streams.remove(&id);
+                if let Some(e) = streams.remove(&id) {
+                    self.forget(&e);
+                }
                 if streams.is_empty() {
                     self.idle_notify.notify_waiters();
                 }
@@ -564,19 +685,23 @@ impl Shared {
     /// Resets a stream from our side: tells the peer, fails our handles.
     fn reset_stream(&self, id: u32, code: ResetCode, message: &str) {
         let entry = self.streams.lock().remove(&id);
+        let frame = Frame::Reset {
+            stream_id: id,
+            code,
+            message: message.to_string(),
+        };
         if let Some(e) = entry {
             e.ctl.reset.store(true, Ordering::Release);
+            self.forget(&e);
             e.ctl.send_credit.close();
             let _ = e.tx.send(Event::Reset(code, message.to_string()));
             if self.streams.lock().is_empty() {
                 self.idle_notify.notify_waiters();
             }
+            let _ = self.send_for(frame, &e.ctl);
+        } else {
+            let _ = self.send(frame);
         }
-        let _ = self.send(Frame::Reset {
-            stream_id: id,
-            code,
-            message: message.to_string(),
-        });
     }
 
     fn credit_connection(&self, n: usize) {
@@ -642,7 +767,21 @@ impl StreamSender {
         )
         .map_err(MuxError::TooLarge)?;
         self.check(StreamEvent::Head { end_stream })?;
-        self.shared.send(frame)?;
+        let len = frame.encoded_len();
+        if !self.shared.take_head_bytes(len) {
+            // The caller resets the stream, as for any failed send.
+            return Err(MuxError::Refused(
+                "the connection holds its limit of head bytes",
+            ));
+        }
+        self.ctl.head_bytes.fetch_add(len, Ordering::AcqRel);
+        if self.ctl.reset.load(Ordering::Acquire) {
+            // Reset meanwhile: its entry may already be forgotten, so release here
+            // (the swap makes sure the bytes are released once).
+            self.shared
+                .release_head_bytes(self.ctl.head_bytes.swap(0, Ordering::AcqRel));
+        }
+        self.shared.send_for(frame, &self.ctl)?;
         self.after_send();
         Ok(())
     }
@@ -658,11 +797,14 @@ impl StreamSender {
             let n = self.acquire_credit(want).await?;
             let chunk = data.split_to(n);
             self.shared.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-            self.shared.send(Frame::Data {
-                stream_id: self.ctl.id,
-                data: chunk,
-                end_stream: false,
-            })?;
+            self.shared.send_for(
+                Frame::Data {
+                    stream_id: self.ctl.id,
+                    data: chunk,
+                    end_stream: false,
+                },
+                &self.ctl,
+            )?;
         }
         Ok(())
     }
@@ -685,11 +827,14 @@ impl StreamSender {
                 self.check(StreamEvent::Data { end_stream: true })?;
             }
             self.shared.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-            self.shared.send(Frame::Data {
-                stream_id: self.ctl.id,
-                data: chunk,
-                end_stream,
-            })?;
+            self.shared.send_for(
+                Frame::Data {
+                    stream_id: self.ctl.id,
+                    data: chunk,
+                    end_stream,
+                },
+                &self.ctl,
+            )?;
         }
         self.after_send();
         Ok(())
@@ -725,7 +870,7 @@ impl StreamSender {
         )
         .map_err(MuxError::TooLarge)?;
         self.check(StreamEvent::Trailers)?;
-        self.shared.send(frame)?;
+        self.shared.send_for(frame, &self.ctl)?;
         self.after_send();
         Ok(())
     }
@@ -733,11 +878,14 @@ impl StreamSender {
     /// Ends our half cleanly.
     pub fn finish(&mut self) -> Result<(), MuxError> {
         self.check(StreamEvent::Data { end_stream: true })?;
-        self.shared.send(Frame::Data {
-            stream_id: self.ctl.id,
-            data: Bytes::new(),
-            end_stream: true,
-        })?;
+        self.shared.send_for(
+            Frame::Data {
+                stream_id: self.ctl.id,
+                data: Bytes::new(),
+                end_stream: true,
+            },
+            &self.ctl,
+        )?;
         self.after_send();
         Ok(())
     }
@@ -837,10 +985,13 @@ impl StreamReceiver {
     fn consumed(&self, n: usize) {
         let inc = self.ctl.recv_window.lock().on_consumed(n);
         if let Some(increment) = inc {
-            let _ = self.shared.send(Frame::WindowUpdate {
-                stream_id: self.ctl.id,
-                increment,
-            });
+            let _ = self.shared.send_for(
+                Frame::WindowUpdate {
+                    stream_id: self.ctl.id,
+                    increment,
+                },
+                &self.ctl,
+            );
         }
         self.shared.credit_connection(n);
     }
@@ -878,11 +1029,12 @@ impl Drop for StreamReceiver {
 async fn writer<S>(
     shared: Arc<Shared>,
     mut sink: futures_util::stream::SplitSink<WebSocketStream<S>, Message>,
-    mut rx: mpsc::UnboundedReceiver<Frame>,
+    mut rx: mpsc::UnboundedReceiver<Out>,
     greeting: Option<(String, tokio::sync::oneshot::Receiver<()>)>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let stall = shared.cfg.write_stall_timeout;
     if let Some((text, gate)) = greeting {
         let released = tokio::select! {
             r = gate => r.is_ok(),
@@ -906,51 +1058,87 @@ async fn writer<S>(
             _ = shared.cancel.cancelled() => None,
         };
         let Some(first) = first else { break };
-        encode(&first, &mut buf);
-        let mut taken = 1 + drain_into(&mut rx, &mut buf);
+        put(&shared, first, &mut buf);
+        drain_into(&shared, &mut rx, &mut buf);
         if buf.len() < CORK_BELOW {
             // Let the tasks that are about to queue more run first (a response's data
             // right behind its head, other streams' frames), so that one write carries
             // them all instead of one write per tiny frame.
             tokio::task::yield_now().await;
-            taken += drain_into(&mut rx, &mut buf);
+            drain_into(&shared, &mut rx, &mut buf);
         }
-        shared.queued.fetch_sub(taken, Ordering::Relaxed);
+        if buf.is_empty() {
+            continue; // every frame belonged to abandoned streams
+        }
         let msg = Message::Binary(buf.split().freeze());
-        if let Err(e) = sink.send(msg).await {
-            shared.close(&format!("write failed: {e}"));
-            break;
+        match tokio::time::timeout(stall, sink.send(msg)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                shared.close(&format!("write failed: {e}"));
+                break;
+            }
+            Err(_) => {
+                warn!(session = %shared.cfg.label, ?stall, "the peer stopped reading; closing the tunnel connection");
+                shared.close(&format!(
+                    "the peer stopped reading: a write made no progress for {stall:?}"
+                ));
+                break;
+            }
         }
         if buf.capacity() > 4 * MAX_BATCH_BYTES {
             buf = BytesMut::with_capacity(16 * 1024);
         }
     }
-    // Flush what is queued (a go-away or resets) then close politely.
-    while let Ok(f) = rx.try_recv() {
-        encode(&f, &mut buf);
+    // Flush what is queued (a go-away or resets) then close politely, unless the peer
+    // has stopped reading.
+    while let Ok(out) = rx.try_recv() {
+        put(&shared, out, &mut buf);
     }
-    if !buf.is_empty() {
-        let _ = sink.send(Message::Binary(buf.split().freeze())).await;
-    }
-    let _ = sink.close().await;
+    let _ = tokio::time::timeout(stall, async {
+        if !buf.is_empty() {
+            let _ = sink.send(Message::Binary(buf.split().freeze())).await;
+        }
+        let _ = sink.close().await;
+    })
+    .await;
     shared.writer_done.store(true, Ordering::Release);
     shared.writer_done_notify.notify_waiters();
 }
 
-/// Encodes queued frames into `buf` until the queue is empty or the batch is full;
-/// returns how many it took.
-fn drain_into(rx: &mut mpsc::UnboundedReceiver<Frame>, buf: &mut BytesMut) -> usize {
-    let mut taken = 0;
+/// Encodes one queued frame into `buf`, unless its stream was abandoned before its
+/// head was written: then neither the head nor anything after it is sent (the peer
+/// never hears of the stream), and the connection credit its data took comes back.
+fn put(shared: &Shared, out: Out, buf: &mut BytesMut) {
+    shared.queued.fetch_sub(1, Ordering::Relaxed);
+    shared.queued_bytes.fetch_sub(out.len, Ordering::Relaxed);
+    if let Some(ctl) = &out.ctl {
+        let is_head = matches!(
+            out.frame,
+            Frame::RequestHead { .. } | Frame::ResponseHead { .. }
+        );
+        if is_head && ctl.reset.load(Ordering::Acquire) {
+            ctl.unsent.store(true, Ordering::Release);
+        }
+        if ctl.unsent.load(Ordering::Acquire) {
+            if let Frame::Data { data, .. } = &out.frame
+                && !data.is_empty()
+            {
+                shared.conn_credit.add_permits(data.len());
+            }
+            return;
+        }
+    }
+    encode(&out.frame, buf);
+}
+
+/// Encodes queued frames into `buf` until the queue is empty or the batch is full.
+fn drain_into(shared: &Shared, rx: &mut mpsc::UnboundedReceiver<Out>, buf: &mut BytesMut) {
     while buf.len() < MAX_BATCH_BYTES {
         match rx.try_recv() {
-            Ok(f) => {
-                encode(&f, buf);
-                taken += 1;
-            }
+            Ok(out) => put(shared, out, buf),
             Err(_) => break,
         }
     }
-    taken
 }
 
 async fn reader<S>(
@@ -1000,6 +1188,21 @@ async fn reader<S>(
                     }
                     break;
                 }
+                Err(
+                    e @ netbore_protocol::DecodeError::TooManyHeaders {
+                        frame,
+                        stream_id,
+                        frame_len,
+                        ..
+                    },
+                ) => {
+                    // The frame is whole: skip it and refuse its stream alone.
+                    buf.advance(frame_len);
+                    if let Err(reason) = refuse_oversized(&shared, frame, stream_id, &e) {
+                        fatal = Some(reason);
+                        break;
+                    }
+                }
                 Err(e) => {
                     fatal = Some(format!("protocol error: {e}"));
                     break;
@@ -1015,12 +1218,46 @@ async fn reader<S>(
     shared.close(&reason);
 }
 
+/// Refuses the stream of a head or trailer block that had too many fields
+/// ([`netbore_protocol::MAX_HEADER_FIELDS`]); an error is a connection-level violation.
+fn refuse_oversized(
+    shared: &Arc<Shared>,
+    frame: netbore_protocol::FrameType,
+    stream_id: u32,
+    e: &netbore_protocol::DecodeError,
+) -> Result<(), String> {
+    use netbore_protocol::FrameType;
+    let message = e.to_string();
+    warn!(session = %shared.cfg.label, %message, "refusing a stream");
+    match frame {
+        FrameType::RequestHead => {
+            if shared.cfg.role != Role::Agent {
+                return Err("protocol error: the agent sent a request head".into());
+            }
+            if stream_id <= shared.last_remote_id.swap(stream_id, Ordering::AcqRel) {
+                return Err(format!(
+                    "protocol error: stream id {stream_id} is not above the last one"
+                ));
+            }
+            // The stream never opened here: only the peer needs to hear of it.
+            let _ = shared.send(Frame::Reset {
+                stream_id,
+                code: ResetCode::TooLarge,
+                message,
+            });
+        }
+        _ => shared.reset_stream(stream_id, ResetCode::TooLarge, &message),
+    }
+    Ok(())
+}
+
 /// Routes one frame; an error is a connection-level protocol violation.
 async fn dispatch(
     shared: &Arc<Shared>,
     frame: Frame,
     accept: Option<&mpsc::Sender<IncomingStream>>,
 ) -> Result<(), String> {
+    let frame_len = frame.encoded_len();
     match frame {
         Frame::RequestHead {
             stream_id,
@@ -1036,17 +1273,25 @@ async fn dispatch(
                 ));
             }
             let (tx, rx) = mpsc::unbounded_channel();
-            let ctl = new_ctl(stream_id, &shared.cfg.limits);
+            let ctl = new_ctl(stream_id, &shared.cfg.limits, frame_len);
             let mut state = StreamState::new();
             let _ = state.on_recv(StreamEvent::Head { end_stream });
             {
                 let mut streams = shared.streams.lock();
-                if streams.len() >= shared.cfg.limits.max_concurrent_streams as usize {
+                let refusal = if streams.len() >= shared.cfg.limits.max_concurrent_streams as usize
+                {
+                    Some("agent is at its concurrent stream limit")
+                } else if !shared.take_head_bytes(frame_len) {
+                    Some("agent holds its limit of request head bytes on this connection")
+                } else {
+                    None
+                };
+                if let Some(message) = refusal {
                     drop(streams);
                     let _ = shared.send(Frame::Reset {
                         stream_id,
                         code: ResetCode::Refused,
-                        message: "agent is at its concurrent stream limit".into(),
+                        message: message.into(),
                     });
                     return Ok(());
                 }
@@ -1129,6 +1374,7 @@ async fn dispatch(
             let entry = shared.streams.lock().remove(&stream_id);
             if let Some(e) = entry {
                 e.ctl.reset.store(true, Ordering::Release);
+                shared.forget(&e);
                 e.ctl.send_credit.close();
                 let _ = e.tx.send(Event::Reset(code, message));
                 if shared.streams.lock().is_empty() {
@@ -1211,7 +1457,9 @@ fn on_stream_frame(
                 if ended {
                     let _ = e.tx.send(Event::End);
                     if e.local_done {
-                        streams.remove(&stream_id);
+                        if let Some(e) = streams.remove(&stream_id) {
+                            shared.forget(&e);
+                        }
                         if streams.is_empty() {
                             shared.idle_notify.notify_waiters();
                         }

@@ -18,6 +18,7 @@ async fn pair(limits: Limits) -> (Mux, Mux, netbore_mux::Incoming) {
         limits,
         heartbeat_interval: Duration::from_secs(5),
         label: format!("{role:?}"),
+        write_stall_timeout: netbore_mux::DEFAULT_WRITE_STALL_TIMEOUT,
     };
     let (edge, _) = Mux::start(edge_ws, cfg(Role::Edge), CancellationToken::new());
     let (agent, incoming) = Mux::start(agent_ws, cfg(Role::Agent), CancellationToken::new());
@@ -243,4 +244,71 @@ async fn concurrent_opens_reach_the_agent_in_id_order() {
         "no protocol error closed the link: {}",
         agent.close_reason()
     );
+}
+
+/// Finding 5 of issue 12, at the agent end: a request head announcing more fields than
+/// `MAX_HEADER_FIELDS` refuses that stream alone (reset `TOO_LARGE`); the next stream on
+/// the same connection is accepted.
+#[tokio::test]
+async fn a_head_with_too_many_fields_refuses_only_its_stream() {
+    let (a, b) = tokio::io::duplex(1 << 20);
+    let mut edge_ws = WebSocketStream::from_raw_socket(a, WsRole::Server, None).await;
+    let agent_ws = WebSocketStream::from_raw_socket(b, WsRole::Client, None).await;
+    let cfg = MuxConfig {
+        role: Role::Agent,
+        limits: Limits::default(),
+        heartbeat_interval: Duration::from_secs(5),
+        label: "agent".into(),
+        write_stall_timeout: netbore_mux::DEFAULT_WRITE_STALL_TIMEOUT,
+    };
+    let (_agent, incoming) = Mux::start(agent_ws, cfg, CancellationToken::new());
+    let mut incoming = incoming.unwrap();
+    let head = |id: u32, fields: u16| {
+        let mut p = vec![3, b'G', b'E', b'T', 0, 1, b'/'];
+        p.extend_from_slice(&fields.to_be_bytes());
+        for _ in 0..fields {
+            p.extend_from_slice(&[0, 1, b'a', 0, 0]);
+        }
+        let mut f = vec![1, 1];
+        f.extend_from_slice(&id.to_be_bytes());
+        f.extend_from_slice(&(p.len() as u32).to_be_bytes());
+        f.extend_from_slice(&p);
+        f
+    };
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let too_many = (netbore_protocol::MAX_HEADER_FIELDS + 1) as u16;
+    edge_ws
+        .send(Message::binary(head(1, too_many)))
+        .await
+        .unwrap();
+    let reset = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(m)) = edge_ws.next().await {
+            if let Message::Binary(mut b) = m {
+                while let Ok(Some(f)) = netbore_protocol::decode(&mut b, 1 << 20) {
+                    if let netbore_protocol::Frame::Reset {
+                        stream_id,
+                        code,
+                        message,
+                    } = f
+                    {
+                        return (stream_id, code, message);
+                    }
+                }
+            }
+        }
+        panic!("link closed")
+    })
+    .await
+    .expect("a reset arrives");
+    assert_eq!(reset.0, 1);
+    assert_eq!(reset.1, netbore_protocol::ResetCode::TooLarge);
+    assert!(reset.2.contains("1024"), "{}", reset.2);
+    edge_ws.send(Message::binary(head(3, 2))).await.unwrap();
+    let s = tokio::time::timeout(Duration::from_secs(5), incoming.accept())
+        .await
+        .unwrap()
+        .expect("the next stream is accepted");
+    assert_eq!(s.head.headers.len(), 2);
+    assert_eq!(s.sender.id(), 3);
 }

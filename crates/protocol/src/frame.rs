@@ -23,6 +23,12 @@ pub const FRAME_HEADER_LEN: usize = 10;
 /// make the receiver allocate much.
 pub const DEFAULT_MAX_FRAME_LEN: usize = 256 * 1024;
 
+/// Most header fields in one head or trailer block, either direction. hyper's HTTP/1.1
+/// parser and Envoy stop at 100 by default; HTTP/2 viewers can send up to about 2,000
+/// within the 64 KiB header list. A block over it refuses only its stream (the frame
+/// is skipped whole, the link stays up), and no memory is reserved for its fields.
+pub const MAX_HEADER_FIELDS: usize = 1024;
+
 /// The flag that ends the sender's half of a stream (on heads and data).
 pub const FLAG_END_STREAM: u8 = 0x1;
 
@@ -88,6 +94,9 @@ pub enum ResetCode {
     OriginTimeout,
     /// The origin broke the exchange after it had started (reset, malformed reply).
     OriginError,
+    /// A head or trailer block the receiver refused for its size (more than
+    /// [`MAX_HEADER_FIELDS`] fields); the message names the limit.
+    TooLarge,
     /// A code this build does not know.
     Other(u32),
 }
@@ -104,6 +113,7 @@ impl ResetCode {
             ResetCode::OriginUnreachable => 6,
             ResetCode::OriginTimeout => 7,
             ResetCode::OriginError => 8,
+            ResetCode::TooLarge => 9,
             ResetCode::Other(v) => v,
         }
     }
@@ -119,6 +129,7 @@ impl ResetCode {
             6 => ResetCode::OriginUnreachable,
             7 => ResetCode::OriginTimeout,
             8 => ResetCode::OriginError,
+            9 => ResetCode::TooLarge,
             other => ResetCode::Other(other),
         }
     }
@@ -338,6 +349,23 @@ pub enum DecodeError {
     /// A window update of zero, which would never unblock anyone.
     #[error("window update with zero increment")]
     ZeroIncrement,
+    /// A head or trailer block with more than [`MAX_HEADER_FIELDS`] fields. Unlike the
+    /// other errors this one concerns one stream only: the frame is whole and well
+    /// delimited, so the receiver may skip its `frame_len` bytes, refuse the stream and
+    /// keep the connection.
+    #[error("{frame:?} frame on stream {stream_id} has {count} header fields; the limit is {max}")]
+    TooManyHeaders {
+        /// Frame being parsed.
+        frame: FrameType,
+        /// The stream it belongs to.
+        stream_id: u32,
+        /// Fields announced.
+        count: usize,
+        /// The limit ([`MAX_HEADER_FIELDS`]).
+        max: usize,
+        /// Bytes the whole frame occupies (header included), to skip it.
+        frame_len: usize,
+    },
 }
 
 /// Checks that `frame` fits its wire fields and `max_len`, so [`encode`] cannot panic
@@ -345,8 +373,11 @@ pub enum DecodeError {
 /// and origins; the error says which field is too large.
 pub fn check_encodable(frame: &Frame, max_len: usize) -> Result<(), String> {
     fn headers(h: &[Header]) -> Result<(), String> {
-        if h.len() > usize::from(u16::MAX) {
-            return Err(format!("{} header fields (at most 65535)", h.len()));
+        if h.len() > MAX_HEADER_FIELDS {
+            return Err(format!(
+                "{} header fields (at most {MAX_HEADER_FIELDS})",
+                h.len()
+            ));
         }
         for f in h {
             if f.name.len() > usize::from(u16::MAX) || f.value.len() > usize::from(u16::MAX) {
@@ -519,7 +550,7 @@ pub fn decode<B: DecodeBuf>(src: &mut B, max_len: usize) -> Result<Option<Frame>
                 });
             }
             let target = get_string16(&mut p, ty, "target")?;
-            let headers = get_headers(&mut p, ty)?;
+            let headers = get_headers(&mut p, ty, stream_id, FRAME_HEADER_LEN + len)?;
             Frame::RequestHead {
                 stream_id,
                 head: RequestHead {
@@ -538,7 +569,7 @@ pub fn decode<B: DecodeBuf>(src: &mut B, max_len: usize) -> Result<Option<Frame>
                     field: "status",
                 });
             }
-            let headers = get_headers(&mut p, ty)?;
+            let headers = get_headers(&mut p, ty, stream_id, FRAME_HEADER_LEN + len)?;
             Frame::ResponseHead {
                 stream_id,
                 head: ResponseHead { status, headers },
@@ -547,7 +578,7 @@ pub fn decode<B: DecodeBuf>(src: &mut B, max_len: usize) -> Result<Option<Frame>
         }
         FrameType::Trailers => Frame::Trailers {
             stream_id,
-            headers: get_headers(&mut p, ty)?,
+            headers: get_headers(&mut p, ty, stream_id, FRAME_HEADER_LEN + len)?,
         },
         FrameType::Reset => {
             let code = ResetCode::from_u32(get_u32(&mut p, ty, "code")?);
@@ -681,8 +712,24 @@ fn take_utf8(p: &mut Bytes, frame: FrameType, field: &'static str) -> Result<Str
     to_string(b, frame, field)
 }
 
-fn get_headers(p: &mut Bytes, frame: FrameType) -> Result<Vec<Header>, DecodeError> {
+fn get_headers(
+    p: &mut Bytes,
+    frame: FrameType,
+    stream_id: u32,
+    frame_len: usize,
+) -> Result<Vec<Header>, DecodeError> {
     let count = get_u16(p, frame, "header count")? as usize;
+    // Refused on the count alone, before anything is reserved or parsed: an `http`
+    // HeaderMap panics beyond 24,576 fields, and nobody needs that many.
+    if count > MAX_HEADER_FIELDS {
+        return Err(DecodeError::TooManyHeaders {
+            frame,
+            stream_id,
+            count,
+            max: MAX_HEADER_FIELDS,
+            frame_len,
+        });
+    }
     // Each header needs at least 4 bytes, so a hostile count cannot make us reserve
     // more than the payload could hold.
     let mut headers = Vec::with_capacity(count.min(p.remaining() / 4));
@@ -808,10 +855,33 @@ mod tests {
         let mut b = BytesMut::from(&[6, 0, 0, 0, 0, 1, 0, 0, 0, 4, 0, 0, 0, 0][..]);
         assert_eq!(decode(&mut b, 1024), Err(DecodeError::ZeroIncrement));
         // A header count that promises more than the payload holds.
-        let mut b = BytesMut::from(&[2, 0, 0, 0, 0, 1, 0, 0, 0, 4, 0, 200, 0xff, 0xff][..]);
+        let mut b = BytesMut::from(&[2, 0, 0, 0, 0, 1, 0, 0, 0, 4, 0, 200, 0, 200][..]);
         assert!(matches!(
             decode(&mut b, 1024),
             Err(DecodeError::Truncated { .. })
         ));
+        // More fields than MAX_HEADER_FIELDS: refused on the count, skippable.
+        let mut b = BytesMut::from(&[2, 0, 0, 0, 0, 7, 0, 0, 0, 4, 0, 200, 0xff, 0xff][..]);
+        assert_eq!(
+            decode(&mut b, 1024),
+            Err(DecodeError::TooManyHeaders {
+                frame: FrameType::ResponseHead,
+                stream_id: 7,
+                count: 65535,
+                max: MAX_HEADER_FIELDS,
+                frame_len: 14,
+            })
+        );
+        assert_eq!(b.len(), 14, "like every error, nothing is consumed");
+    }
+
+    #[test]
+    fn senders_never_send_more_fields_than_receivers_take() {
+        let headers = vec![Header::new("a", ""); MAX_HEADER_FIELDS + 1];
+        let f = Frame::Trailers {
+            stream_id: 1,
+            headers,
+        };
+        assert!(check_encodable(&f, DEFAULT_MAX_FRAME_LEN).is_err());
     }
 }

@@ -114,6 +114,7 @@ pub async fn connect(
                         limits: w.limits,
                         heartbeat_interval: Duration::from_millis(w.heartbeat_interval_ms.max(100)),
                         label: w.session_id.clone(),
+                        write_stall_timeout: netbore_mux::DEFAULT_WRITE_STALL_TIMEOUT,
                     },
                     cancel,
                 );

@@ -33,10 +33,16 @@ static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 /// Accepts agent connections until `stop` fires.
 pub async fn serve_agents(edge: Edge, listener: TcpListener, stop: CancellationToken) {
     while let Some((tcp, peer)) = crate::accept(&listener, &stop, "agents").await {
+        let Some(slot) = edge.agent_conns().admit(peer.ip()) else {
+            debug!(%peer, "agent connection refused: too many open from this address");
+            edge.metrics().connection_refused();
+            continue;
+        };
         let edge2 = edge.clone();
         let span = info_span!("agent_conn", %peer);
         edge.tracker().spawn(
             async move {
+                let _slot = slot;
                 let r = match edge2.tls().map(|t| t.agent_acceptor()) {
                     None => handle_agent(edge2, tcp, peer).await,
                     Some(acceptor) => {
@@ -335,6 +341,7 @@ where
             limits: cfg.limits,
             heartbeat_interval: cfg.heartbeat_interval,
             label: session_id.clone(),
+            write_stall_timeout: cfg.agent_write_timeout,
         },
         CancellationToken::new(),
         serde_json::to_string(&welcome).expect("serializable"),

@@ -49,6 +49,15 @@ pub const DEFAULT_H2_MAX_STREAMS: u32 = 128;
 /// 429 `tunnel_overloaded`.
 pub const DEFAULT_MAX_STREAMS_PER_TUNNEL: usize = 2000;
 
+/// Default most open connections from one TCP peer address, per listener. nginx and
+/// Envoy set none by default (nginx's `limit_conn` is opt-in; its documentation's
+/// examples use 1–100 per address), and many viewers share an address behind NAT or a
+/// corporate proxy: browsers open up to 6 HTTP/1.1 connections per host, so 256 leaves
+/// room for about 40 browsers behind one address while one client can no longer take
+/// the edge's file descriptors (the attack held 20,106). Behind a load balancer every
+/// connection comes from the balancer's addresses: raise it there (or set 0 for none).
+pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 256;
+
 pub use netbore_tokens::access::Cidr;
 
 /// Default lease refresh interval: the same as the agent heartbeat, so a restarted Redis
@@ -98,6 +107,12 @@ pub struct EdgeConfig {
     /// Share of a tunnel's request slots one client address may hold, in percent
     /// (429 `client_busy` beyond; see [`crate::fair`]).
     pub client_slot_share: u8,
+    /// A write to an agent that makes no progress for this long closes its connection
+    /// (the agent stopped reading).
+    pub agent_write_timeout: Duration,
+    /// Most open connections from one TCP peer address on the public port (and,
+    /// separately, on the agent port); further ones are closed at accept.
+    pub max_connections_per_address: usize,
     /// Peers whose `X-Forwarded-For` / `X-Forwarded-Proto` / `Forwarded` are believed
     /// (the load balancer); everyone else's are replaced.
     pub trusted_proxies: Vec<Cidr>,
@@ -125,6 +140,8 @@ impl Default for EdgeConfig {
             max_streams_per_tunnel: DEFAULT_MAX_STREAMS_PER_TUNNEL,
             client_slot_share: crate::fair::DEFAULT_CLIENT_SLOT_SHARE,
             trusted_proxies: Vec::new(),
+            agent_write_timeout: netbore_mux::DEFAULT_WRITE_STALL_TIMEOUT,
+            max_connections_per_address: DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
         }
     }
 }

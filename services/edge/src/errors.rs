@@ -55,6 +55,13 @@ pub enum ViewerError {
     AuthorityMismatch,
     /// This client address holds its whole share of the tunnel's request slots (429).
     ClientBusy,
+    /// The agent sent a response head or trailers with more fields than the protocol
+    /// allows (502).
+    ResponseHeadTooLarge,
+    /// This client has too many bytes of request heads in flight (429).
+    ClientOverloaded,
+    /// Malformed chunked encoding (400).
+    BadChunkedEncoding,
 }
 
 impl ViewerError {
@@ -73,13 +80,15 @@ impl ViewerError {
             | ViewerError::AmbiguousLength
             | ViewerError::BadTransferEncoding
             | ViewerError::HostMismatch
-            | ViewerError::AuthorityMismatch => StatusCode::BAD_REQUEST,
+            | ViewerError::AuthorityMismatch
+            | ViewerError::BadChunkedEncoding => StatusCode::BAD_REQUEST,
             ViewerError::UrlTooLong => StatusCode::URI_TOO_LONG,
             ViewerError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ViewerError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            ViewerError::TunnelOverloaded | ViewerError::ClientBusy => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            ViewerError::TunnelOverloaded
+            | ViewerError::ClientBusy
+            | ViewerError::ClientOverloaded => StatusCode::TOO_MANY_REQUESTS,
+            ViewerError::ResponseHeadTooLarge => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -105,6 +114,9 @@ impl ViewerError {
             ViewerError::TunnelOverloaded => "tunnel_overloaded",
             ViewerError::AuthorityMismatch => "authority_mismatch",
             ViewerError::ClientBusy => "client_busy",
+            ViewerError::ResponseHeadTooLarge => "response_head_too_large",
+            ViewerError::ClientOverloaded => "client_overloaded",
+            ViewerError::BadChunkedEncoding => "bad_chunked_encoding",
         }
     }
 
@@ -162,6 +174,15 @@ impl ViewerError {
             ViewerError::ClientBusy => {
                 "You have as many requests in flight on this tunnel as one client may; other viewers need the rest. Retry when some of yours have finished."
             }
+            ViewerError::ResponseHeadTooLarge => {
+                "The service behind the tunnel answered with more than 1024 header fields, more than the tunnel carries. Send fewer headers from the local service."
+            }
+            ViewerError::ClientOverloaded => {
+                "Your address has too many large requests in flight on this edge. Wait for some to finish, or send smaller headers."
+            }
+            ViewerError::BadChunkedEncoding => {
+                "The request's chunked body is malformed (a chunk size that is not 1-16 hex digits, or chunk data not followed by CRLF); fix it."
+            }
         }
     }
 
@@ -174,6 +195,7 @@ impl ViewerError {
                 | ViewerError::DuplicateHost
                 | ViewerError::AmbiguousLength
                 | ViewerError::BadTransferEncoding
+                | ViewerError::BadChunkedEncoding
                 | ViewerError::HostMismatch
                 | ViewerError::BadHost
                 | ViewerError::BodyTooLarge

@@ -12,7 +12,9 @@ pub mod access;
 pub mod admin;
 pub mod agents;
 pub mod auth;
+pub mod budget;
 pub mod config;
+pub mod conns;
 pub mod control_link;
 pub mod errors;
 pub mod fair;
@@ -56,6 +58,11 @@ struct Inner {
     cluster: std::sync::OnceLock<Arc<forward::Cluster>>,
     /// Revocations, per-token link caps and session seeds.
     gate: Arc<gate::Gate>,
+    /// Request-head bytes in flight per client.
+    head_budget: Arc<budget::ClientBudget>,
+    /// Open connections per peer address, on the public and the agent listener.
+    public_conns: Arc<conns::PerAddress>,
+    agent_conns: Arc<conns::PerAddress>,
 }
 
 impl Edge {
@@ -68,7 +75,6 @@ impl Edge {
     pub fn with_tls(config: EdgeConfig, auth: Arc<dyn AgentAuth>, tls: Option<tls::Tls>) -> Edge {
         Edge {
             inner: Arc::new(Inner {
-                config,
                 routes: Routes::default(),
                 slots: Arc::default(),
                 auth,
@@ -78,6 +84,10 @@ impl Edge {
                 tracker: TaskTracker::new(),
                 cluster: std::sync::OnceLock::new(),
                 gate: Arc::default(),
+                head_budget: Default::default(),
+                public_conns: Arc::new(conns::PerAddress::new(config.max_connections_per_address)),
+                agent_conns: Arc::new(conns::PerAddress::new(config.max_connections_per_address)),
+                config,
             }),
         }
     }
@@ -119,6 +129,20 @@ impl Edge {
 
     pub(crate) fn tls(&self) -> Option<&tls::Tls> {
         self.inner.tls.as_ref()
+    }
+
+    pub(crate) fn head_budget(&self) -> &Arc<budget::ClientBudget> {
+        &self.inner.head_budget
+    }
+
+    /// Open connections per peer address on the public listener.
+    pub fn public_conns(&self) -> &Arc<conns::PerAddress> {
+        &self.inner.public_conns
+    }
+
+    /// Open connections per peer address on the agent listener.
+    pub fn agent_conns(&self) -> &Arc<conns::PerAddress> {
+        &self.inner.agent_conns
     }
 
     pub(crate) fn tracker(&self) -> &TaskTracker {

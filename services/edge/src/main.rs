@@ -30,6 +30,14 @@ struct Args {
     /// (1-100; 429 `client_busy` beyond), so one client cannot take them all.
     #[arg(long, env = "NETBORE_CLIENT_SLOT_SHARE", default_value_t = netbore_edge::fair::DEFAULT_CLIENT_SLOT_SHARE, value_parser = clap::value_parser!(u8).range(1..=100))]
     client_slot_share: u8,
+    /// Most open connections from one client address (the TCP peer), on the public
+    /// and, separately, the agent port; 0 for no limit. Raise it behind a load balancer.
+    #[arg(long, env = "NETBORE_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = netbore_edge::config::DEFAULT_MAX_CONNECTIONS_PER_ADDRESS)]
+    max_connections_per_address: usize,
+    /// Seconds a write to an agent may make no progress before its link is closed
+    /// (the agent stopped reading).
+    #[arg(long, env = "NETBORE_AGENT_WRITE_TIMEOUT_SECS", default_value_t = netbore_mux::DEFAULT_WRITE_STALL_TIMEOUT.as_secs())]
+    agent_write_timeout_secs: u64,
     /// Largest request body in bytes (413 beyond).
     #[arg(long, env = "NETBORE_MAX_BODY_BYTES", default_value_t = netbore_edge::config::DEFAULT_MAX_BODY_BYTES)]
     max_body_bytes: u64,
@@ -146,6 +154,8 @@ async fn main() -> anyhow::Result<()> {
         trusted_proxies: args.trusted_proxies.clone(),
         max_body_bytes: args.max_body_bytes,
         client_slot_share: args.client_slot_share,
+        max_connections_per_address: args.max_connections_per_address,
+        agent_write_timeout: std::time::Duration::from_secs(args.agent_write_timeout_secs.max(1)),
         drain_grace: std::time::Duration::from_secs(args.drain_grace_secs),
         drain_delay: std::time::Duration::from_secs(args.drain_delay_secs),
         registry_refresh: std::time::Duration::from_secs(args.registry_refresh_secs.max(1)),

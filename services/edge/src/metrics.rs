@@ -16,7 +16,7 @@ pub const DURATION_BUCKETS: [f64; 12] = [
 ];
 
 /// The edge's own error codes, in the order of the `errors` counters.
-pub const ERROR_CODES: [&str; 37] = [
+pub const ERROR_CODES: [&str; 40] = [
     "tunnel_not_found",
     "tunnel_offline",
     "origin_unreachable",
@@ -34,6 +34,9 @@ pub const ERROR_CODES: [&str; 37] = [
     "body_too_large",
     "body_timeout",
     "tunnel_overloaded",
+    "response_head_too_large",
+    "client_overloaded",
+    "bad_chunked_encoding",
     "head_too_large",
     "registry_unavailable",
     "internal_forbidden",
@@ -85,6 +88,8 @@ pub struct Metrics {
     pub forwarded: AtomicU64,
     /// Registry calls that failed (lease refreshes and lookups).
     pub registry_errors: AtomicU64,
+    /// Connections closed at accept: their address had too many open.
+    pub connections_refused: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -98,6 +103,7 @@ impl Default for Metrics {
             agent_disconnects: AtomicU64::new(0),
             forwarded: AtomicU64::new(0),
             registry_errors: AtomicU64::new(0),
+            connections_refused: AtomicU64::new(0),
         }
     }
 }
@@ -127,6 +133,11 @@ impl Metrics {
     /// Records a request forwarded to another edge.
     pub fn forwarded(&self) {
         self.forwarded.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records a connection closed at accept for its address's cap.
+    pub fn connection_refused(&self) {
+        self.connections_refused.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Records a failed registry call.
@@ -169,6 +180,25 @@ pub fn render(edge: &Edge) -> String {
         "netbore_edge_streams_in_flight",
         "Requests in flight through this edge's agent connections.",
         streams,
+    );
+    let (queued, queued_peak, head_bytes) = edge.routes().queue_load();
+    g(
+        &mut s,
+        "netbore_edge_link_queued_bytes",
+        "Bytes queued for agents, not yet written, over all agent connections.",
+        queued,
+    );
+    g(
+        &mut s,
+        "netbore_edge_link_queued_bytes_peak",
+        "The most bytes ever queued for one open agent connection.",
+        queued_peak,
+    );
+    g(
+        &mut s,
+        "netbore_edge_link_head_bytes",
+        "Bytes of request heads held by open streams, over all agent connections (at most MAX_LINK_HEAD_BYTES each).",
+        head_bytes,
     );
     g(
         &mut s,
@@ -252,6 +282,11 @@ pub fn render(edge: &Edge) -> String {
         "# HELP netbore_edge_registry_errors_total Registry (Redis) calls that failed.\n# TYPE netbore_edge_registry_errors_total counter\nnetbore_edge_registry_errors_total {}\n",
         m.registry_errors.load(Ordering::Relaxed)
     );
+    let _ = write!(
+        s,
+        "# HELP netbore_edge_connections_refused_total Connections closed at accept because their address had --max-connections-per-address open.\n# TYPE netbore_edge_connections_refused_total counter\nnetbore_edge_connections_refused_total {}\n",
+        m.connections_refused.load(Ordering::Relaxed)
+    );
     s
 }
 
@@ -282,6 +317,9 @@ mod tests {
             V::TunnelOverloaded,
             V::AuthorityMismatch,
             V::ClientBusy,
+            V::ResponseHeadTooLarge,
+            V::ClientOverloaded,
+            V::BadChunkedEncoding,
         ];
         for v in all {
             assert!(

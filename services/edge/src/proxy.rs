@@ -97,11 +97,20 @@ pub async fn serve_public(edge: Edge, listener: TcpListener, stop: CancellationT
         .keep_alive_interval(H2_PING_INTERVAL)
         .keep_alive_timeout(H2_PING_TIMEOUT);
     while let Some((tcp, peer)) = crate::accept(&listener, &stop, "public").await {
+        // Counted per TCP peer, before any byte is read: the cap is what keeps one
+        // client from holding every file descriptor.
+        let Some(slot) = edge.public_conns().admit(peer.ip()) else {
+            debug!(%peer, "connection refused: too many open from this address");
+            edge.metrics().connection_refused();
+            drop(tcp);
+            continue;
+        };
         let edge2 = edge.clone();
         let builder = builder.clone();
         let stop = stop.clone();
         edge.tracker().spawn(
             async move {
+                let _slot = slot;
                 match edge2.tls().map(|t| t.public_acceptor()) {
                     None => serve_conn(edge2, builder, tcp, peer, stop).await,
                     Some(acceptor) => {
@@ -129,11 +138,71 @@ async fn serve_conn<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let idle = edge.config().header_read_timeout;
+    let activity = std::sync::Arc::new(crate::conns::Activity::default());
+    let act = activity.clone();
     let svc = service_fn(move |req| {
         let edge = edge.clone();
-        async move { Ok::<_, Infallible>(handle(edge, req, peer).await) }
+        // Held until the response is written (or abandoned): the connection is busy.
+        let busy = act.begin();
+        async move {
+            let resp = handle(edge, req, peer).await;
+            Ok::<_, Infallible>(resp.map(|inner| Busy { inner, _busy: busy }))
+        }
     });
-    crate::serve_http(&builder, crate::sniff::Sniff::new(io), svc, &stop, "public").await;
+    let conn_stop = stop.child_token();
+    let serve = crate::serve_http(
+        &builder,
+        crate::sniff::Sniff::new(io),
+        svc,
+        &conn_stop,
+        "public",
+    );
+    tokio::pin!(serve);
+    // A connection with no request in flight for the idle timeout, from accept on, is
+    // closed: silent sockets, partial HTTP/2 prefaces, idle keep-alives.
+    tokio::select! {
+        _ = &mut serve => return,
+        _ = activity.idle_for(idle) => {}
+    }
+    debug!(?idle, "closing a connection with no request in flight");
+    conn_stop.cancel();
+    loop {
+        tokio::select! {
+            _ = &mut serve => return,
+            _ = tokio::time::sleep(crate::conns::IDLE_CLOSE_GRACE) => {
+                if !activity.busy() {
+                    return; // dropped: closed
+                }
+            }
+        }
+    }
+}
+
+/// A response body that keeps its connection marked busy until it is done.
+struct Busy {
+    inner: Body,
+    _busy: crate::conns::ActivityGuard,
+}
+
+impl http_body::Body for Busy {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The tunnel name a host addresses, if it is `NAME.<domain>` with a single label.
@@ -417,6 +486,31 @@ async fn proxy(
     crate::telemetry::forward_trace_context(&tracing::Span::current(), &mut head);
     let body_empty = http_body::Body::is_end_stream(req.body());
     let end_stream = body_empty && !upgrade;
+    // Held until the response head is here: what a flood of large heads could pile up.
+    let Some(_head_bytes) = edge.head_budget().take(view.client, head_len(&head)) else {
+        return ViewerError::ClientOverloaded.response(json);
+    };
+    let chunked = req.version() <= Version::HTTP_11
+        && !upgrade
+        && req.headers().contains_key(header::TRANSFER_ENCODING);
+    let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let mut body = (!upgrade && !end_stream)
+        .then(|| guard_body(req.into_body(), max_body, cfg.body_idle_timeout));
+    // A chunked body's framing is checked (sniff.rs) as it arrives: wait for its first
+    // chunk, so a malformed one is refused before the head goes anywhere.
+    let mut first_frame = None;
+    if chunked && let Some(b) = body.as_mut() {
+        match b.frame().await {
+            None => {}
+            Some(Ok(f)) => first_frame = Some(f),
+            Some(Err(_)) => {
+                return b
+                    .failed
+                    .unwrap_or(ViewerError::BadChunkedEncoding)
+                    .response(json);
+            }
+        }
+    }
 
     // A connection can close between the lookup and the open; try the next one once.
     let mut opened = None;
@@ -452,22 +546,23 @@ async fn proxy(
         return ViewerError::TunnelLost.response(json);
     };
 
-    let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     // The request half: pumped from the viewer's body, or kept for the upgrade.
     let mut tx = Some(tx);
     // The request body's own failures (too large, stalled) answer the viewer directly.
     let (body_fail_tx, mut body_fail) = tokio::sync::oneshot::channel::<ViewerError>();
-    if !upgrade && !end_stream {
-        let body = guard_body(req.into_body(), max_body, cfg.body_idle_timeout);
+    if let Some(body) = body {
         if let Some(mut tx) = tx.take() {
             tokio::spawn(
                 async move {
-                    let mut body = body;
+                    let mut body = Prepended {
+                        first: first_frame,
+                        inner: body,
+                    };
                     if let PumpEnd::BodyFailed(e) =
                         pump_body(&mut body, &mut tx, ResetCode::Cancel).await
                     {
                         debug!(error = %e, "the viewer's request body failed");
-                        if let Some(v) = body.failed {
+                        if let Some(v) = body.inner.failed {
                             let _ = body_fail_tx.send(v);
                         }
                     }
@@ -644,6 +739,45 @@ fn same_host(authority: &http::uri::Authority, host: &HeaderValue) -> bool {
         .is_some_and(|hv| norm(hv.host()) == norm(authority.host()))
 }
 
+/// Bytes a request head takes in the tunnel protocol (what it costs in the agent
+/// connection's queue and at the agent).
+fn head_len(head: &RequestHead) -> usize {
+    1 + head.method.len()
+        + 2
+        + head.target.len()
+        + 2
+        + head
+            .headers
+            .iter()
+            .map(|h| 4 + h.name.len() + h.value.len())
+            .sum::<usize>()
+}
+
+/// A body with one frame already taken off its front (to check it) put back.
+struct Prepended {
+    first: Option<http_body::Frame<Bytes>>,
+    inner: GuardedBody,
+}
+
+impl http_body::Body for Prepended {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        if let Some(f) = self.first.take() {
+            return std::task::Poll::Ready(Some(Ok(f)));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.inner.is_end_stream()
+    }
+}
+
 /// `body` under the limits [`GuardedBody`] enforces.
 pub(crate) fn guard_body(body: Incoming, max: u64, idle: Duration) -> GuardedBody {
     GuardedBody {
@@ -726,6 +860,7 @@ fn reset_error(code: ResetCode) -> ViewerError {
         ResetCode::OriginTimeout => ViewerError::OriginTimeout,
         ResetCode::Refused => ViewerError::TunnelBusy,
         ResetCode::Cancel => ViewerError::TunnelLost,
+        ResetCode::TooLarge => ViewerError::ResponseHeadTooLarge,
         _ => ViewerError::OriginError,
     }
 }
@@ -876,7 +1011,9 @@ fn request_head(
 /// Converts the origin's headers for the viewer, dropping hop-by-hop ones (kept for a
 /// 101 answer to an upgrade, which needs `Connection` and `Upgrade`).
 pub fn response_headers(headers: Vec<Header>, keep_upgrade: bool) -> HeaderMap {
-    let mut map = HeaderMap::with_capacity(headers.len());
+    // Never sized by the peer's count alone: `HeaderMap` panics beyond 24,576 fields
+    // (the decoder refuses more than MAX_HEADER_FIELDS; this holds even without it).
+    let mut map = HeaderMap::with_capacity(headers.len().min(netbore_protocol::MAX_HEADER_FIELDS));
     let nominated: Vec<String> = headers
         .iter()
         .filter(|h| h.name == "connection")
@@ -947,6 +1084,92 @@ mod tests {
         assert_eq!(tunnel_name("localhost", "localhost"), None);
         assert_eq!(tunnel_name("applocalhost", "localhost"), None);
         assert_eq!(tunnel_name("app.example.com", "localhost"), None);
+    }
+
+    use proptest::prelude::*;
+
+    /// A head or trailer frame as an agent (or a hostile one) might send it: the
+    /// announced field count and the fields actually present may disagree.
+    fn head_frame(ty: u8, status: u16, announced: u16, fields: &[(u8, Vec<u8>)]) -> Vec<u8> {
+        let mut p = Vec::new();
+        match ty {
+            1 => {
+                p.push(3);
+                p.extend_from_slice(b"GET");
+                p.extend_from_slice(&1u16.to_be_bytes());
+                p.push(b'/');
+            }
+            2 => p.extend_from_slice(&status.to_be_bytes()),
+            _ => {}
+        }
+        p.extend_from_slice(&announced.to_be_bytes());
+        for (n, v) in fields {
+            let name = vec![b'a' + n % 26; 1 + usize::from(n % 3)];
+            p.extend_from_slice(&(name.len() as u16).to_be_bytes());
+            p.extend_from_slice(&name);
+            p.extend_from_slice(&(v.len() as u16).to_be_bytes());
+            p.extend_from_slice(v);
+        }
+        let mut f = vec![ty, 0, 0, 0, 0, 1];
+        f.extend_from_slice(&(p.len() as u32).to_be_bytes());
+        f.extend_from_slice(&p);
+        f
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Whatever head or trailer block arrives, decoding it and turning it into the
+        /// viewer's header map never panics, and never yields more than
+        /// MAX_HEADER_FIELDS fields (the `HeaderMap::with_capacity` panic of finding 5
+        /// needed more than 24,576).
+        #[test]
+        fn random_heads_never_panic(
+            ty in prop_oneof![Just(1u8), Just(2u8), Just(4u8)],
+            status in 0u16..1200,
+            actual in prop_oneof![0usize..64, 1000usize..1100, 24_000usize..40_000],
+            announce_exact in any::<bool>(),
+            announced in any::<u16>(),
+            value in proptest::collection::vec(any::<u8>(), 0..4),
+            seed in any::<u8>(),
+        ) {
+            let fields: Vec<(u8, Vec<u8>)> = (0..actual)
+                .map(|i| (seed.wrapping_add(i as u8), value.clone()))
+                .collect();
+            let count = if announce_exact { actual.min(65535) as u16 } else { announced };
+            let bytes = head_frame(ty, status, count, &fields);
+            let mut buf = bytes::Bytes::from(bytes);
+            match netbore_protocol::decode(&mut buf, 1 << 20) {
+                Ok(Some(netbore_protocol::Frame::ResponseHead { head, .. })) => {
+                    prop_assert!(head.headers.len() <= netbore_protocol::MAX_HEADER_FIELDS);
+                    let _ = response_headers(head.headers.clone(), false);
+                    let _ = netbore_mux::body::to_header_map(head.headers);
+                }
+                Ok(Some(netbore_protocol::Frame::Trailers { headers, .. })) => {
+                    prop_assert!(headers.len() <= netbore_protocol::MAX_HEADER_FIELDS);
+                    let _ = netbore_mux::body::to_header_map(headers);
+                }
+                Ok(Some(netbore_protocol::Frame::RequestHead { head, .. })) => {
+                    prop_assert!(head.headers.len() <= netbore_protocol::MAX_HEADER_FIELDS);
+                }
+                Ok(_) => {}
+                Err(netbore_protocol::DecodeError::TooManyHeaders { count, max, .. }) => {
+                    prop_assert!(count > max);
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    #[test]
+    fn even_an_undecoded_field_list_cannot_panic_the_header_map() {
+        // 30,000 fields built directly (not through the decoder), past HeaderMap's
+        // 24,576 limit on capacity: the conversion must not panic on its size hint.
+        let many: Vec<Header> = (0..30_000)
+            .map(|i| Header::new(if i % 2 == 0 { "a" } else { "b" }, ""))
+            .collect();
+        let _ = netbore_mux::body::to_header_map(many[..1000].to_vec());
+        let _ = response_headers(many[..1000].to_vec(), false);
     }
 
     #[test]

@@ -195,6 +195,20 @@ impl Routes {
         self.first_link.notified().await;
     }
 
+    /// Memory held for agents: bytes queued now (all connections), the highest peak
+    /// of one open connection's queue, and bytes of heads held by open streams.
+    pub fn queue_load(&self) -> (u64, u64, u64) {
+        let live = self.live.read();
+        let (mut now, mut peak, mut heads) = (0u64, 0u64, 0u64);
+        for r in live.values().flatten() {
+            let (q, p) = r.mux.queued_bytes();
+            now += q as u64;
+            peak = peak.max(p as u64);
+            heads += r.mux.head_bytes() as u64;
+        }
+        (now, peak, heads)
+    }
+
     /// The connections to advertise in the registry: (name, tunnel id, connection id)
     /// of every open connection not going away.
     pub fn registrations(&self) -> Vec<(String, String, u64)> {

@@ -9,6 +9,13 @@
 //! writes `400` with `netbore-error: ambiguous_length` and fails the read, so hyper
 //! never parses (and the edge never forwards) that request.
 //!
+//! Malformed chunked encoding is refused the same way, with `netbore-error:
+//! bad_chunked_encoding`: a chunk size that is not 1 to 16 hex digits (an impossible
+//! size such as `FFFFFFFFFFFFFFFFFFFF` included), a chunk-size line longer than
+//! [`MAX_CHUNK_LINE`], or chunk data not followed by CRLF. The proxy waits for a
+//! chunked request's first chunk before it forwards the head (`proxy.rs`), so such a
+//! request never reaches the agent.
+//!
 //! It stops inspecting (passes bytes through) on HTTP/2, after an `Upgrade` or
 //! `CONNECT`, and on anything it cannot follow; hyper's own checks still apply there.
 
@@ -21,7 +28,34 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// Longest line the sniffer follows before giving up (hyper refuses longer heads).
 const MAX_LINE: usize = 64 * 1024;
 
+/// Longest chunk-size line (size and extensions) accepted; a longer one is refused.
+/// hyper allows 16 KiB of extensions over a whole body; nobody sends them in practice.
+pub const MAX_CHUNK_LINE: usize = 4096;
+
+/// Hex digits in a chunk size: 16 make the largest 64-bit size.
+const MAX_CHUNK_SIZE_DIGITS: usize = 16;
+
 const REFUSAL: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\nnetbore-error: ambiguous_length\r\nconnection: close\r\ncontent-length: 140\r\n\r\nThe request's length is ambiguous (Content-Length with Transfer-Encoding, or several Content-Length headers); send one of them.            \n";
+
+const CHUNK_REFUSAL: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\nnetbore-error: bad_chunked_encoding\r\nconnection: close\r\ncontent-length: 128\r\n\r\nThe request's chunked body is malformed (a chunk size that is not 1-16 hex digits, or chunk data not followed by CRLF); fix it.\n";
+
+/// Why the framing follower refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Content-Length with Transfer-Encoding, or several Content-Length.
+    AmbiguousLength,
+    /// Malformed chunked encoding.
+    BadChunk,
+}
+
+impl Refusal {
+    fn response(self) -> &'static [u8] {
+        match self {
+            Refusal::AmbiguousLength => REFUSAL,
+            Refusal::BadChunk => CHUNK_REFUSAL,
+        }
+    }
+}
 
 #[derive(Debug)]
 enum State {
@@ -38,8 +72,10 @@ enum State {
     Body(u64),
     /// Reading a chunk-size line.
     ChunkSize,
-    /// Skipping chunk data plus its CRLF.
+    /// Skipping chunk data.
     ChunkData(u64),
+    /// Reading the CRLF that must follow chunk data.
+    ChunkEnd,
     /// Reading trailer lines until the blank one.
     Trailers,
     /// No longer inspecting.
@@ -58,6 +94,7 @@ pub struct Sniff<S> {
 pub struct Framing {
     state: State,
     line: Vec<u8>,
+    refusal: Option<Refusal>,
 }
 
 impl Default for Framing {
@@ -65,6 +102,7 @@ impl Default for Framing {
         Framing {
             state: new_head(),
             line: Vec::new(),
+            refusal: None,
         }
     }
 }
@@ -92,8 +130,18 @@ impl<S> Sniff<S> {
 }
 
 impl Framing {
+    /// Why the last [`Framing::feed`] that returned false refused.
+    pub fn refusal(&self) -> Option<Refusal> {
+        self.refusal
+    }
+
+    fn refuse(&mut self, why: Refusal) -> bool {
+        self.refusal = Some(why);
+        false
+    }
+
     /// Feeds bytes hyper is about to read. Returns false when the request must be
-    /// refused.
+    /// refused ([`Framing::refusal`] says why).
     pub fn feed(&mut self, mut data: &[u8]) -> bool {
         while !data.is_empty() {
             match &mut self.state {
@@ -111,12 +159,16 @@ impl Framing {
                     *n -= k as u64;
                     data = &data[k..];
                     if *n == 0 {
-                        self.state = State::ChunkSize;
+                        self.state = State::ChunkEnd;
                     }
                 }
-                State::Head { .. } | State::ChunkSize | State::Trailers => {
+                State::Head { .. } | State::ChunkSize | State::ChunkEnd | State::Trailers => {
+                    let chunk_line = matches!(self.state, State::ChunkSize | State::ChunkEnd);
                     let Some(i) = data.iter().position(|b| *b == b'\n') else {
                         self.line.extend_from_slice(data);
+                        if chunk_line && self.line.len() > MAX_CHUNK_LINE {
+                            return self.refuse(Refusal::BadChunk);
+                        }
                         if self.line.len() > MAX_LINE {
                             self.state = State::Off;
                         }
@@ -125,8 +177,12 @@ impl Framing {
                     self.line.extend_from_slice(&data[..i]);
                     data = &data[i + 1..];
                     let mut line = std::mem::take(&mut self.line);
-                    if line.last() == Some(&b'\r') {
+                    let crlf = line.last() == Some(&b'\r');
+                    if crlf {
                         line.pop();
+                    }
+                    if chunk_line && (!crlf || line.len() > MAX_CHUNK_LINE) {
+                        return self.refuse(Refusal::BadChunk);
                     }
                     if !self.on_line(&line) {
                         return false;
@@ -159,6 +215,7 @@ impl Framing {
                 }
                 if line.is_empty() {
                     if (*cl > 0 && *te > 0) || *cl > 1 {
+                        self.refusal = Some(Refusal::AmbiguousLength);
                         return false;
                     }
                     self.state = if *stop_after {
@@ -200,14 +257,29 @@ impl Framing {
             }
             State::ChunkSize => {
                 let hex = line.split(|b| *b == b';').next().unwrap_or(&[]);
+                // Whitespace may precede an extension (RFC 9112 §7.1.1, BWS).
+                let hex = hex.trim_ascii_end();
+                if hex.is_empty()
+                    || hex.len() > MAX_CHUNK_SIZE_DIGITS
+                    || !hex.iter().all(u8::is_ascii_hexdigit)
+                {
+                    return self.refuse(Refusal::BadChunk);
+                }
                 let size = std::str::from_utf8(hex)
                     .ok()
-                    .and_then(|h| u64::from_str_radix(h.trim(), 16).ok());
+                    .and_then(|h| u64::from_str_radix(h, 16).ok());
                 self.state = match size {
                     Some(0) => State::Trailers,
-                    Some(n) => State::ChunkData(n.saturating_add(2)),
-                    None => State::Off,
+                    Some(n) => State::ChunkData(n),
+                    None => return self.refuse(Refusal::BadChunk),
                 };
+                true
+            }
+            State::ChunkEnd => {
+                if !line.is_empty() {
+                    return self.refuse(Refusal::BadChunk);
+                }
+                self.state = State::ChunkSize;
                 true
             }
             State::Trailers => {
@@ -231,7 +303,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Sniff<S> {
         if this.refused {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                "ambiguous request length",
+                "request refused for its framing",
             )));
         }
         let before = buf.filled().len();
@@ -244,12 +316,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Sniff<S> {
                 buf.set_filled(before);
                 // Best effort: the refusal is small enough for the socket (or TLS)
                 // buffer; the connection closes right after either way.
-                if let Poll::Ready(Ok(_)) = Pin::new(&mut this.inner).poll_write(cx, REFUSAL) {
+                let why = this.framing.refusal().unwrap_or(Refusal::AmbiguousLength);
+                if let Poll::Ready(Ok(_)) = Pin::new(&mut this.inner).poll_write(cx, why.response())
+                {
                     let _ = Pin::new(&mut this.inner).poll_flush(cx);
                 }
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    "ambiguous request length (request smuggling); refused",
+                    match why {
+                        Refusal::AmbiguousLength => {
+                            "ambiguous request length (request smuggling); refused"
+                        }
+                        Refusal::BadChunk => "malformed chunked encoding; refused",
+                    },
                 )));
             }
         }
@@ -315,6 +394,37 @@ mod tests {
         assert!(!run(b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nPOST /b HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"));
         // Body bytes that look like headers are not headers.
         assert!(run(b"POST /a HTTP/1.1\r\nContent-Length: 40\r\n\r\nContent-Length: 1\r\nTransfer-Encoding: x\r\n"));
+    }
+
+    #[test]
+    fn malformed_chunked_encoding_is_refused() {
+        let bad: &[&[u8]] = &[
+            // Impossible sizes: more than 16 hex digits, or not hex at all.
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nFFFFFFFFFFFFFFFFFFFF\r\nx\r\n0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nx\r\n0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\nx\r\n0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n",
+            // Chunk data not followed by CRLF.
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXX\r\n0\r\n\r\n",
+            // A bare LF after the size.
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\nabc\r\n0\r\n\r\n",
+        ];
+        for b in bad {
+            let mut f = Framing::default();
+            assert!(
+                !b.chunks(3).all(|c| f.feed(c)),
+                "{}",
+                String::from_utf8_lossy(b)
+            );
+            assert_eq!(f.refusal(), Some(Refusal::BadChunk));
+        }
+        // An endless chunk-size line is refused before the line limit of heads.
+        let mut f = Framing::default();
+        assert!(f.feed(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"));
+        assert!(!f.feed(&[b'0'; MAX_CHUNK_LINE + 1]));
+        // Extensions, whitespace before them, and 16 digits are fine.
+        assert!(run(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3 ;ext=1\r\nabc\r\n000000000000000A\r\n0123456789\r\n0\r\n\r\n"));
     }
 
     #[test]

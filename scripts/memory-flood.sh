@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Finding 3 of issue 12, measured on the real binaries: RSS of netbore-edge and the agent
+# before, at the peak of and one minute after an HTTP/2 header flood (HPACK turns a few
+# bytes on the wire into a 56 KiB head), and an honest client's latency (from another
+# loopback address, 127.0.0.2) before and during it. Figures go to docs/benchmarks.md.
+#
+#   scripts/memory-flood.sh [FLOOD_SECS [AFTER_SECS]]     # defaults: 15 and 60
+#
+# Environment: MALLOC_ARENA_MAX or GLIBC_TUNABLES (inherited by the edge and the agent)
+# to compare glibc allocator settings. Ports are chosen free on loopback; every process started here
+# is stopped on exit.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+FLOOD_SECS=${1:-15}
+AFTER_SECS=${2:-60}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+(cd "$ROOT" && cargo build -q --bin netbore --bin netbore-edge --bin netbore-control \
+    && cargo build -q -p netbore-e2e --example h2_flood)
+BIN=$CARGO_TARGET_DIR/debug
+FLOOD=$CARGO_TARGET_DIR/debug/examples/h2_flood
+WORK=$(mktemp -d /tmp/netbore-flood.XXXXXX)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
+
+P_ORIGIN=$(free_port) P_REST=$(free_port) P_GRPC=$(free_port) P_PUBLIC=$(free_port)
+P_AGENTS=$(free_port) P_ADMIN=$(free_port)
+
+"$FLOOD" origin 127.0.0.1:$P_ORIGIN >"$WORK/origin.log" 2>&1 & PIDS+=($!)
+"$BIN/netbore-control" --rest-addr 127.0.0.1:$P_REST --grpc-addr 127.0.0.1:$P_GRPC \
+    --domain localhost --public-url-template "http://{name}.localhost:$P_PUBLIC" \
+    --edge "id=edge-1,url=ws://127.0.0.1:$P_AGENTS/v1/connect,region=local" >"$WORK/control.log" 2>&1 & PIDS+=($!)
+wait_port $P_REST
+wait_port $P_GRPC
+"$BIN/netbore-edge" --public-addr 127.0.0.1:$P_PUBLIC --agent-addr 127.0.0.1:$P_AGENTS \
+    --admin-addr 127.0.0.1:$P_ADMIN --domain localhost --edge-id edge-1 \
+    --control-url http://127.0.0.1:$P_REST --control-grpc http://127.0.0.1:$P_GRPC \
+    --advertise-url "ws://127.0.0.1:$P_AGENTS/v1/connect" >"$WORK/edge.log" 2>&1 & PIDS+=($!)
+EDGE_PID=$!
+wait_port $P_PUBLIC
+"$BIN/netbore" http $P_ORIGIN --control "http://127.0.0.1:$P_REST" --name flood >"$WORK/agent.log" 2>&1 & PIDS+=($!)
+AGENT_PID=$!
+for _ in $(seq 1 200); do
+    curl -sf -o /dev/null -H "Host: flood.localhost" "http://127.0.0.1:$P_PUBLIC/" && break
+    sleep 0.1
+done
+echo "MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX:-unset} GLIBC_TUNABLES=${GLIBC_TUNABLES:-unset}; logs in $WORK"
+"$FLOOD" attack 127.0.0.1:$P_PUBLIC flood.localhost $EDGE_PID $AGENT_PID "$FLOOD_SECS" "$AFTER_SECS"
+curl -s "http://127.0.0.1:$P_ADMIN/metrics" | grep -E '^netbore_edge_(link_|errors_total\{code="(client_overloaded|tunnel_busy)")' || true
