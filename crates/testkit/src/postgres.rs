@@ -43,7 +43,11 @@ impl PostgresServer {
     pub fn start() -> PostgresServer {
         let bin = bin_dir();
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let run_as = if is_root() { Some(unprivileged_user()) } else { None };
+        let run_as = if is_root() {
+            Some(unprivileged_user())
+        } else {
+            None
+        };
         if let Some((uid, gid)) = run_as {
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))
                 .expect("handing the temporary directory to the PostgreSQL user");
@@ -107,7 +111,15 @@ impl PostgresServer {
             .args(["-h"])
             .arg(self.dir.path())
             .args(["-p", &self.port.to_string(), "-U", PostgresServer::USER])
-            .args(["-d", PostgresServer::DATABASE, "-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .args([
+                "-d",
+                PostgresServer::DATABASE,
+                "-At",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ])
             .output()
             .expect("psql runs");
         assert!(

@@ -37,8 +37,8 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use netbore_tokens::{KeySet, Secret};
-use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::AnyPool;
+use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::migrate::Migrator;
 use sqlx::{Executor, Row};
 
@@ -198,7 +198,7 @@ fn lost_race(e: &sqlx::Error) -> bool {
             d.is_unique_violation()
                 // PostgreSQL: deadlock detected, serialization failure.
                 || matches!(d.code().as_deref(), Some("40P01") | Some("40001"))
-                // SQLite: busy past the timeout counts as unavailable, not a race.
+            // SQLite: busy past the timeout counts as unavailable, not a race.
         }
         _ => false,
     }
@@ -433,10 +433,11 @@ impl SqlStore {
         .bind(i64::from(force))
         .execute(&mut *tx)
         .await?;
-        let holder = sqlx::query("SELECT id, name, created_at, expires_at FROM tunnels WHERE name = $1")
-            .bind(name.clone())
-            .fetch_optional(&mut *tx)
-            .await?;
+        let holder =
+            sqlx::query("SELECT id, name, created_at, expires_at FROM tunnels WHERE name = $1")
+                .bind(name.clone())
+                .fetch_optional(&mut *tx)
+                .await?;
         let row = match holder.map(|r| record(&r)).transpose()? {
             // Live (expired or forced ones were deleted above) and not ours.
             Some(h) if h.tunnel_id != tunnel_id => {
@@ -496,7 +497,10 @@ impl SqlStore {
                 .map(|r| {
                     let retired: Option<i64> = r.try_get("retired_at")?;
                     let key: String = r.try_get("pkcs8")?;
-                    Ok((r.try_get::<i64, _>("generation")?, retired.is_none().then_some(key)))
+                    Ok((
+                        r.try_get::<i64, _>("generation")?,
+                        retired.is_none().then_some(key),
+                    ))
                 })
                 .collect::<Result<Vec<_>, sqlx::Error>>()
         };
@@ -730,9 +734,10 @@ impl ControlStore for SqlStore {
     }
 
     fn is_revoked<'a>(&'a self, tunnel_id: &'a str, now: u64) -> StoreFuture<'a, bool> {
-        let q = sqlx::query("SELECT 1 AS one FROM tombstones WHERE tunnel_id = $1 AND until_at > $2")
-            .bind(tunnel_id.to_owned())
-            .bind(db_now(now));
+        let q =
+            sqlx::query("SELECT 1 AS one FROM tombstones WHERE tunnel_id = $1 AND until_at > $2")
+                .bind(tunnel_id.to_owned())
+                .bind(db_now(now));
         Box::pin(async move {
             let p = self.owned_pool().await?;
             self.timed("reading a tombstone", async move {
@@ -742,7 +747,12 @@ impl ControlStore for SqlStore {
         })
     }
 
-    fn refresh<'a>(&'a self, tunnel_ids: &'a [String], now: u64, until: u64) -> StoreFuture<'a, ()> {
+    fn refresh<'a>(
+        &'a self,
+        tunnel_ids: &'a [String],
+        now: u64,
+        until: u64,
+    ) -> StoreFuture<'a, ()> {
         // One UPDATE per batch of ids; the SQL is built before the future so the
         // future owns everything it holds.
         let batches: Vec<(String, Vec<String>)> = tunnel_ids
@@ -777,7 +787,10 @@ impl ControlStore for SqlStore {
         Box::pin(async move {
             let p = self.owned_pool().await?;
             self.timed("ping", async move {
-                sqlx::query("SELECT 1 AS one").fetch_one(&p).await.map(|_| ())
+                sqlx::query("SELECT 1 AS one")
+                    .fetch_one(&p)
+                    .await
+                    .map(|_| ())
             })
             .await
         })

@@ -97,7 +97,8 @@ pub trait ControlStore: Send + Sync + 'static {
     fn is_revoked<'a>(&'a self, tunnel_id: &'a str, now: u64) -> StoreFuture<'a, bool>;
     /// Extends the hold of each of these tunnels (a link to it is live on some edge) to at
     /// least `until`: for each id whose record is live at `now`, expires_at = max(expires_at, until).
-    fn refresh<'a>(&'a self, tunnel_ids: &'a [String], now: u64, until: u64) -> StoreFuture<'a, ()>;
+    fn refresh<'a>(&'a self, tunnel_ids: &'a [String], now: u64, until: u64)
+    -> StoreFuture<'a, ()>;
     /// Fails while the store cannot serve (readiness probes ask this).
     fn ping(&self) -> StoreFuture<'_, ()>;
 }

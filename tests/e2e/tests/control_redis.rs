@@ -713,7 +713,11 @@ async fn a_redis_flush_loses_no_name_and_recreate_still_works_on_two_replicas() 
             Some(json!({"requested_name": "kept-name"})),
         )
         .await;
-        assert_eq!((st, e["error"]["code"].as_str()), (409, Some("name_taken")), "{e}");
+        assert_eq!(
+            (st, e["error"]["code"].as_str()),
+            (409, Some("name_taken")),
+            "{e}"
+        );
     }
     // Its recreate token still gets it back, same tunnel, through the other replica.
     let (st, r) = call(
@@ -738,7 +742,11 @@ async fn a_redis_flush_loses_no_name_and_recreate_still_works_on_two_replicas() 
         Some(json!({"recreate_token": gone["recreate_token"]})),
     )
     .await;
-    assert_eq!((st, e["error"]["code"].as_str()), (410, Some("tunnel_deleted")), "{e}");
+    assert_eq!(
+        (st, e["error"]["code"].as_str()),
+        (410, Some("tunnel_deleted")),
+        "{e}"
+    );
 }
 
 fn redis_cli(redis: &RedisServer, args: &[&str]) -> String {
@@ -787,14 +795,33 @@ async fn control_restarted_on_its_sqlite_file_keeps_names_tombstones_and_its_key
     .await;
     assert_eq!(st, 200);
     let tok = admin(&c, &first.url()).await;
-    let (_, jwks_before) = call(&c, &first.url(), "GET", "/.well-known/jwks.json", None, None).await;
+    let (_, jwks_before) = call(
+        &c,
+        &first.url(),
+        "GET",
+        "/.well-known/jwks.json",
+        None,
+        None,
+    )
+    .await;
     drop(first);
 
     // A new process on the same file (no --signing-key either time).
     let second = ControlProc::spawn(&args, &env);
     wait_ready(&c, &second.url()).await;
-    let (_, jwks_after) = call(&c, &second.url(), "GET", "/.well-known/jwks.json", None, None).await;
-    assert_eq!(jwks_before, jwks_after, "the generated key survived the restart");
+    let (_, jwks_after) = call(
+        &c,
+        &second.url(),
+        "GET",
+        "/.well-known/jwks.json",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(
+        jwks_before, jwks_after,
+        "the generated key survived the restart"
+    );
     // The name is held against others…
     let (st, e) = call(
         &c,
@@ -805,7 +832,11 @@ async fn control_restarted_on_its_sqlite_file_keeps_names_tombstones_and_its_key
         Some(json!({"requested_name": "survivor"})),
     )
     .await;
-    assert_eq!((st, e["error"]["code"].as_str()), (409, Some("name_taken")), "{e}");
+    assert_eq!(
+        (st, e["error"]["code"].as_str()),
+        (409, Some("name_taken")),
+        "{e}"
+    );
     // …and the recreate token from before the restart gets it back, as an agent's would.
     let (st, r) = call(
         &c,
@@ -817,7 +848,10 @@ async fn control_restarted_on_its_sqlite_file_keeps_names_tombstones_and_its_key
     )
     .await;
     assert_eq!(st, 200, "{r}");
-    assert_eq!((&r["tunnel_id"], &r["public_hostname"]), (&t["tunnel_id"], &t["public_hostname"]));
+    assert_eq!(
+        (&r["tunnel_id"], &r["public_hostname"]),
+        (&t["tunnel_id"], &t["public_hostname"])
+    );
     // The deleted tunnel stays deleted; a management token from before still works.
     let (st, e) = call(
         &c,
@@ -828,7 +862,11 @@ async fn control_restarted_on_its_sqlite_file_keeps_names_tombstones_and_its_key
         Some(json!({"recreate_token": gone["recreate_token"]})),
     )
     .await;
-    assert_eq!((st, e["error"]["code"].as_str()), (410, Some("tunnel_deleted")), "{e}");
+    assert_eq!(
+        (st, e["error"]["code"].as_str()),
+        (410, Some("tunnel_deleted")),
+        "{e}"
+    );
     let (st, l) = call(&c, &second.url(), "GET", "/tunnels/list", Some(&tok), None).await;
     assert_eq!(st, 200, "{l}");
     assert_eq!(l["tunnels"].as_array().unwrap().len(), 1, "{l}");

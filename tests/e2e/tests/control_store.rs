@@ -280,7 +280,10 @@ async fn contract_holds_until_never_round_trip_and_never_lapse() {
         );
         // Live at any time a u64 can say, and never taken by others.
         assert!(s.by_id("t1", NEVER - 1).await.unwrap().is_some(), "{kind}");
-        assert!(!won(s, "forever", "t2", u64::MAX - 1, u64::MAX, false).await, "{kind}");
+        assert!(
+            !won(s, "forever", "t2", u64::MAX - 1, u64::MAX, false).await,
+            "{kind}"
+        );
         // Extending a "never" hold keeps it "never".
         assert!(
             matches!(s.claim("forever", "t1", b + 1, b + 10, false).await.unwrap(), Claim::Won(r) if r.expires_at == NEVER),
@@ -299,18 +302,38 @@ async fn contract_refresh_extends_live_holds_only_and_never_shortens() {
         let s = s.as_ref();
         s.claim("live", "t-live", b, b + 100, false).await.unwrap();
         s.claim("long", "t-long", b, b + 1000, false).await.unwrap();
-        s.claim("lapsed", "t-lapsed", b, b + 10, false).await.unwrap();
+        s.claim("lapsed", "t-lapsed", b, b + 10, false)
+            .await
+            .unwrap();
         // More ids than one batch, most of them unknown.
         let mut ids: Vec<String> = (0..1200).map(|i| format!("unknown-{i}")).collect();
         ids.extend(["t-live", "t-long", "t-lapsed"].map(String::from));
         s.refresh(&ids, b + 20, b + 500).await.unwrap();
         let exp = |r: Option<TunnelRecord>| r.map(|r| r.expires_at);
-        assert_eq!(exp(s.by_id("t-live", b + 20).await.unwrap()), Some(b + 500), "{kind}");
-        assert_eq!(exp(s.by_id("t-long", b + 20).await.unwrap()), Some(b + 1000), "{kind}");
+        assert_eq!(
+            exp(s.by_id("t-live", b + 20).await.unwrap()),
+            Some(b + 500),
+            "{kind}"
+        );
+        assert_eq!(
+            exp(s.by_id("t-long", b + 20).await.unwrap()),
+            Some(b + 1000),
+            "{kind}"
+        );
         // A hold that had lapsed is not revived: the name may be someone else's now.
-        assert_eq!(exp(s.by_id("t-lapsed", b + 20).await.unwrap()), None, "{kind}");
-        s.refresh(&["t-live".to_string()], b + 30, NEVER).await.unwrap();
-        assert_eq!(exp(s.by_id("t-live", b + 30).await.unwrap()), Some(NEVER), "{kind}");
+        assert_eq!(
+            exp(s.by_id("t-lapsed", b + 20).await.unwrap()),
+            None,
+            "{kind}"
+        );
+        s.refresh(&["t-live".to_string()], b + 30, NEVER)
+            .await
+            .unwrap();
+        assert_eq!(
+            exp(s.by_id("t-live", b + 30).await.unwrap()),
+            Some(NEVER),
+            "{kind}"
+        );
         s.refresh(&[], b + 30, b + 40).await.unwrap();
     }
 }
@@ -324,8 +347,15 @@ async fn contract_a_freed_name_of_a_tunnel_that_moved_is_free() {
         assert!(won(s, "one", "t", b, b + 100, false).await);
         assert!(won(s, "two", "t", b, b + 100, false).await);
         // The first name went with the move and anyone may have it.
-        assert!(won(s, "one", "other", b + 1, b + 100, false).await, "{kind}");
-        assert_eq!(s.by_id("t", b + 1).await.unwrap().unwrap().name, "two", "{kind}");
+        assert!(
+            won(s, "one", "other", b + 1, b + 100, false).await,
+            "{kind}"
+        );
+        assert_eq!(
+            s.by_id("t", b + 1).await.unwrap().unwrap().name,
+            "two",
+            "{kind}"
+        );
     }
 }
 
@@ -340,7 +370,10 @@ async fn two_stores_migrating_one_postgres_at_once_both_work() {
     assert_eq!(a.backend(), Backend::Postgres);
     let now = now_unix();
     assert!(won(&a, "shared", "t1", now, now + 100, false).await);
-    assert_eq!(b.by_name("shared", now).await.unwrap().unwrap().tunnel_id, "t1");
+    assert_eq!(
+        b.by_name("shared", now).await.unwrap().unwrap().tunnel_id,
+        "t1"
+    );
     // Each migration was applied once.
     assert_eq!(pg.psql("SELECT count(*) FROM _sqlx_migrations"), "1");
 }
@@ -349,11 +382,15 @@ async fn two_stores_migrating_one_postgres_at_once_both_work() {
 async fn replicas_starting_at_once_on_postgres_agree_on_one_generated_key() {
     let pg = PostgresServer::start();
     let url = Secret::new(pg.url_with_password());
-    let stores: Vec<Arc<SqlStore>> = (0..4).map(|_| Arc::new(SqlStore::open(&url).unwrap())).collect();
+    let stores: Vec<Arc<SqlStore>> = (0..4)
+        .map(|_| Arc::new(SqlStore::open(&url).unwrap()))
+        .collect();
     let mut tasks = Vec::new();
     for s in &stores {
         let s = s.clone();
-        tasks.push(tokio::spawn(async move { s.signing_keys(now_unix()).await }));
+        tasks.push(tokio::spawn(
+            async move { s.signing_keys(now_unix()).await },
+        ));
     }
     let mut kids = Vec::new();
     for t in tasks {
@@ -364,7 +401,10 @@ async fn replicas_starting_at_once_on_postgres_agree_on_one_generated_key() {
     assert_eq!(pg.psql("SELECT count(*) FROM signing_keys"), "1");
     // A later start loads the same key.
     let again = SqlStore::open(&url).unwrap();
-    assert_eq!(again.signing_keys(now_unix()).await.unwrap().active_kid(), kids[0]);
+    assert_eq!(
+        again.signing_keys(now_unix()).await.unwrap().active_kid(),
+        kids[0]
+    );
 }
 
 #[tokio::test]
@@ -378,10 +418,18 @@ async fn a_postgres_password_comes_from_outside_the_url_and_never_shows() {
     assert!(with_password("sqlite:///tmp/x.db", &Secret::new("x")).is_err());
     // A wrong password: the error names the database (redacted) and the fix.
     let bad = with_password(&pg.url(), &Secret::new("wrong-secret-value")).unwrap();
-    let e = SqlStore::open(&bad).unwrap().ping().await.unwrap_err().to_string();
+    let e = SqlStore::open(&bad)
+        .unwrap()
+        .ping()
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("--database-url"), "{e}");
     assert!(e.contains(&format!("127.0.0.1:{}", pg.port)), "{e}");
-    assert!(!e.contains("wrong-secret-value"), "the password never shows: {e}");
+    assert!(
+        !e.contains("wrong-secret-value"),
+        "the password never shows: {e}"
+    );
     assert_eq!(
         redact_url("postgres://u:hunter2@h:5432/db?password=hunter2&sslmode=require"),
         "postgres://***@h:5432/db?password=***&sslmode=require"
@@ -398,9 +446,18 @@ async fn a_stopped_postgres_is_an_error_within_seconds_and_recovers() {
     let start = std::time::Instant::now();
     let e = s.ping().await.unwrap_err().to_string();
     assert!(e.contains("database") && e.contains("unreachable"), "{e}");
-    assert!(start.elapsed() < Duration::from_secs(10), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
     pg.restart();
-    let back = netbore_testkit::eventually(Duration::from_secs(20), || async { s.ping().await.ok() }).await;
+    let back =
+        netbore_testkit::eventually(Duration::from_secs(20), || async { s.ping().await.ok() })
+            .await;
     assert!(back.is_some(), "the pool reconnects by itself");
-    assert_eq!(s.by_name("kept", now).await.unwrap().unwrap().tunnel_id, "t1");
+    assert_eq!(
+        s.by_name("kept", now).await.unwrap().unwrap().tunnel_id,
+        "t1"
+    );
 }

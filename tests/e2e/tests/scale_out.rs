@@ -50,8 +50,18 @@ async fn platform() -> Platform {
     let key_flag = ["--signing-key", key.to_str().unwrap()];
     let boot = [("NETBORE_BOOTSTRAP_TOKEN", BOOT)];
     let controls = vec![
-        ControlProc::spawn_replica(&postgres.url_with_password(), &redis.url(), &key_flag, &boot),
-        ControlProc::spawn_replica(&postgres.url_with_password(), &redis.url(), &key_flag, &boot),
+        ControlProc::spawn_replica(
+            &postgres.url_with_password(),
+            &redis.url(),
+            &key_flag,
+            &boot,
+        ),
+        ControlProc::spawn_replica(
+            &postgres.url_with_password(),
+            &redis.url(),
+            &key_flag,
+            &boot,
+        ),
     ];
     let refresh = REFRESH_SECS.to_string();
     // Edges link to either replica; the agent creates its tunnel through the other.
