@@ -5,7 +5,6 @@
 //! Redis flush that loses nothing durable). The store contract itself is in
 //! `control_store.rs`.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
