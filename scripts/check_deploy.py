@@ -251,10 +251,13 @@ def check_workload(ck: Checker, docs: list[dict], d: dict, external_secrets: set
     if sa and sa != "default":
         ck.check(any(x["kind"] == "ServiceAccount" and x["metadata"]["name"] == sa for x in docs) or sa in external_secrets,
                  f"{where}: ServiceAccount {sa} exists")
+    # A StatefulSet's volumeClaimTemplates are pod volumes too (one claim per pod).
+    claims = [{"name": t["metadata"]["name"]} for t in d["spec"].get("volumeClaimTemplates", []) or []]
+    mountable = dict(spec, volumes=(spec.get("volumes") or []) + claims)
     for c in spec.get("containers", []):
-        check_container(ck, where, c, spec, False, config_values(docs, c))
+        check_container(ck, where, c, mountable, False, config_values(docs, c))
     for c in sidecars(spec):
-        check_container(ck, where, c, spec, True, config_values(docs, c))
+        check_container(ck, where, c, mountable, True, config_values(docs, c))
     for c in spec.get("initContainers", []) or []:
         if c.get("restartPolicy") != "Always":
             ck.check((c.get("securityContext") or {}).get("allowPrivilegeEscalation") is False,
@@ -319,7 +322,7 @@ def check_workload(ck: Checker, docs: list[dict], d: dict, external_secrets: set
         check_edge(ck, docs, d, spec, main, env)
         check_edge_cluster(ck, docs, d, main, env, config_known(docs, main), external_secrets)
     if comp == "control":
-        check_control(ck, d, spec, main, env, config_known(docs, main))
+        check_control(ck, docs, d, spec, main, env, config_known(docs, main))
     for sc in sidecars(spec):
         check_agent_sidecar(ck, where, spec, sc, config_values(docs, sc))
 
@@ -577,8 +580,22 @@ def check_edge_cluster(ck: Checker, docs, d, main, env, known: bool, external: s
              f"{where}: the NetworkPolicy admits the admin port {admin} (probes, /metrics)")
 
 
-def check_control(ck: Checker, d, spec, main, env, known: bool) -> None:
+def check_control(ck: Checker, docs, d, spec, main, env, known: bool) -> None:
     where = name_of(d)
+    # The database: a URL (which may carry a password) only from a Secret, and a shared
+    # one (PostgreSQL) for more than one replica: SQLite files are one replica's each.
+    entries = env_entries(main, "NETBORE_DATABASE_URL")
+    ck.check("NETBORE_DATABASE_URL" not in loaded_configmap_keys(docs, main),
+             f"{where}: NETBORE_DATABASE_URL is not in a ConfigMap (it may carry a password; use a Secret)")
+    refs = [(e.get("valueFrom") or {}).get("secretKeyRef") for e in entries]
+    shared = len(entries) == 1 and bool(refs[0])
+    literal = [e.get("value") for e in entries if "value" in e]
+    ck.check(all(str(v).startswith("sqlite:") for v in literal),
+             f"{where}: NETBORE_DATABASE_URL as a literal is only an SQLite path (a server URL comes from a Secret)", f"{literal}")
+    replicas = d["spec"].get("replicas", 1)
+    ck.check(int(replicas) <= 1 or shared,
+             f"{where}: {replicas} replicas share one database (NETBORE_DATABASE_URL from a Secret, PostgreSQL)",
+             f"env entries {entries}" if entries else "not set: each replica would keep its own SQLite file and hand out the same names")
     grace = int(spec.get("terminationGracePeriodSeconds", 30))
     sleep = prestop_sleep(main)
     ck.check(grace > sleep + CONTROL_DRAIN, f"{where}: terminationGracePeriodSeconds {grace} > preStop {sleep} + drain {CONTROL_DRAIN}")
@@ -818,6 +835,18 @@ def _control(docs: list[dict]) -> tuple[dict, dict]:
     return d, pod_spec(d)["containers"][0]
 
 
+def _m_control_database_literal(docs):
+    c = _control(docs)[1]
+    _drop_env(c, "NETBORE_DATABASE_URL")
+    c.setdefault("env", []).append({"name": "NETBORE_DATABASE_URL", "value": "postgres://netbore:pw@db:5432/netbore"})
+
+
+def _m_control_database_missing(docs):
+    d, c = _control(docs)
+    _drop_env(c, "NETBORE_DATABASE_URL")
+    d["spec"]["replicas"] = 2
+
+
 def _m_control_admin_addr(docs):
     _control(docs)[1].setdefault("env", []).append({"name": "NETBORE_ADMIN_ADDR", "value": "0.0.0.0:9091"})
 
@@ -844,6 +873,8 @@ def _m_otel_https(docs):
 
 # name: (mutation, text the failure must contain)
 BROKEN = {
+    "control's database URL as a literal": (_m_control_database_literal, "NETBORE_DATABASE_URL as a literal"),
+    "two control replicas without a shared database": (_m_control_database_missing, "replicas share one database"),
     "NETBORE_INTERNAL_SECRET as a literal value": (_m_secret_literal, "NETBORE_INTERNAL_SECRET comes from a Secret"),
     "NETBORE_INTERNAL_SECRET missing": (lambda docs: _drop_env(_edge(docs)[1], "NETBORE_INTERNAL_SECRET"),
                                         "NETBORE_INTERNAL_SECRET comes from a Secret"),
@@ -929,7 +960,7 @@ SCENARIOS: dict[str, tuple[dict, set[str]]] = {
         "imagePullSecrets": [{"name": "regcred"}],
         "secrets": {"existingSecret": "netbore-creds",
                     "existingSecretKeys": {"bootstrapToken": "boot", "signingKeys": ["k2.pem", "k1.pem"]}},
-        "control": {"requireToken": True, "staticEdges": ["id=e1,url=wss://e1.t.example.org/v1/connect,region=eu"],
+        "control": {"replicaCount": 2, "requireToken": True, "staticEdges": ["id=e1,url=wss://e1.t.example.org/v1/connect,region=eu"],
                     "image": {"digest": "sha256:" + "a" * 64},
                     "ingress": {"enabled": True, "className": "nginx", "host": "control.t.example.org",
                                 "tls": {"enabled": True, "secretName": ""}},
@@ -942,9 +973,10 @@ SCENARIOS: dict[str, tuple[dict, set[str]]] = {
                  "registryRefreshSeconds": 3,
                  "internalSecret": {"existingSecret": "netbore-edge-internal-ext", "key": "secret"}},
         "redis": {"enabled": False, "urlSecret": {"name": "netbore-redis-url", "key": "url"}},
+        "database": {"existingSecret": "netbore-db"},
         "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
         "otel": {"endpoint": "http://otel-collector.observability:4317"},
-    }, {"netbore-creds", "netbore-redis-url", "regcred", "netbore-edge-internal-ext"}),
+    }, {"netbore-creds", "netbore-redis-url", "regcred", "netbore-edge-internal-ext", "netbore-db"}),
     "single-node": ({
         "control": {"replicaCount": 1, "preStopSleepSeconds": 0},
         "edge": {"autoscaling": {"enabled": False}, "replicaCount": 2, "preStopSleepSeconds": 0, "drainDelaySeconds": 10,

@@ -7,6 +7,7 @@
 //! - [`origin::Origin`]: an HTTP origin with the endpoints tests need.
 //! - [`Viewer`]: an HTTP/1.1 and HTTP/2 client that reaches a tunnel through the edge.
 //! - [`redis::RedisServer`]: a real `redis-server` child process.
+//! - [`postgres::PostgresServer`]: a real PostgreSQL (Debian's binaries) child process.
 //! - [`otlp::Collector`]: an OTLP/gRPC trace receiver that keeps what it gets.
 //! - [`EdgeProc`]: a real `netbore-edge` linked to a [`ControlProc`].
 //!
@@ -14,6 +15,7 @@
 
 pub mod origin;
 pub mod otlp;
+pub mod postgres;
 pub mod redis;
 
 use std::net::SocketAddr;
@@ -542,7 +544,9 @@ pub struct ControlProc {
 }
 
 impl ControlProc {
-    /// Starts `netbore-control` with `extra` flags after the listen addresses.
+    /// Starts `netbore-control` with `extra` flags after the listen addresses. Without
+    /// a `--database-url` in `extra` (or `NETBORE_DATABASE_URL` in `env`) its database
+    /// is in memory, so tests never share the default file.
     pub fn spawn(extra: &[&str], env: &[(&str, &str)]) -> ControlProc {
         ControlProc::spawn_at(free_port(), free_port(), extra, env)
     }
@@ -552,6 +556,11 @@ impl ControlProc {
     pub fn spawn_at(rest: u16, grpc: u16, extra: &[&str], env: &[(&str, &str)]) -> ControlProc {
         let (rest_addr, grpc_addr) = (format!("127.0.0.1:{rest}"), format!("127.0.0.1:{grpc}"));
         let mut args = vec!["--rest-addr", &rest_addr, "--grpc-addr", &grpc_addr];
+        let has_db = extra.contains(&"--database-url")
+            || env.iter().any(|(k, _)| *k == "NETBORE_DATABASE_URL");
+        if !has_db {
+            args.extend_from_slice(&["--database-url", "sqlite::memory:"]);
+        }
         args.extend_from_slice(extra);
         let mut env = env.to_vec();
         if !env.iter().any(|(k, _)| *k == "RUST_LOG") {
@@ -564,10 +573,16 @@ impl ControlProc {
         }
     }
 
-    /// Like [`ControlProc::spawn`], with its state in the Redis at `redis_url`
-    /// (`--redis-url`), as replicas run.
-    pub fn spawn_with_redis(redis_url: &str, extra: &[&str], env: &[(&str, &str)]) -> ControlProc {
-        let mut args = vec!["--redis-url", redis_url];
+    /// Like [`ControlProc::spawn`], as one of several replicas: durable state in the
+    /// database at `database_url` (`--database-url`, PostgreSQL), live state in the
+    /// Redis at `redis_url` (`--redis-url`).
+    pub fn spawn_replica(
+        database_url: &str,
+        redis_url: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> ControlProc {
+        let mut args = vec!["--database-url", database_url, "--redis-url", redis_url];
         args.extend_from_slice(extra);
         ControlProc::spawn(&args, env)
     }

@@ -363,6 +363,7 @@ impl SessionSeed {
     }
 }
 
+#[derive(Clone)]
 struct SigningKey {
     kid: String,
     encoding: EncodingKey,
@@ -372,6 +373,7 @@ struct SigningKey {
 }
 
 /// Control's signing keys: the active one (last) signs, all are published.
+#[derive(Clone)]
 pub struct KeySet {
     keys: Vec<SigningKey>,
 }
@@ -437,6 +439,27 @@ impl KeySet {
                     .map_err(|e| TokenError::Key(format!("{}: {e}", p.display())))?,
             );
         }
+        Ok(KeySet { keys })
+    }
+
+    /// A fresh Ed25519 key as PKCS#8 DER, for a caller that keeps its keys itself
+    /// (control stores the one it generates in its database).
+    pub fn generate_pkcs8() -> Vec<u8> {
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let doc = Ed25519KeyPair::generate_pkcs8(&rng).expect("the system RNG works");
+        doc.as_ref().to_vec()
+    }
+
+    /// A set from Ed25519 PKCS#8 DER keys, oldest first: the last signs, all are
+    /// published.
+    pub fn from_pkcs8_ders(ders: &[Vec<u8>]) -> Result<KeySet, TokenError> {
+        if ders.is_empty() {
+            return Err(TokenError::Key("no signing keys given".into()));
+        }
+        let keys = ders
+            .iter()
+            .map(|d| key_from_pkcs8(d))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(KeySet { keys })
     }
 

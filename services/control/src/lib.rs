@@ -2,8 +2,10 @@
 //!
 //! Agents and scripts use the REST API ([`rest`], types in [`api`], a client in
 //! [`client`]); operators and edges use gRPC ([`grpc`]). Both call the same operations
-//! ([`ops`]). All tunnel state lives in a [`store::ControlStore`], so several replicas
-//! behave as one when they share it.
+//! ([`ops`]). What must last (tunnels, names, tombstones, a generated signing key) is in
+//! SQL ([`sql_store`]: SQLite, or PostgreSQL shared by several replicas); what the
+//! replicas share and edges can rebuild (edge reports, deletions) is in a
+//! [`store::LiveState`] ([`redis_store`] for several replicas). See [`store`].
 //!
 //! ```no_run
 //! # async fn run() -> anyhow::Result<()> {
@@ -29,6 +31,7 @@ pub mod ratelimit;
 pub mod redis_store;
 pub mod rest;
 mod shared;
+pub mod sql_store;
 pub mod store;
 
 use std::sync::Arc;
@@ -120,9 +123,14 @@ pub struct ControlConfig {
     /// How long an anonymous tunnel's name stays held after its last link closed (a
     /// named tunnel's is held until it is deleted).
     pub name_hold: Duration,
-    /// `redis://…` of the Redis that replicas share; `None` keeps state in memory
-    /// (one replica). A secret: the URL may carry a password.
+    /// `redis://…` of the Redis that replicas share for live state (edge reports,
+    /// deletions); `None` keeps it in this process (one replica). A secret: the URL
+    /// may carry a password.
     pub redis_url: Option<Secret>,
+    /// The database of durable state (`sqlite:…` or `postgres://…`, see
+    /// [`sql_store`]); [`sql_store::MEMORY_URL`] keeps it in memory. A secret: the URL
+    /// may carry a password.
+    pub database_url: Secret,
     /// Anonymous creations one client address may make at once ([`ratelimit`]).
     pub anonymous_create_burst: u32,
     /// Anonymous creations one client address regains per minute; 0: no limit.
@@ -154,8 +162,20 @@ impl Default for ControlConfig {
             anonymous_create_per_minute: ratelimit::DEFAULT_ANONYMOUS_CREATE_PER_MINUTE,
             trusted_proxies: Vec::new(),
             edge_credentials: edge_auth::EdgeCredentials::default(),
+            database_url: Secret::new(sql_store::MEMORY_URL),
         }
     }
+}
+
+/// Why [`Control::open`] failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    /// A setting is unusable; the message names the fix.
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    /// The database did not answer, or could not be migrated.
+    #[error("{0}")]
+    Store(#[from] store::StoreError),
 }
 
 /// A setting control cannot run with.
@@ -254,6 +274,7 @@ struct Inner {
     edges: RwLock<Vec<EdgeEntry>>,
     edge_status: RwLock<std::collections::HashMap<String, EdgeStatus>>,
     store: Box<dyn store::ControlStore>,
+    live: Box<dyn store::LiveState>,
     deletions: broadcast::Sender<String>,
     metrics: Arc<metrics::ControlMetrics>,
     /// Anonymous creations per client address; `None`: unlimited.
@@ -271,20 +292,27 @@ struct Inner {
 pub const MAX_RECENT_REVOCATIONS: usize = 100_000;
 
 impl Control {
-    /// Control with the in-memory store.
+    /// Control with a fresh in-memory SQLite database and live state in this process
+    /// (tests, `netbore dev`). Must be called inside a Tokio runtime.
     pub fn new(config: ControlConfig, keys: KeySet) -> Control {
-        Control::with_store(config, keys, Box::new(store::MemoryStore::default()))
+        Control::with_stores(
+            config,
+            keys,
+            Box::new(sql_store::SqlStore::memory()),
+            Box::new(store::LocalLive),
+        )
     }
 
-    /// Control with the given store.
-    pub fn with_store(
+    /// Control with the given durable store and live state.
+    pub fn with_stores(
         config: ControlConfig,
         keys: KeySet,
         store: Box<dyn store::ControlStore>,
+        live: Box<dyn store::LiveState>,
     ) -> Control {
         let verifier = Verifier::new(&keys.jwks(), config.issuer.clone()).expect("own keys verify");
         let (deletions, _) = broadcast::channel(1024);
-        store.attach_deletions(deletions.clone());
+        live.attach_deletions(deletions.clone());
         let create_limiter = ratelimit::CreateLimiter::new(
             config.anonymous_create_burst,
             config.anonymous_create_per_minute,
@@ -298,6 +326,7 @@ impl Control {
                 keys: RwLock::new(keys),
                 verifier: ArcSwap::from_pointee(verifier),
                 store,
+                live,
                 deletions,
                 metrics: Arc::default(),
                 create_limiter,
@@ -310,6 +339,25 @@ impl Control {
     /// The per-address limit on anonymous creation, when there is one.
     pub fn create_limiter(&self) -> Option<&ratelimit::CreateLimiter> {
         self.inner.create_limiter.as_ref()
+    }
+
+    /// Control as its configuration says: the database at `database_url` (migrated
+    /// now), live state in Redis when `redis_url` is set. Signs with `keys` when given;
+    /// otherwise with the key it generated and stored in the database before (a fresh
+    /// one on first start), so tokens survive a restart. Must be called inside a Tokio
+    /// runtime.
+    pub async fn open(config: ControlConfig, keys: Option<KeySet>) -> Result<Control, OpenError> {
+        let db = sql_store::SqlStore::open(&config.database_url)?;
+        db.migrate().await?;
+        let keys = match keys {
+            Some(k) => k,
+            None => db.signing_keys(netbore_tokens::now_unix()).await?,
+        };
+        let live: Box<dyn store::LiveState> = match &config.redis_url {
+            Some(url) => Box::new(redis_store::RedisLive::open(url.expose())?),
+            None => Box::new(store::LocalLive),
+        };
+        Ok(Control::with_stores(config, keys, Box::new(db), live))
     }
 
     /// The configuration.
@@ -455,6 +503,10 @@ impl Control {
 
     pub(crate) fn store(&self) -> &dyn store::ControlStore {
         &*self.inner.store
+    }
+
+    pub(crate) fn live(&self) -> &dyn store::LiveState {
+        &*self.inner.live
     }
 
     pub(crate) fn announce_deletion(&self, tunnel_id: &str) {

@@ -12,6 +12,10 @@ use tokio_util::sync::CancellationToken;
 
 /// Time open requests get to finish after SIGTERM or SIGINT before control exits.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
+/// How long control waits at start for its database to answer before it exits.
+const DATABASE_START_WAIT: Duration = Duration::from_secs(60);
+/// Pause between attempts to reach the database at start.
+const DATABASE_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Netbore control: tokens, names and candidate edges.
 #[derive(Parser, Debug)]
@@ -42,8 +46,8 @@ struct Args {
     /// File holding the bootstrap credential (NETBORE_BOOTSTRAP_TOKEN also works).
     #[arg(long, env = "NETBORE_BOOTSTRAP_TOKEN_FILE")]
     bootstrap_token_file: Option<PathBuf>,
-    /// Ed25519 PKCS#8 PEM signing keys; the first signs. A fresh key is generated when
-    /// none is given (tokens then do not survive a restart).
+    /// Ed25519 PKCS#8 PEM signing keys; the first signs. When none is given, control
+    /// signs with a key it generates once and keeps in its database.
     #[arg(
         long = "signing-key",
         env = "NETBORE_SIGNING_KEYS",
@@ -82,10 +86,20 @@ struct Args {
     /// CIDRs); other peers are the client themselves.
     #[arg(long, env = "NETBORE_TRUSTED_PROXIES", value_delimiter = ',')]
     trusted_proxies: Vec<netbore_tokens::access::Cidr>,
-    /// Redis shared by every control replica (redis://[:PASSWORD@]HOST:PORT[/DB]).
-    /// Without it, state is kept in memory and only one replica may run.
+    /// Redis shared by every control replica for live state: edge reports and
+    /// deletions (redis://[:PASSWORD@]HOST:PORT[/DB]). Without it, live state is kept
+    /// in this process and only one replica may run.
     #[arg(long, env = "NETBORE_REDIS_URL")]
     redis_url: Option<String>,
+    /// The database of durable state (tunnels, names, tombstones, a generated signing
+    /// key): sqlite:///PATH (one replica), sqlite::memory: (kept nowhere) or
+    /// postgres://USER@HOST:PORT/DB (several replicas).
+    #[arg(long, env = "NETBORE_DATABASE_URL", default_value = netbore_control::sql_store::DEFAULT_DATABASE_URL)]
+    database_url: String,
+    /// File holding the PostgreSQL password, when --database-url carries none
+    /// (NETBORE_DATABASE_PASSWORD also works).
+    #[arg(long, env = "NETBORE_DATABASE_PASSWORD_FILE")]
+    database_password_file: Option<PathBuf>,
     /// Admin address serving /metrics (Prometheus text) and /livez; off unless given.
     /// Keep it off the network the REST port is exposed on.
     #[arg(long, env = "NETBORE_ADMIN_ADDR")]
@@ -156,12 +170,9 @@ async fn main() -> anyhow::Result<()> {
         _ => None,
     };
     let keys = if args.signing_keys.is_empty() {
-        tracing::warn!(
-            "no signing keys configured; generated one for this run (tokens do not survive a restart)"
-        );
-        KeySet::generate()
+        None
     } else {
-        KeySet::from_pem_files(&args.signing_keys).context("loading signing keys")?
+        Some(KeySet::from_pem_files(&args.signing_keys).context("loading signing keys")?)
     };
     let mut edge_credentials = match &args.edge_credentials_file {
         Some(f) => netbore_control::edge_auth::EdgeCredentials::from_file(f)
@@ -183,6 +194,24 @@ async fn main() -> anyhow::Result<()> {
             "no edge credentials configured (--edge-credential, --edge-credentials-file): every edge link is refused and only --edge entries are candidates"
         );
     }
+    let password = match (
+        &args.database_password_file,
+        std::env::var("NETBORE_DATABASE_PASSWORD"),
+    ) {
+        (Some(f), _) => Some(Secret::new(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("reading the database password from {}", f.display()))?
+                .trim(),
+        )),
+        (None, Ok(p)) if !p.is_empty() => Some(Secret::new(p)),
+        _ => None,
+    };
+    let database_url = match &password {
+        Some(p) => netbore_control::sql_store::with_password(&args.database_url, p)
+            .context("invalid configuration")?,
+        None => Secret::new(args.database_url.clone()),
+    };
+    let shown_db = netbore_control::sql_store::redact_url(&args.database_url);
     let config = ControlConfig {
         domain: args.domain.clone(),
         public_url_template: args.public_url_template.clone(),
@@ -200,10 +229,17 @@ async fn main() -> anyhow::Result<()> {
         anonymous_create_per_minute: args.anonymous_create_per_minute,
         trusted_proxies: args.trusted_proxies.clone(),
         edge_credentials,
+        database_url,
     };
     config.validate().context("invalid configuration")?;
-    let control =
-        netbore_control::redis_store::control_for(config, keys).context("invalid configuration")?;
+    let generated = keys.is_none();
+    let control = open_control(config, keys, &shown_db).await?;
+    if generated {
+        tracing::info!(
+            database = %shown_db,
+            "no signing keys configured; signing with the key kept in the database (tokens survive a restart)"
+        );
+    }
     let rest = tokio::net::TcpListener::bind(args.rest_addr)
         .await
         .with_context(|| format!("binding REST on {}", args.rest_addr))?;
@@ -228,7 +264,8 @@ async fn main() -> anyhow::Result<()> {
         signing_kid = %control.jwks().keys.last().map(|k| k.kid.as_str()).unwrap_or(""),
         bootstrap = control.config().bootstrap_token.is_some(),
         edge_credentials = control.config().edge_credentials.0.len(),
-        store = if control.config().redis_url.is_some() { "redis" } else { "memory" },
+        database = %shown_db,
+        live_state = if control.config().redis_url.is_some() { "redis" } else { "in process" },
         "control ready"
     );
 
@@ -281,6 +318,39 @@ async fn main() -> anyhow::Result<()> {
     };
     telemetry.shutdown().await;
     r
+}
+
+/// Opens the database (migrating it) and Redis, retrying a database that does not
+/// answer yet for [`DATABASE_START_WAIT`] (PostgreSQL starting beside control); a bad
+/// setting fails at once.
+async fn open_control(
+    config: ControlConfig,
+    keys: Option<KeySet>,
+    shown_db: &str,
+) -> anyhow::Result<netbore_control::Control> {
+    let deadline = tokio::time::Instant::now() + DATABASE_START_WAIT;
+    let mut warned = false;
+    loop {
+        match netbore_control::Control::open(config.clone(), keys.clone()).await {
+            Ok(c) => return Ok(c),
+            Err(netbore_control::OpenError::Config(e)) => {
+                return Err(anyhow::Error::new(e).context("invalid configuration"));
+            }
+            Err(netbore_control::OpenError::Store(e)) => {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "the database {shown_db} did not answer within {} s",
+                        DATABASE_START_WAIT.as_secs()
+                    )));
+                }
+                if !warned {
+                    tracing::warn!(error = %e, "the database is not usable yet; retrying");
+                    warned = true;
+                }
+                tokio::time::sleep(DATABASE_RETRY_INTERVAL).await;
+            }
+        }
+    }
 }
 
 fn outcome(r: Result<anyhow::Result<()>, tokio::task::JoinError>) -> String {

@@ -1,20 +1,16 @@
-//! The Redis store: tunnels, names, tombstones and edge reports shared by every control
-//! replica, so several replicas behind one address behave as one.
+//! The live state several control replicas share in Redis: edge reports and deletion
+//! announcements, so several replicas behind one address behave as one. Only what the
+//! edges rebuild within a report interval lives here; tunnels, names and tombstones are
+//! in the database ([`crate::sql_store`]), so a Redis flush loses nothing durable.
 //!
 //! Every key starts with [`KEY_PREFIX`] (edges use `netbore:live:`; the two never meet):
 //!
 //! | key | type | holds | expires |
 //! | --- | --- | --- | --- |
-//! | `name:{name}` | hash | `tunnel_id`, `created_at`, `expires_at` | at `expires_at` (never for a named tunnel) |
-//! | `tunnel:{id}` | string | the name the tunnel holds | with its name |
-//! | `names` | sorted set, all scores 0 | every held name, in name order (the list index) | entries whose record is gone are dropped when a list or the sweep passes them |
-//! | `revoked:{id}` | string | refused-until (Unix seconds) | then |
 //! | `edge:{id}` | hash | the edge's last report and the replica it is linked to | [`EDGE_REPORT_TTL`] after the report |
 //! | `edges` | set | edge ids (the index of `edge:*`) | ids whose hash is gone are dropped on read |
 //!
-//! Everything that can race is one Lua script, so it is atomic: a claim has exactly one
-//! winner, a removal deletes a name only while the tunnel it names still holds it
-//! (compare-and-delete), a tombstone only ever lengthens. Deletions are published on
+//! What can race is one Lua script, so it is atomic. Deletions are published on
 //! [`DELETED_CHANNEL`] so every replica disconnects the tunnel on the edges linked to it.
 //!
 //! Every call is bounded by [`REDIS_CALL_TIMEOUT`]; an unreachable Redis is a
@@ -32,7 +28,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::Instrument;
 
-use crate::store::{Claim, ControlStore, StoreError, StoreFuture, TunnelRecord};
+use crate::store::{LiveState, StoreError, StoreFuture};
 use crate::{ConfigError, EdgeEntry, EdgeStatus};
 
 /// Prefix of every key control keeps in Redis.
@@ -50,145 +46,6 @@ pub const SUBSCRIPTION_PING_INTERVAL: Duration = Duration::from_secs(5);
 /// An edge's report lives this long in Redis: three report intervals (edges report
 /// every 5 s), so an edge that stops reporting disappears from every replica.
 pub const EDGE_REPORT_TTL: Duration = Duration::from_secs(15);
-/// How often each replica drops names of expired tunnels from the list index.
-pub const INDEX_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
-/// Tunnel ids one refresh script extends (a report with more runs several).
-pub const REFRESH_BATCH: usize = 500;
-/// Entries of the list index a script reads per step.
-const LIST_BATCH: usize = 200;
-
-/// Lua helpers the scripts that write `expires_at` share. Times stay strings from Rust
-/// to Redis and back: Lua numbers are doubles, which would round
-/// [`crate::store::HELD_UNTIL_DELETED`] and print it in exponent form. A hold past
-/// [`NO_EXPIRY_FROM`] never expires in Redis (`PERSIST`; `EXPIREAT` refuses such times).
-const EXPIRY_HELPERS: &str = r#"
-local function later(a, b)
-  if tonumber(a) >= tonumber(b) then return a else return b end
-end
-local function expire_at(k, e, never)
-  if tonumber(e) >= tonumber(never) then redis.call('PERSIST', k) else redis.call('EXPIREAT', k, e) end
-end
-"#;
-
-/// Holds ending at or after this Unix time are kept without a Redis expiry (year 33658:
-/// only [`crate::store::HELD_UNTIL_DELETED`] is that far, and `EXPIREAT` in milliseconds overflows
-/// somewhat further on).
-pub const NO_EXPIRY_FROM: u64 = 1_000_000_000_000;
-
-const CLAIM: &str = r#"
-local name, id = ARGV[1], ARGV[2]
-local now = tonumber(ARGV[3])
-local force, p = ARGV[5] == '1', ARGV[6]
-local cur = redis.call('HMGET', KEYS[1], 'tunnel_id', 'created_at', 'expires_at')
-local live = cur[1] and tonumber(cur[3]) > now
-if live and cur[1] ~= id and not force then
-  return {0, cur[1], cur[2], cur[3]}
-end
-if live and cur[1] == id then
-  local e = later(cur[3], ARGV[4])
-  redis.call('HSET', KEYS[1], 'expires_at', e)
-  expire_at(KEYS[1], e, ARGV[7])
-  redis.call('SET', KEYS[2], name)
-  expire_at(KEYS[2], e, ARGV[7])
-  redis.call('ZADD', KEYS[3], 0, name)
-  return {1, id, cur[2], e}
-end
--- The name is free, expired, or taken over: the old holder loses it.
-if cur[1] and cur[1] ~= id then
-  local old = p .. 'tunnel:' .. cur[1]
-  if redis.call('GET', old) == name then redis.call('DEL', old) end
-end
--- A tunnel holds one name: if it held another, that one is released.
-local prev = redis.call('GET', KEYS[2])
-if prev and prev ~= name then
-  local pk = p .. 'name:' .. prev
-  if redis.call('HGET', pk, 'tunnel_id') == id then
-    redis.call('DEL', pk)
-    redis.call('ZREM', KEYS[3], prev)
-  end
-end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'tunnel_id', id, 'created_at', ARGV[3], 'expires_at', ARGV[4])
-expire_at(KEYS[1], ARGV[4], ARGV[7])
-redis.call('SET', KEYS[2], name)
-expire_at(KEYS[2], ARGV[4], ARGV[7])
-redis.call('ZADD', KEYS[3], 0, name)
-return {1, id, ARGV[3], ARGV[4]}
-"#;
-
-/// ARGV: key prefix, now, until, [`NO_EXPIRY_FROM`], then the tunnel ids.
-const REFRESH: &str = r#"
-local p, now, untl, never = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
-local n = 0
-for i = 5, #ARGV do
-  local id = ARGV[i]
-  local tk = p .. 'tunnel:' .. id
-  local name = redis.call('GET', tk)
-  if name then
-    local nk = p .. 'name:' .. name
-    local cur = redis.call('HMGET', nk, 'tunnel_id', 'expires_at')
-    if cur[1] == id and tonumber(cur[2]) > now and tonumber(untl) > tonumber(cur[2]) then
-      redis.call('HSET', nk, 'expires_at', untl)
-      expire_at(nk, untl, never)
-      expire_at(tk, untl, never)
-      n = n + 1
-    end
-  end
-end
-return n
-"#;
-
-const BY_ID: &str = r#"
-local name = redis.call('GET', KEYS[1])
-if not name then return {} end
-local cur = redis.call('HMGET', ARGV[2] .. 'name:' .. name, 'tunnel_id', 'created_at', 'expires_at')
-if cur[1] ~= ARGV[1] then return {} end
-return {name, cur[2], cur[3]}
-"#;
-
-const REMOVE: &str = r#"
-local name = redis.call('GET', KEYS[1])
-if not name then return {} end
-redis.call('DEL', KEYS[1])
-local nk = ARGV[2] .. 'name:' .. name
-local cur = redis.call('HMGET', nk, 'tunnel_id', 'created_at', 'expires_at')
-if cur[1] ~= ARGV[1] then return {} end
-redis.call('DEL', nk)
-redis.call('ZREM', KEYS[2], name)
-return {name, cur[2], cur[3]}
-"#;
-
-const LIST: &str = r#"
-local min, max = ARGV[1], ARGV[2]
-local limit, now, batch_size = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[6])
-local out, n = {}, 0
-while n < limit do
-  local batch = redis.call('ZRANGEBYLEX', KEYS[1], min, max, 'LIMIT', 0, batch_size)
-  if #batch == 0 then break end
-  for _, name in ipairs(batch) do
-    local cur = redis.call('HMGET', ARGV[5] .. 'name:' .. name, 'tunnel_id', 'created_at', 'expires_at')
-    if not cur[1] then
-      redis.call('ZREM', KEYS[1], name)
-    elseif tonumber(cur[3]) > now and n < limit then
-      table.insert(out, name)
-      table.insert(out, cur[1])
-      table.insert(out, cur[2])
-      table.insert(out, cur[3])
-      n = n + 1
-    end
-  end
-  if #batch < batch_size then break end
-  min = '(' .. batch[#batch]
-end
-return out
-"#;
-
-const REVOKE: &str = r#"
-local u = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), tonumber(ARGV[1]))
-redis.call('SET', KEYS[1], string.format('%d', u))
-redis.call('EXPIREAT', KEYS[1], u)
-return u
-"#;
 
 const PUT_EDGE: &str = r#"
 redis.call('HSET', KEYS[1], 'edge_url', ARGV[2], 'region', ARGV[3], 'tunnels', ARGV[4],
@@ -221,37 +78,14 @@ end
 return out
 "#;
 
-const SWEEP: &str = r#"
-local min, removed = '-', 0
-while true do
-  local batch = redis.call('ZRANGEBYLEX', KEYS[1], min, '+', 'LIMIT', 0, tonumber(ARGV[2]))
-  if #batch == 0 then break end
-  for _, name in ipairs(batch) do
-    if redis.call('EXISTS', ARGV[1] .. 'name:' .. name) == 0 then
-      redis.call('ZREM', KEYS[1], name)
-      removed = removed + 1
-    end
-  end
-  if #batch < tonumber(ARGV[2]) then break end
-  min = '(' .. batch[#batch]
-end
-return removed
-"#;
-
 struct Scripts {
-    claim: Script,
-    refresh: Script,
-    by_id: Script,
-    remove: Script,
-    list: Script,
-    revoke: Script,
     put_edge: Script,
     edge_closed: Script,
     edges: Script,
 }
 
-/// The state of several replicas in one Redis.
-pub struct RedisStore {
+/// The live state several replicas share in one Redis.
+pub struct RedisLive {
     shared: Arc<Shared>,
     scripts: Scripts,
     _stop: DropGuard,
@@ -275,14 +109,6 @@ fn key(parts: &[&str]) -> String {
         k.push_str(p);
     }
     k
-}
-
-/// `url` with any credentials (`user:password@`) replaced by `***@`.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
-        _ => url.to_string(),
-    }
 }
 
 impl Shared {
@@ -321,14 +147,14 @@ impl Shared {
     }
 }
 
-impl RedisStore {
-    /// A store on the Redis at `url` (`redis://[:password@]host:port[/db]`). Returns at
+impl RedisLive {
+    /// Live state on the Redis at `url` (`redis://[:password@]host:port[/db]`). Returns at
     /// once: the connection is made in the background and retried every
     /// [`RECONNECT_INTERVAL`], so control starts (not ready) while Redis is down.
     /// Must be called inside a Tokio runtime; the background tasks stop when the store
     /// is dropped.
-    pub fn open(url: &str) -> Result<RedisStore, ConfigError> {
-        let shown_url = redact(url);
+    pub fn open(url: &str) -> Result<RedisLive, ConfigError> {
+        let shown_url = crate::sql_store::redact_url(url);
         let client = redis::Client::open(url).map_err(|e| {
             ConfigError(format!(
                 "--redis-url '{shown_url}' is not a usable Redis URL ({e}); use redis://HOST:PORT or redis://:PASSWORD@HOST:PORT/DB"
@@ -346,17 +172,10 @@ impl RedisStore {
         let stop = CancellationToken::new();
         let span = tracing::info_span!("redis", replica = %shared.replica, url = %shared.shown_url);
         tokio::spawn(connect(shared.clone(), stop.clone()).instrument(span.clone()));
-        tokio::spawn(subscribe(shared.clone(), stop.clone()).instrument(span.clone()));
-        tokio::spawn(sweep(shared.clone(), stop.clone()).instrument(span));
-        Ok(RedisStore {
+        tokio::spawn(subscribe(shared.clone(), stop.clone()).instrument(span));
+        Ok(RedisLive {
             shared,
             scripts: Scripts {
-                claim: Script::new(&format!("{EXPIRY_HELPERS}{CLAIM}")),
-                refresh: Script::new(&format!("{EXPIRY_HELPERS}{REFRESH}")),
-                by_id: Script::new(BY_ID),
-                remove: Script::new(REMOVE),
-                list: Script::new(LIST),
-                revoke: Script::new(REVOKE),
                 put_edge: Script::new(PUT_EDGE),
                 edge_closed: Script::new(EDGE_CLOSED),
                 edges: Script::new(EDGES),
@@ -383,18 +202,6 @@ impl RedisStore {
     /// This replica's id (in deletion messages and edge records).
     pub fn replica(&self) -> &str {
         &self.shared.replica
-    }
-}
-
-fn record(name: &str, v: Vec<String>) -> Option<TunnelRecord> {
-    match v.as_slice() {
-        [tunnel_id, created, expires] if !tunnel_id.is_empty() => Some(TunnelRecord {
-            tunnel_id: tunnel_id.clone(),
-            name: name.to_string(),
-            created_at: to_u64(created),
-            expires_at: to_u64(expires),
-        }),
-        _ => None,
     }
 }
 
@@ -507,205 +314,11 @@ async fn subscribe(shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
-/// Drops names of expired tunnels from the list index now and then, so it does not
-/// grow with names nobody lists.
-async fn sweep(shared: Arc<Shared>, stop: CancellationToken) {
-    let script = Script::new(SWEEP);
-    let mut tick = tokio::time::interval(INDEX_SWEEP_INTERVAL);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let Ok(mut c) = shared.conn() else { continue };
-        let mut inv = script.key(key(&["names"]));
-        inv.arg(KEY_PREFIX).arg(LIST_BATCH);
-        match shared.timed(inv.invoke_async::<u64>(&mut c)).await {
-            Ok(n) if n > 0 => tracing::debug!(removed = n, "swept the name index"),
-            Ok(_) => {}
-            Err(e) => tracing::debug!(error = %e, "name index sweep skipped"),
-        }
-    }
-}
-
 fn to_u64(s: &str) -> u64 {
     s.parse().unwrap_or(0)
 }
 
-impl ControlStore for RedisStore {
-    fn claim<'a>(
-        &'a self,
-        name: &'a str,
-        tunnel_id: &'a str,
-        now: u64,
-        expires_at: u64,
-        force: bool,
-    ) -> StoreFuture<'a, Claim> {
-        Box::pin(async move {
-            let mut c = self.shared.conn()?;
-            let mut inv = self.scripts.claim.key(key(&["name:", name]));
-            inv.key(key(&["tunnel:", tunnel_id]))
-                .key(key(&["names"]))
-                .arg(name)
-                .arg(tunnel_id)
-                .arg(now)
-                .arg(expires_at)
-                .arg(if force { "1" } else { "0" })
-                .arg(KEY_PREFIX)
-                .arg(NO_EXPIRY_FROM);
-            let (won, id, created, expires): (u8, String, u64, u64) =
-                self.shared.timed(inv.invoke_async(&mut c)).await?;
-            let r = TunnelRecord {
-                tunnel_id: id,
-                name: name.to_string(),
-                created_at: created,
-                expires_at: expires,
-            };
-            Ok(if won == 1 {
-                Claim::Won(r)
-            } else {
-                Claim::Taken(r)
-            })
-        })
-    }
-
-    fn by_name<'a>(&'a self, name: &'a str, now: u64) -> StoreFuture<'a, Option<TunnelRecord>> {
-        Box::pin(async move {
-            let mut c = self.shared.conn()?;
-            let cmd = redis::cmd("HMGET")
-                .arg(key(&["name:", name]))
-                .arg("tunnel_id")
-                .arg("created_at")
-                .arg("expires_at")
-                .to_owned();
-            let v: Vec<Option<String>> = self.shared.timed(cmd.query_async(&mut c)).await?;
-            let v: Vec<String> = v.into_iter().map(Option::unwrap_or_default).collect();
-            Ok(record(name, v).filter(|r| r.expires_at > now))
-        })
-    }
-
-    fn by_id<'a>(&'a self, tunnel_id: &'a str, now: u64) -> StoreFuture<'a, Option<TunnelRecord>> {
-        Box::pin(async move {
-            let mut c = self.shared.conn()?;
-            let mut inv = self.scripts.by_id.key(key(&["tunnel:", tunnel_id]));
-            inv.arg(tunnel_id).arg(KEY_PREFIX);
-            let v: Vec<String> = self.shared.timed(inv.invoke_async(&mut c)).await?;
-            Ok(match v.as_slice() {
-                [name, created, expires] => Some(TunnelRecord {
-                    tunnel_id: tunnel_id.to_string(),
-                    name: name.clone(),
-                    created_at: to_u64(created),
-                    expires_at: to_u64(expires),
-                })
-                .filter(|r| r.expires_at > now),
-                _ => None,
-            })
-        })
-    }
-
-    fn remove<'a>(&'a self, tunnel_id: &'a str) -> StoreFuture<'a, Option<TunnelRecord>> {
-        Box::pin(async move {
-            let mut c = self.shared.conn()?;
-            let mut inv = self.scripts.remove.key(key(&["tunnel:", tunnel_id]));
-            inv.key(key(&["names"])).arg(tunnel_id).arg(KEY_PREFIX);
-            let v: Vec<String> = self.shared.timed(inv.invoke_async(&mut c)).await?;
-            Ok(match v.as_slice() {
-                [name, created, expires] => Some(TunnelRecord {
-                    tunnel_id: tunnel_id.to_string(),
-                    name: name.clone(),
-                    created_at: to_u64(created),
-                    expires_at: to_u64(expires),
-                }),
-                _ => None,
-            })
-        })
-    }
-
-    fn list<'a>(
-        &'a self,
-        prefix: &'a str,
-        after: Option<&'a str>,
-        limit: usize,
-        now: u64,
-    ) -> StoreFuture<'a, Vec<TunnelRecord>> {
-        Box::pin(async move {
-            let mut c = self.shared.conn()?;
-            let min: Vec<u8> = match after {
-                Some(a) if a >= prefix => [b"(", a.as_bytes()].concat(),
-                _ if prefix.is_empty() => b"-".to_vec(),
-                _ => [b"[", prefix.as_bytes()].concat(),
-            };
-            // Names are ASCII, so every name with the prefix sorts before prefix + 0xff.
-            let max: Vec<u8> = if prefix.is_empty() {
-                b"+".to_vec()
-            } else {
-                [b"[", prefix.as_bytes(), &[0xff]].concat()
-            };
-            let mut inv = self.scripts.list.key(key(&["names"]));
-            inv.arg(min)
-                .arg(max)
-                .arg(limit)
-                .arg(now)
-                .arg(KEY_PREFIX)
-                .arg(LIST_BATCH);
-            let v: Vec<String> = self.shared.timed(inv.invoke_async(&mut c)).await?;
-            Ok(v.chunks_exact(4)
-                .map(|r| TunnelRecord {
-                    name: r[0].clone(),
-                    tunnel_id: r[1].clone(),
-                    created_at: to_u64(&r[2]),
-                    expires_at: to_u64(&r[3]),
-                })
-                .collect())
-        })
-    }
-
-    fn refresh<'a>(
-        &'a self,
-        tunnel_ids: &'a [String],
-        now: u64,
-        until: u64,
-    ) -> StoreFuture<'a, ()> {
-        Box::pin(async move {
-            if tunnel_ids.is_empty() {
-                return Ok(());
-            }
-            let mut c = self.shared.conn()?;
-            // One script per batch: each is atomic and short, so a large edge does not
-            // hold Redis for long.
-            for batch in tunnel_ids.chunks(REFRESH_BATCH) {
-                let mut inv = self.scripts.refresh.prepare_invoke();
-                inv.arg(KEY_PREFIX).arg(now).arg(until).arg(NO_EXPIRY_FROM);
-                for id in batch {
-                    inv.arg(id);
-                }
-                let _: u64 = self.shared.timed(inv.invoke_async(&mut c)).await?;
-            }
-            Ok(())
-        })
-    }
-
-    fn revoke<'a>(&'a self, tunnel_id: &'a str, until: u64) -> StoreFuture<'a, ()> {
-        Box::pin(async move {
-            let mut c = self.shared.conn()?;
-            let mut inv = self.scripts.revoke.key(key(&["revoked:", tunnel_id]));
-            inv.arg(until);
-            let _: u64 = self.shared.timed(inv.invoke_async(&mut c)).await?;
-            Ok(())
-        })
-    }
-
-    fn is_revoked<'a>(&'a self, tunnel_id: &'a str, now: u64) -> StoreFuture<'a, bool> {
-        Box::pin(async move {
-            let mut c = self.shared.conn()?;
-            let cmd = redis::cmd("GET")
-                .arg(key(&["revoked:", tunnel_id]))
-                .to_owned();
-            let v: Option<String> = self.shared.timed(cmd.query_async(&mut c)).await?;
-            Ok(v.is_some_and(|u| to_u64(&u) > now))
-        })
-    }
-
+impl LiveState for RedisLive {
     fn ping(&self) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             let mut c = self.shared.conn()?;
@@ -791,17 +404,4 @@ impl ControlStore for RedisStore {
     fn attach_deletions(&self, deletions: broadcast::Sender<String>) {
         let _ = self.shared.deletions.set(deletions);
     }
-}
-
-/// Control with the store its configuration names: Redis when `redis_url` is set, the
-/// in-memory store otherwise. Must be called inside a Tokio runtime.
-pub fn control_for(
-    config: crate::ControlConfig,
-    keys: netbore_tokens::KeySet,
-) -> Result<crate::Control, ConfigError> {
-    let store: Box<dyn ControlStore> = match &config.redis_url {
-        Some(url) => Box::new(RedisStore::open(url.expose())?),
-        None => Box::new(crate::store::MemoryStore::default()),
-    };
-    Ok(crate::Control::with_store(config, keys, store))
 }

@@ -1,7 +1,7 @@
-//! What control does through its store so that replicas sharing one (Redis) behave as
-//! one: candidates from every replica's edge reports, deletions announced to every
-//! replica's edge links, and readiness that follows the store. With the in-memory store
-//! these fall back to this replica's own view.
+//! What control does through its live state so that replicas sharing one (Redis)
+//! behave as one: candidates from every replica's edge reports, deletions announced to
+//! every replica's edge links, and readiness that follows the database and the live
+//! state. With live state in this process these fall back to this replica's own view.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -20,7 +20,7 @@ impl Control {
     /// reports every replica shares through the store (or this replica's own).
     pub async fn candidates_now(&self) -> Result<Vec<EdgeEntry>, StoreError> {
         let now = now_unix();
-        match self.store().edges(now).await? {
+        match self.live().edges(now).await? {
             None => Ok(self.candidate_edges()),
             Some(v) => {
                 let status: HashMap<String, EdgeStatus> = v
@@ -36,7 +36,7 @@ impl Control {
     pub async fn edge_statuses_now(
         &self,
     ) -> Result<Vec<(EdgeEntry, Option<EdgeStatus>)>, StoreError> {
-        let Some(shared) = self.store().edges(now_unix()).await? else {
+        let Some(shared) = self.live().edges(now_unix()).await? else {
             return Ok(self.edge_statuses());
         };
         let mut out: Vec<(EdgeEntry, Option<EdgeStatus>)> = self
@@ -63,7 +63,7 @@ impl Control {
     /// failure is logged, not returned: the link stays up and the next report retries.
     pub async fn record_edge_report(&self, status: EdgeStatus) {
         self.edge_report(status.clone());
-        if let Err(e) = self.store().put_edge(&status).await {
+        if let Err(e) = self.live().put_edge(&status).await {
             tracing::warn!(edge = %status.entry.edge_id, error = %e, "edge report not shared");
         }
     }
@@ -91,21 +91,22 @@ impl Control {
     /// Marks an edge's link to this replica closed, here and in the shared store.
     pub async fn edge_link_closed(&self, edge_id: &str) {
         self.edge_disconnected(edge_id);
-        if let Err(e) = self.store().edge_closed(edge_id).await {
+        if let Err(e) = self.live().edge_closed(edge_id).await {
             tracing::warn!(edge = %edge_id, error = %e, "edge link closure not shared");
         }
     }
 
-    /// Ok while control can serve: its store answers.
+    /// Ok while control can serve: its database and its live state both answer.
     pub async fn ready(&self) -> Result<(), StoreError> {
-        self.store().ping().await
+        self.store().ping().await?;
+        self.live().ping().await
     }
 
     /// Announces a deletion to this replica's edge links and, through the store, to
     /// every other replica's.
     pub(crate) async fn announce_deletion_everywhere(&self, tunnel_id: &str) {
         self.announce_deletion(tunnel_id);
-        if let Err(e) = self.store().publish_deletion(tunnel_id).await {
+        if let Err(e) = self.live().publish_deletion(tunnel_id).await {
             tracing::warn!(
                 tunnel = %tunnel_id, error = %e,
                 "deletion not announced to other replicas; agents on edges linked to them stay until their tokens expire"

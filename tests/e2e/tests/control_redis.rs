@@ -1,9 +1,10 @@
-//! Control replicas sharing one real `redis-server`: the store contract against both the
-//! memory and the Redis store, replicas in this process (deletions and edge reports
+//! Control replicas sharing one real PostgreSQL (durable state) and one real
+//! `redis-server` (live state): replicas in this process (deletions and edge reports
 //! across replicas), and real `netbore-control` processes (one winner of 1,000 racing
-//! claims, create on one and delete on another, a Redis outage and its recovery).
+//! claims, create on one and delete on another, a Redis outage and its recovery, a
+//! Redis flush that loses nothing durable). The store contract itself is in
+//! `control_store.rs`.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -12,368 +13,18 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use netbore_control::api::{CreateTunnelRequest, DeleteTunnelRequest};
-use netbore_control::redis_store::RedisStore;
-use netbore_control::store::{Claim, ControlStore, HELD_UNTIL_DELETED, MemoryStore, TunnelRecord};
+use netbore_control::redis_store::RedisLive;
+use netbore_control::sql_store::SqlStore;
 use netbore_control::{Control, ControlConfig, EdgeEntry, EdgeStatus};
 use netbore_testkit::origin::Origin;
+use netbore_testkit::postgres::PostgresServer;
 use netbore_testkit::redis::RedisServer;
 use netbore_testkit::{ControlProc, Proc, Viewer, eventually, free_port};
-use netbore_tokens::{KeySet, now_unix};
+use netbore_tokens::{KeySet, Secret, now_unix};
 use serde_json::{Value, json};
 
 const BOOT: &str = "test-bootstrap-credential";
 const WAIT: Duration = Duration::from_secs(10);
-
-// ---------------------------------------------------------------------------------------
-// The store contract, against both stores. Times are offsets from the wall clock because
-// Redis expires keys by it.
-
-/// One test's stores: the memory store and a Redis store on its own redis-server.
-async fn stores() -> (Vec<(&'static str, Box<dyn ControlStore>)>, RedisServer) {
-    let redis = RedisServer::start();
-    let r = RedisStore::open(&redis.url()).unwrap();
-    assert!(r.wait_ready(WAIT).await, "the Redis store connects");
-    (
-        vec![
-            (
-                "memory",
-                Box::new(MemoryStore::default()) as Box<dyn ControlStore>,
-            ),
-            ("redis", Box::new(r)),
-        ],
-        redis,
-    )
-}
-
-async fn won(s: &dyn ControlStore, name: &str, id: &str, now: u64, exp: u64, force: bool) -> bool {
-    matches!(
-        s.claim(name, id, now, exp, force).await.unwrap(),
-        Claim::Won(_)
-    )
-}
-
-#[tokio::test]
-async fn contract_claims_have_one_winner_extend_expire_and_yield_to_force() {
-    let (stores, _redis) = stores().await;
-    let b = now_unix();
-    for (kind, s) in &stores {
-        let s = s.as_ref();
-        assert!(won(s, "a", "t1", b, b + 100, false).await, "{kind}");
-        assert!(!won(s, "a", "t2", b + 1, b + 100, false).await, "{kind}");
-        // The holder extends its hold, never shortens it.
-        assert!(
-            matches!(s.claim("a", "t1", b + 2, b + 200, false).await.unwrap(), Claim::Won(r) if r.expires_at == b + 200),
-            "{kind}"
-        );
-        assert!(
-            matches!(s.claim("a", "t1", b + 3, b + 150, false).await.unwrap(), Claim::Won(r) if r.expires_at == b + 200 && r.created_at == b),
-            "{kind}"
-        );
-        // A refusal names the holder.
-        assert!(
-            matches!(s.claim("a", "t2", b + 3, b + 150, false).await.unwrap(), Claim::Taken(r) if r.tunnel_id == "t1"),
-            "{kind}"
-        );
-        // After expiry, anyone.
-        assert!(won(s, "a", "t2", b + 201, b + 300, false).await, "{kind}");
-        // An administrator's claim takes it.
-        assert!(won(s, "a", "t3", b + 202, b + 300, true).await, "{kind}");
-        assert_eq!(
-            s.by_name("a", b + 203).await.unwrap().unwrap().tunnel_id,
-            "t3",
-            "{kind}"
-        );
-        assert!(s.by_id("t2", b + 203).await.unwrap().is_none(), "{kind}");
-        assert_eq!(
-            s.by_id("t3", b + 203).await.unwrap().unwrap().name,
-            "a",
-            "{kind}"
-        );
-        // Expired records are not returned.
-        assert!(s.by_name("a", b + 300).await.unwrap().is_none(), "{kind}");
-        assert!(s.by_id("t3", b + 300).await.unwrap().is_none(), "{kind}");
-    }
-}
-
-#[tokio::test]
-async fn contract_removal_is_compare_and_delete() {
-    let (stores, _redis) = stores().await;
-    let b = now_unix();
-    for (kind, s) in &stores {
-        let s = s.as_ref();
-        assert!(won(s, "n", "old", b, b + 100, false).await);
-        assert!(won(s, "n", "new", b + 1, b + 100, true).await);
-        // The stale tunnel's removal leaves the newer holder alone.
-        assert!(s.remove("old").await.unwrap().is_none(), "{kind}");
-        assert_eq!(
-            s.by_name("n", b + 2).await.unwrap().unwrap().tunnel_id,
-            "new",
-            "{kind}"
-        );
-        let r = s.remove("new").await.unwrap().unwrap();
-        assert_eq!(
-            (r.name.as_str(), r.tunnel_id.as_str()),
-            ("n", "new"),
-            "{kind}"
-        );
-        assert!(s.by_name("n", b + 2).await.unwrap().is_none(), "{kind}");
-        assert!(s.remove("new").await.unwrap().is_none(), "{kind}");
-        // A freed name is free.
-        assert!(won(s, "n", "third", b + 3, b + 100, false).await, "{kind}");
-    }
-}
-
-#[tokio::test]
-async fn contract_a_tunnel_holds_one_name() {
-    let (stores, _redis) = stores().await;
-    let b = now_unix();
-    for (kind, s) in &stores {
-        let s = s.as_ref();
-        assert!(won(s, "first", "t", b, b + 100, false).await);
-        assert!(won(s, "second", "t", b, b + 100, false).await);
-        assert!(s.by_name("first", b).await.unwrap().is_none(), "{kind}");
-        assert_eq!(
-            s.by_id("t", b).await.unwrap().unwrap().name,
-            "second",
-            "{kind}"
-        );
-        let names: Vec<String> = s
-            .list("", None, 10, b)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|r| r.name)
-            .collect();
-        assert_eq!(names, ["second"], "{kind}");
-    }
-}
-
-#[tokio::test]
-async fn contract_concurrent_claims_of_one_name_have_exactly_one_winner() {
-    let (stores, _redis) = stores().await;
-    let b = now_unix();
-    for (kind, s) in stores {
-        let s: Arc<dyn ControlStore> = Arc::from(s);
-        let mut tasks = Vec::new();
-        for i in 0..64 {
-            let s = s.clone();
-            tasks.push(tokio::spawn(async move {
-                won(s.as_ref(), "contested", &format!("t{i}"), b, b + 100, false).await
-            }));
-        }
-        let mut winners = 0;
-        for t in tasks {
-            winners += usize::from(t.await.unwrap());
-        }
-        assert_eq!(winners, 1, "{kind}");
-    }
-}
-
-#[tokio::test]
-async fn contract_list_pages_by_name_within_the_prefix_and_skips_expired() {
-    let (stores, _redis) = stores().await;
-    let b = now_unix();
-    for (kind, s) in &stores {
-        let s = s.as_ref();
-        for n in ["b", "a", "c", "ab", "ba"] {
-            s.claim(n, &format!("t-{n}"), b, b + 100, false)
-                .await
-                .unwrap();
-        }
-        s.claim("aa", "t-short", b, b + 10, false).await.unwrap();
-        let names = |v: Vec<TunnelRecord>| v.into_iter().map(|r| r.name).collect::<Vec<_>>();
-        assert_eq!(
-            names(s.list("", None, 2, b + 1).await.unwrap()),
-            ["a", "aa"],
-            "{kind}"
-        );
-        assert_eq!(
-            names(s.list("", None, 2, b + 20).await.unwrap()),
-            ["a", "ab"],
-            "{kind}"
-        );
-        assert_eq!(
-            names(s.list("", Some("ab"), 2, b + 20).await.unwrap()),
-            ["b", "ba"],
-            "{kind}"
-        );
-        assert_eq!(
-            names(s.list("a", None, 10, b + 20).await.unwrap()),
-            ["a", "ab"],
-            "{kind}"
-        );
-        assert_eq!(
-            names(s.list("b", Some("b"), 10, b + 20).await.unwrap()),
-            ["ba"],
-            "{kind}"
-        );
-        // A cursor before the prefix starts at the prefix.
-        assert_eq!(
-            names(s.list("b", Some("a"), 10, b + 20).await.unwrap()),
-            ["b", "ba"],
-            "{kind}"
-        );
-        assert!(
-            s.list("", None, 10, b + 100).await.unwrap().is_empty(),
-            "{kind}"
-        );
-    }
-}
-
-#[tokio::test]
-async fn contract_list_walks_many_names_with_a_cursor() {
-    let (stores, _redis) = stores().await;
-    let b = now_unix();
-    for (kind, s) in &stores {
-        let s = s.as_ref();
-        for i in 0..450 {
-            s.claim(&format!("p-{i:04}"), &format!("t{i}"), b, b + 100, false)
-                .await
-                .unwrap();
-            // Every other name of a second prefix has expired (by `now`).
-            s.claim(
-                &format!("q-{i:04}"),
-                &format!("u{i}"),
-                b,
-                b + 10 + 100 * (i % 2),
-                false,
-            )
-            .await
-            .unwrap();
-        }
-        let mut seen = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let page = s.list("p-", after.as_deref(), 100, b + 20).await.unwrap();
-            if page.is_empty() {
-                break;
-            }
-            after = Some(page.last().unwrap().name.clone());
-            seen.extend(page.into_iter().map(|r| r.name));
-        }
-        assert_eq!(seen.len(), 450, "{kind}");
-        assert!(seen.windows(2).all(|w| w[0] < w[1]), "{kind}: ordered");
-        let live_q = s.list("q-", None, 500, b + 20).await.unwrap();
-        assert_eq!(live_q.len(), 225, "{kind}");
-    }
-}
-
-#[tokio::test]
-async fn contract_tombstones_last_until_their_time_and_never_shorten() {
-    let (stores, _redis) = stores().await;
-    let b = now_unix();
-    for (kind, s) in &stores {
-        let s = s.as_ref();
-        assert!(!s.is_revoked("t", b).await.unwrap(), "{kind}");
-        s.revoke("t", b + 100).await.unwrap();
-        s.revoke("t", b + 50).await.unwrap();
-        assert!(s.is_revoked("t", b + 99).await.unwrap(), "{kind}");
-        assert!(!s.is_revoked("t", b + 100).await.unwrap(), "{kind}");
-        assert!(!s.is_revoked("other", b).await.unwrap(), "{kind}");
-    }
-}
-
-#[tokio::test]
-async fn contract_refresh_extends_live_holds_only_and_a_named_hold_never_lapses() {
-    let (stores, redis) = stores().await;
-    let b = now_unix();
-    for (kind, s) in &stores {
-        let s = s.as_ref();
-        let p = |x: &str| format!("{kind}-{x}");
-        assert!(
-            won(s, &p("live"), &p("t1"), b, b + 10, false).await,
-            "{kind}"
-        );
-        assert!(
-            won(s, &p("lapsed"), &p("t2"), b, b + 5, false).await,
-            "{kind}"
-        );
-        assert!(
-            won(s, &p("named"), &p("t3"), b, HELD_UNTIL_DELETED, false).await,
-            "{kind}"
-        );
-        let ids = [p("t1"), p("t2"), p("t3"), p("t-unknown")];
-        s.refresh(&ids, b + 6, b + 100).await.unwrap();
-        let exp = |r: Option<TunnelRecord>| r.map(|r| r.expires_at);
-        assert_eq!(
-            exp(s.by_id(&p("t1"), b + 6).await.unwrap()),
-            Some(b + 100),
-            "{kind}"
-        );
-        // A late report does not bring back a name that lapsed.
-        assert_eq!(exp(s.by_id(&p("t2"), b + 6).await.unwrap()), None, "{kind}");
-        // Nor shortens a hold.
-        s.refresh(&ids, b + 7, b + 50).await.unwrap();
-        assert_eq!(
-            exp(s.by_id(&p("t1"), b + 7).await.unwrap()),
-            Some(b + 100),
-            "{kind}"
-        );
-        // A named hold stays exact through refreshes and reclaims, and never lapses.
-        assert!(
-            won(s, &p("named"), &p("t3"), b + 8, b + 60, false).await,
-            "{kind}"
-        );
-        assert_eq!(
-            exp(s.by_name(&p("named"), u64::MAX / 4).await.unwrap()),
-            Some(HELD_UNTIL_DELETED),
-            "{kind}"
-        );
-        assert!(
-            !won(s, &p("named"), &p("t4"), b + 9, b + 60, false).await,
-            "{kind}"
-        );
-    }
-    // In Redis the named hold is kept without an expiry, the refreshed one with it.
-    assert_eq!(
-        redis_cli(&redis, &["TTL", "netbore:control:name:redis-named"]),
-        "-1"
-    );
-    assert_eq!(
-        redis_cli(&redis, &["TTL", "netbore:control:tunnel:redis-t3"]),
-        "-1"
-    );
-    let ttl: u64 = redis_cli(&redis, &["TTL", "netbore:control:name:redis-live"])
-        .parse()
-        .unwrap();
-    assert!((90..=100).contains(&ttl), "refreshed TTL {ttl}");
-}
-
-fn redis_cli(redis: &RedisServer, args: &[&str]) -> String {
-    let out = std::process::Command::new("redis-cli")
-        .args(["-p", &redis.port.to_string()])
-        .args(args)
-        .output()
-        .expect("redis-cli on PATH");
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-#[tokio::test]
-async fn redis_keys_carry_the_prefix_and_expire_with_the_record() {
-    let redis = RedisServer::start();
-    let s = RedisStore::open(&redis.url()).unwrap();
-    assert!(s.wait_ready(WAIT).await);
-    let b = now_unix();
-    s.claim("ttl", "t1", b, b + 1000, false).await.unwrap();
-    s.revoke("gone", b + 500).await.unwrap();
-    let ttl: u64 = redis_cli(&redis, &["TTL", "netbore:control:name:ttl"])
-        .parse()
-        .unwrap();
-    assert!((990..=1000).contains(&ttl), "name TTL {ttl}");
-    let ttl: u64 = redis_cli(&redis, &["TTL", "netbore:control:tunnel:t1"])
-        .parse()
-        .unwrap();
-    assert!((990..=1000).contains(&ttl), "tunnel TTL {ttl}");
-    let ttl: u64 = redis_cli(&redis, &["TTL", "netbore:control:revoked:gone"])
-        .parse()
-        .unwrap();
-    assert!((490..=500).contains(&ttl), "tombstone TTL {ttl}");
-    let keys = redis_cli(&redis, &["KEYS", "*"]);
-    assert!(
-        keys.lines().all(|k| k.starts_with("netbore:control:")),
-        "{keys}"
-    );
-}
 
 // ---------------------------------------------------------------------------------------
 // Two replicas in this process on one Redis.
@@ -389,16 +40,20 @@ fn config() -> ControlConfig {
     }
 }
 
-async fn replica(redis: &RedisServer) -> Control {
-    let store = RedisStore::open(&redis.url()).unwrap();
-    assert!(store.wait_ready(WAIT).await);
-    Control::with_store(config(), KeySet::generate(), Box::new(store))
+/// A replica in this process: durable state in `pg`, live state in `redis`.
+async fn replica(pg: &PostgresServer, redis: &RedisServer) -> Control {
+    let live = RedisLive::open(&redis.url()).unwrap();
+    assert!(live.wait_ready(WAIT).await);
+    let db = SqlStore::open(&Secret::new(pg.url_with_password())).unwrap();
+    db.migrate().await.unwrap();
+    Control::with_stores(config(), KeySet::generate(), Box::new(db), Box::new(live))
 }
 
 #[tokio::test]
 async fn a_deletion_reaches_every_replicas_edge_links_once() {
     let redis = RedisServer::start();
-    let (a, b) = (replica(&redis).await, replica(&redis).await);
+    let pg = PostgresServer::start();
+    let (a, b) = (replica(&pg, &redis).await, replica(&pg, &redis).await);
     let mut on_a = a.subscribe_deletions();
     let mut on_b = b.subscribe_deletions();
     let t = netbore_control::ops::create(&a, None, CreateTunnelRequest::default())
@@ -435,7 +90,8 @@ async fn a_deletion_reaches_every_replicas_edge_links_once() {
 #[tokio::test]
 async fn deletions_flow_again_after_redis_comes_back() {
     let mut redis = RedisServer::start();
-    let (a, b) = (replica(&redis).await, replica(&redis).await);
+    let pg = PostgresServer::start();
+    let (a, b) = (replica(&pg, &redis).await, replica(&pg, &redis).await);
     let mut on_b = b.subscribe_deletions();
     redis.restart();
     // Both replicas reconnect and resubscribe by themselves (the restarted server starts
@@ -493,7 +149,8 @@ fn ids(v: &[EdgeEntry]) -> Vec<&str> {
 #[tokio::test]
 async fn every_replica_hands_out_edges_linked_to_any_replica() {
     let redis = RedisServer::start();
-    let (a, b) = (replica(&redis).await, replica(&redis).await);
+    let pg = PostgresServer::start();
+    let (a, b) = (replica(&pg, &redis).await, replica(&pg, &redis).await);
     a.record_edge_report(report("busy", 50, false)).await;
     b.record_edge_report(report("idle", 2, false)).await;
     // Configured first, then least loaded, whichever replica the edge reports to.
@@ -533,8 +190,13 @@ async fn every_replica_hands_out_edges_linked_to_any_replica() {
 #[tokio::test]
 async fn control_starts_not_ready_while_redis_is_down_and_says_why() {
     let port = free_port();
-    let store = RedisStore::open(&format!("redis://:hunter2@127.0.0.1:{port}")).unwrap();
-    let c = Control::with_store(config(), KeySet::generate(), Box::new(store));
+    let live = RedisLive::open(&format!("redis://:hunter2@127.0.0.1:{port}")).unwrap();
+    let c = Control::with_stores(
+        config(),
+        KeySet::generate(),
+        Box::new(SqlStore::memory()),
+        Box::new(live),
+    );
     let e = c.ready().await.unwrap_err().to_string();
     assert!(e.contains("Redis") && e.contains("unreachable"), "{e}");
     assert!(!e.contains("hunter2"), "the password never shows: {e}");
@@ -546,13 +208,14 @@ async fn control_starts_not_ready_while_redis_is_down_and_says_why() {
         (503, "store_unavailable")
     );
     assert!(e.message.contains("retry"), "{}", e.message);
-    assert!(RedisStore::open("http://nope").is_err());
+    assert!(RedisLive::open("http://nope").is_err());
 }
 
 #[tokio::test]
 async fn a_hung_redis_is_an_error_within_seconds_not_a_hang() {
     let redis = RedisServer::start();
-    let c = replica(&redis).await;
+    let pg = PostgresServer::start();
+    let c = replica(&pg, &redis).await;
     redis.pause();
     let start = Instant::now();
     let e = c.ready().await.unwrap_err().to_string();
@@ -621,8 +284,14 @@ fn signing_key(dir: &std::path::Path) -> String {
     path.to_str().unwrap().to_string()
 }
 
-/// Two control processes on `redis`, sharing a signing key and bootstrap credential.
-fn replicas(redis: &RedisServer, key: &str, extra: &[&str]) -> (ControlProc, ControlProc) {
+/// Two control processes on `pg` and `redis`, sharing a signing key and bootstrap
+/// credential.
+fn replicas(
+    pg: &PostgresServer,
+    redis: &RedisServer,
+    key: &str,
+    extra: &[&str],
+) -> (ControlProc, ControlProc) {
     let mut args = vec![
         "--signing-key",
         key,
@@ -632,8 +301,8 @@ fn replicas(redis: &RedisServer, key: &str, extra: &[&str]) -> (ControlProc, Con
     args.extend_from_slice(extra);
     let env = [("NETBORE_BOOTSTRAP_TOKEN", BOOT)];
     (
-        ControlProc::spawn_with_redis(&redis.url(), &args, &env),
-        ControlProc::spawn_with_redis(&redis.url(), &args, &env),
+        ControlProc::spawn_replica(&pg.url_with_password(), &redis.url(), &args, &env),
+        ControlProc::spawn_replica(&pg.url_with_password(), &redis.url(), &args, &env),
     )
 }
 
@@ -667,10 +336,11 @@ async fn admin(c: &HttpClient, base: &str) -> String {
 async fn a_thousand_claims_across_two_replicas_have_one_winner() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
+    let pg = PostgresServer::start();
     let key = signing_key(dir.path());
     // A thousand anonymous creations from one address: the per-address limit (tested in
     // creation_limits.rs) is off, so the race for the name is what is measured.
-    let (a, b) = replicas(&redis, &key, &["--anonymous-create-per-minute", "0"]);
+    let (a, b) = replicas(&pg, &redis, &key, &["--anonymous-create-per-minute", "0"]);
     let c = client();
     wait_ready(&c, &a.url()).await;
     wait_ready(&c, &b.url()).await;
@@ -730,8 +400,9 @@ async fn a_thousand_claims_across_two_replicas_have_one_winner() {
 async fn a_tunnel_created_on_one_replica_is_listed_and_deleted_on_another() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
+    let pg = PostgresServer::start();
     let key = signing_key(dir.path());
-    let (a, b) = replicas(&redis, &key, &[]);
+    let (a, b) = replicas(&pg, &redis, &key, &[]);
     let c = client();
     wait_ready(&c, &a.url()).await;
     wait_ready(&c, &b.url()).await;
@@ -812,11 +483,12 @@ async fn a_tunnel_created_on_one_replica_is_listed_and_deleted_on_another() {
 async fn a_redis_outage_makes_control_unready_and_it_recovers_by_itself() {
     let mut redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
+    let pg = PostgresServer::start();
     let key = signing_key(dir.path());
-    let (a, _b) = replicas(&redis, &key, &[]);
+    let (a, _b) = replicas(&pg, &redis, &key, &[]);
     let c = client();
     wait_ready(&c, &a.url()).await;
-    let (st, _) = call(&c, &a.url(), "POST", "/tunnels/create", None, None).await;
+    let (st, before) = call(&c, &a.url(), "POST", "/tunnels/create", None, None).await;
     assert_eq!(st, 200);
 
     redis.stop();
@@ -845,20 +517,33 @@ async fn a_redis_outage_makes_control_unready_and_it_recovers_by_itself() {
     );
     let noticed = start.elapsed();
     assert!(noticed < Duration::from_secs(5), "took {noticed:?}");
-    // Deleting needs Redis too; issuing a management token does not.
+    // Deleting is durable in the database, so it works while Redis is down (other
+    // replicas' edges hear of it when their agents' tokens are next checked); so does
+    // issuing a management token.
     let tok = admin(&c, &a.url()).await;
-    let (st, e) = call(
+    let (st, d) = call(
         &c,
         &a.url(),
         "POST",
         "/tunnels/delete",
         Some(&tok),
-        Some(json!({"name": "anything"})),
+        Some(json!({"tunnel_id": before["tunnel_id"]})),
+    )
+    .await;
+    assert_eq!(st, 200, "{d}");
+    assert_eq!(d["deleted"], before["tunnel_id"]);
+    let (st, e) = call(
+        &c,
+        &a.url(),
+        "POST",
+        "/tunnels/create",
+        None,
+        Some(json!({"recreate_token": before["recreate_token"]})),
     )
     .await;
     assert_eq!(
         (st, e["error"]["code"].as_str()),
-        (503, Some("store_unavailable")),
+        (410, Some("tunnel_deleted")),
         "{e}"
     );
     // gRPC readiness follows.
@@ -902,10 +587,11 @@ async fn a_redis_outage_makes_control_unready_and_it_recovers_by_itself() {
 async fn deleting_through_one_replica_disconnects_an_agent_on_an_edge_linked_to_another() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
+    let pg = PostgresServer::start();
     let key = signing_key(dir.path());
     let (public, agents) = (free_port(), free_port());
     let template = format!("http://{{name}}.localhost:{public}");
-    let (a, b) = replicas(&redis, &key, &["--public-url-template", &template]);
+    let (a, b) = replicas(&pg, &redis, &key, &["--public-url-template", &template]);
     let c = client();
     wait_ready(&c, &a.url()).await;
     wait_ready(&c, &b.url()).await;
@@ -971,4 +657,219 @@ async fn deleting_through_one_replica_disconnects_an_agent_on_an_edge_linked_to_
         .expect("the agent of a deleted tunnel stops within seconds")
         .unwrap();
     assert_eq!(exit.code(), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_flush_loses_no_name_and_recreate_still_works_on_two_replicas() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let pg = PostgresServer::start();
+    let key = signing_key(dir.path());
+    let (a, b) = replicas(&pg, &redis, &key, &[]);
+    let c = client();
+    wait_ready(&c, &a.url()).await;
+    wait_ready(&c, &b.url()).await;
+    let (st, t) = call(
+        &c,
+        &a.url(),
+        "POST",
+        "/tunnels/create",
+        None,
+        Some(json!({"requested_name": "kept-name"})),
+    )
+    .await;
+    assert_eq!(st, 200, "{t}");
+    let (st, gone) = call(
+        &c,
+        &a.url(),
+        "POST",
+        "/tunnels/create",
+        None,
+        Some(json!({"requested_name": "deleted-name"})),
+    )
+    .await;
+    assert_eq!(st, 200, "{gone}");
+    let (st, _) = call(
+        &c,
+        &b.url(),
+        "POST",
+        "/tunnels/delete",
+        None,
+        Some(json!({"recreate_token": gone["recreate_token"]})),
+    )
+    .await;
+    assert_eq!(st, 200);
+
+    assert_eq!(redis_cli(&redis, &["FLUSHALL"]), "OK");
+    assert_eq!(redis_cli(&redis, &["DBSIZE"]), "0");
+
+    // The name is still held, on both replicas.
+    for base in [a.url(), b.url()] {
+        let (st, e) = call(
+            &c,
+            &base,
+            "POST",
+            "/tunnels/create",
+            None,
+            Some(json!({"requested_name": "kept-name"})),
+        )
+        .await;
+        assert_eq!(
+            (st, e["error"]["code"].as_str()),
+            (409, Some("name_taken")),
+            "{e}"
+        );
+    }
+    // Its recreate token still gets it back, same tunnel, through the other replica.
+    let (st, r) = call(
+        &c,
+        &b.url(),
+        "POST",
+        "/tunnels/create",
+        None,
+        Some(json!({"recreate_token": t["recreate_token"]})),
+    )
+    .await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["tunnel_id"], t["tunnel_id"]);
+    assert_eq!(r["public_hostname"], t["public_hostname"]);
+    // The deleted tunnel stays deleted.
+    let (st, e) = call(
+        &c,
+        &a.url(),
+        "POST",
+        "/tunnels/create",
+        None,
+        Some(json!({"recreate_token": gone["recreate_token"]})),
+    )
+    .await;
+    assert_eq!(
+        (st, e["error"]["code"].as_str()),
+        (410, Some("tunnel_deleted")),
+        "{e}"
+    );
+}
+
+fn redis_cli(redis: &RedisServer, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli on PATH");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_restarted_on_its_sqlite_file_keeps_names_tombstones_and_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("state/control.db").display());
+    let args = [
+        "--database-url",
+        db.as_str(),
+        "--edge",
+        "id=e1,url=ws://127.0.0.1:9/v1/connect,region=local",
+    ];
+    let env = [("NETBORE_BOOTSTRAP_TOKEN", BOOT)];
+    let c = client();
+    let first = ControlProc::spawn(&args, &env);
+    wait_ready(&c, &first.url()).await;
+    let (st, t) = call(
+        &c,
+        &first.url(),
+        "POST",
+        "/tunnels/create",
+        None,
+        Some(json!({"requested_name": "survivor"})),
+    )
+    .await;
+    assert_eq!(st, 200, "{t}");
+    let (st, gone) = call(&c, &first.url(), "POST", "/tunnels/create", None, None).await;
+    assert_eq!(st, 200);
+    let (st, _) = call(
+        &c,
+        &first.url(),
+        "POST",
+        "/tunnels/delete",
+        None,
+        Some(json!({"recreate_token": gone["recreate_token"]})),
+    )
+    .await;
+    assert_eq!(st, 200);
+    let tok = admin(&c, &first.url()).await;
+    let (_, jwks_before) = call(
+        &c,
+        &first.url(),
+        "GET",
+        "/.well-known/jwks.json",
+        None,
+        None,
+    )
+    .await;
+    drop(first);
+
+    // A new process on the same file (no --signing-key either time).
+    let second = ControlProc::spawn(&args, &env);
+    wait_ready(&c, &second.url()).await;
+    let (_, jwks_after) = call(
+        &c,
+        &second.url(),
+        "GET",
+        "/.well-known/jwks.json",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(
+        jwks_before, jwks_after,
+        "the generated key survived the restart"
+    );
+    // The name is held against others…
+    let (st, e) = call(
+        &c,
+        &second.url(),
+        "POST",
+        "/tunnels/create",
+        None,
+        Some(json!({"requested_name": "survivor"})),
+    )
+    .await;
+    assert_eq!(
+        (st, e["error"]["code"].as_str()),
+        (409, Some("name_taken")),
+        "{e}"
+    );
+    // …and the recreate token from before the restart gets it back, as an agent's would.
+    let (st, r) = call(
+        &c,
+        &second.url(),
+        "POST",
+        "/tunnels/create",
+        None,
+        Some(json!({"recreate_token": t["recreate_token"]})),
+    )
+    .await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(
+        (&r["tunnel_id"], &r["public_hostname"]),
+        (&t["tunnel_id"], &t["public_hostname"])
+    );
+    // The deleted tunnel stays deleted; a management token from before still works.
+    let (st, e) = call(
+        &c,
+        &second.url(),
+        "POST",
+        "/tunnels/create",
+        None,
+        Some(json!({"recreate_token": gone["recreate_token"]})),
+    )
+    .await;
+    assert_eq!(
+        (st, e["error"]["code"].as_str()),
+        (410, Some("tunnel_deleted")),
+        "{e}"
+    );
+    let (st, l) = call(&c, &second.url(), "GET", "/tunnels/list", Some(&tok), None).await;
+    assert_eq!(st, 200, "{l}");
+    assert_eq!(l["tunnels"].as_array().unwrap().len(), 1, "{l}");
+    assert_eq!(l["tunnels"][0]["name"], "survivor");
 }

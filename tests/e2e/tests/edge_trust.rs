@@ -45,9 +45,13 @@ async fn platform() -> Platform {
     let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
     std::fs::write(&key, pair.serialize_pem()).unwrap();
     let keys = netbore_tokens::KeySet::from_pem_files(std::slice::from_ref(&key)).unwrap();
-    let control = ControlProc::spawn_with_redis(
-        &redis.url(),
-        &["--signing-key", key.to_str().unwrap()],
+    let control = ControlProc::spawn(
+        &[
+            "--redis-url",
+            &redis.url(),
+            "--signing-key",
+            key.to_str().unwrap(),
+        ],
         &[("NETBORE_BOOTSTRAP_TOKEN", BOOT)],
     );
     control.wait_ready().await;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use netbore_control::api::ListTunnelsQuery;
 use netbore_control::client::ControlClient;
 use netbore_testkit::origin::Origin;
+use netbore_testkit::postgres::PostgresServer;
 use netbore_testkit::redis::RedisServer;
 use netbore_testkit::{ControlProc, EdgeProc, Proc, Viewer, eventually, free_port};
 use netbore_tokens::{KeySet, LEEWAY_SECS, ManagementClaims, now_unix};
@@ -138,8 +139,10 @@ async fn a_linked_name_cannot_be_taken_through_two_replicas_and_two_edges_on_red
     let dir = tempfile::tempdir().unwrap();
     let key = signing_key(dir.path());
     let args = ["--signing-key", &key, "--name-hold-secs", SHORT_HOLD_SECS];
-    let a = ControlProc::spawn_with_redis(&redis.url(), &args, &[]);
-    let b = ControlProc::spawn_with_redis(&redis.url(), &args, &[]);
+    // Names live in the database the replicas share; Redis carries live state.
+    let pg = PostgresServer::start();
+    let a = ControlProc::spawn_replica(&pg.url(), &redis.url(), &args, &[]);
+    let b = ControlProc::spawn_replica(&pg.url(), &redis.url(), &args, &[]);
     a.wait_ready().await;
     b.wait_ready().await;
     let e1 = EdgeProc::spawn("e1", &a, Some(&redis.url()), &[]);
@@ -296,8 +299,10 @@ async fn an_agent_keeps_its_name_on_the_other_replica() {
     let dir = tempfile::tempdir().unwrap();
     let key = signing_key(dir.path());
     let args = ["--signing-key", key.as_str()];
-    let a = ControlProc::spawn_with_redis(&redis.url(), &args, &[]);
-    let b = ControlProc::spawn_with_redis(&redis.url(), &args, &[]);
+    // Names live in the database the replicas share; Redis carries live state.
+    let pg = PostgresServer::start();
+    let a = ControlProc::spawn_replica(&pg.url(), &redis.url(), &args, &[]);
+    let b = ControlProc::spawn_replica(&pg.url(), &redis.url(), &args, &[]);
     a.wait_ready().await;
     b.wait_ready().await;
     let e1 = EdgeProc::spawn("e1", &a, Some(&redis.url()), &[]);

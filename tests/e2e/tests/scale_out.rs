@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::BodyExt;
 use netbore_testkit::origin::Origin;
+use netbore_testkit::postgres::PostgresServer;
 use netbore_testkit::redis::RedisServer;
 use netbore_testkit::{ControlProc, EdgeProc, Proc, eventually};
 use serde_json::Value;
@@ -22,6 +23,7 @@ const REFRESH_SECS: u64 = 1;
 
 struct Platform {
     redis: RedisServer,
+    _postgres: PostgresServer,
     _controls: Vec<ControlProc>,
     edges: Vec<EdgeProc>,
     _origin: Origin,
@@ -39,6 +41,7 @@ type Client = hyper_util::client::legacy::Client<
 
 async fn platform() -> Platform {
     let redis = RedisServer::start();
+    let postgres = PostgresServer::start();
     // Replicas share their signing key, as they do from one Kubernetes Secret.
     let keys = tempfile::tempdir().unwrap().keep();
     let key = keys.join("signing.pem");
@@ -47,8 +50,18 @@ async fn platform() -> Platform {
     let key_flag = ["--signing-key", key.to_str().unwrap()];
     let boot = [("NETBORE_BOOTSTRAP_TOKEN", BOOT)];
     let controls = vec![
-        ControlProc::spawn_with_redis(&redis.url(), &key_flag, &boot),
-        ControlProc::spawn_with_redis(&redis.url(), &key_flag, &boot),
+        ControlProc::spawn_replica(
+            &postgres.url_with_password(),
+            &redis.url(),
+            &key_flag,
+            &boot,
+        ),
+        ControlProc::spawn_replica(
+            &postgres.url_with_password(),
+            &redis.url(),
+            &key_flag,
+            &boot,
+        ),
     ];
     let refresh = REFRESH_SECS.to_string();
     // Edges link to either replica; the agent creates its tunnel through the other.
@@ -102,6 +115,7 @@ async fn platform() -> Platform {
         .build_http();
     Platform {
         redis,
+        _postgres: postgres,
         _controls: controls,
         edges,
         _origin: origin,
