@@ -141,8 +141,8 @@ async fn a_linked_name_cannot_be_taken_through_two_replicas_and_two_edges_on_red
     let args = ["--signing-key", &key, "--name-hold-secs", SHORT_HOLD_SECS];
     // Names live in the database the replicas share; Redis carries live state.
     let pg = PostgresServer::start();
-    let a = ControlProc::spawn_replica(&pg.url(), &redis.url(), &args, &[]);
-    let b = ControlProc::spawn_replica(&pg.url(), &redis.url(), &args, &[]);
+    let a = ControlProc::spawn_replica(&pg.url_with_password(), &redis.url(), &args, &[]);
+    let b = ControlProc::spawn_replica(&pg.url_with_password(), &redis.url(), &args, &[]);
     a.wait_ready().await;
     b.wait_ready().await;
     let e1 = EdgeProc::spawn("e1", &a, Some(&redis.url()), &[]);
@@ -301,8 +301,8 @@ async fn an_agent_keeps_its_name_on_the_other_replica() {
     let args = ["--signing-key", key.as_str()];
     // Names live in the database the replicas share; Redis carries live state.
     let pg = PostgresServer::start();
-    let a = ControlProc::spawn_replica(&pg.url(), &redis.url(), &args, &[]);
-    let b = ControlProc::spawn_replica(&pg.url(), &redis.url(), &args, &[]);
+    let a = ControlProc::spawn_replica(&pg.url_with_password(), &redis.url(), &args, &[]);
+    let b = ControlProc::spawn_replica(&pg.url_with_password(), &redis.url(), &args, &[]);
     a.wait_ready().await;
     b.wait_ready().await;
     let e1 = EdgeProc::spawn("e1", &a, Some(&redis.url()), &[]);
