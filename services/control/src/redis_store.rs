@@ -244,6 +244,18 @@ async fn connect(shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
+/// Pings a connection in subscribed mode: true when Redis answered within
+/// [`REDIS_CALL_TIMEOUT`]. In that mode Redis answers `PING` with the array
+/// `["pong", ""]`, not `PONG`, so the answer is taken as any value (asking for a
+/// `String`, as before, failed every time on Redis 7 and rebuilt the subscription
+/// every [`SUBSCRIPTION_PING_INTERVAL`]).
+pub async fn ping_subscription(sink: &mut redis::aio::PubSubSink) -> bool {
+    matches!(
+        tokio::time::timeout(REDIS_CALL_TIMEOUT, sink.ping::<redis::Value>()).await,
+        Ok(Ok(_))
+    )
+}
+
 /// Keeps a subscription to [`DELETED_CHANNEL`] and hands other replicas' deletions to
 /// this replica's edge links; resubscribes whenever the connection is lost.
 async fn subscribe(shared: Arc<Shared>, stop: CancellationToken) {
@@ -285,11 +297,7 @@ async fn subscribe(shared: Arc<Shared>, stop: CancellationToken) {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = ping.tick() => {
-                    let ok = matches!(
-                        tokio::time::timeout(REDIS_CALL_TIMEOUT, sink.ping::<String>()).await,
-                        Ok(Ok(_))
-                    );
-                    if !ok { break; }
+                    if !ping_subscription(&mut sink).await { break; }
                 }
                 m = stream.next() => match m {
                     Some(msg) => {

@@ -873,3 +873,21 @@ async fn control_restarted_on_its_sqlite_file_keeps_names_tombstones_and_its_key
     assert_eq!(l["tunnels"].as_array().unwrap().len(), 1, "{l}");
     assert_eq!(l["tunnels"][0]["name"], "survivor");
 }
+
+/// Issue 18 item 5: in subscribed mode Redis answers `PING` with `["pong", ""]`. The
+/// deletion subscription's health check must take that as alive; it used to ask for a
+/// `String`, failed on every ping, and rebuilt the subscription every 5 s with a WARN,
+/// missing other replicas' deletions in between.
+#[tokio::test]
+async fn a_subscribed_connection_passes_the_health_ping() {
+    let redis = RedisServer::start();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let (mut sink, _stream) = client.get_async_pubsub().await.unwrap().split();
+    sink.subscribe("netbore:test").await.unwrap();
+    for i in 0..3 {
+        assert!(
+            netbore_control::redis_store::ping_subscription(&mut sink).await,
+            "ping {i} in subscribed mode"
+        );
+    }
+}
