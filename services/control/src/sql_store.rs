@@ -205,6 +205,24 @@ fn lost_race(e: &sqlx::Error) -> bool {
 }
 
 impl SqlStore {
+    /// The tunnel that `sql` (a SELECT of `record`'s columns, `$1` the key, `$2` now)
+    /// finds live at `now`: one query shape for lookups by name and by id.
+    fn live_tunnel<'a>(
+        &'a self,
+        sql: &'static str,
+        key: &str,
+        now: u64,
+    ) -> StoreFuture<'a, Option<TunnelRecord>> {
+        let q = sqlx::query(sql).bind(key.to_owned()).bind(db_now(now));
+        Box::pin(async move {
+            let p = self.owned_pool().await?;
+            self.timed("reading a tunnel", async move {
+                q.fetch_optional(&p).await?.map(|r| record(&r)).transpose()
+            })
+            .await
+        })
+    }
+
     /// A store on the database at `url` (see the module docs for the forms). Returns at
     /// once without connecting: connections are made on demand, and the migrations run
     /// before the first operation (call [`SqlStore::migrate`] to run them now and see
@@ -642,33 +660,19 @@ impl ControlStore for SqlStore {
     }
 
     fn by_name<'a>(&'a self, name: &'a str, now: u64) -> StoreFuture<'a, Option<TunnelRecord>> {
-        let q = sqlx::query(
+        self.live_tunnel(
             "SELECT id, name, created_at, expires_at FROM tunnels WHERE name = $1 AND expires_at > $2",
+            name,
+            now,
         )
-        .bind(name.to_owned())
-        .bind(db_now(now));
-        Box::pin(async move {
-            let p = self.owned_pool().await?;
-            self.timed("reading a tunnel", async move {
-                q.fetch_optional(&p).await?.map(|r| record(&r)).transpose()
-            })
-            .await
-        })
     }
 
     fn by_id<'a>(&'a self, tunnel_id: &'a str, now: u64) -> StoreFuture<'a, Option<TunnelRecord>> {
-        let q = sqlx::query(
+        self.live_tunnel(
             "SELECT id, name, created_at, expires_at FROM tunnels WHERE id = $1 AND expires_at > $2",
+            tunnel_id,
+            now,
         )
-        .bind(tunnel_id.to_owned())
-        .bind(db_now(now));
-        Box::pin(async move {
-            let p = self.owned_pool().await?;
-            self.timed("reading a tunnel", async move {
-                q.fetch_optional(&p).await?.map(|r| record(&r)).transpose()
-            })
-            .await
-        })
     }
 
     fn remove<'a>(&'a self, tunnel_id: &'a str) -> StoreFuture<'a, Option<TunnelRecord>> {
