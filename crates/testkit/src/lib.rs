@@ -36,7 +36,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub use netbore_agent::dev::DevStack;
+pub use netbore_cli::dev::DevStack;
 
 /// A boxed request body.
 pub type ReqBody = BoxBody<Bytes, std::io::Error>;
@@ -83,7 +83,7 @@ impl Stack {
         init_logs();
         let shutdown = CancellationToken::new();
         let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let dev = netbore_agent::dev::start_with(public, shutdown.clone(), adjust, adjust_edge)
+        let dev = netbore_cli::dev::start_with(public, shutdown.clone(), adjust, adjust_edge)
             .await
             .expect("dev stack starts");
         Stack { dev, shutdown }

@@ -15,7 +15,6 @@
 //! says so ([`AgentEvent::UrlChanged`]).
 
 pub mod access;
-pub mod dev;
 pub mod link;
 pub mod metrics;
 pub mod origin;
@@ -39,8 +38,8 @@ use crate::link::LinkError;
 use crate::metrics::AgentMetrics;
 use crate::origin::{Origin, OriginConfig};
 use crate::state::{Saved, StateStore};
-use netbore_control::api::CreateTunnelRequest;
-use netbore_control::client::{ControlClient, ControlError};
+use netbore_api::types::CreateTunnelRequest;
+use netbore_api::{ControlClient, ControlError, ErrorCode};
 
 /// First reconnect delay.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -364,10 +363,10 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
         };
         let created = match ctx.control.create(&req).await {
             Ok(c) => c,
-            Err(ControlError::Api { code, message, .. }) if code == "tunnel_deleted" => {
+            Err(ControlError::Api { code, message, .. }) if code == ErrorCode::TunnelDeleted => {
                 // Deleted on purpose: the state is of no further use.
                 ctx.store.clear();
-                return give_up(&ctx, fatal(&code, format!("{message} [{code}]")));
+                return give_up(&ctx, fatal(code.as_str(), format!("{message} [{code}]")));
             }
             Err(e) if e.is_permanent() && index > 0 => {
                 // A spare slot's token was refused: slot 0 gets the tunnel back (or a
@@ -386,15 +385,15 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
                 *ctx.refused_reason.lock() = Some(e.to_string());
                 continue;
             }
-            Err(ControlError::Api { code, message, .. }) if e_is_fatal(&code) => {
+            Err(ControlError::Api { code, message, .. }) if code.is_permanent() => {
                 let refused = ctx
                     .refused_reason
                     .lock()
                     .clone()
                     .map(|r| format!(" (its recreate token was refused: {r})"))
                     .unwrap_or_default();
-                let message = match (code.as_str(), &cfg.name) {
-                    ("name_taken", Some(n)) => format!(
+                let message = match (&code, &cfg.name) {
+                    (ErrorCode::NameTaken, Some(n)) => format!(
                         "the name '{n}' is held by another tunnel{refused}; to keep it, run with the state directory holding its recreate token (--state-dir), or pass a management token with the names:claim scope (--token); or choose another --name [name_taken]"
                     ),
                     _ if !refused.is_empty() && cfg.token.is_none() => format!(
@@ -402,7 +401,7 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
                     ),
                     _ => format!("control refused the tunnel{refused}: {message} [{code}]"),
                 };
-                return give_up(&ctx, fatal(&code, message));
+                return give_up(&ctx, fatal(code.as_str(), message));
             }
             Err(e) => {
                 ctx.metrics.connect_failures.fetch_add(1, Ordering::Relaxed);
@@ -663,18 +662,10 @@ async fn renew_recreate(ctx: &Ctx) {
 /// or its name now held by another tunnel), so trying without it may still work.
 fn refuses_recreate(e: &ControlError) -> bool {
     e.is_permanent()
-        && e.code()
-            .is_some_and(|c| c.starts_with("token_") || c == "name_taken" || c == "forbidden")
-}
-
-/// Control errors that retrying cannot fix: the user must change a flag or token.
-fn e_is_fatal(code: &str) -> bool {
-    code.starts_with("name_")
-        || code.starts_with("token_")
-        || matches!(
-            code,
-            "unauthorized" | "forbidden" | "invalid_request" | "bad_request" | "access_invalid"
-        )
+        && e.code().is_some_and(|c| {
+            matches!(c, ErrorCode::NameTaken | ErrorCode::Forbidden)
+                || (c.is_credential() && c.as_str().starts_with("token_"))
+        })
 }
 
 async fn sleep_or_stop(d: Duration, shutdown: &CancellationToken) -> bool {

@@ -64,7 +64,7 @@ fn status(e: ApiError) -> Status {
         _ => Code::Internal,
     };
     let mut md = tonic::metadata::MetadataMap::new();
-    if let Ok(v) = e.code.parse() {
+    if let Ok(v) = e.code.as_str().parse() {
         md.insert(ERROR_CODE_METADATA, v);
     }
     if let Some(s) = e.retry_after_secs

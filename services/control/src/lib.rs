@@ -20,8 +20,10 @@
 //! # Ok(()) }
 //! ```
 
-pub mod api;
-pub mod client;
+/// The REST client (from `netbore-api`).
+pub use netbore_api::client;
+/// The REST API's JSON types (from `netbore-api`, which clients link instead of control).
+pub use netbore_api::types as api;
 pub mod edge_auth;
 pub mod grpc;
 pub mod metrics;

@@ -19,6 +19,7 @@ use crate::metrics::Op;
 use crate::names::{self, NameError};
 use crate::store::{Claim, HELD_UNTIL_DELETED, StoreError, TunnelRecord};
 use crate::{Control, EdgeEntry, MAX_CANDIDATES};
+use netbore_api::ErrorCode;
 use std::sync::atomic::Ordering;
 
 /// Page size of a list when the caller gives none.
@@ -45,7 +46,7 @@ pub struct ApiError {
     /// HTTP status.
     pub status: StatusCode,
     /// Stable snake_case code.
-    pub code: String,
+    pub code: ErrorCode,
     /// What happened and what to do.
     pub message: String,
     /// Seconds after which a retry can succeed (REST `Retry-After`, gRPC `retry-after`).
@@ -54,14 +55,10 @@ pub struct ApiError {
 
 impl ApiError {
     /// An error.
-    pub fn new(
-        status: StatusCode,
-        code: impl Into<String>,
-        message: impl Into<String>,
-    ) -> ApiError {
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
-            code: code.into(),
+            code,
             message: message.into(),
             retry_after_secs: None,
         }
@@ -82,7 +79,7 @@ impl ApiError {
             retry_after_secs: Some(secs),
             ..ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
+                ErrorCode::RateLimited,
                 format!(
                     "{what}; wait {secs} s, or create it with a management token (Authorization: Bearer <token>, issued by POST /auth/token), which is not limited"
                 ),
@@ -98,7 +95,7 @@ impl ApiError {
         };
         ApiError::new(
             StatusCode::UNAUTHORIZED,
-            e.code(),
+            ErrorCode::parse(e.code()),
             format!("the {what} was refused: {e}; {fix}"),
         )
     }
@@ -106,13 +103,13 @@ impl ApiError {
     fn internal(e: impl std::fmt::Display) -> ApiError {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
+            ErrorCode::Internal,
             format!("control failed: {e}; retry, and report it if it persists"),
         )
     }
 
     fn bad_request(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+        ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidRequest, message)
     }
 }
 
@@ -121,7 +118,7 @@ impl From<StoreError> for ApiError {
         tracing::warn!(error = %e, "store operation failed");
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "store_unavailable",
+            ErrorCode::StoreUnavailable,
             format!("{e}; retry shortly"),
         )
     }
@@ -210,7 +207,7 @@ pub async fn drain_edge(
     if !known {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
-            "edge_not_found",
+            ErrorCode::EdgeNotFound,
             format!(
                 "no edge '{edge_id}' is linked to control; ListEdges shows the edges and whether they are connected"
             ),
@@ -233,14 +230,14 @@ fn require_scope(m: &Option<ManagementClaims>, scope: &str) -> Result<(), ApiErr
         Some(c) if c.allows(scope) => Ok(()),
         Some(_) => Err(ApiError::new(
             StatusCode::FORBIDDEN,
-            "forbidden",
+            ErrorCode::Forbidden,
             format!(
                 "the management token lacks the '{scope}' scope; issue one that has it (POST /auth/token)"
             ),
         )),
         None => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
-            "unauthorized",
+            ErrorCode::Unauthorized,
             "this needs a management token: send 'Authorization: Bearer <token>' (issue one with POST /auth/token)",
         )),
     }
@@ -250,12 +247,12 @@ fn name_error(name: &str, e: NameError) -> ApiError {
     match e {
         NameError::Invalid(why) => ApiError::new(
             StatusCode::BAD_REQUEST,
-            "name_invalid",
+            ErrorCode::NameInvalid,
             format!("the name is not a valid DNS label: {why}"),
         ),
         NameError::Reserved => ApiError::new(
             StatusCode::BAD_REQUEST,
-            "name_reserved",
+            ErrorCode::NameReserved,
             format!("the name '{name}' is reserved for the service itself; choose another"),
         ),
     }
@@ -264,7 +261,7 @@ fn name_error(name: &str, e: NameError) -> ApiError {
 fn name_taken(name: &str) -> ApiError {
     ApiError::new(
         StatusCode::CONFLICT,
-        "name_taken",
+        ErrorCode::NameTaken,
         format!(
             "the name '{name}' is held by another tunnel; pass its recreate token or a management token with the names:claim scope, or choose another name"
         ),
@@ -373,7 +370,7 @@ pub async fn create_from(
 /// Counts a refusal of `op` by its code; successes are counted where they happen.
 fn counted<T>(control: &Control, op: Op, r: Result<T, ApiError>) -> Result<T, ApiError> {
     if let Err(e) = &r {
-        control.metrics().refused(op, &e.code);
+        control.metrics().refused(op, e.code.as_str());
     }
     r
 }
@@ -419,7 +416,7 @@ async fn create_inner(
     {
         return Err(ApiError::new(
             StatusCode::GONE,
-            "tunnel_deleted",
+            ErrorCode::TunnelDeleted,
             format!(
                 "the tunnel '{}' was deleted; start without its recreate token (remove the agent's saved state) to create a new one",
                 r.name
@@ -432,7 +429,7 @@ async fn create_inner(
     req.access.validate().map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
-            "access_invalid",
+            ErrorCode::AccessInvalid,
             format!("{e} (see docs/access.md)"),
         )
     })?;
@@ -451,7 +448,7 @@ async fn create_inner(
     if cands.is_empty() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "no_edges",
+            ErrorCode::NoEdges,
             "no edge is available; retry shortly, and check that edges are running and linked to control",
         ));
     }
@@ -517,7 +514,7 @@ async fn create_inner(
             Claim::Taken(_) => {
                 return Err(ApiError::new(
                     StatusCode::CONFLICT,
-                    "name_taken",
+                    ErrorCode::NameTaken,
                     format!(
                         "the name '{}' was released and is now held by another tunnel; start without the recreate token to get a new name",
                         r.name
@@ -540,7 +537,7 @@ async fn create_inner(
             won.ok_or_else(|| {
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "names_exhausted",
+                    ErrorCode::NamesExhausted,
                     "could not find a free random name; retry, or request a name",
                 )
             })?
@@ -647,7 +644,7 @@ async fn delete_inner(
         (Some(r), Some(c)) if r.tunnel_id != c.sub => {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
-                "forbidden",
+                ErrorCode::Forbidden,
                 "the recreate token is for another tunnel; pass that tunnel's recreate token or a management token",
             ));
         }
@@ -667,7 +664,7 @@ async fn delete_inner(
         (None, _) => {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
-                "tunnel_not_found",
+                ErrorCode::TunnelNotFound,
                 "no such tunnel; list tunnels with GET /tunnels/list (or ListTunnels)",
             ));
         }
@@ -704,7 +701,7 @@ pub async fn get(
     .ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
-            "tunnel_not_found",
+            ErrorCode::TunnelNotFound,
             "no such tunnel; list tunnels with GET /tunnels/list (or ListTunnels)",
         )
     })
@@ -763,14 +760,14 @@ fn issue_token_inner(
     let Some(boot) = &cfg.bootstrap_token else {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
-            "bootstrap_disabled",
+            ErrorCode::BootstrapDisabled,
             "no bootstrap credential is configured; set NETBORE_BOOTSTRAP_TOKEN (or --bootstrap-token-file) on control",
         ));
     };
     let Some(given) = bearer else {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
-            "unauthorized",
+            ErrorCode::Unauthorized,
             "send the bootstrap credential as 'Authorization: Bearer <credential>'",
         ));
     };
@@ -778,7 +775,7 @@ fn issue_token_inner(
         tracing::warn!("a management token was refused: wrong bootstrap credential");
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
-            "bad_credential",
+            ErrorCode::BadCredential,
             "the bootstrap credential is wrong; use the value control was started with (NETBORE_BOOTSTRAP_TOKEN)",
         ));
     }
@@ -788,7 +785,7 @@ fn issue_token_inner(
     if scopes.is_empty() {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
-            "invalid_scope",
+            ErrorCode::InvalidScope,
             format!(
                 "a token needs at least one scope; known scopes: {}",
                 SCOPES.join(", ")
@@ -798,7 +795,7 @@ fn issue_token_inner(
     if let Some(bad) = scopes.iter().find(|s| !SCOPES.contains(&s.as_str())) {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
-            "invalid_scope",
+            ErrorCode::InvalidScope,
             format!("unknown scope '{bad}'; known scopes: {}", SCOPES.join(", ")),
         ));
     }

@@ -14,6 +14,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use netbore_api::ErrorCode;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -41,14 +42,14 @@ pub fn rest_router(control: Control) -> Router {
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
-                "not_found",
+                ErrorCode::NotFound,
                 "no such endpoint; see docs/control.md for the API",
             )
         })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
+                ErrorCode::MethodNotAllowed,
                 "wrong method: /tunnels/create, /tunnels/delete and /auth/token take POST; /tunnels/list, /.well-known/jwks.json, /healthz and /readyz take GET",
             )
         })
@@ -94,13 +95,13 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                 if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
                     ApiError::new(
                         StatusCode::PAYLOAD_TOO_LARGE,
-                        "body_too_large",
+                        ErrorCode::BodyTooLarge,
                         format!("the request body is larger than {MAX_BODY} bytes"),
                     )
                 } else {
                     ApiError::new(
                         StatusCode::BAD_REQUEST,
-                        "invalid_request",
+                        ErrorCode::InvalidRequest,
                         format!("the request body could not be read: {e}"),
                     )
                 }
@@ -113,7 +114,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
         serde_json::from_slice(bytes).map(JsonBody).map_err(|e| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
-                "invalid_request",
+                ErrorCode::InvalidRequest,
                 format!("the request body is not the expected JSON: {e}; see docs/control.md"),
             )
         })
@@ -159,7 +160,7 @@ async fn list(
     let Query(q) = q.map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             format!(
                 "{}; the query takes prefix, limit and cursor",
                 e.body_text()

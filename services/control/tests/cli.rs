@@ -27,6 +27,9 @@ async fn the_binary_logs_its_addresses_serves_and_drains_on_sigterm() {
             "--log-json",
             "--edge",
             "id=e1,url=ws://127.0.0.1:9/v1/connect,region=local",
+            // Its own database: the default path is shared by every run on the machine.
+            "--database-url",
+            "sqlite::memory:",
         ])
         .env("NETBORE_BOOTSTRAP_TOKEN", "boot-from-env")
         .env_remove("RUST_LOG")

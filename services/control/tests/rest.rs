@@ -245,7 +245,7 @@ async fn concurrent_claims_of_one_name_have_one_winner() {
     for t in tasks {
         match t.await.unwrap() {
             Ok(_) => won += 1,
-            Err(e) => assert_eq!(e.code(), Some("name_taken"), "{e}"),
+            Err(e) => assert_eq!(e.code().map(|c| c.as_str()), Some("name_taken"), "{e}"),
         }
     }
     assert_eq!(won, 1);

@@ -211,7 +211,7 @@ async fn an_agent_outlives_its_management_token_across_an_edge_restart() {
         let c = c.clone();
         async move {
             match c.list(&ListTunnelsQuery::default()).await {
-                Err(e) if e.code() == Some("token_expired") => Some(()),
+                Err(e) if e.code().is_some_and(|c| *c == "token_expired") => Some(()),
                 _ => None,
             }
         }

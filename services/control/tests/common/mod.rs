@@ -189,7 +189,7 @@ pub fn api_err(e: ControlError) -> (u16, String, String) {
             status,
             code,
             message,
-        } => (status, code, message),
+        } => (status, code.to_string(), message),
         other => panic!("expected an API error, got {other}"),
     }
 }

@@ -1,6 +1,6 @@
 //! A small REST client for control (plain `http://`; put TLS in front with a proxy or
 //! use the gRPC API from elsewhere). Used by the CLI and tests; speaks the JSON of
-//! [`crate::api`], and hands back control's own error code and message so a caller can
+//! [`crate::types`], and hands back control's own error code and message so a caller can
 //! print them as they are.
 
 use std::time::Duration;
@@ -14,7 +14,8 @@ use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::api::{
+use crate::code::ErrorCode;
+use crate::types::{
     CreateTunnelRequest, CreateTunnelResponse, DeleteTunnelRequest, DeleteTunnelResponse,
     ErrorBody, IssueTokenRequest, IssueTokenResponse, ListTunnelsQuery, ListTunnelsResponse,
 };
@@ -33,7 +34,7 @@ pub enum ControlError {
         /// HTTP status.
         status: u16,
         /// Stable code (`name_taken`, `token_expired`, ...).
-        code: String,
+        code: ErrorCode,
         /// Control's explanation, which says what to do.
         message: String,
     },
@@ -50,7 +51,7 @@ pub enum ControlError {
 
 impl ControlError {
     /// The stable code of an API error.
-    pub fn code(&self) -> Option<&str> {
+    pub fn code(&self) -> Option<&ErrorCode> {
         match self {
             ControlError::Api { code, .. } => Some(code),
             ControlError::Unreachable { .. } => None,
@@ -198,7 +199,7 @@ impl ControlClient {
             },
             Err(_) => ControlError::Api {
                 status: status.as_u16(),
-                code: "http_error".into(),
+                code: ErrorCode::HttpError,
                 message: format!(
                     "HTTP {status}: {}",
                     String::from_utf8_lossy(&bytes[..bytes.len().min(200)])

@@ -286,7 +286,7 @@ async fn main() -> ExitCode {
                     }
                 }
             };
-            let stack = match netbore_agent::dev::start(public, shutdown.clone()).await {
+            let stack = match netbore_cli::dev::start(public, shutdown.clone()).await {
                 Ok(s) => s,
                 Err(e) => {
                     eprintln!("error: starting the in-process control and edge failed: {e:#}");

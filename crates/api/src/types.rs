@@ -1,5 +1,5 @@
-//! The REST API's JSON types, shared by the server ([`crate::rest`]) and the client
-//! ([`crate::client`]). The contract, field by field, is `docs/control.md`.
+//! The REST API's JSON types, shared by the server (`netbore_control::rest`) and the
+//! client ([`crate::client`]). The contract, field by field, is `docs/control.md`.
 //!
 //! Requests refuse unknown fields, so a misspelt field is an error rather than a
 //! silently ignored wish; optional fields are left out when unset.
@@ -121,8 +121,8 @@ pub struct ListTunnelsQuery {
     /// Only names starting with this.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub prefix: String,
-    /// Page size (default [`crate::ops::DEFAULT_LIST_LIMIT`], at most
-    /// [`crate::ops::MAX_LIST_LIMIT`]).
+    /// Page size (default `netbore_control::ops::DEFAULT_LIST_LIMIT`, at most
+    /// `netbore_control::ops::MAX_LIST_LIMIT`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<usize>,
     /// `next_cursor` of the previous page.
@@ -158,7 +158,7 @@ pub struct ListTunnelsResponse {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IssueTokenRequest {
-    /// Scopes (default `tunnels:read`, `tunnels:write`); see [`crate::ops::SCOPES`].
+    /// Scopes (default `tunnels:read`, `tunnels:write`); see `netbore_control::ops::SCOPES`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scopes: Option<Vec<String>>,
     /// Lifetime in seconds (default and maximum: control's management token lifetime).
@@ -191,7 +191,7 @@ pub struct ErrorBody {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorDetail {
     /// Stable snake_case code (`name_taken`, `token_expired`, ...).
-    pub code: String,
+    pub code: crate::ErrorCode,
     /// What happened and what to do about it.
     pub message: String,
 }
