@@ -1283,6 +1283,57 @@ mod tests {
     }
 
     #[test]
+    fn authorize_tunnel_checks_scope_then_owner_then_name_pattern() {
+        let claims = |sub: &str, scopes: &[&str], pattern: Option<&str>| {
+            let mut c = ManagementClaims::new_at(
+                0,
+                "iss",
+                sub,
+                scopes.iter().map(|s| s.to_string()).collect(),
+                60,
+            );
+            c.name_pattern = pattern.map(str::to_string);
+            c
+        };
+        let rec = |name: &str, owner: Option<&str>| TunnelRecord {
+            tunnel_id: "tun_1".into(),
+            name: name.into(),
+            created_at: 0,
+            expires_at: 1,
+            owner: owner.map(str::to_string),
+        };
+        let code = |r: Result<(), ApiError>| r.err().map(|e| e.code);
+        let (read, write) = (TunnelAction::Read, TunnelAction::Write);
+        let alice = claims("alice", &["tunnels:read", "tunnels:write"], None);
+        assert_eq!(
+            code(authorize_tunnel(&alice, &rec("a", Some("alice")), write)),
+            None
+        );
+        for other in [Some("bob"), None] {
+            assert_eq!(
+                code(authorize_tunnel(&alice, &rec("a", other), read)).as_deref(),
+                Some("tunnel_not_found")
+            );
+        }
+        let ro = claims("alice", &["tunnels:read"], None);
+        assert_eq!(
+            code(authorize_tunnel(&ro, &rec("a", Some("alice")), write)).as_deref(),
+            Some("forbidden")
+        );
+        let admin = claims("ops", &["admin"], None);
+        assert_eq!(code(authorize_tunnel(&admin, &rec("a", None), write)), None);
+        let ci = claims("ci", &["tunnels:read"], Some("ci-*"));
+        assert_eq!(
+            code(authorize_tunnel(&ci, &rec("ci-1", Some("ci")), read)),
+            None
+        );
+        assert_eq!(
+            code(authorize_tunnel(&ci, &rec("prod", Some("ci")), read)).as_deref(),
+            Some("name_not_allowed")
+        );
+    }
+
+    #[test]
     fn times_format_as_rfc3339() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(u64::MAX), "");
