@@ -16,8 +16,9 @@ use serde::de::DeserializeOwned;
 
 use crate::code::ErrorCode;
 use crate::types::{
-    CreateTunnelRequest, CreateTunnelResponse, DeleteTunnelRequest, DeleteTunnelResponse,
-    ErrorBody, IssueTokenRequest, IssueTokenResponse, ListTunnelsQuery, ListTunnelsResponse,
+    ApiKey, CreateApiKeyRequest, CreateApiKeyResponse, CreateTunnelRequest, CreateTunnelResponse,
+    DeleteTunnelRequest, DeleteTunnelResponse, ErrorBody, IssueTokenRequest, IssueTokenResponse,
+    ListApiKeysResponse, ListTunnelsQuery, ListTunnelsResponse,
 };
 
 /// Time allowed for one call, connection included.
@@ -84,8 +85,9 @@ impl ControlClient {
         }
     }
 
-    /// The same client, sending `token` as `Authorization: Bearer` (a management token,
-    /// or the bootstrap credential for [`ControlClient::issue_token`]).
+    /// The same client, sending `token` as `Authorization: Bearer` (a management token
+    /// or an API key, or the bootstrap credential or an API key for
+    /// [`ControlClient::issue_token`]).
     pub fn with_bearer(mut self, token: impl Into<String>) -> ControlClient {
         self.bearer = Some(token.into());
         self
@@ -97,6 +99,45 @@ impl ControlClient {
         req: &CreateTunnelRequest,
     ) -> Result<CreateTunnelResponse, ControlError> {
         self.call(Method::POST, "/tunnels/create", Some(req)).await
+    }
+
+    /// `POST /tunnels/create` with an `Idempotency-Key`: the same key (and request)
+    /// gives back the same tunnel for 24 h, however often it is retried.
+    pub async fn create_idempotent(
+        &self,
+        req: &CreateTunnelRequest,
+        idempotency_key: &str,
+    ) -> Result<CreateTunnelResponse, ControlError> {
+        self.call_with(
+            Method::POST,
+            "/tunnels/create",
+            Some(req),
+            Some(("idempotency-key", idempotency_key)),
+        )
+        .await
+    }
+
+    /// `POST /v1/api-keys`: the response holds the key itself, this once.
+    pub async fn create_api_key(
+        &self,
+        req: &CreateApiKeyRequest,
+    ) -> Result<CreateApiKeyResponse, ControlError> {
+        self.call(Method::POST, "/v1/api-keys", Some(req)).await
+    }
+
+    /// `GET /v1/api-keys`.
+    pub async fn list_api_keys(&self) -> Result<ListApiKeysResponse, ControlError> {
+        self.call::<(), _>(Method::GET, "/v1/api-keys", None).await
+    }
+
+    /// `DELETE /v1/api-keys/{id}`.
+    pub async fn revoke_api_key(&self, id: &str) -> Result<ApiKey, ControlError> {
+        self.call::<(), _>(
+            Method::DELETE,
+            &format!("/v1/api-keys/{}", percent_encode(id)),
+            None,
+        )
+        .await
     }
 
     /// `POST /tunnels/delete`.
@@ -130,7 +171,7 @@ impl ControlClient {
         self.call::<(), _>(Method::GET, &path, None).await
     }
 
-    /// `POST /auth/token` (the bearer must be the bootstrap credential).
+    /// `POST /auth/token` (the bearer must be the bootstrap credential or an API key).
     pub async fn issue_token(
         &self,
         req: &IssueTokenRequest,
@@ -150,6 +191,16 @@ impl ControlClient {
         path: &str,
         body: Option<&B>,
     ) -> Result<T, ControlError> {
+        self.call_with(method, path, body, None).await
+    }
+
+    async fn call_with<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        extra_header: Option<(&str, &str)>,
+    ) -> Result<T, ControlError> {
         let unreachable = |reason: String| ControlError::Unreachable {
             url: self.base.clone(),
             reason,
@@ -167,6 +218,9 @@ impl ControlClient {
         }
         if let Some(t) = &self.bearer {
             req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        if let Some((k, v)) = extra_header {
+            req = req.header(k, v);
         }
         let req = req
             .body(Full::new(body))

@@ -82,6 +82,22 @@ codes! {
     TokenBadSignature = "token_bad_signature",
     /// The token is not a well-formed JWT.
     TokenMalformed = "token_malformed",
+    /// The API key was revoked.
+    ApiKeyRevoked = "api_key_revoked",
+    /// The API key has expired.
+    ApiKeyExpired = "api_key_expired",
+    /// No such API key (or not one the caller may see).
+    ApiKeyNotFound = "api_key_not_found",
+    /// The owner has as many API keys as allowed.
+    TooManyApiKeys = "too_many_api_keys",
+    /// The name is outside the credential's name pattern.
+    NameNotAllowed = "name_not_allowed",
+    /// A name pattern is malformed.
+    InvalidNamePattern = "invalid_name_pattern",
+    /// The idempotency key was used before with a different request.
+    IdempotencyKeyReused = "idempotency_key_reused",
+    /// A request with this idempotency key is still being processed; retry.
+    IdempotencyKeyInUse = "idempotency_key_in_use",
     /// The token uses an algorithm that is not allowed.
     TokenAlgorithmNotAllowed = "token_algorithm_not_allowed",
     /// A key could not be used.
@@ -145,11 +161,19 @@ impl ErrorCode {
             | NameReserved
             | NameTaken
             | TunnelDeleted
-            | AccessInvalid => true,
+            | AccessInvalid
+            | ApiKeyRevoked
+            | ApiKeyExpired
+            | ApiKeyNotFound
+            | TooManyApiKeys
+            | NameNotAllowed
+            | InvalidNamePattern
+            | IdempotencyKeyReused => true,
             // A clock can be fixed by waiting; a missing tunnel or edge, a full name
             // space, a busy or failing control can change by themselves.
             TokenNotYetValid | KeyError | NamesExhausted | TunnelNotFound | RateLimited
-            | NoEdges | EdgeNotFound | StoreUnavailable | Internal | HttpError | Other(_) => false,
+            | NoEdges | EdgeNotFound | StoreUnavailable | Internal | HttpError
+            | IdempotencyKeyInUse | Other(_) => false,
         }
     }
 
@@ -158,7 +182,11 @@ impl ErrorCode {
         self.as_str().starts_with("token_")
             || matches!(
                 self,
-                ErrorCode::Unauthorized | ErrorCode::Forbidden | ErrorCode::BadCredential
+                ErrorCode::Unauthorized
+                    | ErrorCode::Forbidden
+                    | ErrorCode::BadCredential
+                    | ErrorCode::ApiKeyRevoked
+                    | ErrorCode::ApiKeyExpired
             )
     }
 }

@@ -143,6 +143,10 @@ pub struct Tunnel {
     pub created_at: String,
     /// When its name is released unless it is recreated (RFC 3339).
     pub expires_at: String,
+    /// Who owns it: the subject of the token or API key that created it; `null` for
+    /// an anonymous quick tunnel.
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 /// `GET /tunnels/list` response.
@@ -178,6 +182,70 @@ pub struct IssueTokenResponse {
     pub scopes: Vec<String>,
     /// Its expiry (RFC 3339).
     pub expires_at: String,
+}
+
+/// `POST /v1/api-keys` request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateApiKeyRequest {
+    /// What to call it (shown in lists; at most
+    /// [`crate::api_keys::MAX_LABEL_BYTES`] bytes).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub label: String,
+    /// Scopes it grants (default `tunnels:read`, `tunnels:write`); the caller must
+    /// hold each unless it has `admin`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Vec<String>>,
+    /// Lifetime in seconds; left out: it never expires (revoke it instead).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_seconds: Option<u64>,
+    /// Limits it to names matching this (`ci-*`: a prefix and `*`, or one exact name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name_pattern: Option<String>,
+    /// Whose key it is (default: the caller's own subject; another needs `admin`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+}
+
+/// An API key as lists show it: never its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKey {
+    /// `key_…`: what `DELETE /v1/api-keys/{id}` takes.
+    pub id: String,
+    /// Its owner's subject.
+    pub owner: String,
+    /// Its first characters (`nbk_` and 8 more), to recognise it.
+    pub prefix: String,
+    /// Its label.
+    pub label: String,
+    /// Scopes it grants.
+    pub scopes: Vec<String>,
+    /// Names it is limited to, if any.
+    pub name_pattern: Option<String>,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339; `null`: never.
+    pub expires_at: Option<String>,
+    /// RFC 3339 (to within a few seconds); `null`: never used.
+    pub last_used_at: Option<String>,
+    /// RFC 3339; `null`: in force.
+    pub revoked_at: Option<String>,
+}
+
+/// `POST /v1/api-keys` response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateApiKeyResponse {
+    /// The key itself (`nbk_…`). Shown this once: control keeps only its hash.
+    pub key: String,
+    /// What lists show of it.
+    pub api_key: ApiKey,
+}
+
+/// `GET /v1/api-keys` response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListApiKeysResponse {
+    /// The caller's keys (every owner's for `admin`), newest first.
+    pub api_keys: Vec<ApiKey>,
 }
 
 /// Every error response: `{"error": {"code": "...", "message": "..."}}`.

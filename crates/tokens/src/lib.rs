@@ -262,6 +262,10 @@ pub struct ManagementClaims {
     pub exp: u64,
     /// [`TYP_MANAGEMENT`].
     pub typ: String,
+    /// Names the token may create and act on (`ci-*`: a prefix and a trailing `*`, or
+    /// one exact name); absent: any name. Copied from the API key it was minted from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name_pattern: Option<String>,
 }
 
 impl ManagementClaims {
@@ -287,6 +291,7 @@ impl ManagementClaims {
             nbf: now,
             exp: now.saturating_add(ttl_secs),
             typ: TYP_MANAGEMENT.into(),
+            name_pattern: None,
         }
     }
 

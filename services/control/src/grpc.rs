@@ -17,7 +17,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use crate::api::{CreateTunnelRequest, DeleteTunnelRequest, IssueTokenRequest, ListTunnelsQuery};
+use crate::api::{
+    ApiKey, CreateApiKeyRequest, CreateTunnelRequest, DeleteTunnelRequest, IssueTokenRequest,
+    ListTunnelsQuery,
+};
 use crate::ops::{self, ApiError};
 use crate::store::TunnelRecord;
 use crate::{Control, EdgeEntry, EdgeStatus};
@@ -61,6 +64,8 @@ fn status(e: ApiError) -> Status {
         StatusCode::CONFLICT => Code::AlreadyExists,
         StatusCode::SERVICE_UNAVAILABLE => Code::Unavailable,
         StatusCode::TOO_MANY_REQUESTS => Code::ResourceExhausted,
+        // The same idempotency key with another request: retrying cannot succeed.
+        StatusCode::UNPROCESSABLE_ENTITY => Code::FailedPrecondition,
         _ => Code::Internal,
     };
     let mut md = tonic::metadata::MetadataMap::new();
@@ -95,6 +100,22 @@ fn tunnel(control: &Control, r: &TunnelRecord) -> pb::Tunnel {
         public_hostname: t.public_hostname,
         created_at: t.created_at,
         expires_at: t.expires_at,
+        owner: t.owner.unwrap_or_default(),
+    }
+}
+
+fn api_key(k: ApiKey) -> pb::ApiKey {
+    pb::ApiKey {
+        id: k.id,
+        owner: k.owner,
+        prefix: k.prefix,
+        label: k.label,
+        scopes: k.scopes,
+        name_pattern: k.name_pattern.unwrap_or_default(),
+        created_at: k.created_at,
+        expires_at: k.expires_at.unwrap_or_default(),
+        last_used_at: k.last_used_at.unwrap_or_default(),
+        revoked_at: k.revoked_at.unwrap_or_default(),
     }
 }
 
@@ -117,7 +138,7 @@ impl ControlService for ControlGrpc {
             &self.0.config().trusted_proxies,
         );
         let r = req.into_inner();
-        let out = ops::create_from(
+        let out = ops::create_idempotent(
             &self.0,
             b,
             CreateTunnelRequest {
@@ -134,6 +155,7 @@ impl ControlService for ControlGrpc {
                 },
             },
             client,
+            non_empty(r.idempotency_key),
         )
         .await
         .map_err(status)?;
@@ -203,6 +225,7 @@ impl ControlService for ControlGrpc {
                     public_hostname: t.public_hostname,
                     created_at: t.created_at,
                     expires_at: t.expires_at,
+                    owner: t.owner.unwrap_or_default(),
                 })
                 .collect(),
             next_cursor: page.next_cursor.unwrap_or_default(),
@@ -248,7 +271,9 @@ impl ControlService for ControlGrpc {
         &self,
         req: Request<pb::ListEdgesRequest>,
     ) -> Result<Response<pb::ListEdgesResponse>, Status> {
-        ops::require_read(&self.0, bearer(&req)).map_err(status)?;
+        ops::require_read(&self.0, bearer(&req))
+            .await
+            .map_err(status)?;
         let edges = self
             .0
             .edge_statuses_now()
@@ -307,6 +332,55 @@ impl ControlService for ControlGrpc {
             scopes: t.scopes,
             expires_at: t.expires_at,
         }))
+    }
+
+    async fn create_api_key(
+        &self,
+        req: Request<pb::CreateApiKeyRequest>,
+    ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
+        let b = bearer(&req);
+        let r = req.into_inner();
+        let out = crate::api_keys::create(
+            &self.0,
+            b,
+            CreateApiKeyRequest {
+                label: r.label,
+                scopes: (!r.scopes.is_empty()).then_some(r.scopes),
+                expires_in_seconds: (r.expires_in_seconds > 0).then_some(r.expires_in_seconds),
+                name_pattern: non_empty(r.name_pattern),
+                subject: non_empty(r.subject),
+            },
+        )
+        .await
+        .map_err(status)?;
+        Ok(Response::new(pb::CreateApiKeyResponse {
+            key: out.key,
+            api_key: Some(api_key(out.api_key)),
+        }))
+    }
+
+    async fn list_api_keys(
+        &self,
+        req: Request<pb::ListApiKeysRequest>,
+    ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
+        let out = crate::api_keys::list(&self.0, bearer(&req))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ListApiKeysResponse {
+            api_keys: out.api_keys.into_iter().map(api_key).collect(),
+        }))
+    }
+
+    async fn revoke_api_key(
+        &self,
+        req: Request<pb::RevokeApiKeyRequest>,
+    ) -> Result<Response<pb::ApiKey>, Status> {
+        let b = bearer(&req);
+        let id = req.into_inner().id;
+        let k = crate::api_keys::revoke(&self.0, b, &id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(api_key(k)))
     }
 }
 

@@ -20,6 +20,8 @@
 //! # Ok(()) }
 //! ```
 
+pub mod accounts;
+pub mod api_keys;
 /// The REST client (from `netbore-api`).
 pub use netbore_api::client;
 /// The REST API's JSON types (from `netbore-api`, which clients link instead of control).
@@ -285,6 +287,8 @@ struct Inner {
     revocations: parking_lot::Mutex<std::collections::HashMap<String, u64>>,
     /// The session seeds of the current key set, for edges' links.
     seeds: tokio::sync::watch::Sender<Vec<netbore_tokens::SessionSeed>>,
+    /// API keys verified in the last seconds ([`api_keys::API_KEY_CACHE_TTL`]).
+    api_key_cache: api_keys::KeyCache,
 }
 
 /// Most recent revocations control remembers for edges that link later; beyond it the
@@ -334,6 +338,7 @@ impl Control {
                 create_limiter,
                 revocations: Default::default(),
                 seeds,
+                api_key_cache: Default::default(),
             }),
         }
     }
@@ -505,6 +510,10 @@ impl Control {
 
     pub(crate) fn store(&self) -> &dyn store::ControlStore {
         &*self.inner.store
+    }
+
+    pub(crate) fn api_key_cache(&self) -> &api_keys::KeyCache {
+        &self.inner.api_key_cache
     }
 
     pub(crate) fn live(&self) -> &dyn store::LiveState {

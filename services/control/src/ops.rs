@@ -15,6 +15,7 @@ use crate::api::{
     ErrorDetail, IssueTokenRequest, IssueTokenResponse, ListTunnelsQuery, ListTunnelsResponse,
     Tunnel,
 };
+use crate::api_keys;
 use crate::metrics::Op;
 use crate::names::{self, NameError};
 use crate::store::{Claim, HELD_UNTIL_DELETED, StoreError, TunnelRecord};
@@ -87,7 +88,7 @@ impl ApiError {
         }
     }
 
-    fn token(e: TokenError, what: &str) -> ApiError {
+    pub(crate) fn token(e: TokenError, what: &str) -> ApiError {
         let fix = match e {
             TokenError::Expired | TokenError::UnknownKid(_) => "obtain a new one",
             TokenError::NotYetValid => "check the clocks of control and this machine",
@@ -100,7 +101,7 @@ impl ApiError {
         )
     }
 
-    fn internal(e: impl std::fmt::Display) -> ApiError {
+    pub(crate) fn internal(e: impl std::fmt::Display) -> ApiError {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             ErrorCode::Internal,
@@ -108,7 +109,7 @@ impl ApiError {
         )
     }
 
-    fn bad_request(message: impl Into<String>) -> ApiError {
+    pub(crate) fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidRequest, message)
     }
 }
@@ -170,15 +171,20 @@ pub fn tunnel_view(control: &Control, r: &TunnelRecord) -> Tunnel {
         public_hostname: format!("{}.{}", r.name, control.config().domain),
         created_at: rfc3339(r.created_at),
         expires_at: rfc3339(r.expires_at),
+        owner: r.owner.clone(),
     }
 }
 
-fn management(
+/// The caller's claims from its bearer: a management token (JWT), or an API key
+/// (`nbk_…`, checked against the database, see [`crate::api_keys`]) acting with its
+/// owner, scopes and name pattern. `None` without a bearer.
+pub(crate) async fn management(
     control: &Control,
     token: Option<String>,
 ) -> Result<Option<ManagementClaims>, ApiError> {
     match token {
         None => Ok(None),
+        Some(t) if api_keys::is_api_key(&t) => api_keys::bearer_claims(control, &t).await.map(Some),
         Some(t) => control
             .verifier()
             .verify_management(&t)
@@ -198,7 +204,7 @@ pub async fn drain_edge(
     bearer: Option<String>,
     edge_id: &str,
 ) -> Result<(), ApiError> {
-    require_scope(&management(control, bearer)?, "admin")?;
+    require_scope(&management(control, bearer).await?, "admin")?;
     let known = control
         .edge_statuses_now()
         .await?
@@ -220,21 +226,94 @@ pub async fn drain_edge(
     Ok(())
 }
 
-/// Checks that `bearer` is a management token with `tunnels:read`.
-pub fn require_read(control: &Control, bearer: Option<String>) -> Result<(), ApiError> {
-    require_scope(&management(control, bearer)?, "tunnels:read")
+/// Checks that `bearer` is a management token (or API key) with `tunnels:read`.
+pub async fn require_read(control: &Control, bearer: Option<String>) -> Result<(), ApiError> {
+    require_scope(&management(control, bearer).await?, "tunnels:read")
+}
+
+/// What a caller does to a tunnel, for [`authorize_tunnel`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelAction {
+    /// Get it, see it in a list (`tunnels:read`).
+    Read,
+    /// Delete it, or change it: credentials, settings (`tunnels:write`).
+    Write,
+}
+
+impl TunnelAction {
+    /// The scope the action needs.
+    pub fn scope(self) -> &'static str {
+        match self {
+            TunnelAction::Read => "tunnels:read",
+            TunnelAction::Write => "tunnels:write",
+        }
+    }
+}
+
+/// True when the claims carry `admin` (which acts on every owner's tunnels).
+pub fn is_admin(claims: &ManagementClaims) -> bool {
+    claims.scopes.iter().any(|s| s == "admin")
+}
+
+/// 404 `tunnel_not_found`: also what a caller gets for another owner's tunnel, so its
+/// existence does not leak.
+pub fn tunnel_not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        ErrorCode::TunnelNotFound,
+        "no such tunnel; list tunnels with GET /tunnels/list (or ListTunnels)",
+    )
+}
+
+/// The one authorisation decision for acting on an existing tunnel with a management
+/// token or API key: the action's scope (403 `forbidden`), then ownership (a tunnel of
+/// another owner, or an anonymous one, is 404 `tunnel_not_found` unless the caller has
+/// `admin`), then the token's name pattern (403 `name_not_allowed`, see
+/// [`authorize_name`]). A tunnel's own recreate token or credential is checked by its
+/// own path, not here.
+pub fn authorize_tunnel(
+    claims: &ManagementClaims,
+    record: &TunnelRecord,
+    action: TunnelAction,
+) -> Result<(), ApiError> {
+    if !claims.allows(action.scope()) {
+        return Err(missing_scope(action.scope()));
+    }
+    if !is_admin(claims) && record.owner.as_deref() != Some(claims.sub.as_str()) {
+        return Err(tunnel_not_found());
+    }
+    authorize_name(claims, &record.name)
+}
+
+/// Checks `name` against the token's name pattern (from the API key it was minted
+/// from): 403 `name_not_allowed` naming the pattern and the fix.
+pub fn authorize_name(claims: &ManagementClaims, name: &str) -> Result<(), ApiError> {
+    match &claims.name_pattern {
+        Some(p) if !api_keys::name_matches(p, name) => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::NameNotAllowed,
+            format!(
+                "this token is limited to names matching '{p}', and '{name}' is not one; use a name matching '{p}', or a token or API key without that limit"
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn missing_scope(scope: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        ErrorCode::Forbidden,
+        format!(
+            "the management token lacks the '{scope}' scope; issue one that has it (POST /auth/token)"
+        ),
+    )
 }
 
 fn require_scope(m: &Option<ManagementClaims>, scope: &str) -> Result<(), ApiError> {
     match m {
         Some(c) if c.allows(scope) => Ok(()),
-        Some(_) => Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            ErrorCode::Forbidden,
-            format!(
-                "the management token lacks the '{scope}' scope; issue one that has it (POST /auth/token)"
-            ),
-        )),
+        Some(_) => Err(missing_scope(scope)),
         None => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             ErrorCode::Unauthorized,
@@ -341,7 +420,9 @@ pub fn candidates(
 ///
 /// A requested name is given when it is free, when the caller shows a recreate token
 /// for it, or with a management token holding `names:claim` (which takes it over, the
-/// same tunnel id included). A recreate token alone gives back its tunnel id and name.
+/// same tunnel id included; another owner's tunnel only with `admin`). A recreate token
+/// alone gives back its tunnel id and name. A tunnel made with a management token or
+/// API key is owned by its subject.
 pub async fn create(
     control: &Control,
     bearer: Option<String>,
@@ -360,10 +441,35 @@ pub async fn create_from(
     req: CreateTunnelRequest,
     client: Option<std::net::IpAddr>,
 ) -> Result<CreateTunnelResponse, ApiError> {
+    create_idempotent(control, bearer, req, client, None).await
+}
+
+/// How long an idempotency key gives back the tunnel its first request made.
+pub const IDEMPOTENCY_TTL_SECS: u64 = 24 * 3600;
+/// Longest idempotency key (printable ASCII).
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+/// How long a repeat waits for the first request with its key to finish creating.
+pub const IDEMPOTENCY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often a waiting repeat looks again.
+pub const IDEMPOTENCY_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// [`create_from`] with an idempotency key (REST `Idempotency-Key`, gRPC
+/// `idempotency_key`): the same key from the same owner within
+/// [`IDEMPOTENCY_TTL_SECS`] gives back the tunnel the first request made, on any
+/// replica, and never makes a second; the same key with a different request is 422
+/// `idempotency_key_reused`. Needs a management token or API key (its subject is the
+/// owner the key belongs to).
+pub async fn create_idempotent(
+    control: &Control,
+    bearer: Option<String>,
+    req: CreateTunnelRequest,
+    client: Option<std::net::IpAddr>,
+    idempotency_key: Option<String>,
+) -> Result<CreateTunnelResponse, ApiError> {
     counted(
         control,
         Op::CreateTunnel,
-        create_inner(control, bearer, req, client).await,
+        create_inner(control, bearer, req, client, idempotency_key).await,
     )
 }
 
@@ -375,14 +481,82 @@ fn counted<T>(control: &Control, op: Op, r: Result<T, ApiError>) -> Result<T, Ap
     r
 }
 
+/// The hash an idempotency key remembers its request by: the request as JSON (object
+/// keys sorted), without the management token, which may differ between retries.
+fn request_hash(req: &CreateTunnelRequest) -> String {
+    let mut r = req.clone();
+    r.management_token = None;
+    let v = serde_json::to_value(&r).unwrap_or_default();
+    api_keys::hash_key(&v.to_string())
+}
+
+/// The tunnel an earlier request with this idempotency key made (`None`: this request
+/// is the first and must create it), waiting up to [`IDEMPOTENCY_WAIT`] for one still
+/// creating.
+async fn idempotency_take(
+    control: &Control,
+    owner: &str,
+    key: &str,
+    hash: &str,
+) -> Result<Option<TunnelRecord>, ApiError> {
+    use crate::accounts::Idempotency;
+    let deadline = tokio::time::Instant::now() + IDEMPOTENCY_WAIT;
+    loop {
+        let now = now_unix();
+        match control
+            .store()
+            .idempotency_begin(owner, key, hash, now, now + IDEMPOTENCY_TTL_SECS)
+            .await?
+        {
+            Idempotency::First => return Ok(None),
+            Idempotency::Seen {
+                request_hash,
+                tunnel_id,
+            } => {
+                if !request_hash.is_empty() && request_hash != hash {
+                    return Err(ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        ErrorCode::IdempotencyKeyReused,
+                        "this Idempotency-Key was used with a different request in the last 24 h; send the same request to get its tunnel back, or use a new key for a new tunnel",
+                    ));
+                }
+                if !tunnel_id.is_empty() {
+                    return match control.store().by_id(&tunnel_id, now).await? {
+                        Some(r) => Ok(Some(r)),
+                        None => Err(ApiError::new(
+                            StatusCode::GONE,
+                            ErrorCode::TunnelDeleted,
+                            format!(
+                                "the tunnel this Idempotency-Key created ({tunnel_id}) was deleted; use a new key to create another"
+                            ),
+                        )),
+                    };
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(ApiError {
+                        retry_after_secs: Some(1),
+                        ..ApiError::new(
+                            StatusCode::CONFLICT,
+                            ErrorCode::IdempotencyKeyInUse,
+                            "a request with this Idempotency-Key is still creating its tunnel; retry shortly with the same key",
+                        )
+                    });
+                }
+                tokio::time::sleep(IDEMPOTENCY_POLL).await;
+            }
+        }
+    }
+}
+
 async fn create_inner(
     control: &Control,
     bearer: Option<String>,
     req: CreateTunnelRequest,
     client: Option<std::net::IpAddr>,
+    idempotency_key: Option<String>,
 ) -> Result<CreateTunnelResponse, ApiError> {
     let cfg = control.config();
-    let mgmt = management(control, req.management_token.clone().or(bearer))?;
+    let mgmt = management(control, req.management_token.clone().or(bearer)).await?;
     let recreate = match &req.recreate_token {
         Some(t) => Some(
             control
@@ -400,6 +574,45 @@ async fn create_inner(
     if cfg.require_token && !own_tunnel {
         require_scope(&mgmt, "tunnels:write")?;
     }
+    // A token limited to a name pattern makes only names that match.
+    if let Some(m) = &mgmt
+        && !own_tunnel
+    {
+        match (&req.requested_name, &m.name_pattern) {
+            (Some(n), _) => authorize_name(m, n)?,
+            (None, Some(p)) => {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    ErrorCode::NameNotAllowed,
+                    format!(
+                        "this token is limited to names matching '{p}', so it cannot make a random name; request a name matching '{p}'"
+                    ),
+                ));
+            }
+            (None, None) => {}
+        }
+    }
+    let idem = match (idempotency_key, &mgmt) {
+        (None, _) => None,
+        (Some(_), None) => {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthorized,
+                "an Idempotency-Key belongs to an owner: send it with a management token or API key (Authorization: Bearer <token>), or leave it out",
+            ));
+        }
+        (Some(k), Some(m)) => {
+            if k.is_empty()
+                || k.len() > MAX_IDEMPOTENCY_KEY_LEN
+                || !k.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return Err(ApiError::bad_request(format!(
+                    "the Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} printable ASCII characters (a UUID is a good key)"
+                )));
+            }
+            Some((m.sub.clone(), k))
+        }
+    };
     // Anonymous: no credential at all. Checked after the tokens, so a bad token is
     // refused for what it is, and before anything is stored.
     if mgmt.is_none()
@@ -474,73 +687,34 @@ async fn create_inner(
         }
         Some(t) => t,
     };
-    let force = mgmt.as_ref().is_some_and(|m| m.allows("names:claim"));
-    // A named tunnel (a management token and a requested name) holds its name until it
-    // is deleted; any other holds it for the name hold, which every edge report naming
-    // the tunnel renews (see `Control::tunnels_held`).
-    let named =
-        req.requested_name.is_some() && mgmt.as_ref().is_some_and(|m| m.allows("tunnels:write"));
-    let hold_until = if named {
-        HELD_UNTIL_DELETED
-    } else {
-        now.saturating_add(cfg.name_hold.as_secs())
-    };
-    let store = control.store();
 
-    let record: TunnelRecord = match (&req.requested_name, &recreate) {
-        (Some(name), Some(r)) if r.name == *name => {
-            match store.claim(name, &r.sub, now, hold_until, force).await? {
-                Claim::Won(rec) => rec,
-                Claim::Taken(_) => return Err(name_taken(name)),
-            }
-        }
-        (Some(name), _) => {
-            let id = if force {
-                store
-                    .by_name(name, now)
-                    .await?
-                    .map(|r| r.tunnel_id)
-                    .unwrap_or_else(new_tunnel_id)
-            } else {
-                new_tunnel_id()
-            };
-            match store.claim(name, &id, now, hold_until, force).await? {
-                Claim::Won(rec) => rec,
-                Claim::Taken(_) => return Err(name_taken(name)),
-            }
-        }
-        (None, Some(r)) => match store.claim(&r.name, &r.sub, now, hold_until, false).await? {
-            Claim::Won(rec) => rec,
-            Claim::Taken(_) => {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    ErrorCode::NameTaken,
-                    format!(
-                        "the name '{}' was released and is now held by another tunnel; start without the recreate token to get a new name",
-                        r.name
-                    ),
-                ));
-            }
-        },
-        (None, None) => {
-            let mut won = None;
-            for _ in 0..RANDOM_NAME_ATTEMPTS {
-                let n = names::random();
-                if let Claim::Won(r) = store
-                    .claim(&n, &new_tunnel_id(), now, hold_until, false)
-                    .await?
-                {
-                    won = Some(r);
-                    break;
+    let (record, replayed) = match &idem {
+        None => (
+            claim_record(control, &req, recreate.as_ref(), mgmt.as_ref(), now).await?,
+            false,
+        ),
+        Some((owner, key)) => {
+            let hash = request_hash(&req);
+            match idempotency_take(control, owner, key, &hash).await? {
+                Some(r) => (r, true),
+                None => {
+                    match claim_record(control, &req, recreate.as_ref(), mgmt.as_ref(), now).await {
+                        Ok(r) => {
+                            control
+                                .store()
+                                .idempotency_finish(owner, key, &r.tunnel_id)
+                                .await?;
+                            (r, false)
+                        }
+                        Err(e) => {
+                            if let Err(e2) = control.store().idempotency_abandon(owner, key).await {
+                                tracing::warn!(error = %e2, "could not free an idempotency key after a failed create");
+                            }
+                            return Err(e);
+                        }
+                    }
                 }
             }
-            won.ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    ErrorCode::NamesExhausted,
-                    "could not find a free random name; retry, or request a name",
-                )
-            })?
         }
     };
 
@@ -580,11 +754,26 @@ async fn create_inner(
             cfg.name_hold.as_secs()
         )
     });
-    tracing::info!(tunnel = %record.tunnel_id, name = %record.name, recreated = recreate.is_some(), "tunnel created");
+    if replayed {
+        notes.push("the tunnel this Idempotency-Key created before".into());
+    }
+    tracing::info!(tunnel = %record.tunnel_id, name = %record.name, owner = ?record.owner, recreated = recreate.is_some(), replayed, "tunnel created");
     let m = control.metrics();
     m.tokens_issued[0].fetch_add(1, Ordering::Relaxed);
     m.tokens_issued[1].fetch_add(1, Ordering::Relaxed);
-    m.tunnels_created[usize::from(recreate.is_some())].fetch_add(1, Ordering::Relaxed);
+    if !replayed {
+        m.tunnels_created[usize::from(recreate.is_some())].fetch_add(1, Ordering::Relaxed);
+    }
+    if recreate.is_none() && !replayed {
+        api_keys::audit(
+            control,
+            mgmt.as_ref().map_or("anonymous", |m| m.sub.as_str()),
+            "tunnel.create",
+            &record.tunnel_id,
+            serde_json::json!({"name": record.name, "owner": record.owner}),
+        )
+        .await;
+    }
     Ok(CreateTunnelResponse {
         public_hostname: format!("{}.{}", record.name, cfg.domain),
         public_url: cfg.public_url_template.replace("{name}", &record.name),
@@ -595,6 +784,100 @@ async fn create_inner(
         candidates_expires_at: rfc3339(now + eph_ttl),
         note: notes.join("; "),
     })
+}
+
+/// Claims the tunnel's name in the store (the part of a create that holds anything).
+async fn claim_record(
+    control: &Control,
+    req: &CreateTunnelRequest,
+    recreate: Option<&RecreateClaims>,
+    mgmt: Option<&ManagementClaims>,
+    now: u64,
+) -> Result<TunnelRecord, ApiError> {
+    let cfg = control.config();
+    let mut force = mgmt.is_some_and(|m| m.allows("names:claim"));
+    // A named tunnel (a management token and a requested name) holds its name until it
+    // is deleted; any other holds it for the name hold, which every edge report naming
+    // the tunnel renews (see `Control::tunnels_held`).
+    let named = req.requested_name.is_some() && mgmt.is_some_and(|m| m.allows("tunnels:write"));
+    let hold_until = if named {
+        HELD_UNTIL_DELETED
+    } else {
+        now.saturating_add(cfg.name_hold.as_secs())
+    };
+    // The owner of what a management token makes (and of what it takes over).
+    let owner = mgmt.map(|m| m.sub.as_str());
+    let store = control.store();
+
+    let record: TunnelRecord = match (&req.requested_name, recreate) {
+        (Some(name), Some(r)) if r.name == *name => {
+            match store.claim(name, &r.sub, now, hold_until, force).await? {
+                Claim::Won(rec) => rec,
+                Claim::Taken(_) => return Err(name_taken(name)),
+            }
+        }
+        (Some(name), _) => {
+            let id = if force {
+                match store.by_name(name, now).await? {
+                    // names:claim takes over anonymous tunnels and the caller's own;
+                    // another owner's only with admin (owners are isolated).
+                    Some(h)
+                        if h.owner.is_some()
+                            && h.owner.as_deref() != owner
+                            && !mgmt.is_some_and(is_admin) =>
+                    {
+                        force = false;
+                        new_tunnel_id()
+                    }
+                    Some(h) => h.tunnel_id,
+                    None => new_tunnel_id(),
+                }
+            } else {
+                new_tunnel_id()
+            };
+            match store
+                .claim_owned(name, &id, owner, now, hold_until, force)
+                .await?
+            {
+                Claim::Won(rec) => rec,
+                Claim::Taken(_) => return Err(name_taken(name)),
+            }
+        }
+        (None, Some(r)) => match store.claim(&r.name, &r.sub, now, hold_until, false).await? {
+            Claim::Won(rec) => rec,
+            Claim::Taken(_) => {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    ErrorCode::NameTaken,
+                    format!(
+                        "the name '{}' was released and is now held by another tunnel; start without the recreate token to get a new name",
+                        r.name
+                    ),
+                ));
+            }
+        },
+        (None, None) => {
+            let mut won = None;
+            for _ in 0..RANDOM_NAME_ATTEMPTS {
+                let n = names::random();
+                if let Claim::Won(r) = store
+                    .claim_owned(&n, &new_tunnel_id(), owner, now, hold_until, false)
+                    .await?
+                {
+                    won = Some(r);
+                    break;
+                }
+            }
+            won.ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::NamesExhausted,
+                    "could not find a free random name; retry, or request a name",
+                )
+            })?
+        }
+    };
+    Ok(record)
 }
 
 /// Deletes a tunnel: refuses its recreate tokens from now on, frees its name and tells
@@ -618,6 +901,7 @@ async fn delete_inner(
     req: DeleteTunnelRequest,
 ) -> Result<TunnelRecord, ApiError> {
     let now = now_unix();
+    let mut mgmt = None;
     let own = match &req.recreate_token {
         Some(t) => Some(
             control
@@ -626,7 +910,8 @@ async fn delete_inner(
                 .map_err(|e| ApiError::token(e, "recreate token"))?,
         ),
         None => {
-            require_scope(&management(control, bearer)?, "tunnels:write")?;
+            mgmt = management(control, bearer).await?;
+            require_scope(&mgmt, "tunnels:write")?;
             None
         }
     };
@@ -648,7 +933,12 @@ async fn delete_inner(
                 "the recreate token is for another tunnel; pass that tunnel's recreate token or a management token",
             ));
         }
-        (Some(r), _) => r,
+        (Some(r), _) => {
+            if let Some(m) = &mgmt {
+                authorize_tunnel(m, &r, TunnelAction::Write)?;
+            }
+            r
+        }
         // The name has lapsed but the token could still bring the tunnel back: revoke it.
         (None, Some(c))
             if req.tunnel_id.as_deref().is_none_or(|id| id == c.sub)
@@ -659,15 +949,10 @@ async fn delete_inner(
                 name: c.name.clone(),
                 created_at: c.iat,
                 expires_at: now,
+                owner: None,
             }
         }
-        (None, _) => {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                ErrorCode::TunnelNotFound,
-                "no such tunnel; list tunnels with GET /tunnels/list (or ListTunnels)",
-            ));
-        }
+        (None, _) => return Err(tunnel_not_found()),
     };
     // Revoke first, so a create racing this delete cannot bring the tunnel back.
     let until = now + control.config().recreate_ttl_max.as_secs();
@@ -677,6 +962,18 @@ async fn delete_inner(
         .announce_deletion_everywhere(&record.tunnel_id)
         .await;
     tracing::info!(tunnel = %record.tunnel_id, name = %record.name, "tunnel deleted");
+    let (actor, via) = match &mgmt {
+        Some(m) => (m.sub.as_str(), "management_token"),
+        None => ("anonymous", "recreate_token"),
+    };
+    api_keys::audit(
+        control,
+        actor,
+        "tunnel.delete",
+        &record.tunnel_id,
+        serde_json::json!({"name": record.name, "owner": record.owner, "via": via}),
+    )
+    .await;
     control
         .metrics()
         .tunnels_deleted
@@ -684,44 +981,75 @@ async fn delete_inner(
     Ok(record)
 }
 
-/// One tunnel by id or name. Needs `tunnels:read`.
+/// One tunnel by id or name. Needs `tunnels:read`, and the tunnel must be the
+/// caller's ([`authorize_tunnel`]).
 pub async fn get(
     control: &Control,
     bearer: Option<String>,
     tunnel_id: Option<&str>,
     name: Option<&str>,
 ) -> Result<TunnelRecord, ApiError> {
-    require_read(control, bearer)?;
+    let m = management(control, bearer).await?;
+    require_scope(&m, "tunnels:read")?;
     let now = now_unix();
-    match (tunnel_id, name) {
+    let r = match (tunnel_id, name) {
         (Some(id), _) => control.store().by_id(id, now).await?,
         (None, Some(n)) => control.store().by_name(n, now).await?,
         (None, None) => return Err(ApiError::bad_request("give tunnel_id or name")),
     }
-    .ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            ErrorCode::TunnelNotFound,
-            "no such tunnel; list tunnels with GET /tunnels/list (or ListTunnels)",
-        )
-    })
+    .ok_or_else(tunnel_not_found)?;
+    if let Some(m) = &m {
+        authorize_tunnel(m, &r, TunnelAction::Read)?;
+    }
+    Ok(r)
 }
 
-/// A page of tunnels ordered by name. Needs `tunnels:read`.
+/// A page of tunnels ordered by name. Needs `tunnels:read`; shows the caller's own
+/// tunnels within its name pattern (every tunnel with `admin`).
 pub async fn list(
     control: &Control,
     bearer: Option<String>,
     q: ListTunnelsQuery,
 ) -> Result<ListTunnelsResponse, ApiError> {
-    require_read(control, bearer)?;
+    let m = management(control, bearer).await?;
+    require_scope(&m, "tunnels:read")?;
+    let Some(m) = m else {
+        return Err(ApiError::bad_request("a list needs a management token"));
+    };
     let limit = q
         .limit
         .unwrap_or(DEFAULT_LIST_LIMIT)
         .clamp(1, MAX_LIST_LIMIT);
+    // The name pattern narrows the prefix: `ci-*` lists names starting with `ci-`
+    // (and the asked prefix); an exact pattern, that one name.
+    let empty = ListTunnelsResponse {
+        tunnels: Vec::new(),
+        next_cursor: None,
+    };
+    let (prefix, exact) = match m.name_pattern.as_deref() {
+        None => (q.prefix.clone(), None),
+        Some(p) => {
+            let (pp, exact) = match p.strip_suffix('*') {
+                Some(pp) => (pp, None),
+                None => (p, Some(p.to_string())),
+            };
+            if q.prefix.starts_with(pp) && exact.is_none() {
+                (q.prefix.clone(), None)
+            } else if pp.starts_with(&q.prefix) {
+                (pp.to_string(), exact)
+            } else {
+                return Ok(empty);
+            }
+        }
+    };
+    let owner = (!is_admin(&m)).then_some(m.sub.as_str());
     let mut page = control
         .store()
-        .list(&q.prefix, q.cursor.as_deref(), limit + 1, now_unix())
+        .list_owned(&prefix, q.cursor.as_deref(), limit + 1, now_unix(), owner)
         .await?;
+    if let Some(x) = &exact {
+        page.retain(|r| r.name == *x);
+    }
     let next = (page.len() > limit).then(|| page[limit - 1].name.clone());
     page.truncate(limit);
     Ok(ListTunnelsResponse {
@@ -744,11 +1072,86 @@ pub async fn issue_token(
     bearer: Option<String>,
     req: IssueTokenRequest,
 ) -> Result<IssueTokenResponse, ApiError> {
-    counted(
-        control,
-        Op::IssueToken,
-        issue_token_inner(control, bearer, req),
-    )
+    let r = match &bearer {
+        Some(b) if api_keys::is_api_key(b) => issue_from_key(control, b, req).await,
+        _ => issue_token_inner(control, bearer, req),
+    };
+    counted(control, Op::IssueToken, r)
+}
+
+/// A management token from an API key: the key's owner as subject, at most its scopes
+/// (all of them by default), its name pattern, and never past its expiry.
+async fn issue_from_key(
+    control: &Control,
+    key: &str,
+    req: IssueTokenRequest,
+) -> Result<IssueTokenResponse, ApiError> {
+    let k = api_keys::verify(control, key).await?;
+    let key_admin = k.scopes.iter().any(|s| s == "admin");
+    let scopes = req.scopes.unwrap_or_else(|| k.scopes.clone());
+    check_scopes(&scopes)?;
+    if let Some(s) = scopes.iter().find(|s| !key_admin && !k.scopes.contains(s)) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden,
+            format!(
+                "the API key {} does not grant the scope '{s}' (it grants {}); ask for fewer scopes, or use a key that has it",
+                k.prefix,
+                k.scopes.join(", ")
+            ),
+        ));
+    }
+    if let Some(sub) = req.subject.as_deref()
+        && sub != k.owner
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden,
+            format!(
+                "a token minted from an API key is for the key's owner ('{}'); leave subject out",
+                k.owner
+            ),
+        ));
+    }
+    let cfg = control.config();
+    let max = cfg.management_ttl.as_secs().max(MIN_MANAGEMENT_TTL_SECS);
+    let ttl = req
+        .ttl_seconds
+        .unwrap_or(max)
+        .clamp(MIN_MANAGEMENT_TTL_SECS, max);
+    let claims = api_keys::claims_of(control, &k, scopes.clone(), ttl);
+    let token = control
+        .keys()
+        .sign_management(&claims)
+        .map_err(ApiError::internal)?;
+    tracing::info!(subject = %claims.sub, key = %k.id, scopes = ?scopes, ttl, "management token issued from an API key");
+    control.metrics().tokens_issued[2].fetch_add(1, Ordering::Relaxed);
+    Ok(IssueTokenResponse {
+        token,
+        scopes,
+        expires_at: rfc3339(claims.exp),
+    })
+}
+
+fn check_scopes(scopes: &[String]) -> Result<(), ApiError> {
+    if scopes.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidScope,
+            format!(
+                "a token needs at least one scope; known scopes: {}",
+                SCOPES.join(", ")
+            ),
+        ));
+    }
+    if let Some(bad) = scopes.iter().find(|s| !SCOPES.contains(&s.as_str())) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidScope,
+            format!("unknown scope '{bad}'; known scopes: {}", SCOPES.join(", ")),
+        ));
+    }
+    Ok(())
 }
 
 fn issue_token_inner(
@@ -782,21 +1185,10 @@ fn issue_token_inner(
     let scopes = req
         .scopes
         .unwrap_or_else(|| DEFAULT_SCOPES.iter().map(|s| s.to_string()).collect());
-    if scopes.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            ErrorCode::InvalidScope,
-            format!(
-                "a token needs at least one scope; known scopes: {}",
-                SCOPES.join(", ")
-            ),
-        ));
-    }
-    if let Some(bad) = scopes.iter().find(|s| !SCOPES.contains(&s.as_str())) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            ErrorCode::InvalidScope,
-            format!("unknown scope '{bad}'; known scopes: {}", SCOPES.join(", ")),
+    check_scopes(&scopes)?;
+    if req.subject.as_deref() == Some("") {
+        return Err(ApiError::bad_request(
+            "subject is empty; leave it out (the token is then for 'bootstrap') or name who it is for",
         ));
     }
     let max = cfg.management_ttl.as_secs().max(MIN_MANAGEMENT_TTL_SECS);
@@ -885,6 +1277,57 @@ mod tests {
         assert!(secrets_equal("s3cret", "s3cret"));
         assert!(!secrets_equal("s3cret", "s3cre"));
         assert!(!secrets_equal("s3cret", "S3cret"));
+    }
+
+    #[test]
+    fn authorize_tunnel_checks_scope_then_owner_then_name_pattern() {
+        let claims = |sub: &str, scopes: &[&str], pattern: Option<&str>| {
+            let mut c = ManagementClaims::new_at(
+                0,
+                "iss",
+                sub,
+                scopes.iter().map(|s| s.to_string()).collect(),
+                60,
+            );
+            c.name_pattern = pattern.map(str::to_string);
+            c
+        };
+        let rec = |name: &str, owner: Option<&str>| TunnelRecord {
+            tunnel_id: "tun_1".into(),
+            name: name.into(),
+            created_at: 0,
+            expires_at: 1,
+            owner: owner.map(str::to_string),
+        };
+        let code = |r: Result<(), ApiError>| r.err().map(|e| e.code);
+        let (read, write) = (TunnelAction::Read, TunnelAction::Write);
+        let alice = claims("alice", &["tunnels:read", "tunnels:write"], None);
+        assert_eq!(
+            code(authorize_tunnel(&alice, &rec("a", Some("alice")), write)),
+            None
+        );
+        for other in [Some("bob"), None] {
+            assert_eq!(
+                code(authorize_tunnel(&alice, &rec("a", other), read)),
+                Some(ErrorCode::TunnelNotFound)
+            );
+        }
+        let ro = claims("alice", &["tunnels:read"], None);
+        assert_eq!(
+            code(authorize_tunnel(&ro, &rec("a", Some("alice")), write)),
+            Some(ErrorCode::Forbidden)
+        );
+        let admin = claims("ops", &["admin"], None);
+        assert_eq!(code(authorize_tunnel(&admin, &rec("a", None), write)), None);
+        let ci = claims("ci", &["tunnels:read"], Some("ci-*"));
+        assert_eq!(
+            code(authorize_tunnel(&ci, &rec("ci-1", Some("ci")), read)),
+            None
+        );
+        assert_eq!(
+            code(authorize_tunnel(&ci, &rec("prod", Some("ci")), read)),
+            Some(ErrorCode::NameNotAllowed)
+        );
     }
 
     #[test]

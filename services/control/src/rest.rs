@@ -9,10 +9,10 @@ use axum::extract::rejection::{BytesRejection, QueryRejection};
 use std::net::SocketAddr;
 
 use axum::Extension;
-use axum::extract::{ConnectInfo, FromRequest, Query, Request, State};
+use axum::extract::{ConnectInfo, FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::{delete as delete_route, get, post};
 use axum::{Json, Router};
 use netbore_api::ErrorCode;
 use serde::de::DeserializeOwned;
@@ -21,8 +21,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Control;
 use crate::api::{
-    CreateTunnelRequest, CreateTunnelResponse, DeleteTunnelRequest, DeleteTunnelResponse,
-    IssueTokenRequest, IssueTokenResponse, ListTunnelsQuery, ListTunnelsResponse,
+    ApiKey, CreateApiKeyRequest, CreateApiKeyResponse, CreateTunnelRequest, CreateTunnelResponse,
+    DeleteTunnelRequest, DeleteTunnelResponse, IssueTokenRequest, IssueTokenResponse,
+    ListApiKeysResponse, ListTunnelsQuery, ListTunnelsResponse,
 };
 use crate::ops::{self, ApiError};
 
@@ -36,6 +37,8 @@ pub fn rest_router(control: Control) -> Router {
         .route("/tunnels/delete", post(delete))
         .route("/tunnels/list", get(list))
         .route("/auth/token", post(issue_token))
+        .route("/v1/api-keys", post(create_api_key).get(list_api_keys))
+        .route("/v1/api-keys/{id}", delete_route(revoke_api_key))
         .route("/.well-known/jwks.json", get(jwks))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -50,7 +53,7 @@ pub fn rest_router(control: Control) -> Router {
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 ErrorCode::MethodNotAllowed,
-                "wrong method: /tunnels/create, /tunnels/delete and /auth/token take POST; /tunnels/list, /.well-known/jwks.json, /healthz and /readyz take GET",
+                "wrong method: /tunnels/create, /tunnels/delete and /auth/token take POST; /tunnels/list, /.well-known/jwks.json, /healthz and /readyz take GET; /v1/api-keys takes POST and GET, /v1/api-keys/{id} DELETE",
             )
         })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
@@ -135,7 +138,53 @@ async fn create(
             .filter_map(|v| v.to_str().ok()),
         &control.config().trusted_proxies,
     );
-    ops::create_from(&control, bearer(&headers), req, client)
+    let idempotency_key = match headers.get(IDEMPOTENCY_KEY) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        ErrorCode::InvalidRequest,
+                        "the Idempotency-Key header is not printable ASCII; use e.g. a UUID",
+                    )
+                })?
+                .to_string(),
+        ),
+    };
+    ops::create_idempotent(&control, bearer(&headers), req, client, idempotency_key)
+        .await
+        .map(Json)
+}
+
+/// The header that makes a create idempotent ([`ops::create_idempotent`]).
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+async fn create_api_key(
+    State(control): State<Control>,
+    headers: HeaderMap,
+    JsonBody(req): JsonBody<CreateApiKeyRequest>,
+) -> Result<Json<CreateApiKeyResponse>, ApiError> {
+    crate::api_keys::create(&control, bearer(&headers), req)
+        .await
+        .map(Json)
+}
+
+async fn list_api_keys(
+    State(control): State<Control>,
+    headers: HeaderMap,
+) -> Result<Json<ListApiKeysResponse>, ApiError> {
+    crate::api_keys::list(&control, bearer(&headers))
+        .await
+        .map(Json)
+}
+
+async fn revoke_api_key(
+    State(control): State<Control>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<ApiKey>, ApiError> {
+    crate::api_keys::revoke(&control, bearer(&headers), &id)
         .await
         .map(Json)
 }

@@ -168,17 +168,27 @@ impl std::fmt::Debug for SqlStore {
     }
 }
 
-fn db_time(t: u64) -> i64 {
+/// The columns [`record`] reads, for a query on `tunnels`: the owner's subject comes
+/// from `owners` by a subquery (which `RETURNING` allows on both databases, where a
+/// join is not).
+macro_rules! tunnel_cols {
+    () => {
+        "id, name, created_at, expires_at, \
+         (SELECT o.subject FROM owners o WHERE o.id = tunnels.owner_id) AS owner"
+    };
+}
+
+pub(crate) fn db_time(t: u64) -> i64 {
     t.min(NEVER) as i64
 }
 
 /// `now` as the database compares it: at most just before [`NEVER`], so a hold until
 /// "never" is live at any time a `u64` can say.
-fn db_now(t: u64) -> i64 {
+pub(crate) fn db_now(t: u64) -> i64 {
     t.min(NEVER - 1) as i64
 }
 
-fn from_db_time(t: i64) -> u64 {
+pub(crate) fn from_db_time(t: i64) -> u64 {
     t.max(0) as u64
 }
 
@@ -188,6 +198,7 @@ fn record(r: &AnyRow) -> Result<TunnelRecord, sqlx::Error> {
         name: r.try_get("name")?,
         created_at: from_db_time(r.try_get("created_at")?),
         expires_at: from_db_time(r.try_get("expires_at")?),
+        owner: r.try_get("owner")?,
     })
 }
 
@@ -368,14 +379,14 @@ impl SqlStore {
     }
 
     /// The migrated pool (a cheap handle), for a query future that owns what it needs.
-    async fn owned_pool(&self) -> Result<AnyPool, StoreError> {
+    pub(crate) async fn owned_pool(&self) -> Result<AnyPool, StoreError> {
         Ok(self.pool().await?.clone())
     }
 
     /// Awaits `fut` within [`DB_CALL_TIMEOUT`], mapping its error. Query futures are
     /// built from owned values (a pool handle, `String`s): futures borrowing into sqlx's
     /// executors trip the compiler's `Send` check of the boxed futures.
-    async fn timed<T>(
+    pub(crate) async fn timed<T>(
         &self,
         what: &str,
         fut: impl std::future::Future<Output = Result<T, sqlx::Error>>,
@@ -434,6 +445,7 @@ impl SqlStore {
         pool: AnyPool,
         name: String,
         tunnel_id: String,
+        owner: Option<String>,
         now: u64,
         expires_at: u64,
         force: bool,
@@ -451,12 +463,37 @@ impl SqlStore {
         .bind(i64::from(force))
         .execute(&mut *tx)
         .await?;
-        let holder =
-            sqlx::query("SELECT id, name, created_at, expires_at FROM tunnels WHERE name = $1")
-                .bind(name.clone())
-                .fetch_optional(&mut *tx)
+        // The owner's row (made on its first tunnel): its id is what tunnels refer to.
+        let owner_id: Option<String> = match &owner {
+            None => None,
+            Some(subject) => {
+                sqlx::query(
+                    "INSERT INTO owners (id, subject, created_at) VALUES ($1, $2, $3) \
+                     ON CONFLICT (subject) DO NOTHING",
+                )
+                .bind(crate::accounts::new_id("own"))
+                .bind(subject.clone())
+                .bind(now)
+                .execute(&mut *tx)
                 .await?;
-        let row = match holder.map(|r| record(&r)).transpose()? {
+                Some(
+                    sqlx::query("SELECT id FROM owners WHERE subject = $1")
+                        .bind(subject.clone())
+                        .fetch_one(&mut *tx)
+                        .await?
+                        .try_get("id")?,
+                )
+            }
+        };
+        let holder = sqlx::query(concat!(
+            "SELECT ",
+            tunnel_cols!(),
+            " FROM tunnels WHERE name = $1"
+        ))
+        .bind(name.clone())
+        .fetch_optional(&mut *tx)
+        .await?;
+        match holder.map(|r| record(&r)).transpose()? {
             // Live (expired or forced ones were deleted above) and not ours.
             Some(h) if h.tunnel_id != tunnel_id => {
                 tx.commit().await?;
@@ -467,33 +504,44 @@ impl SqlStore {
                 sqlx::query(
                     "UPDATE tunnels SET \
                        created_at = CASE WHEN expires_at > $2 THEN created_at ELSE $2 END, \
-                       expires_at = CASE WHEN expires_at > $2 AND expires_at > $3 THEN expires_at ELSE $3 END \
-                     WHERE id = $1 \
-                     RETURNING id, name, created_at, expires_at",
+                       expires_at = CASE WHEN expires_at > $2 AND expires_at > $3 THEN expires_at ELSE $3 END, \
+                       owner_id = COALESCE($4, owner_id) \
+                     WHERE id = $1",
                 )
                 .bind(tunnel_id.clone())
                 .bind(now)
                 .bind(exp)
-                .fetch_one(&mut *tx)
-                .await?
+                .bind(owner_id)
+                .execute(&mut *tx)
+                .await?;
             }
             // Free: insert, or move this tunnel from the name it held (releasing it).
             // A concurrent insert of the name fails this one on the unique constraint.
             None => {
                 sqlx::query(
-                    "INSERT INTO tunnels (id, name, created_at, expires_at) VALUES ($1, $2, $3, $4) \
+                    "INSERT INTO tunnels (id, name, created_at, expires_at, owner_id) \
+                     VALUES ($1, $2, $3, $4, $5) \
                      ON CONFLICT (id) DO UPDATE SET name = excluded.name, \
-                       created_at = excluded.created_at, expires_at = excluded.expires_at \
-                     RETURNING id, name, created_at, expires_at",
+                       created_at = excluded.created_at, expires_at = excluded.expires_at, \
+                       owner_id = COALESCE(excluded.owner_id, tunnels.owner_id)",
                 )
                 .bind(tunnel_id.clone())
                 .bind(name.clone())
                 .bind(now)
                 .bind(exp)
-                .fetch_one(&mut *tx)
-                .await?
+                .bind(owner_id)
+                .execute(&mut *tx)
+                .await?;
             }
         };
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            tunnel_cols!(),
+            " FROM tunnels WHERE id = $1"
+        ))
+        .bind(tunnel_id.clone())
+        .fetch_one(&mut *tx)
+        .await?;
         let r = record(&row)?;
         tx.commit().await?;
         Ok(Claim::Won(r))
@@ -612,10 +660,11 @@ fn sqlite_file_url(url: &str, shown: &str) -> Result<String, ConfigError> {
 }
 
 impl ControlStore for SqlStore {
-    fn claim<'a>(
+    fn claim_owned<'a>(
         &'a self,
         name: &'a str,
         tunnel_id: &'a str,
+        owner: Option<&'a str>,
         now: u64,
         expires_at: u64,
         force: bool,
@@ -631,6 +680,7 @@ impl ControlStore for SqlStore {
                         pool.clone(),
                         name.to_owned(),
                         tunnel_id.to_owned(),
+                        owner.map(str::to_owned),
                         now,
                         expires_at,
                         force,
@@ -661,7 +711,11 @@ impl ControlStore for SqlStore {
 
     fn by_name<'a>(&'a self, name: &'a str, now: u64) -> StoreFuture<'a, Option<TunnelRecord>> {
         self.live_tunnel(
-            "SELECT id, name, created_at, expires_at FROM tunnels WHERE name = $1 AND expires_at > $2",
+            concat!(
+                "SELECT ",
+                tunnel_cols!(),
+                " FROM tunnels WHERE name = $1 AND expires_at > $2"
+            ),
             name,
             now,
         )
@@ -669,16 +723,21 @@ impl ControlStore for SqlStore {
 
     fn by_id<'a>(&'a self, tunnel_id: &'a str, now: u64) -> StoreFuture<'a, Option<TunnelRecord>> {
         self.live_tunnel(
-            "SELECT id, name, created_at, expires_at FROM tunnels WHERE id = $1 AND expires_at > $2",
+            concat!(
+                "SELECT ",
+                tunnel_cols!(),
+                " FROM tunnels WHERE id = $1 AND expires_at > $2"
+            ),
             tunnel_id,
             now,
         )
     }
 
     fn remove<'a>(&'a self, tunnel_id: &'a str) -> StoreFuture<'a, Option<TunnelRecord>> {
-        let q = sqlx::query(
-            "DELETE FROM tunnels WHERE id = $1 RETURNING id, name, created_at, expires_at",
-        )
+        let q = sqlx::query(concat!(
+            "DELETE FROM tunnels WHERE id = $1 RETURNING ",
+            tunnel_cols!()
+        ))
         .bind(tunnel_id.to_owned());
         Box::pin(async move {
             let p = self.owned_pool().await?;
@@ -689,26 +748,31 @@ impl ControlStore for SqlStore {
         })
     }
 
-    fn list<'a>(
+    fn list_owned<'a>(
         &'a self,
         prefix: &'a str,
         after: Option<&'a str>,
         limit: usize,
         now: u64,
+        owner: Option<&'a str>,
     ) -> StoreFuture<'a, Vec<TunnelRecord>> {
         // `name >= prefix` lets the database start from the name index; the substring
-        // test is the exact (collation-free) prefix check.
-        let q = sqlx::query(
-            "SELECT id, name, created_at, expires_at FROM tunnels \
+        // test is the exact (collation-free) prefix check. `$6` empty: every owner.
+        let q = sqlx::query(concat!(
+            "SELECT ",
+            tunnel_cols!(),
+            " FROM tunnels \
              WHERE expires_at > $1 AND name >= $2 AND substr(name, 1, CAST($3 AS INTEGER)) = $2 \
                AND name > $4 \
-             ORDER BY name LIMIT $5",
-        )
+               AND ($6 = '' OR owner_id = (SELECT o.id FROM owners o WHERE o.subject = $6)) \
+             ORDER BY name LIMIT $5"
+        ))
         .bind(db_now(now))
         .bind(prefix.to_owned())
         .bind(prefix.chars().count() as i64)
         .bind(after.unwrap_or("").to_owned())
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX));
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(owner.unwrap_or("").to_owned());
         Box::pin(async move {
             let p = self.owned_pool().await?;
             self.timed("listing tunnels", async move {

@@ -38,6 +38,9 @@ pub struct TunnelRecord {
     /// When the name is released unless recreated or refreshed (Unix seconds;
     /// [`NEVER`] for a hold until the tunnel is deleted).
     pub expires_at: u64,
+    /// The subject of the token or API key that created it; `None` for an anonymous
+    /// quick tunnel (only `admin` acts on those).
+    pub owner: Option<String>,
 }
 
 /// The `expires_at` of a name held until its tunnel is deleted (a *named* tunnel: made
@@ -66,7 +69,7 @@ pub enum StoreError {
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
 /// The durable store's contract: what must survive a restart of control and of Redis.
-pub trait ControlStore: Send + Sync + 'static {
+pub trait ControlStore: crate::accounts::AccountStore + Send + Sync + 'static {
     /// Claims `name` for `tunnel_id` until `expires_at`, atomically: wins when the name
     /// is free, expired, or already held by `tunnel_id` (which extends it, never
     /// shortens it); with `force`, takes it from another tunnel (an administrator's
@@ -76,6 +79,20 @@ pub trait ControlStore: Send + Sync + 'static {
         &'a self,
         name: &'a str,
         tunnel_id: &'a str,
+        now: u64,
+        expires_at: u64,
+        force: bool,
+    ) -> StoreFuture<'a, Claim> {
+        self.claim_owned(name, tunnel_id, None, now, expires_at, force)
+    }
+    /// [`ControlStore::claim`] for `owner` (a token's subject): a tunnel it inserts is
+    /// owned by `owner`, one it wins over (forced) or extends passes to `owner`; with
+    /// `None`, an existing tunnel keeps its owner and a new one has none.
+    fn claim_owned<'a>(
+        &'a self,
+        name: &'a str,
+        tunnel_id: &'a str,
+        owner: Option<&'a str>,
         now: u64,
         expires_at: u64,
         force: bool,
@@ -95,6 +112,17 @@ pub trait ControlStore: Send + Sync + 'static {
         after: Option<&'a str>,
         limit: usize,
         now: u64,
+    ) -> StoreFuture<'a, Vec<TunnelRecord>> {
+        self.list_owned(prefix, after, limit, now, None)
+    }
+    /// [`ControlStore::list`], only the tunnels `owner` owns when it is given.
+    fn list_owned<'a>(
+        &'a self,
+        prefix: &'a str,
+        after: Option<&'a str>,
+        limit: usize,
+        now: u64,
+        owner: Option<&'a str>,
     ) -> StoreFuture<'a, Vec<TunnelRecord>>;
     /// Extends the hold of each of these tunnels (a link to it is live on some edge) to at
     /// least `until`: for each id whose record is live at `now`, expires_at = max(expires_at, until).

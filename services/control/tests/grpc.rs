@@ -61,12 +61,16 @@ async fn tonic_client_creates_lists_gets_and_deletes_with_metadata() {
         .into_inner()
         .token;
 
+    // Made with the token: the token's subject owns it, and its tokens see it.
     let created = c
-        .create_tunnel(pb::CreateTunnelRequest {
-            requested_name: "grpc-demo".into(),
-            region_hint: "eu".into(),
-            ..Default::default()
-        })
+        .create_tunnel(authed(
+            pb::CreateTunnelRequest {
+                requested_name: "grpc-demo".into(),
+                region_hint: "eu".into(),
+                ..Default::default()
+            },
+            &token,
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -111,6 +115,7 @@ async fn tonic_client_creates_lists_gets_and_deletes_with_metadata() {
         .into_inner();
     assert_eq!(list.tunnels.len(), 1);
     assert_eq!(list.tunnels[0].tunnel_id, created.tunnel_id);
+    assert_eq!(list.tunnels[0].owner, "bootstrap");
     assert_eq!(list.next_cursor, "");
 
     let got = c
@@ -294,7 +299,8 @@ async fn an_edge_link_reports_load_gets_deletions_and_ends_on_shutdown() {
 
     // A deletion becomes a command on the link.
     let t = h.client().create(&common::named("linked")).await.unwrap();
-    h.admin(&["tunnels:write"])
+    // An anonymous tunnel: only admin acts on it.
+    h.admin(&["admin"])
         .await
         .delete(&netbore_control::api::DeleteTunnelRequest {
             tunnel_id: Some(t.tunnel_id.clone()),
@@ -490,7 +496,8 @@ async fn a_credential_bound_to_one_edge_cannot_report_as_another() {
 async fn a_late_link_learns_recent_deletions_first() {
     let h = Harness::start().await;
     let t = h.client().create(&common::named("gone")).await.unwrap();
-    h.admin(&["tunnels:write"])
+    // An anonymous tunnel: only admin acts on it.
+    h.admin(&["admin"])
         .await
         .delete(&netbore_control::api::DeleteTunnelRequest {
             tunnel_id: Some(t.tunnel_id.clone()),
@@ -607,8 +614,12 @@ async fn grpcurl_lists_describes_and_calls_without_proto_files() {
         );
     }
 
-    h.client().create(&common::named("curl-me")).await.unwrap();
-    let token = h.management_token(&["tunnels:read"]).await;
+    let token = h.management_token(&["tunnels:read", "tunnels:write"]).await;
+    h.client()
+        .with_bearer(&token)
+        .create(&common::named("curl-me"))
+        .await
+        .unwrap();
     let auth = format!("authorization: Bearer {token}");
     let listed = run_grpcurl(&[
         "-plaintext",

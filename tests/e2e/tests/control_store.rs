@@ -360,6 +360,178 @@ async fn contract_a_freed_name_of_a_tunnel_that_moved_is_free() {
 }
 
 #[tokio::test]
+async fn contract_owners_are_kept_passed_on_a_takeover_and_filter_lists() {
+    let (stores, _pg) = stores().await;
+    let b = now_unix();
+    for (kind, s) in &stores {
+        let s = s.as_ref();
+        let owner_of = |r: Claim| match r {
+            Claim::Won(r) => r.owner,
+            Claim::Taken(r) => panic!("{kind}: taken by {r:?}"),
+        };
+        let c = s.claim_owned("o-a", "t1", Some("alice"), b, b + 100, false);
+        assert_eq!(
+            owner_of(c.await.unwrap()).as_deref(),
+            Some("alice"),
+            "{kind}"
+        );
+        // An extension without an owner (a recreate token) keeps it.
+        let c = s.claim("o-a", "t1", b + 1, b + 200, false).await.unwrap();
+        assert_eq!(owner_of(c).as_deref(), Some("alice"), "{kind}");
+        let c = s.claim_owned("o-b", "t2", Some("bob"), b, b + 100, false);
+        assert_eq!(owner_of(c.await.unwrap()).as_deref(), Some("bob"), "{kind}");
+        assert!(won(s, "o-c", "t3", b, b + 100, false).await, "{kind}");
+        assert_eq!(
+            s.by_id("t3", b + 2).await.unwrap().unwrap().owner,
+            None,
+            "{kind}"
+        );
+        // Lookups and removal carry the owner.
+        assert_eq!(
+            s.by_name("o-b", b + 2)
+                .await
+                .unwrap()
+                .unwrap()
+                .owner
+                .as_deref(),
+            Some("bob"),
+            "{kind}"
+        );
+        let names = |v: Vec<TunnelRecord>| v.into_iter().map(|r| r.name).collect::<Vec<_>>();
+        let mine = s
+            .list_owned("o-", None, 10, b + 2, Some("alice"))
+            .await
+            .unwrap();
+        assert_eq!(names(mine), ["o-a"], "{kind}");
+        let all = s.list_owned("o-", None, 10, b + 2, None).await.unwrap();
+        assert_eq!(names(all), ["o-a", "o-b", "o-c"], "{kind}");
+        let none = s
+            .list_owned("o-", None, 10, b + 2, Some("carol"))
+            .await
+            .unwrap();
+        assert!(none.is_empty(), "{kind}");
+        // A forced takeover by another owner passes the tunnel to it.
+        let c = s.claim_owned("o-a", "t1", Some("carol"), b + 3, b + 300, true);
+        assert_eq!(
+            owner_of(c.await.unwrap()).as_deref(),
+            Some("carol"),
+            "{kind}"
+        );
+        let gone = s.remove("t2").await.unwrap().unwrap();
+        assert_eq!(gone.owner.as_deref(), Some("bob"), "{kind}");
+    }
+}
+
+#[tokio::test]
+async fn contract_an_idempotency_key_has_one_first_request_and_api_keys_round_trip() {
+    use netbore_control::accounts::{ApiKeyRecord, Idempotency};
+    let (stores, _pg) = stores().await;
+    let b = now_unix();
+    for (kind, s) in &stores {
+        let s = s.as_ref();
+        assert_eq!(
+            s.idempotency_begin("alice", "k1", "h1", b, b + 100)
+                .await
+                .unwrap(),
+            Idempotency::First,
+            "{kind}"
+        );
+        let seen = s
+            .idempotency_begin("alice", "k1", "h1", b, b + 100)
+            .await
+            .unwrap();
+        assert_eq!(
+            seen,
+            Idempotency::Seen {
+                request_hash: "h1".into(),
+                tunnel_id: String::new()
+            },
+            "{kind}"
+        );
+        // Per owner: bob's k1 is another key.
+        assert_eq!(
+            s.idempotency_begin("bob", "k1", "h9", b, b + 100)
+                .await
+                .unwrap(),
+            Idempotency::First,
+            "{kind}"
+        );
+        s.idempotency_finish("alice", "k1", "t1").await.unwrap();
+        let seen = s
+            .idempotency_begin("alice", "k1", "h2", b, b + 100)
+            .await
+            .unwrap();
+        assert_eq!(
+            seen,
+            Idempotency::Seen {
+                request_hash: "h1".into(),
+                tunnel_id: "t1".into()
+            },
+            "{kind}"
+        );
+        // Lapsed: a new first request.
+        assert_eq!(
+            s.idempotency_begin("alice", "k1", "h2", b + 100, b + 200)
+                .await
+                .unwrap(),
+            Idempotency::First,
+            "{kind}"
+        );
+        // Abandoned before it made a tunnel: free again.
+        s.idempotency_abandon("alice", "k1").await.unwrap();
+        assert_eq!(
+            s.idempotency_begin("alice", "k1", "h3", b + 101, b + 200)
+                .await
+                .unwrap(),
+            Idempotency::First,
+            "{kind}"
+        );
+
+        let key = ApiKeyRecord {
+            id: "key_1".into(),
+            owner: "alice".into(),
+            prefix: "nbk_abcdefgh".into(),
+            label: "laptop".into(),
+            scopes: vec!["tunnels:read".into(), "tunnels:write".into()],
+            name_pattern: Some("ci-*".into()),
+            created_at: b,
+            expires_at: Some(NEVER),
+            last_used_at: None,
+            revoked_at: None,
+        };
+        assert!(s.create_api_key(&key, "hash-1").await.unwrap(), "{kind}");
+        assert_eq!(
+            s.api_key_by_hash("hash-1").await.unwrap().as_ref(),
+            Some(&key),
+            "{kind}"
+        );
+        assert!(
+            s.api_key_by_hash("hash-2").await.unwrap().is_none(),
+            "{kind}"
+        );
+        s.touch_api_key("key_1", b + 5).await.unwrap();
+        s.revoke_api_key("key_1", b + 6).await.unwrap();
+        s.revoke_api_key("key_1", b + 9).await.unwrap();
+        let got = s.api_key("key_1").await.unwrap().unwrap();
+        assert_eq!(
+            (got.last_used_at, got.revoked_at),
+            (Some(b + 5), Some(b + 6)),
+            "{kind}"
+        );
+        assert_eq!(
+            s.list_api_keys(Some("alice")).await.unwrap().len(),
+            1,
+            "{kind}"
+        );
+        assert!(
+            s.list_api_keys(Some("bob")).await.unwrap().is_empty(),
+            "{kind}"
+        );
+        assert_eq!(s.list_api_keys(None).await.unwrap().len(), 1, "{kind}");
+    }
+}
+
+#[tokio::test]
 async fn two_stores_migrating_one_postgres_at_once_both_work() {
     let pg = PostgresServer::start();
     let url = Secret::new(pg.url_with_password());
@@ -375,7 +547,13 @@ async fn two_stores_migrating_one_postgres_at_once_both_work() {
         "t1"
     );
     // Each migration was applied once.
-    assert_eq!(pg.psql("SELECT count(*) FROM _sqlx_migrations"), "1");
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM _sqlx_migrations"),
+        netbore_control::sql_store::MIGRATOR
+            .iter()
+            .count()
+            .to_string()
+    );
 }
 
 #[tokio::test]

@@ -105,7 +105,11 @@ async fn control_and_agent_counters_move_by_exactly_the_traffic_sent() {
     let mgmt = rest
         .clone()
         .with_bearer("boot-credential")
-        .issue_token(&IssueTokenRequest::default())
+        // Admin: the tunnel deleted below is anonymous, which only admin acts on.
+        .issue_token(&IssueTokenRequest {
+            scopes: Some(vec!["admin".into()]),
+            ..Default::default()
+        })
         .await
         .unwrap();
     let e = rest
