@@ -9,10 +9,10 @@ use axum::extract::rejection::{BytesRejection, QueryRejection};
 use std::net::SocketAddr;
 
 use axum::Extension;
-use axum::extract::{ConnectInfo, FromRequest, Query, Request, State};
+use axum::extract::{ConnectInfo, FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::{delete as delete_route, get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
@@ -21,7 +21,8 @@ use tokio_util::sync::CancellationToken;
 use crate::Control;
 use crate::api::{
     CreateTunnelRequest, CreateTunnelResponse, DeleteTunnelRequest, DeleteTunnelResponse,
-    IssueTokenRequest, IssueTokenResponse, ListTunnelsQuery, ListTunnelsResponse,
+    IssueCredentialRequest, IssueTokenRequest, IssueTokenResponse, IssuedCredential,
+    ListCredentialsResponse, ListTunnelsQuery, ListTunnelsResponse, TunnelCredential,
 };
 use crate::ops::{self, ApiError};
 
@@ -35,6 +36,14 @@ pub fn rest_router(control: Control) -> Router {
         .route("/tunnels/delete", post(delete))
         .route("/tunnels/list", get(list))
         .route("/auth/token", post(issue_token))
+        .route(
+            "/v1/tunnels/{tunnel}/credentials",
+            post(issue_credential).get(list_credentials),
+        )
+        .route(
+            "/v1/tunnels/{tunnel}/credentials/{credential}",
+            delete_route(revoke_credential),
+        )
         .route("/.well-known/jwks.json", get(jwks))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -49,7 +58,7 @@ pub fn rest_router(control: Control) -> Router {
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
-                "wrong method: /tunnels/create, /tunnels/delete and /auth/token take POST; /tunnels/list, /.well-known/jwks.json, /healthz and /readyz take GET",
+                "wrong method: /tunnels/create, /tunnels/delete and /auth/token take POST; /tunnels/list, /.well-known/jwks.json, /healthz and /readyz take GET; /v1/tunnels/{tunnel}/credentials takes POST (issue) and GET (list), /v1/tunnels/{tunnel}/credentials/{credential} takes DELETE (revoke)",
             )
         })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
@@ -175,6 +184,37 @@ async fn issue_token(
     JsonBody(req): JsonBody<IssueTokenRequest>,
 ) -> Result<Json<IssueTokenResponse>, ApiError> {
     ops::issue_token(&control, bearer(&headers), req)
+        .await
+        .map(Json)
+}
+
+async fn issue_credential(
+    State(control): State<Control>,
+    Path(tunnel): Path<String>,
+    headers: HeaderMap,
+    JsonBody(req): JsonBody<IssueCredentialRequest>,
+) -> Result<Json<IssuedCredential>, ApiError> {
+    ops::issue_credential(&control, bearer(&headers), &tunnel, req)
+        .await
+        .map(Json)
+}
+
+async fn list_credentials(
+    State(control): State<Control>,
+    Path(tunnel): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<ListCredentialsResponse>, ApiError> {
+    ops::list_credentials(&control, bearer(&headers), &tunnel)
+        .await
+        .map(Json)
+}
+
+async fn revoke_credential(
+    State(control): State<Control>,
+    Path((tunnel, credential)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Json<TunnelCredential>, ApiError> {
+    ops::revoke_credential(&control, bearer(&headers), &tunnel, &credential)
         .await
         .map(Json)
 }
