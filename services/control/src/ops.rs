@@ -182,6 +182,11 @@ fn management(
 ) -> Result<Option<ManagementClaims>, ApiError> {
     match token {
         None => Ok(None),
+        Some(t) if is_credential(&t) => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a tunnel credential (nbt_…) only runs its own tunnel (POST /tunnels/create); this needs a management token: send 'Authorization: Bearer <token>' (issue one with POST /auth/token)",
+        )),
         Some(t) => control
             .verifier()
             .verify_management(&t)
