@@ -325,6 +325,10 @@ async fn revoking_a_credential_closes_its_links_on_every_edge_within_5s_and_stop
         "links still served {:?} after the revocation",
         revoked_at.elapsed()
     );
+    eprintln!(
+        "both edges answered tunnel_offline {:?} after the revocation",
+        revoked_at.elapsed()
+    );
     // The agent is told why and stops: exit 2, the code printed, no retry loop.
     let (code, out) = exit_of(&mut agent, Duration::from_secs(10)).await;
     assert_eq!(code, Some(2), "{out}");
@@ -485,6 +489,7 @@ async fn rotating_a_credential_under_steady_load_loses_no_request() {
         l.await.unwrap();
     }
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("rotation under load: {ok} requests answered 200, {failed} failed");
     assert_eq!(failed, 0, "{ok} ok; failures: {:?}", errors.all());
     assert!(ok > before, "the new agent served after the rotation");
     assert!(ok >= 50, "only {ok} requests: not a steady load");
