@@ -20,7 +20,9 @@ use netbore_control::client::ControlClient;
 use netbore_testkit::origin::Origin;
 use netbore_testkit::postgres::PostgresServer;
 use netbore_testkit::redis::RedisServer;
-use netbore_testkit::{ControlProc, EdgeProc, Proc, Viewer, eventually, free_port};
+use netbore_testkit::{
+    ControlProc, EdgeProc, Proc, Viewer, eventually, free_port, http_get, parse_metrics,
+};
 use serde_json::Value;
 
 const BOOT: &str = "test-bootstrap-credential";
@@ -327,6 +329,29 @@ async fn revoking_a_credential_closes_its_links_on_every_edge_within_5s_and_stop
     );
     eprintln!(
         "both edges answered tunnel_offline {:?} after the revocation",
+        revoked_at.elapsed()
+    );
+    // And the links themselves are closed on both edges (not only passed over).
+    let closed = eventually(REVOKED_WITHIN.saturating_sub(revoked_at.elapsed()), || {
+        let admins = [e1.admin, e2.admin];
+        async move {
+            for port in admins {
+                let (status, body) = http_get(([127, 0, 0, 1], port).into(), "/metrics").await?;
+                let m = parse_metrics(&body);
+                (status == 200 && m.get("netbore_edge_agent_connections") == Some(&0.0))
+                    .then_some(())?;
+            }
+            Some(())
+        }
+    })
+    .await;
+    assert!(
+        closed.is_some(),
+        "an edge still held a link of the revoked credential {:?} after the revocation",
+        revoked_at.elapsed()
+    );
+    eprintln!(
+        "both edges held no agent link {:?} after the revocation",
         revoked_at.elapsed()
     );
     // The agent is told why and stops: exit 2, the code printed, no retry loop.
