@@ -2,9 +2,9 @@
 //! its load and the tunnels linked to it every [`REPORT_INTERVAL`] (and at once when a
 //! tunnel first links here), which keeps their names held at control, and control sends
 //! commands (disconnect a deleted tunnel, close a revoked credential's links, drain,
-//! session seeds). Every call carries the
-//! edge's credential (`authorization: Bearer <token>`); control refuses a link without
-//! one. Reconnects with backoff; the edge keeps serving while it is down.
+//! session seeds). Every call carries the edge's credential (`authorization: Bearer
+//! <token>`); control refuses a link without one. Reconnects with backoff; the edge
+//! keeps serving while it is down.
 
 use std::time::Duration;
 
