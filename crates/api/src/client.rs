@@ -17,8 +17,9 @@ use serde::de::DeserializeOwned;
 use crate::code::ErrorCode;
 use crate::types::{
     ApiKey, CreateApiKeyRequest, CreateApiKeyResponse, CreateTunnelRequest, CreateTunnelResponse,
-    DeleteTunnelRequest, DeleteTunnelResponse, ErrorBody, IssueTokenRequest, IssueTokenResponse,
-    ListApiKeysResponse, ListTunnelsQuery, ListTunnelsResponse,
+    DeleteTunnelRequest, DeleteTunnelResponse, ErrorBody, IssueCredentialRequest,
+    IssueTokenRequest, IssueTokenResponse, IssuedCredential, ListApiKeysResponse,
+    ListCredentialsResponse, ListTunnelsQuery, ListTunnelsResponse, TunnelCredential,
 };
 
 /// Time allowed for one call, connection included.
@@ -177,6 +178,40 @@ impl ControlClient {
         req: &IssueTokenRequest,
     ) -> Result<IssueTokenResponse, ControlError> {
         self.call(Method::POST, "/auth/token", Some(req)).await
+    }
+
+    /// `POST /v1/tunnels/{tunnel}/credentials` (`tunnel`: its id or name): a new tunnel
+    /// credential, its secret shown this once.
+    pub async fn issue_credential(
+        &self,
+        tunnel: &str,
+        req: &IssueCredentialRequest,
+    ) -> Result<IssuedCredential, ControlError> {
+        let path = format!("/v1/tunnels/{}/credentials", percent_encode(tunnel));
+        self.call(Method::POST, &path, Some(req)).await
+    }
+
+    /// `GET /v1/tunnels/{tunnel}/credentials`.
+    pub async fn list_credentials(
+        &self,
+        tunnel: &str,
+    ) -> Result<ListCredentialsResponse, ControlError> {
+        let path = format!("/v1/tunnels/{}/credentials", percent_encode(tunnel));
+        self.call::<(), _>(Method::GET, &path, None).await
+    }
+
+    /// `DELETE /v1/tunnels/{tunnel}/credentials/{credential_id}`.
+    pub async fn revoke_credential(
+        &self,
+        tunnel: &str,
+        credential_id: &str,
+    ) -> Result<TunnelCredential, ControlError> {
+        let path = format!(
+            "/v1/tunnels/{}/credentials/{}",
+            percent_encode(tunnel),
+            percent_encode(credential_id)
+        );
+        self.call::<(), _>(Method::DELETE, &path, None).await
     }
 
     /// `GET /.well-known/jwks.json`.

@@ -98,6 +98,16 @@ codes! {
     IdempotencyKeyReused = "idempotency_key_reused",
     /// A request with this idempotency key is still being processed; retry.
     IdempotencyKeyInUse = "idempotency_key_in_use",
+    /// A tunnel credential (`nbt_…`) is malformed or unknown, or its tunnel was deleted.
+    CredentialInvalid = "credential_invalid",
+    /// The tunnel credential was revoked; an agent stops.
+    CredentialRevoked = "credential_revoked",
+    /// No such credential on this tunnel.
+    CredentialNotFound = "credential_not_found",
+    /// The tunnel has as many unrevoked credentials as allowed.
+    TooManyCredentials = "too_many_credentials",
+    /// Credentials are for named tunnels only.
+    TunnelNotNamed = "tunnel_not_named",
     /// The token uses an algorithm that is not allowed.
     TokenAlgorithmNotAllowed = "token_algorithm_not_allowed",
     /// A key could not be used.
@@ -168,7 +178,12 @@ impl ErrorCode {
             | TooManyApiKeys
             | NameNotAllowed
             | InvalidNamePattern
-            | IdempotencyKeyReused => true,
+            | IdempotencyKeyReused
+            | CredentialInvalid
+            | CredentialRevoked
+            | CredentialNotFound
+            | TooManyCredentials
+            | TunnelNotNamed => true,
             // A clock can be fixed by waiting; a missing tunnel or edge, a full name
             // space, a busy or failing control can change by themselves.
             TokenNotYetValid | KeyError | NamesExhausted | TunnelNotFound | RateLimited
@@ -187,6 +202,8 @@ impl ErrorCode {
                     | ErrorCode::BadCredential
                     | ErrorCode::ApiKeyRevoked
                     | ErrorCode::ApiKeyExpired
+                    | ErrorCode::CredentialInvalid
+                    | ErrorCode::CredentialRevoked
             )
     }
 }

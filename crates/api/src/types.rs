@@ -39,6 +39,15 @@ pub struct CreateTunnelRequest {
     /// The tunnel's own limits, applied by edges on top of their own.
     #[serde(default, skip_serializing_if = "TunnelLimits::is_empty")]
     pub limits: TunnelLimits,
+    /// A tunnel credential (`nbt_…`; the `Authorization: Bearer` header works too):
+    /// gets its tunnel back, name included, with no other secret. The ephemeral token
+    /// then names the credential, and no recreate token is issued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel_credential: Option<String>,
+    /// With a management token (`tunnels:write`) and a requested name: also issue a
+    /// tunnel credential, returned once in the response's `credential`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub issue_credential: bool,
 }
 
 /// One edge an agent may connect to.
@@ -77,6 +86,9 @@ pub struct CreateTunnelResponse {
     /// Anything the caller should know, such as a clamped lifetime.
     #[serde(default)]
     pub note: String,
+    /// The credential issued with `issue_credential` (its secret shown this once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<IssuedCredential>,
 }
 
 impl CreateTunnelResponse {
@@ -246,6 +258,57 @@ pub struct CreateApiKeyResponse {
 pub struct ListApiKeysResponse {
     /// The caller's keys (every owner's for `admin`), newest first.
     pub api_keys: Vec<ApiKey>,
+}
+
+/// A tunnel credential as the APIs show it: never its secret, only the secret's first
+/// characters (`prefix`) to tell credentials apart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunnelCredential {
+    /// Credential id (`tcr_…`), for revoking it.
+    pub credential_id: String,
+    /// The tunnel it runs.
+    pub tunnel_id: String,
+    /// The secret's first characters (`nbt_` and 12 more), for display.
+    pub prefix: String,
+    /// The label given at issue (may be empty).
+    #[serde(default)]
+    pub label: String,
+    /// When it was issued (RFC 3339).
+    pub created_at: String,
+    /// When an agent last got a token with it (RFC 3339), if ever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<String>,
+    /// When it was revoked (RFC 3339), if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<String>,
+}
+
+/// `POST /v1/tunnels/{id}/credentials` request (the body may be empty).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssueCredentialRequest {
+    /// A label to tell credentials apart (e.g. `prod-sidecar`; at most
+    /// [`crate::ops::MAX_CREDENTIAL_LABEL`] bytes).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub label: String,
+}
+
+/// A credential just issued: the only time its secret is shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuedCredential {
+    /// The credential.
+    #[serde(flatten)]
+    pub credential: TunnelCredential,
+    /// The secret (`nbt_…`): pass it to the agent (`--tunnel-token`,
+    /// `NETBORE_TUNNEL_TOKEN`). Control keeps only its SHA-256.
+    pub secret: String,
+}
+
+/// `GET /v1/tunnels/{id}/credentials` response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListCredentialsResponse {
+    /// The tunnel's credentials, revoked ones included, oldest first.
+    pub credentials: Vec<TunnelCredential>,
 }
 
 /// Every error response: `{"error": {"code": "...", "message": "..."}}`.

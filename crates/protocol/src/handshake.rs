@@ -32,7 +32,16 @@ pub struct AgentHello {
     /// Free-form agent identification for logs, e.g. `netbore/0.1.0`.
     #[serde(default)]
     pub agent: String,
+    /// The agent process's instance id (random, kept in its state directory), so an
+    /// edge can tell two agents running on one tunnel credential apart and report it
+    /// ([`Welcome::warnings`]). Left out by agents that have none; at most
+    /// [`MAX_INSTANCE_ID_LEN`] bytes.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub instance_id: String,
 }
+
+/// Longest instance id an edge takes (longer ones are refused as a malformed hello).
+pub const MAX_INSTANCE_ID_LEN: usize = 64;
 
 impl std::fmt::Display for AgentHello {
     // Never prints the token.
@@ -82,6 +91,11 @@ pub struct Welcome {
     pub heartbeat_interval_ms: u64,
     /// Limits for the connection.
     pub limits: Limits,
+    /// Things the agent's user should know, each a sentence naming the fix (e.g. two
+    /// instances running on one tunnel credential). The agent prints each as a
+    /// warning; the link is accepted all the same. Left out when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// Stable reasons for refusing a hello.
@@ -109,6 +123,9 @@ pub enum RefusalCode {
     /// older tunnel never displaces it. Retry: once the other tunnel is gone (its
     /// deletion reaches the edge), the link is taken.
     NameInUse,
+    /// The tunnel credential the token was issued for was revoked; control refuses it
+    /// too. Not retryable: run the agent with a new credential.
+    CredentialRevoked,
 }
 
 /// Edge → agent when the hello is refused.
@@ -144,6 +161,7 @@ mod tests {
             tunnel_id: "t1".into(),
             capabilities: vec![],
             agent: "netbore/test".into(),
+            instance_id: String::new(),
         };
         assert!(!h.to_string().contains("secret"));
     }

@@ -597,6 +597,7 @@ fn refusal_code() -> impl Strategy<Value = RefusalCode> {
         RefusalCode::Draining,
         RefusalCode::Unavailable,
         RefusalCode::LimitReached,
+        RefusalCode::CredentialRevoked,
     ])
 }
 
@@ -621,6 +622,7 @@ fn edge_reply() -> impl Strategy<Value = EdgeReply> {
                         connection_window: l[2],
                         max_concurrent_streams: l[3],
                     },
+                    warnings: Vec::new(),
                 })
             }),
         (refusal_code(), ".{0,40}", any::<bool>()).prop_map(|(code, message, retryable)| {
@@ -639,9 +641,9 @@ proptest! {
     /// Hellos and replies survive JSON both ways, and replies carry their `type` tag.
     #[test]
     fn handshake_messages_round_trip_through_json(
-        hello in (any::<u32>(), "[a-z0-9]{16,32}", ".{0,20}", proptest::collection::vec(".{0,8}", 0..4), ".{0,20}")
-            .prop_map(|(version, secret, tunnel_id, capabilities, agent)| AgentHello {
-                version, token: format!("jwt.{secret}"), tunnel_id, capabilities, agent,
+        hello in (any::<u32>(), "[a-z0-9]{16,32}", ".{0,20}", proptest::collection::vec(".{0,8}", 0..4), ".{0,20}", "[a-z0-9]{0,16}")
+            .prop_map(|(version, secret, tunnel_id, capabilities, agent, instance_id)| AgentHello {
+                version, token: format!("jwt.{secret}"), tunnel_id, capabilities, agent, instance_id,
             }),
         reply in edge_reply(),
     ) {
@@ -676,6 +678,7 @@ fn refusal_codes_have_stable_names() {
         (RefusalCode::Draining, "draining"),
         (RefusalCode::Unavailable, "unavailable"),
         (RefusalCode::LimitReached, "limit_reached"),
+        (RefusalCode::CredentialRevoked, "credential_revoked"),
     ];
     for (code, name) in names {
         assert_eq!(serde_json::to_string(&code).unwrap(), format!("\"{name}\""));

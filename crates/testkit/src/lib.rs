@@ -138,6 +138,7 @@ impl Stack {
             connections: 1,
             access: Default::default(),
             limits: Default::default(),
+            tunnel_token: None,
         }
     }
 
@@ -554,6 +555,28 @@ impl ControlProc {
     /// Like [`ControlProc::spawn`], on the given REST and gRPC ports (to restart control
     /// where its edges and agents look for it).
     pub fn spawn_at(rest: u16, grpc: u16, extra: &[&str], env: &[(&str, &str)]) -> ControlProc {
+        ControlProc::spawn_inner(rest, grpc, extra, env, false)
+    }
+
+    /// Like [`ControlProc::spawn_at`], capturing its logs (stderr) line by line in
+    /// `proc.stdout` instead of its stdout (for tests of what control logs; set
+    /// `RUST_LOG` in `env` for more than warnings).
+    pub fn spawn_at_logs(
+        rest: u16,
+        grpc: u16,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> ControlProc {
+        ControlProc::spawn_inner(rest, grpc, extra, env, true)
+    }
+
+    fn spawn_inner(
+        rest: u16,
+        grpc: u16,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        logs: bool,
+    ) -> ControlProc {
         let (rest_addr, grpc_addr) = (format!("127.0.0.1:{rest}"), format!("127.0.0.1:{grpc}"));
         let mut args = vec!["--rest-addr", &rest_addr, "--grpc-addr", &grpc_addr];
         let has_db = extra.contains(&"--database-url")
@@ -567,7 +590,7 @@ impl ControlProc {
             env.push(("RUST_LOG", "warn"));
         }
         ControlProc {
-            proc: Proc::spawn("netbore-control", &args, &env),
+            proc: Proc::spawn_inner("netbore-control", &args, &env, logs),
             rest,
             grpc,
         }
@@ -646,6 +669,29 @@ impl EdgeProc {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> EdgeProc {
+        EdgeProc::spawn_inner(id, control, redis, extra, env, false)
+    }
+
+    /// Like [`EdgeProc::spawn_env`], capturing its logs (stderr) line by line in
+    /// `proc.stdout` instead of its stdout.
+    pub fn spawn_logs(
+        id: &str,
+        control: &ControlProc,
+        redis: Option<&str>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> EdgeProc {
+        EdgeProc::spawn_inner(id, control, redis, extra, env, true)
+    }
+
+    fn spawn_inner(
+        id: &str,
+        control: &ControlProc,
+        redis: Option<&str>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        logs: bool,
+    ) -> EdgeProc {
         let (public, agents, admin, internal) =
             (free_port(), free_port(), free_port(), free_port());
         let addr = |p: u16| format!("127.0.0.1:{p}");
@@ -677,7 +723,7 @@ impl EdgeProc {
         if !all_env.iter().any(|(k, _)| *k == "RUST_LOG") {
             all_env.push(("RUST_LOG", "warn"));
         }
-        let proc = Proc::spawn("netbore-edge", &args, &all_env);
+        let proc = Proc::spawn_inner("netbore-edge", &args, &all_env, logs);
         EdgeProc {
             proc,
             id: id.to_string(),

@@ -161,6 +161,12 @@ pub struct EphemeralClaims {
     /// The tunnel's own limits, on top of the edge's.
     #[serde(default, skip_serializing_if = "access::TunnelLimits::is_empty")]
     pub limits: access::TunnelLimits,
+    /// The tunnel credential (`nbt_…`) this token was issued for: its id (never the
+    /// secret), so edges close that credential's links when it is revoked and refuse
+    /// its tokens afterwards. Absent for tokens issued for a management or recreate
+    /// token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cred: Option<String>,
     // No session-cookie key here: anyone holding the token (the agent, and any edge
     // the agent offers it to) could forge viewers' cookies with it. Edges derive the
     // key from a seed control sends only to authenticated edges ([`SessionSeed`]).
@@ -191,6 +197,7 @@ impl EphemeralClaims {
             typ: TYP_EPHEMERAL.into(),
             access: access::AccessPolicy::default(),
             limits: access::TunnelLimits::default(),
+            cred: None,
         }
     }
 }

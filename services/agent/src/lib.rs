@@ -13,6 +13,11 @@
 //! deletes the saved state: with `--name` the agent then tries the management token and
 //! otherwise stops with an error naming the fix; a quick tunnel takes a new name and
 //! says so ([`AgentEvent::UrlChanged`]).
+//!
+//! With a tunnel credential (`--tunnel-token nbt_…`) the agent needs no other secret:
+//! every create, the first and each reconnect's, shows the credential; nothing is saved
+//! but the instance id ([`state::instance_id`]). A revoked credential stops the agent
+//! with `credential_revoked` (no retry).
 
 pub mod access;
 pub mod link;
@@ -78,6 +83,9 @@ pub struct AgentConfig {
     pub access: netbore_tokens::access::AccessPolicy,
     /// The tunnel's own limits, on top of the edges'.
     pub limits: netbore_tokens::access::TunnelLimits,
+    /// A tunnel credential (`nbt_…`): runs its tunnel with no other secret; every
+    /// create shows it, and no recreate token is kept.
+    pub tunnel_token: Option<String>,
 }
 
 /// What the agent reports as it runs (printed by the CLI, as text or JSON lines).
@@ -119,6 +127,12 @@ pub enum AgentEvent {
         name: String,
         /// Why the old name could not be kept.
         reason: String,
+    },
+    /// Something the user should know; the tunnel keeps serving (e.g. an edge saw
+    /// another agent instance linked with the same tunnel credential).
+    Warning {
+        /// What, and what to do about it.
+        message: String,
     },
     /// The agent stopped.
     Stopped,
@@ -191,6 +205,8 @@ struct Ctx {
     /// What the agent counts.
     metrics: Arc<AgentMetrics>,
     fatal: parking_lot::Mutex<Option<AgentError>>,
+    /// This agent's instance id, sent in every hello.
+    instance_id: String,
 }
 
 fn fatal(code: &str, message: String) -> AgentError {
@@ -225,8 +241,10 @@ pub async fn run_with_metrics(
         tls::client_config(cfg.edge_ca_file.as_deref(), cfg.edge_insecure)
             .map_err(|e| fatal("tls_config", e))?,
     );
+    let instance_id = state::instance_id(cfg.state_dir.as_deref());
+    // With a credential nothing is saved: the credential gets the tunnel back.
     let store = StateStore::for_tunnel(
-        cfg.state_dir.clone(),
+        cfg.state_dir.clone().filter(|_| cfg.tunnel_token.is_none()),
         &cfg.control_url,
         cfg.name.as_deref(),
         &origin.url().to_string(),
@@ -255,6 +273,7 @@ pub async fn run_with_metrics(
         origin,
         tls,
         cfg,
+        instance_id,
     });
     let mut slots = tokio::task::JoinSet::new();
     for i in 0..ctx.cfg.connections.max(1) {
@@ -347,11 +366,13 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
         } else {
             shared_token
         };
+        // With a credential, it alone, from every slot, every time.
+        let recreate_token = recreate_token.filter(|_| cfg.tunnel_token.is_none());
         let req = CreateTunnelRequest {
             requested_name: if index == 0 { cfg.name.clone() } else { None },
             preferred_transports: vec!["wss".into(), "ws".into()],
             region_hint: None,
-            management_token: if recreate_token.is_some() {
+            management_token: if recreate_token.is_some() || cfg.tunnel_token.is_some() {
                 None
             } else {
                 cfg.token.clone()
@@ -360,6 +381,8 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
             recreate_token_ttl_seconds: None,
             access: cfg.access.clone(),
             limits: cfg.limits.clone(),
+            tunnel_credential: cfg.tunnel_token.clone(),
+            issue_credential: false,
         };
         let created = match ctx.control.create(&req).await {
             Ok(c) => c,
@@ -367,6 +390,23 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
                 // Deleted on purpose: the state is of no further use.
                 ctx.store.clear();
                 return give_up(&ctx, fatal(code.as_str(), format!("{message} [{code}]")));
+            }
+            Err(ControlError::Api { code, message, .. })
+                if matches!(
+                    code,
+                    ErrorCode::CredentialInvalid | ErrorCode::CredentialRevoked
+                ) =>
+            {
+                // Revoked or unknown: only a new credential helps, never a retry.
+                return give_up(
+                    &ctx,
+                    fatal(
+                        code.as_str(),
+                        format!(
+                            "control refused the tunnel credential (--tunnel-token, NETBORE_TUNNEL_TOKEN): {message} [{code}]"
+                        ),
+                    ),
+                );
             }
             Err(e) if e.is_permanent() && index > 0 => {
                 // A spare slot's token was refused: slot 0 gets the tunnel back (or a
@@ -418,7 +458,7 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
                 continue;
             }
         };
-        if index == 0 {
+        if index == 0 && cfg.tunnel_token.is_none() {
             *ctx.current.lock() = Some(created.recreate_token.clone());
             ctx.recreate_refused.store(false, Ordering::Release);
             let reason = ctx.refused_reason.lock().take();
@@ -457,6 +497,7 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
                 &c.edge_url,
                 &created.ephemeral_token,
                 &created.tunnel_id,
+                &ctx.instance_id,
                 ctx.tls.clone(),
                 CancellationToken::new(),
             )
@@ -478,6 +519,13 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
                     ..
                 }) => {
                     return give_up(&ctx, fatal("edge_refused", message));
+                }
+                Err(LinkError::Refused {
+                    code: RefusalCode::CredentialRevoked,
+                    message,
+                    ..
+                }) => {
+                    return give_up(&ctx, fatal("credential_revoked", message));
                 }
                 Err(e) => {
                     warn!(edge = %c.edge_id, error = %e, "edge candidate failed");
@@ -509,6 +557,12 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
         };
         let mux = l.mux.clone();
         let edge_id = l.welcome.edge_id.clone();
+        for w in &l.welcome.warnings {
+            warn!(edge = %edge_id, warning = %w, "the edge warns");
+            let _ = ctx.events.send(AgentEvent::Warning {
+                message: format!("edge {edge_id}: {w}"),
+            });
+        }
         ctx.muxes.lock().push(mux.clone());
         if index == 0 {
             // Spare slots start once this link is live, so they see its edge as held

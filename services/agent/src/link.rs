@@ -57,6 +57,7 @@ pub async fn connect(
     url: &str,
     token: &str,
     tunnel_id: &str,
+    instance_id: &str,
     tls: Arc<rustls::ClientConfig>,
     cancel: CancellationToken,
 ) -> Result<Link, LinkError> {
@@ -79,6 +80,7 @@ pub async fn connect(
             tunnel_id: tunnel_id.to_string(),
             capabilities: vec![CAP_H2.into(), CAP_UPGRADE.into()],
             agent: format!("netbore/{}", env!("CARGO_PKG_VERSION")),
+            instance_id: instance_id.to_string(),
         };
         ws.send(Message::text(
             serde_json::to_string(&hello).expect("serializable"),

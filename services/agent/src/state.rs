@@ -59,6 +59,37 @@ pub fn tunnel_key(name: Option<&str>, origin: &str) -> String {
     }
 }
 
+/// The file in the state directory that keeps this agent's instance id.
+pub const INSTANCE_ID_FILE: &str = "instance-id";
+
+/// This agent's instance id: the one kept in `dir` ([`INSTANCE_ID_FILE`]), or a new
+/// random one (written there when it can be), so a restarted agent is the same
+/// instance and a second machine with its own state is another. Edges report two
+/// instances linked with one tunnel credential. Without a directory it is random per
+/// process.
+pub fn instance_id(dir: Option<&std::path::Path>) -> String {
+    let valid = |s: &str| {
+        !s.is_empty()
+            && s.len() <= netbore_protocol::handshake::MAX_INSTANCE_ID_LEN
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if let Some(d) = dir
+        && let Ok(s) = std::fs::read_to_string(d.join(INSTANCE_ID_FILE))
+        && valid(s.trim())
+    {
+        return s.trim().to_string();
+    }
+    let id = format!("ins-{:016x}", rand::random::<u64>());
+    if let Some(d) = dir {
+        let write = std::fs::create_dir_all(d)
+            .and_then(|_| std::fs::write(d.join(INSTANCE_ID_FILE), format!("{id}\n")));
+        if let Err(e) = write {
+            tracing::debug!(error = %e, "could not keep the instance id; a restart gets a new one");
+        }
+    }
+    id
+}
+
 /// The default state directory: `$NETBORE_STATE_DIR`, else `$XDG_STATE_HOME/netbore`,
 /// else `~/.local/state/netbore`.
 pub fn default_dir() -> Option<PathBuf> {

@@ -47,6 +47,16 @@ enum Cmd {
         /// the tunnel's recreate token, so this token may expire.
         #[arg(long, env = "NETBORE_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// Tunnel credential (nbt_…, issued by POST /v1/tunnels/{id}/credentials): runs
+        /// that named tunnel with no other secret, indefinitely, until it is revoked.
+        /// Nothing is saved but the agent's instance id.
+        #[arg(
+            long,
+            env = "NETBORE_TUNNEL_TOKEN",
+            hide_env_values = true,
+            conflicts_with = "token"
+        )]
+        tunnel_token: Option<String>,
         /// Extra CA certificate (PEM) to trust for wss:// edges.
         #[arg(long, env = "NETBORE_EDGE_CA")]
         edge_ca: Option<PathBuf>,
@@ -252,12 +262,14 @@ async fn main() -> ExitCode {
         connections: 1,
         access,
         limits,
+        tunnel_token: None,
     };
     match &cli.cmd {
         Cmd::Http {
             control,
             name,
             token,
+            tunnel_token,
             edge_ca,
             edge_insecure,
             connections,
@@ -267,6 +279,7 @@ async fn main() -> ExitCode {
             cfg.control_url = control.clone();
             cfg.name = name.clone();
             cfg.token = token.clone();
+            cfg.tunnel_token = tunnel_token.clone();
             cfg.edge_ca_file = edge_ca.clone();
             cfg.edge_insecure = *edge_insecure;
         }
@@ -329,7 +342,7 @@ async fn main() -> ExitCode {
                     Some(*links > 0)
                 }
                 AgentEvent::Stopped => Some(false),
-                AgentEvent::UrlChanged { .. } => None,
+                AgentEvent::UrlChanged { .. } | AgentEvent::Warning { .. } => None,
             };
             if let Some(up) = up {
                 ready2.store(up, std::sync::atomic::Ordering::Release);
@@ -362,6 +375,7 @@ async fn main() -> ExitCode {
                             "warning: the public URL changed from {old_url} to {url} ({reason}); the old one no longer reaches this service"
                         );
                     }
+                    AgentEvent::Warning { message } => eprintln!("warning: {message}"),
                     _ => {}
                 }
             }

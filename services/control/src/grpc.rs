@@ -3,6 +3,7 @@
 //! `grpc.health.v1` (the overall service `""` and `readiness`), so `grpcurl` works with no
 //! `.proto` file at hand.
 
+use netbore_api::ErrorCode;
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -18,8 +19,8 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::api::{
-    ApiKey, CreateApiKeyRequest, CreateTunnelRequest, DeleteTunnelRequest, IssueTokenRequest,
-    ListTunnelsQuery,
+    ApiKey, CreateApiKeyRequest, CreateTunnelRequest, DeleteTunnelRequest, IssueCredentialRequest,
+    IssueTokenRequest, IssuedCredential, ListTunnelsQuery, TunnelCredential,
 };
 use crate::ops::{self, ApiError};
 use crate::store::TunnelRecord;
@@ -119,6 +120,36 @@ fn api_key(k: ApiKey) -> pb::ApiKey {
     }
 }
 
+fn credential_pb(c: TunnelCredential) -> pb::TunnelCredential {
+    pb::TunnelCredential {
+        credential_id: c.credential_id,
+        tunnel_id: c.tunnel_id,
+        prefix: c.prefix,
+        label: c.label,
+        created_at: c.created_at,
+        last_used_at: c.last_used_at.unwrap_or_default(),
+        revoked_at: c.revoked_at.unwrap_or_default(),
+    }
+}
+
+fn issued_pb(c: IssuedCredential) -> pb::IssueTunnelCredentialResponse {
+    pb::IssueTunnelCredentialResponse {
+        credential: Some(credential_pb(c.credential)),
+        secret: c.secret,
+    }
+}
+
+/// The tunnel a credential call names: its id, else its name.
+fn tunnel_ref(tunnel_id: String, name: String) -> Result<String, Status> {
+    non_empty(tunnel_id).or(non_empty(name)).ok_or_else(|| {
+        status(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidRequest,
+            "give tunnel_id or name",
+        ))
+    })
+}
+
 /// The operators' service.
 pub struct ControlGrpc(pub Control);
 
@@ -153,6 +184,8 @@ impl ControlService for ControlGrpc {
                 limits: netbore_tokens::access::TunnelLimits {
                     max_body_bytes: r.limits.map(|l| l.max_body_bytes).filter(|n| *n > 0),
                 },
+                tunnel_credential: non_empty(r.tunnel_credential),
+                issue_credential: r.issue_credential,
             },
             client,
             non_empty(r.idempotency_key),
@@ -178,6 +211,7 @@ impl ControlService for ControlGrpc {
             recreate_token: out.recreate_token,
             candidates_expires_at: out.candidates_expires_at,
             note: out.note,
+            credential: out.credential.map(issued_pb),
         }))
     }
 
@@ -310,6 +344,52 @@ impl ControlService for ControlGrpc {
         Ok(Response::new(pb::ListEdgesResponse { edges }))
     }
 
+    async fn issue_tunnel_credential(
+        &self,
+        req: Request<pb::IssueTunnelCredentialRequest>,
+    ) -> Result<Response<pb::IssueTunnelCredentialResponse>, Status> {
+        let b = bearer(&req);
+        let r = req.into_inner();
+        let tunnel = tunnel_ref(r.tunnel_id, r.name)?;
+        let c = ops::issue_credential(
+            &self.0,
+            b,
+            &tunnel,
+            IssueCredentialRequest { label: r.label },
+        )
+        .await
+        .map_err(status)?;
+        Ok(Response::new(issued_pb(c)))
+    }
+
+    async fn list_tunnel_credentials(
+        &self,
+        req: Request<pb::ListTunnelCredentialsRequest>,
+    ) -> Result<Response<pb::ListTunnelCredentialsResponse>, Status> {
+        let b = bearer(&req);
+        let r = req.into_inner();
+        let tunnel = tunnel_ref(r.tunnel_id, r.name)?;
+        let list = ops::list_credentials(&self.0, b, &tunnel)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ListTunnelCredentialsResponse {
+            credentials: list.credentials.into_iter().map(credential_pb).collect(),
+        }))
+    }
+
+    async fn revoke_tunnel_credential(
+        &self,
+        req: Request<pb::RevokeTunnelCredentialRequest>,
+    ) -> Result<Response<pb::TunnelCredential>, Status> {
+        let b = bearer(&req);
+        let r = req.into_inner();
+        let tunnel = tunnel_ref(r.tunnel_id, r.name)?;
+        let c = ops::revoke_credential(&self.0, b, &tunnel, &r.credential_id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(credential_pb(c)))
+    }
+
     async fn issue_token(
         &self,
         req: Request<pb::IssueTokenRequest>,
@@ -411,6 +491,26 @@ fn disconnect(tunnel_id: String, revoked_until: u64) -> epb::EdgeCommand {
     }
 }
 
+fn revoke_credential(credential_id: String, revoked_until: u64) -> epb::EdgeCommand {
+    epb::EdgeCommand {
+        command: Some(epb::edge_command::Command::RevokeCredential(
+            epb::RevokeCredential {
+                credential_id,
+                revoked_until,
+            },
+        )),
+    }
+}
+
+/// The command for a revocation control remembers ([`Control::recent_revocations`]):
+/// a credential's (`cred:<id>`) or a deleted tunnel's.
+fn revocation(key: String, until: u64) -> epb::EdgeCommand {
+    match key.strip_prefix(ops::CREDENTIAL_PREFIX) {
+        Some(id) => revoke_credential(id.to_string(), until),
+        None => disconnect(key, until),
+    }
+}
+
 fn session_keys(seeds: &[netbore_tokens::SessionSeed]) -> epb::EdgeCommand {
     epb::EdgeCommand {
         command: Some(epb::edge_command::Command::SessionKeys(epb::SessionKeys {
@@ -504,7 +604,7 @@ impl EdgeService for EdgeGrpc {
                 return;
             }
             for (t, until) in recent {
-                if tx.send(Ok(disconnect(t, until))).await.is_err() {
+                if tx.send(Ok(revocation(t, until))).await.is_err() {
                     break;
                 }
             }
@@ -542,9 +642,10 @@ impl EdgeService for EdgeGrpc {
                                 Some(_) => epb::EdgeCommand {
                                     command: Some(epb::edge_command::Command::Drain(epb::Drain {})),
                                 },
+                                // A deleted tunnel, or a revoked credential (`cred:<id>`).
                                 None => {
                                     let until = control.record_revocation(&msg, netbore_tokens::now_unix());
-                                    disconnect(msg, until)
+                                    revocation(msg, until)
                                 }
                             };
                             if tx.send(Ok(cmd)).await.is_err() {

@@ -12,13 +12,13 @@ use netbore_tokens::{EphemeralClaims, ManagementClaims, RecreateClaims, TokenErr
 
 use crate::api::{
     Candidate, CreateTunnelRequest, CreateTunnelResponse, DeleteTunnelRequest, ErrorBody,
-    ErrorDetail, IssueTokenRequest, IssueTokenResponse, ListTunnelsQuery, ListTunnelsResponse,
-    Tunnel,
+    ErrorDetail, IssueCredentialRequest, IssueTokenRequest, IssueTokenResponse, IssuedCredential,
+    ListCredentialsResponse, ListTunnelsQuery, ListTunnelsResponse, Tunnel, TunnelCredential,
 };
 use crate::api_keys;
 use crate::metrics::Op;
 use crate::names::{self, NameError};
-use crate::store::{Claim, HELD_UNTIL_DELETED, StoreError, TunnelRecord};
+use crate::store::{Claim, CredentialRecord, HELD_UNTIL_DELETED, StoreError, TunnelRecord};
 use crate::{Control, EdgeEntry, MAX_CANDIDATES};
 use netbore_api::ErrorCode;
 use std::sync::atomic::Ordering;
@@ -184,6 +184,11 @@ pub(crate) async fn management(
 ) -> Result<Option<ManagementClaims>, ApiError> {
     match token {
         None => Ok(None),
+        Some(t) if is_credential(&t) => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
+            "a tunnel credential (nbt_…) only runs its own tunnel (POST /tunnels/create); this needs a management token or API key: send 'Authorization: Bearer <token>' (issue one with POST /auth/token)",
+        )),
         Some(t) if api_keys::is_api_key(&t) => api_keys::bearer_claims(control, &t).await.map(Some),
         Some(t) => control
             .verifier()
@@ -556,7 +561,43 @@ async fn create_inner(
     idempotency_key: Option<String>,
 ) -> Result<CreateTunnelResponse, ApiError> {
     let cfg = control.config();
-    let mgmt = management(control, req.management_token.clone().or(bearer)).await?;
+    // A tunnel credential (the field, or the bearer): its own tunnel, and nothing else.
+    let (bearer, bearer_credential) = match bearer {
+        Some(b) if is_credential(&b) => (None, Some(b)),
+        b => (b, None),
+    };
+    let credential = match req
+        .tunnel_credential
+        .as_deref()
+        .or(bearer_credential.as_deref())
+    {
+        Some(secret) => {
+            if bearer.is_some()
+                || req.management_token.is_some()
+                || req.recreate_token.is_some()
+                || req.issue_credential
+            {
+                return Err(ApiError::bad_request(
+                    "a tunnel credential runs its tunnel alone: leave out the management token (bearer or management_token), recreate_token and issue_credential",
+                ));
+            }
+            let (c, t) = verify_credential(control, secret).await?;
+            if let Some(n) = req.requested_name.as_ref().filter(|n| **n != t.name) {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    ErrorCode::Forbidden,
+                    format!(
+                        "the tunnel credential runs the tunnel '{}', not '{n}'; drop the name (--name) or pass that tunnel's credential",
+                        t.name
+                    ),
+                ));
+            }
+            Some((c, t))
+        }
+        None => None,
+    };
+    let mgmt_bearer = req.management_token.clone().or(bearer);
+    let mgmt = management(control, mgmt_bearer.clone()).await?;
     let recreate = match &req.recreate_token {
         Some(t) => Some(
             control
@@ -568,9 +609,10 @@ async fn create_inner(
     };
     // A valid recreate token for its own tunnel is a credential too: an agent whose
     // tunnel exists reconnects with it alone, long after any management token expired.
-    let own_tunnel = recreate
-        .as_ref()
-        .is_some_and(|r| req.requested_name.as_ref().is_none_or(|n| *n == r.name));
+    let own_tunnel = credential.is_some()
+        || recreate
+            .as_ref()
+            .is_some_and(|r| req.requested_name.as_ref().is_none_or(|n| *n == r.name));
     if cfg.require_token && !own_tunnel {
         require_scope(&mgmt, "tunnels:write")?;
     }
@@ -617,6 +659,7 @@ async fn create_inner(
     // refused for what it is, and before anything is stored.
     if mgmt.is_none()
         && recreate.is_none()
+        && credential.is_none()
         && let (Some(limiter), Some(client)) = (control.create_limiter(), client)
         && let Err(why) = limiter.take(client, std::time::Instant::now())
     {
@@ -688,7 +731,24 @@ async fn create_inner(
         Some(t) => t,
     };
 
+    if req.issue_credential {
+        // A named tunnel: a requested name and a management token that may write.
+        let named = req.requested_name.is_some()
+            && mgmt.as_ref().is_some_and(|m| m.allows("tunnels:write"));
+        if !named {
+            return Err(ApiError::bad_request(
+                "issue_credential needs a named tunnel: a requested_name and a management token with tunnels:write",
+            ));
+        }
+        authorize_credentials(control, mgmt_bearer.clone(), None).await?;
+    }
+
     let (record, replayed) = match &idem {
+        // A credential's tunnel exists (named, held until deleted): nothing to claim.
+        _ if credential.is_some() => (
+            credential.as_ref().map(|(_, t)| t.clone()).expect("some"),
+            false,
+        ),
         None => (
             claim_record(control, &req, recreate.as_ref(), mgmt.as_ref(), now).await?,
             false,
@@ -727,6 +787,7 @@ async fn create_inner(
         // sends only to authenticated edges (docs/security.md, "The cookie key").
         claims.access = req.access;
         claims.limits = req.limits;
+        claims.cred = credential.as_ref().map(|(c, _)| c.id.clone());
         let e = keys.sign_ephemeral(&claims).map_err(ApiError::internal)?;
         if e.len() > netbore_tokens::MAX_TOKEN_LEN {
             return Err(ApiError::bad_request(format!(
@@ -735,18 +796,25 @@ async fn create_inner(
                 netbore_tokens::MAX_TOKEN_LEN
             )));
         }
-        let r = keys
-            .sign_recreate(&RecreateClaims::new_at(
+        // None with a credential: a recreate token would outlive the credential's
+        // revocation.
+        let r = if credential.is_some() {
+            String::new()
+        } else {
+            keys.sign_recreate(&RecreateClaims::new_at(
                 now,
                 &cfg.issuer,
                 &record.tunnel_id,
                 &record.name,
                 ttl,
             ))
-            .map_err(ApiError::internal)?;
+            .map_err(ApiError::internal)?
+        };
         (e, r)
     };
-    notes.push(if record.expires_at == HELD_UNTIL_DELETED {
+    notes.push(if credential.is_some() {
+        "no recreate token with a tunnel credential: the credential gets the tunnel back until it is revoked".to_string()
+    } else if record.expires_at == HELD_UNTIL_DELETED {
         format!("recreate token valid for {ttl} s; the name is held until the tunnel is deleted")
     } else {
         format!(
@@ -757,14 +825,22 @@ async fn create_inner(
     if replayed {
         notes.push("the tunnel this Idempotency-Key created before".into());
     }
-    tracing::info!(tunnel = %record.tunnel_id, name = %record.name, owner = ?record.owner, recreated = recreate.is_some(), replayed, "tunnel created");
+    let issued = if req.issue_credential {
+        Some(new_credential(control, &record, String::new()).await?)
+    } else {
+        None
+    };
+    let back = recreate.is_some() || credential.is_some();
+    tracing::info!(tunnel = %record.tunnel_id, name = %record.name, owner = ?record.owner, recreated = back, replayed, credential = credential.as_ref().map(|(c, _)| c.id.as_str()), "tunnel created");
     let m = control.metrics();
     m.tokens_issued[0].fetch_add(1, Ordering::Relaxed);
-    m.tokens_issued[1].fetch_add(1, Ordering::Relaxed);
-    if !replayed {
-        m.tunnels_created[usize::from(recreate.is_some())].fetch_add(1, Ordering::Relaxed);
+    if credential.is_none() {
+        m.tokens_issued[1].fetch_add(1, Ordering::Relaxed);
     }
-    if recreate.is_none() && !replayed {
+    if !replayed {
+        m.tunnels_created[usize::from(back)].fetch_add(1, Ordering::Relaxed);
+    }
+    if !back && !replayed {
         api_keys::audit(
             control,
             mgmt.as_ref().map_or("anonymous", |m| m.sub.as_str()),
@@ -783,6 +859,7 @@ async fn create_inner(
         recreate_token,
         candidates_expires_at: rfc3339(now + eph_ttl),
         note: notes.join("; "),
+        credential: issued,
     })
 }
 
@@ -1209,6 +1286,263 @@ fn issue_token_inner(
         scopes,
         expires_at: rfc3339(claims.exp),
     })
+}
+
+// ---- Tunnel credentials (`nbt_…`) ----
+
+/// Every tunnel credential's secret starts with this, so it is told apart from a JWT.
+pub const CREDENTIAL_SECRET_PREFIX: &str = "nbt_";
+/// Random bytes in a credential's secret (hex after [`CREDENTIAL_SECRET_PREFIX`]).
+pub const CREDENTIAL_SECRET_BYTES: usize = 32;
+/// Characters of the secret kept (as `prefix`) for display and lookup:
+/// [`CREDENTIAL_SECRET_PREFIX`] and 12 hex digits (48 of its 256 bits).
+pub const CREDENTIAL_PREFIX_LEN: usize = CREDENTIAL_SECRET_PREFIX.len() + 12;
+/// Longest credential label, in bytes.
+pub const MAX_CREDENTIAL_LABEL: usize = 128;
+/// Most unrevoked credentials one tunnel may have (rotation needs two).
+pub const MAX_CREDENTIALS_PER_TUNNEL: usize = 20;
+/// Prefix of a message on the deletion feed that announces a revoked credential
+/// (`cred:<credential id>`); edges close its links and refuse its tokens.
+pub const CREDENTIAL_PREFIX: &str = "cred:";
+
+/// Whether `bearer` looks like a tunnel credential rather than a token.
+pub fn is_credential(bearer: &str) -> bool {
+    bearer.starts_with(CREDENTIAL_SECRET_PREFIX)
+}
+
+fn sha256_hex(s: &str) -> String {
+    use aws_lc_rs::digest::{SHA256, digest};
+    digest(&SHA256, s.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A tunnel credential as the APIs show it.
+pub fn credential_view(r: &CredentialRecord) -> TunnelCredential {
+    TunnelCredential {
+        credential_id: r.id.clone(),
+        tunnel_id: r.tunnel_id.clone(),
+        prefix: r.prefix.clone(),
+        label: r.label.clone(),
+        created_at: rfc3339(r.created_at),
+        last_used_at: r.last_used_at.map(rfc3339),
+        revoked_at: r.revoked_at.map(rfc3339),
+    }
+}
+
+/// Who may manage a tunnel's credentials (issue, list, revoke): a management token or
+/// API key with `tunnels:write` for its own tunnel ([`authorize_tunnel`]: another
+/// owner's tunnel is `tunnel_not_found`), or `admin` for any. `tunnel` is `None` when
+/// no such tunnel exists (the caller is checked first, so a stranger learns nothing).
+pub async fn authorize_credentials(
+    control: &Control,
+    bearer: Option<String>,
+    tunnel: Option<&TunnelRecord>,
+) -> Result<(), ApiError> {
+    let m = management(control, bearer).await?;
+    require_scope(&m, "tunnels:write")?;
+    match (m, tunnel) {
+        (Some(m), Some(t)) => authorize_tunnel(&m, t, TunnelAction::Write),
+        _ => Ok(()),
+    }
+}
+
+/// The named tunnel `tunnel` (an id `tun_…`, or a name) whose credentials the caller
+/// may manage.
+async fn credential_tunnel(
+    control: &Control,
+    bearer: Option<String>,
+    tunnel: &str,
+) -> Result<TunnelRecord, ApiError> {
+    let now = now_unix();
+    let found = if tunnel.starts_with("tun_") {
+        control.store().by_id(tunnel, now).await?
+    } else {
+        control.store().by_name(tunnel, now).await?
+    };
+    authorize_credentials(control, bearer, found.as_ref()).await?;
+    let t = found.ok_or_else(tunnel_not_found)?;
+    if t.expires_at != HELD_UNTIL_DELETED {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            ErrorCode::TunnelNotNamed,
+            format!(
+                "the tunnel '{}' is a quick tunnel; credentials are for named tunnels, which hold their name until deleted: create one with a management token and a name (POST /tunnels/create with requested_name)",
+                t.name
+            ),
+        ));
+    }
+    Ok(t)
+}
+
+/// Issues a credential for `tunnel` (a named tunnel's id or name): the secret is in
+/// the answer and nowhere else. Authorised by [`authorize_credentials`].
+pub async fn issue_credential(
+    control: &Control,
+    bearer: Option<String>,
+    tunnel: &str,
+    req: IssueCredentialRequest,
+) -> Result<IssuedCredential, ApiError> {
+    let t = credential_tunnel(control, bearer, tunnel).await?;
+    new_credential(control, &t, req.label).await
+}
+
+async fn new_credential(
+    control: &Control,
+    t: &TunnelRecord,
+    label: String,
+) -> Result<IssuedCredential, ApiError> {
+    if label.len() > MAX_CREDENTIAL_LABEL || label.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(format!(
+            "the label is longer than {MAX_CREDENTIAL_LABEL} bytes or holds control characters; give a short one such as 'prod-sidecar'"
+        )));
+    }
+    let active = control
+        .store()
+        .credentials_of(&t.tunnel_id)
+        .await?
+        .iter()
+        .filter(|c| c.revoked_at.is_none())
+        .count();
+    if active >= MAX_CREDENTIALS_PER_TUNNEL {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            ErrorCode::TooManyCredentials,
+            format!(
+                "the tunnel '{}' has {active} unrevoked credentials, the most one may have; revoke unused ones (DELETE /v1/tunnels/{}/credentials/<id>)",
+                t.name, t.tunnel_id
+            ),
+        ));
+    }
+    let now = now_unix();
+    let bytes: [u8; CREDENTIAL_SECRET_BYTES] = rand::random();
+    let secret = format!(
+        "{CREDENTIAL_SECRET_PREFIX}{}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    );
+    let id: u128 = rand::random();
+    let rec = CredentialRecord {
+        id: format!("tcr_{:026x}", id & ((1u128 << 104) - 1)),
+        tunnel_id: t.tunnel_id.clone(),
+        prefix: secret[..CREDENTIAL_PREFIX_LEN].to_string(),
+        label,
+        created_at: now,
+        last_used_at: None,
+        revoked_at: None,
+    };
+    control
+        .store()
+        .insert_credential(&rec, &sha256_hex(&secret))
+        .await?;
+    tracing::info!(tunnel = %t.tunnel_id, credential = %rec.id, "tunnel credential issued");
+    Ok(IssuedCredential {
+        credential: credential_view(&rec),
+        secret,
+    })
+}
+
+/// The credentials of `tunnel`, revoked ones included; never a secret.
+pub async fn list_credentials(
+    control: &Control,
+    bearer: Option<String>,
+    tunnel: &str,
+) -> Result<ListCredentialsResponse, ApiError> {
+    let t = credential_tunnel(control, bearer, tunnel).await?;
+    let list = control.store().credentials_of(&t.tunnel_id).await?;
+    Ok(ListCredentialsResponse {
+        credentials: list.iter().map(credential_view).collect(),
+    })
+}
+
+/// Revokes credential `credential_id` of `tunnel`: control refuses it from now on
+/// (401 `credential_revoked`), and every edge, through every replica, closes the links
+/// that used it and refuses its ephemeral tokens ([`CREDENTIAL_PREFIX`]). Revoking
+/// twice is harmless (the first time is kept; the edges are told again).
+pub async fn revoke_credential(
+    control: &Control,
+    bearer: Option<String>,
+    tunnel: &str,
+    credential_id: &str,
+) -> Result<TunnelCredential, ApiError> {
+    let t = credential_tunnel(control, bearer, tunnel).await?;
+    let rec = control
+        .store()
+        .revoke_credential(&t.tunnel_id, credential_id, now_unix())
+        .await?
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                ErrorCode::CredentialNotFound,
+                format!(
+                    "the tunnel '{}' has no credential '{credential_id}'; list them with GET /v1/tunnels/{}/credentials",
+                    t.name, t.tunnel_id
+                ),
+            )
+        })?;
+    control
+        .announce_deletion_everywhere(&format!("{CREDENTIAL_PREFIX}{}", rec.id))
+        .await;
+    tracing::info!(tunnel = %t.tunnel_id, credential = %rec.id, "tunnel credential revoked");
+    Ok(credential_view(&rec))
+}
+
+fn credential_invalid(why: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        ErrorCode::CredentialInvalid,
+        format!(
+            "the tunnel credential was refused: {why}; pass the whole nbt_… secret as issued, or issue a new one (POST /v1/tunnels/<tunnel>/credentials)"
+        ),
+    )
+}
+
+/// The credential `secret` names and its tunnel, or why it is refused.
+async fn verify_credential(
+    control: &Control,
+    secret: &str,
+) -> Result<(CredentialRecord, TunnelRecord), ApiError> {
+    let well_formed = secret.len() == CREDENTIAL_SECRET_PREFIX.len() + 2 * CREDENTIAL_SECRET_BYTES
+        && is_credential(secret)
+        && secret[CREDENTIAL_SECRET_PREFIX.len()..]
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit());
+    if !well_formed {
+        return Err(credential_invalid("it is not a tunnel credential"));
+    }
+    let Some((rec, hash)) = control
+        .store()
+        .credential_by_prefix(&secret[..CREDENTIAL_PREFIX_LEN])
+        .await?
+    else {
+        return Err(credential_invalid(
+            "no such credential (its tunnel may have been deleted)",
+        ));
+    };
+    if !secrets_equal(&sha256_hex(secret), &hash) {
+        return Err(credential_invalid("no such credential"));
+    }
+    if let Some(at) = rec.revoked_at {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::CredentialRevoked,
+            format!(
+                "the tunnel credential {} was revoked at {}; issue a new one (POST /v1/tunnels/{}/credentials) and run the agent with it",
+                rec.id,
+                rfc3339(at),
+                rec.tunnel_id
+            ),
+        ));
+    }
+    let now = now_unix();
+    let Some(t) = control.store().by_id(&rec.tunnel_id, now).await? else {
+        return Err(credential_invalid("its tunnel was deleted"));
+    };
+    if let Err(e) = control.store().touch_credential(&rec.id, now).await {
+        tracing::debug!(credential = %rec.id, error = %e, "last use of a credential not recorded");
+    }
+    Ok((rec, t))
 }
 
 #[cfg(test)]

@@ -22,8 +22,9 @@ use tokio_util::sync::CancellationToken;
 use crate::Control;
 use crate::api::{
     ApiKey, CreateApiKeyRequest, CreateApiKeyResponse, CreateTunnelRequest, CreateTunnelResponse,
-    DeleteTunnelRequest, DeleteTunnelResponse, IssueTokenRequest, IssueTokenResponse,
-    ListApiKeysResponse, ListTunnelsQuery, ListTunnelsResponse,
+    DeleteTunnelRequest, DeleteTunnelResponse, IssueCredentialRequest, IssueTokenRequest,
+    IssueTokenResponse, IssuedCredential, ListApiKeysResponse, ListCredentialsResponse,
+    ListTunnelsQuery, ListTunnelsResponse, TunnelCredential,
 };
 use crate::ops::{self, ApiError};
 
@@ -39,6 +40,14 @@ pub fn rest_router(control: Control) -> Router {
         .route("/auth/token", post(issue_token))
         .route("/v1/api-keys", post(create_api_key).get(list_api_keys))
         .route("/v1/api-keys/{id}", delete_route(revoke_api_key))
+        .route(
+            "/v1/tunnels/{tunnel}/credentials",
+            post(issue_credential).get(list_credentials),
+        )
+        .route(
+            "/v1/tunnels/{tunnel}/credentials/{credential}",
+            delete_route(revoke_credential),
+        )
         .route("/.well-known/jwks.json", get(jwks))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -53,7 +62,7 @@ pub fn rest_router(control: Control) -> Router {
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 ErrorCode::MethodNotAllowed,
-                "wrong method: /tunnels/create, /tunnels/delete and /auth/token take POST; /tunnels/list, /.well-known/jwks.json, /healthz and /readyz take GET; /v1/api-keys takes POST and GET, /v1/api-keys/{id} DELETE",
+                "wrong method: /tunnels/create, /tunnels/delete and /auth/token take POST; /tunnels/list, /.well-known/jwks.json, /healthz and /readyz take GET; /v1/api-keys takes POST and GET, /v1/api-keys/{id} DELETE; /v1/tunnels/{tunnel}/credentials takes POST (issue) and GET (list), /v1/tunnels/{tunnel}/credentials/{credential} takes DELETE (revoke)",
             )
         })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
@@ -225,6 +234,37 @@ async fn issue_token(
     JsonBody(req): JsonBody<IssueTokenRequest>,
 ) -> Result<Json<IssueTokenResponse>, ApiError> {
     ops::issue_token(&control, bearer(&headers), req)
+        .await
+        .map(Json)
+}
+
+async fn issue_credential(
+    State(control): State<Control>,
+    Path(tunnel): Path<String>,
+    headers: HeaderMap,
+    JsonBody(req): JsonBody<IssueCredentialRequest>,
+) -> Result<Json<IssuedCredential>, ApiError> {
+    ops::issue_credential(&control, bearer(&headers), &tunnel, req)
+        .await
+        .map(Json)
+}
+
+async fn list_credentials(
+    State(control): State<Control>,
+    Path(tunnel): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<ListCredentialsResponse>, ApiError> {
+    ops::list_credentials(&control, bearer(&headers), &tunnel)
+        .await
+        .map(Json)
+}
+
+async fn revoke_credential(
+    State(control): State<Control>,
+    Path((tunnel, credential)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Json<TunnelCredential>, ApiError> {
+    ops::revoke_credential(&control, bearer(&headers), &tunnel, &credential)
         .await
         .map(Json)
 }

@@ -43,7 +43,9 @@ use sqlx::migrate::Migrator;
 use sqlx::{Executor, Row};
 
 use crate::ConfigError;
-use crate::store::{Claim, ControlStore, NEVER, StoreError, StoreFuture, TunnelRecord};
+use crate::store::{
+    Claim, ControlStore, CredentialRecord, NEVER, StoreError, StoreFuture, TunnelRecord,
+};
 
 /// The schema, embedded from `services/control/migrations/`.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
@@ -199,6 +201,24 @@ fn record(r: &AnyRow) -> Result<TunnelRecord, sqlx::Error> {
         created_at: from_db_time(r.try_get("created_at")?),
         expires_at: from_db_time(r.try_get("expires_at")?),
         owner: r.try_get("owner")?,
+    })
+}
+
+/// The columns [`credential`] reads.
+const CREDENTIAL_COLUMNS: &str =
+    "id, tunnel_id, prefix, label, created_at, last_used_at, revoked_at";
+
+fn credential(r: &AnyRow) -> Result<CredentialRecord, sqlx::Error> {
+    Ok(CredentialRecord {
+        id: r.try_get("id")?,
+        tunnel_id: r.try_get("tunnel_id")?,
+        prefix: r.try_get("prefix")?,
+        label: r.try_get("label")?,
+        created_at: from_db_time(r.try_get("created_at")?),
+        last_used_at: r
+            .try_get::<Option<i64>, _>("last_used_at")?
+            .map(from_db_time),
+        revoked_at: r.try_get::<Option<i64>, _>("revoked_at")?.map(from_db_time),
     })
 }
 
@@ -848,6 +868,107 @@ impl ControlStore for SqlStore {
                 .await?;
             }
             Ok(())
+        })
+    }
+
+    fn insert_credential<'a>(
+        &'a self,
+        cred: &'a CredentialRecord,
+        secret_hash: &'a str,
+    ) -> StoreFuture<'a, ()> {
+        let q = sqlx::query(
+            "INSERT INTO tunnel_credentials (id, tunnel_id, prefix, secret_hash, label, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(cred.id.clone())
+        .bind(cred.tunnel_id.clone())
+        .bind(cred.prefix.clone())
+        .bind(secret_hash.to_owned())
+        .bind(cred.label.clone())
+        .bind(db_time(cred.created_at));
+        Box::pin(async move {
+            let p = self.owned_pool().await?;
+            self.timed("storing a tunnel credential", async move {
+                q.execute(&p).await.map(|_| ())
+            })
+            .await
+        })
+    }
+
+    fn credential_by_prefix<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> StoreFuture<'a, Option<(CredentialRecord, String)>> {
+        let q = sqlx::query(
+            "SELECT id, tunnel_id, prefix, label, created_at, last_used_at, revoked_at, secret_hash \
+             FROM tunnel_credentials WHERE prefix = $1",
+        )
+        .bind(prefix.to_owned());
+        Box::pin(async move {
+            let p = self.owned_pool().await?;
+            self.timed("reading a tunnel credential", async move {
+                match q.fetch_optional(&p).await? {
+                    Some(r) => Ok(Some((credential(&r)?, r.try_get("secret_hash")?))),
+                    None => Ok(None),
+                }
+            })
+            .await
+        })
+    }
+
+    fn credentials_of<'a>(&'a self, tunnel_id: &'a str) -> StoreFuture<'a, Vec<CredentialRecord>> {
+        let q = sqlx::query(
+            "SELECT id, tunnel_id, prefix, label, created_at, last_used_at, revoked_at \
+             FROM tunnel_credentials WHERE tunnel_id = $1 ORDER BY created_at, id",
+        )
+        .bind(tunnel_id.to_owned());
+        Box::pin(async move {
+            let p = self.owned_pool().await?;
+            self.timed("listing tunnel credentials", async move {
+                let rows = q.fetch_all(&p).await?;
+                rows.iter().map(credential).collect()
+            })
+            .await
+        })
+    }
+
+    fn revoke_credential<'a>(
+        &'a self,
+        tunnel_id: &'a str,
+        id: &'a str,
+        now: u64,
+    ) -> StoreFuture<'a, Option<CredentialRecord>> {
+        let sql = format!(
+            "UPDATE tunnel_credentials SET revoked_at = COALESCE(revoked_at, $3) \
+             WHERE tunnel_id = $1 AND id = $2 RETURNING {CREDENTIAL_COLUMNS}"
+        );
+        let (tunnel_id, id) = (tunnel_id.to_owned(), id.to_owned());
+        Box::pin(async move {
+            let p = self.owned_pool().await?;
+            self.timed("revoking a tunnel credential", async move {
+                sqlx::query(&sql)
+                    .bind(tunnel_id)
+                    .bind(id)
+                    .bind(db_time(now))
+                    .fetch_optional(&p)
+                    .await?
+                    .map(|r| credential(&r))
+                    .transpose()
+            })
+            .await
+        })
+    }
+
+    fn touch_credential<'a>(&'a self, id: &'a str, now: u64) -> StoreFuture<'a, ()> {
+        let q = sqlx::query("UPDATE tunnel_credentials SET last_used_at = $2 WHERE id = $1")
+            .bind(id.to_owned())
+            .bind(db_time(now));
+        Box::pin(async move {
+            let p = self.owned_pool().await?;
+            self.timed("recording a credential's use", async move {
+                q.execute(&p).await.map(|_| ())
+            })
+            .await
         })
     }
 

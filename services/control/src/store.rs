@@ -48,6 +48,26 @@ pub struct TunnelRecord {
 /// separate flag.
 pub const HELD_UNTIL_DELETED: u64 = NEVER;
 
+/// A tunnel credential as control stores it (its secret only as a hash, kept apart:
+/// see [`ControlStore::credential_by_prefix`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CredentialRecord {
+    /// Credential id (`tcr_…`).
+    pub id: String,
+    /// The tunnel it runs.
+    pub tunnel_id: String,
+    /// The secret's first characters, unique: how a presented secret is found.
+    pub prefix: String,
+    /// Label given at issue.
+    pub label: String,
+    /// Issue time (Unix seconds).
+    pub created_at: u64,
+    /// Last time an agent got a token with it (Unix seconds).
+    pub last_used_at: Option<u64>,
+    /// Revocation time (Unix seconds); a revoked credential is refused for good.
+    pub revoked_at: Option<u64>,
+}
+
 /// Result of a claim.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
@@ -134,6 +154,31 @@ pub trait ControlStore: crate::accounts::AccountStore + Send + Sync + 'static {
     fn is_revoked<'a>(&'a self, tunnel_id: &'a str, now: u64) -> StoreFuture<'a, bool>;
     /// Fails while the store cannot serve (readiness probes ask this).
     fn ping(&self) -> StoreFuture<'_, ()>;
+    /// Stores a new credential with the SHA-256 (hex) of its secret. Fails on a prefix
+    /// already used (odds about 2^-48; the caller may retry with a new secret) and on a
+    /// tunnel that no longer exists.
+    fn insert_credential<'a>(
+        &'a self,
+        cred: &'a CredentialRecord,
+        secret_hash: &'a str,
+    ) -> StoreFuture<'a, ()>;
+    /// The credential whose secret starts with `prefix`, and its secret's hash.
+    fn credential_by_prefix<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> StoreFuture<'a, Option<(CredentialRecord, String)>>;
+    /// Every credential of `tunnel_id`, revoked ones included, oldest first.
+    fn credentials_of<'a>(&'a self, tunnel_id: &'a str) -> StoreFuture<'a, Vec<CredentialRecord>>;
+    /// Marks credential `id` of `tunnel_id` revoked at `now` (a second revocation keeps
+    /// the first time) and returns it; `None` when the tunnel has no such credential.
+    fn revoke_credential<'a>(
+        &'a self,
+        tunnel_id: &'a str,
+        id: &'a str,
+        now: u64,
+    ) -> StoreFuture<'a, Option<CredentialRecord>>;
+    /// Records that credential `id` was used at `now`.
+    fn touch_credential<'a>(&'a self, id: &'a str, now: u64) -> StoreFuture<'a, ()>;
 }
 
 /// The live state several replicas share: what edges can rebuild within a report

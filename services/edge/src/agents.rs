@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use netbore_mux::{Mux, MuxConfig, Role, ws_config};
-use netbore_protocol::handshake::{MAX_HANDSHAKE_LEN, RefusalCode};
+use netbore_protocol::handshake::{MAX_HANDSHAKE_LEN, MAX_INSTANCE_ID_LEN, RefusalCode};
 use netbore_protocol::{AgentHello, EdgeReply, PROTOCOL_VERSION, Refusal, Welcome};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -142,6 +142,20 @@ where
         )
         .await;
     }
+    if hello.instance_id.len() > MAX_INSTANCE_ID_LEN
+        || hello.instance_id.chars().any(|c| c.is_control())
+    {
+        return refuse(
+            &edge,
+            &mut ws,
+            RefusalCode::MalformedHello,
+            &format!(
+                "the instance_id is longer than {MAX_INSTANCE_ID_LEN} bytes or holds control characters; remove the agent's instance-id file to get a new one"
+            ),
+            false,
+        )
+        .await;
+    }
     if edge.is_draining() {
         return refuse(
             &edge,
@@ -191,6 +205,22 @@ where
             &mut ws,
             RefusalCode::TunnelDeleted,
             "the tunnel was deleted at control; its tokens are refused. Start the agent without its saved state to create a new tunnel",
+            false,
+        )
+        .await;
+    }
+    if let Some(cred) = &grant.credential
+        && edge.gate().is_credential_revoked(cred)
+    {
+        warn!(tunnel = %grant.tunnel_id, credential = %cred, "agent refused: the tunnel credential was revoked");
+        return refuse(
+            &edge,
+            &mut ws,
+            RefusalCode::CredentialRevoked,
+            &format!(
+                "the tunnel credential {cred} was revoked at control; issue a new one (POST /v1/tunnels/{}/credentials) and run the agent with it [credential_revoked]",
+                grant.tunnel_id
+            ),
             false,
         )
         .await;
@@ -325,12 +355,29 @@ where
         }
     }
     let cfg = edge.config();
+    // Two agents on one credential are allowed (a rotation runs two for a moment) but
+    // reported: a credential copied onto a second machine shows up here.
+    let mut warnings = Vec::new();
+    if let Some(cred) = &grant.credential
+        && !hello.instance_id.is_empty()
+    {
+        let others = edge.routes().other_instances(cred, &hello.instance_id);
+        if !others.is_empty() {
+            warn!(tunnel = %grant.tunnel_id, name = %grant.name, credential = %cred, instance = %hello.instance_id, others = %others.join(","), "two agent instances are linked with one tunnel credential");
+            warnings.push(format!(
+                "another agent instance ({}) is linked with this tunnel credential ({cred}) as well as this one ({}); both serve the tunnel. If that is not a rotation in progress, give each agent its own credential and revoke the shared one",
+                others.join(", "),
+                hello.instance_id
+            ));
+        }
+    }
     let welcome = EdgeReply::Welcome(Welcome {
         version: PROTOCOL_VERSION,
         session_id: session_id.clone(),
         edge_id: cfg.edge_id.clone(),
         heartbeat_interval_ms: cfg.heartbeat_interval.as_millis() as u64,
         limits: cfg.limits,
+        warnings,
     });
     // The route goes in before the welcome goes out: once the agent hears the welcome
     // it tells its user the URL, which must already work.
@@ -353,6 +400,8 @@ where
             conn_id,
             mux: mux.clone(),
             access,
+            credential: grant.credential.clone(),
+            instance_id: hello.instance_id.clone(),
         },
     ) {
         // Another tunnel's agent took the name between the check above and now.
@@ -368,7 +417,7 @@ where
     if edge.is_draining() {
         mux.go_away("edge is shutting down");
     }
-    info!(tunnel = %grant.tunnel_id, name = %grant.name, session = %session_id, agent = %hello.agent, "agent connected");
+    info!(tunnel = %grant.tunnel_id, name = %grant.name, session = %session_id, agent = %hello.agent, instance = %hello.instance_id, credential = grant.credential.as_deref().unwrap_or(""), "agent connected");
     mux.closed().await;
     edge.routes().remove(&grant.name, conn_id);
     if let Some((cluster, holder)) = &lease {

@@ -26,6 +26,9 @@ pub struct AgentGrant {
     pub limits: netbore_tokens::access::TunnelLimits,
     /// When the token expires (Unix seconds).
     pub expires_at: u64,
+    /// The tunnel credential the token was issued for (its id, the `cred` claim), if
+    /// any: revoking it closes this link.
+    pub credential: Option<String>,
 }
 
 /// Why a token was refused.
@@ -63,6 +66,7 @@ fn grant(c: netbore_tokens::EphemeralClaims) -> AgentGrant {
         access: c.access,
         limits: c.limits,
         expires_at: c.exp,
+        credential: c.cred,
     }
 }
 

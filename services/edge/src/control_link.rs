@@ -1,9 +1,10 @@
 //! The edge's link to control: a bidirectional gRPC stream on which the edge reports
 //! its load and the tunnels linked to it every [`REPORT_INTERVAL`] (and at once when a
 //! tunnel first links here), which keeps their names held at control, and control sends
-//! commands (disconnect a deleted tunnel, drain, session seeds). Every call carries the
-//! edge's credential (`authorization: Bearer <token>`); control refuses a link without
-//! one. Reconnects with backoff; the edge keeps serving while it is down.
+//! commands (disconnect a deleted tunnel, close a revoked credential's links, drain,
+//! session seeds). Every call carries the edge's credential (`authorization: Bearer
+//! <token>`); control refuses a link without one. Reconnects with backoff; the edge
+//! keeps serving while it is down.
 
 use std::time::Duration;
 
@@ -150,6 +151,12 @@ async fn link_once(
                         let n = edge.revoke_tunnel(&d.tunnel_id, d.revoked_until);
                         if n > 0 {
                             info!(tunnel = %d.tunnel_id, connections = n, "tunnel deleted at control; agents disconnected");
+                        }
+                    }
+                    Some(Command::RevokeCredential(r)) => {
+                        let n = edge.revoke_credential(&r.credential_id, r.revoked_until);
+                        if n > 0 {
+                            info!(credential = %r.credential_id, connections = n, "tunnel credential revoked at control; its links told to go and closed");
                         }
                     }
                     Some(Command::SessionKeys(k)) => {

@@ -32,6 +32,10 @@ pub const TOKEN_HANDSHAKE_REFILL: Duration = Duration::from_millis(500);
 /// Most revoked tunnels remembered; beyond it the ones that lapse soonest go first.
 pub const MAX_REVOCATIONS: usize = 100_000;
 
+/// How a revoked credential is keyed in the revocations (tunnel ids start with `tun_`,
+/// so the two never mix; both share [`MAX_REVOCATIONS`]).
+const CREDENTIAL_KEY: &str = "cred:";
+
 /// Most tokens tracked for link counts and handshake pacing; beyond it idle entries are
 /// dropped first (a token's entry is tiny, but strangers can present many tokens).
 pub const MAX_TRACKED_TOKENS: usize = 100_000;
@@ -122,6 +126,16 @@ impl Gate {
         }
         let e = g.revoked.entry(tunnel_id.to_string()).or_insert(until);
         *e = (*e).max(until);
+    }
+
+    /// Refuses tokens issued for tunnel credential `credential_id` until `until`.
+    pub fn revoke_credential(&self, credential_id: &str, until: u64) {
+        self.revoke(&format!("{CREDENTIAL_KEY}{credential_id}"), until);
+    }
+
+    /// True while tunnel credential `credential_id` is revoked.
+    pub fn is_credential_revoked(&self, credential_id: &str) -> bool {
+        self.is_revoked(&format!("{CREDENTIAL_KEY}{credential_id}"))
     }
 
     /// True while `tunnel_id` is revoked.
@@ -230,5 +244,9 @@ mod tests {
         assert!(g.is_revoked("tun_a"));
         assert!(!g.is_revoked("tun_old"));
         assert!(!g.is_revoked("tun_b"));
+        g.revoke_credential("tcr_a", now + 60);
+        assert!(g.is_credential_revoked("tcr_a"));
+        assert!(!g.is_credential_revoked("tcr_b"));
+        assert!(!g.is_revoked("tcr_a"), "a credential is not a tunnel");
     }
 }

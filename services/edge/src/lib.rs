@@ -33,6 +33,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// Longest a link of a revoked tunnel credential stays open after its go-away, for the
+/// requests it is serving to finish (revocation must close it within 5 s on every
+/// edge, control's relay included).
+pub const CREDENTIAL_CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub use auth::{AgentAuth, AgentGrant, AuthError, StaticKeyAuth};
 pub use config::EdgeConfig;
 pub use routes::Routes;
@@ -184,6 +189,27 @@ impl Edge {
         // Revoke first, so an agent reconnecting as its link closes is refused.
         self.inner.gate.revoke(tunnel_id, until);
         self.inner.routes.disconnect_tunnel(tunnel_id)
+    }
+
+    /// A tunnel credential was revoked: refuse tokens issued for it until `until` (Unix
+    /// seconds) and close the links that used it. Each is first told to go away (so
+    /// requests stop going to it while the tunnel's other links take them), then closed
+    /// once its open streams finish or [`CREDENTIAL_CLOSE_GRACE`] passes, whichever is
+    /// first: rotating a credential under load loses no request. Returns how many links.
+    pub fn revoke_credential(&self, credential_id: &str, until: u64) -> usize {
+        // Refuse first, so an agent reconnecting as its link closes is refused.
+        self.inner.gate.revoke_credential(credential_id, until);
+        let hit = self.inner.routes.by_credential(credential_id);
+        for r in &hit {
+            r.mux
+                .go_away("credential_revoked: the tunnel credential was revoked");
+            let mux = r.mux.clone();
+            self.inner.tracker.spawn(async move {
+                let _ = tokio::time::timeout(CREDENTIAL_CLOSE_GRACE, mux.idle()).await;
+                mux.close("credential_revoked: the tunnel credential was revoked");
+            });
+        }
+        hit.len()
     }
 
     /// Revocations, per-token link caps and session seeds.

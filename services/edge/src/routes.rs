@@ -28,6 +28,10 @@ pub struct Route {
     pub mux: Mux,
     /// The tunnel's access policy, as this connection's token carried it.
     pub access: std::sync::Arc<crate::access::TunnelAccess>,
+    /// The tunnel credential this connection's token was issued for, if any.
+    pub credential: Option<String>,
+    /// The agent's instance id from its hello (may be empty).
+    pub instance_id: String,
 }
 
 /// Result of looking a name up.
@@ -238,6 +242,33 @@ impl Routes {
         for r in self.all() {
             r.mux.close(reason);
         }
+    }
+
+    /// Instance ids, other than `instance_id`, of agents linked here with tunnel
+    /// credential `credential` (each once, sorted).
+    pub fn other_instances(&self, credential: &str, instance_id: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .all()
+            .into_iter()
+            .filter(|r| {
+                r.credential.as_deref() == Some(credential)
+                    && !r.instance_id.is_empty()
+                    && r.instance_id != instance_id
+                    && !r.mux.is_closed()
+            })
+            .map(|r| r.instance_id)
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// The open connections whose token was issued for tunnel credential `credential`.
+    pub fn by_credential(&self, credential: &str) -> Vec<Route> {
+        self.all()
+            .into_iter()
+            .filter(|r| r.credential.as_deref() == Some(credential) && !r.mux.is_closed())
+            .collect()
     }
 
     /// Closes the connections of one tunnel; returns how many.
