@@ -17,9 +17,12 @@ use tokio_tungstenite::tungstenite::Message;
 /// Lease refresh interval of the edges here (a lease lives three).
 const REFRESH_SECS: &str = "1";
 
+/// Control's bootstrap credential here.
+const BOOT: &str = "reliability-bootstrap-credential";
+
 struct Cluster {
     _redis: RedisServer,
-    _control: ControlProc,
+    control: ControlProc,
     edges: Vec<EdgeProc>,
     _origin: Origin,
     agent: Proc,
@@ -32,7 +35,7 @@ struct Cluster {
 /// `edges` edges sharing one Redis, and an agent holding `links` links.
 async fn cluster(edges: usize, links: usize) -> Cluster {
     let redis = RedisServer::start();
-    let control = ControlProc::spawn(&[], &[]);
+    let control = ControlProc::spawn(&[], &[("NETBORE_BOOTSTRAP_TOKEN", BOOT)]);
     control.wait_ready().await;
     let edges: Vec<EdgeProc> = (0..edges)
         .map(|i| {
@@ -73,7 +76,7 @@ async fn cluster(edges: usize, links: usize) -> Cluster {
     }
     let c = Cluster {
         _redis: redis,
-        _control: control,
+        control,
         edges,
         _origin: origin,
         agent,
@@ -443,4 +446,134 @@ async fn an_offline_name_gets_the_same_answer_on_every_edge() {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+}
+
+/// `r` with `authorization: Bearer t` when `t` is given.
+fn auth<T>(mut r: tonic::Request<T>, t: Option<&str>) -> tonic::Request<T> {
+    if let Some(t) = t {
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    r
+}
+
+/// Finding 8: an operator undoes a drain. `UndrainEdge` (admin scope) makes a drained
+/// edge ready again, and it takes agents again: a new agent asking for two links gets
+/// one there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_undoes_a_drain_and_the_edge_takes_agents_again() {
+    use netbore_proto::control::v1 as pb;
+    let mut c = cluster(2, 1).await;
+    let victim = c.linked_edge().id.clone();
+    let admin_port = c.linked_edge().admin;
+    let rest = c.control.url();
+    let token = {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<netbore_testkit::ReqBody>();
+        let req = http::Request::post(format!("{rest}/auth/token"))
+            .header("authorization", format!("Bearer {BOOT}"))
+            .header("content-type", "application/json")
+            .body(netbore_testkit::full(r#"{"scopes": ["admin"]}"#))
+            .unwrap();
+        let r = netbore_testkit::collect(client.request(req).await.unwrap()).await;
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        v["token"].as_str().expect("an admin token").to_string()
+    };
+    let mut grpc = pb::control_service_client::ControlServiceClient::connect(format!(
+        "http://127.0.0.1:{}",
+        c.control.grpc
+    ))
+    .await
+    .unwrap();
+    let undrain = |edge: &str, t: Option<&str>| {
+        auth(
+            tonic::Request::new(pb::UndrainEdgeRequest {
+                edge_id: edge.to_string(),
+            }),
+            t,
+        )
+    };
+    let err = grpc.undrain_edge(undrain(&victim, None)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    let err = grpc
+        .undrain_edge(undrain("edge-nope", Some(&token)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{}", err.message());
+
+    let ready = |want: u16| async move {
+        eventually(Duration::from_secs(15), || async move {
+            let (st, _) =
+                netbore_testkit::http_get(([127, 0, 0, 1], admin_port).into(), "/readyz").await?;
+            (st == want).then_some(())
+        })
+        .await
+    };
+    grpc.drain_edge(auth(
+        tonic::Request::new(pb::DrainEdgeRequest {
+            edge_id: victim.clone(),
+        }),
+        Some(&token),
+    ))
+    .await
+    .unwrap();
+    assert!(
+        ready(503).await.is_some(),
+        "{victim} turns not ready on DrainEdge"
+    );
+    // Its agent moves to the other edge.
+    let other = c.unlinked().id.clone();
+    let moved = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(l) = c.agent.stdout.recv().await {
+            let v: Value = serde_json::from_str(&l).unwrap();
+            if v["event"] == "live" && v["edge_id"] == other.as_str() {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    assert!(moved, "the agent moved off the drained edge");
+
+    grpc.undrain_edge(undrain(&victim, Some(&token)))
+        .await
+        .unwrap();
+    assert!(
+        ready(200).await.is_some(),
+        "{victim} is ready again after UndrainEdge"
+    );
+
+    // A new agent wanting two links gets one on the undrained edge.
+    let origin = Origin::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let mut agent = Proc::spawn(
+        "netbore",
+        &[
+            "http",
+            &origin.url(),
+            "--control",
+            &rest,
+            "--state-dir",
+            state.path().to_str().unwrap(),
+            "--connections",
+            "2",
+            "--json",
+        ],
+        &[("RUST_LOG", "warn")],
+    );
+    let linked = tokio::time::timeout(Duration::from_secs(40), async {
+        while let Some(l) = agent.stdout.recv().await {
+            let v: Value = serde_json::from_str(&l).unwrap();
+            if v["event"] == "live" && v["edge_id"] == victim.as_str() {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    assert!(linked, "a new agent links to the undrained edge {victim}");
+    agent.kill().await;
 }
