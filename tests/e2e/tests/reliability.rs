@@ -391,9 +391,7 @@ async fn a_frozen_holder_costs_forwarded_requests_seconds_not_minutes() {
     // The agent takes the frozen link for dead and links elsewhere, well within 45 s.
     let moved = tokio::time::timeout(Duration::from_secs(40), async {
         loop {
-            let Some(l) = c.agent.stdout.recv().await else {
-                return None;
-            };
+            let l = c.agent.stdout.recv().await?;
             let v: Value = serde_json::from_str(&l).unwrap();
             if v["event"] == "live" && v["edge_id"] == fwd_id.as_str() {
                 return Some(stopped.elapsed());
