@@ -41,6 +41,11 @@ pub const CHANGE_BUFFER: usize = 1024;
 /// A message on [`CHANNEL`] meaning "forget every cached lookup".
 pub const ALL: &str = "*";
 
+/// How long a name counts as *known* (a tunnel that is offline rather than unknown)
+/// after its last lease was written: as long as a holder edge remembers it as
+/// offline (`OFFLINE_MEMORY` in the edge), so every edge gives the same answer.
+pub const KNOWN_FOR: Duration = Duration::from_secs(3600);
+
 /// One agent connection serving a tunnel.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Holder {
@@ -115,6 +120,13 @@ pub trait LiveRegistry: Send + Sync + 'static {
     /// Names whose holders changed, as announced ([`ALL`] means every name).
     fn changes(&self) -> broadcast::Receiver<String>;
 
+    /// True when `name` had a lease registered within [`KNOWN_FOR`]: a tunnel whose
+    /// agent is offline, not an unknown name. A registry that does not remember
+    /// answers `false`.
+    fn known<'a>(&'a self, _name: &'a str) -> RegistryFuture<'a, bool> {
+        Box::pin(async { Ok(false) })
+    }
+
     /// Takes one of at most `max` places counted under `key` by every edge sharing the
     /// registry (an ephemeral token's links); the count is forgotten after `ttl` (the
     /// token's remaining life). `Ok(false)` when every place is taken. A registry that
@@ -154,6 +166,8 @@ fn check(h: &Holder) -> Result<(), RegistryError> {
 /// The registry in this process's memory.
 pub struct MemoryRegistry {
     leases: Mutex<HashMap<String, HashMap<Holder, u64>>>,
+    /// Name → when it stops being known (ms).
+    known: Mutex<HashMap<String, u64>>,
     changes: broadcast::Sender<String>,
 }
 
@@ -161,6 +175,7 @@ impl Default for MemoryRegistry {
     fn default() -> MemoryRegistry {
         MemoryRegistry {
             leases: Mutex::new(HashMap::new()),
+            known: Mutex::new(HashMap::new()),
             changes: broadcast::channel(CHANGE_BUFFER).0,
         }
     }
@@ -176,6 +191,15 @@ impl LiveRegistry for MemoryRegistry {
             entries.iter().try_for_each(|(_, h)| check(h))?;
             let until = now_ms() + lease.as_millis() as u64;
             let mut fresh = Vec::new();
+            {
+                let known_until = now_ms() + KNOWN_FOR.as_millis() as u64;
+                let mut known = self.known.lock();
+                let now = now_ms();
+                known.retain(|_, t| *t > now);
+                for (name, _) in entries {
+                    known.insert(name.clone(), known_until);
+                }
+            }
             {
                 let mut map = self.leases.lock();
                 for (name, h) in entries {
@@ -225,6 +249,10 @@ impl LiveRegistry for MemoryRegistry {
         })
     }
 
+    fn known<'a>(&'a self, name: &'a str) -> RegistryFuture<'a, bool> {
+        Box::pin(async move { Ok(self.known.lock().get(name).is_some_and(|t| *t > now_ms())) })
+    }
+
     fn changes(&self) -> broadcast::Receiver<String> {
         self.changes.subscribe()
     }
@@ -242,6 +270,10 @@ pub struct RedisRegistry {
 
 fn tunnel_key(name: &str) -> String {
     format!("{KEY_PREFIX}tunnel:{name}")
+}
+
+fn known_key(name: &str) -> String {
+    format!("{KEY_PREFIX}known:{name}")
 }
 
 /// A Redis URL without its password, for messages and logs.
@@ -371,6 +403,12 @@ impl LiveRegistry for RedisRegistry {
                     .arg(&key)
                     .arg(lease.as_millis() as u64 * 2)
                     .ignore();
+                pipe.cmd("SET")
+                    .arg(known_key(name))
+                    .arg(1)
+                    .arg("PX")
+                    .arg(KNOWN_FOR.as_millis() as u64)
+                    .ignore();
             }
             let added: Vec<i64> = self.run(&pipe).await?;
             let fresh: Vec<&String> = entries
@@ -411,6 +449,15 @@ impl LiveRegistry for RedisRegistry {
                 .arg("+inf");
             let (members,): (Vec<String>,) = self.run(&pipe).await?;
             Ok(members.iter().filter_map(|m| Holder::decode(m)).collect())
+        })
+    }
+
+    fn known<'a>(&'a self, name: &'a str) -> RegistryFuture<'a, bool> {
+        Box::pin(async move {
+            let mut pipe = redis::pipe();
+            pipe.cmd("EXISTS").arg(known_key(name));
+            let (n,): (i64,) = self.run(&pipe).await?;
+            Ok(n > 0)
         })
     }
 

@@ -343,6 +343,9 @@ async fn route(st: Arc<State>, mut req: Request<Incoming>) -> Response<Body> {
                     WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, None).await;
                 while let Some(Ok(msg)) = ws.next().await {
                     if msg.is_close() {
+                        // Sends the close reply tungstenite queued: the viewer's close
+                        // handshake completes, as with a real server.
+                        let _ = ws.flush().await;
                         break;
                     }
                     if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {

@@ -10,7 +10,8 @@
 //!   token, with [`AccessPolicy::validate`] giving a message a person can act on;
 //! - [`ViewerVerifier`]: a viewer's JWT checked against the owner's key and claims;
 //! - [`hash_password`] / [`verify_password`]: basic-auth credentials, stored as
-//!   PBKDF2-HMAC-SHA256 hashes (never the password);
+//!   argon2id hashes in PHC format naming their parameters (never the password);
+//!   older PBKDF2-HMAC-SHA256 hashes still verify;
 //! - [`SessionKey`]: the edge's session cookie, MAC'ed with a key that control derives
 //!   per tunnel, so a cookie minted for one tunnel is refused by every other;
 //! - [`Cidr`]: address ranges for the allow and deny lists.
@@ -39,7 +40,25 @@ pub const MAX_FORWARDED_CLAIM_LEN: usize = 256;
 /// Shortest HMAC secret accepted for `HS256` viewer tokens (RFC 7518 §3.2: at least
 /// the hash size).
 pub const MIN_HMAC_SECRET_LEN: usize = 32;
-/// PBKDF2 iterations [`hash_password`] uses.
+/// Memory in KiB of the argon2id hashes [`hash_password`] makes (7 MiB, with
+/// [`ARGON2_T_COST`] passes: one of OWASP's equivalent argon2id settings, the one that
+/// needs least memory per check, since an edge runs several checks at once).
+pub const ARGON2_M_COST: u32 = 7 * 1024;
+/// Passes over memory of the argon2id hashes [`hash_password`] makes.
+pub const ARGON2_T_COST: u32 = 5;
+/// Lanes of the argon2id hashes [`hash_password`] makes.
+pub const ARGON2_P_COST: u32 = 1;
+/// Most memory (KiB) a stored argon2id hash may name: bounds the edge's memory per
+/// check (checks run at most 2 at once per tunnel).
+pub const MAX_ARGON2_M_COST: u32 = 64 * 1024;
+/// Most passes a stored argon2id hash may name: bounds the edge's CPU per check.
+pub const MAX_ARGON2_T_COST: u32 = 16;
+/// Most lanes a stored argon2id hash may name.
+pub const MAX_ARGON2_P_COST: u32 = 4;
+/// Fewest KiB a stored argon2id hash may name (weaker hashes are refused).
+pub const MIN_ARGON2_M_COST: u32 = 4 * 1024;
+/// PBKDF2 iterations of the hashes [`hash_password`] made before argon2id; such
+/// hashes still verify.
 pub const PBKDF2_ITERATIONS: u32 = 100_000;
 /// Fewest PBKDF2 iterations a stored hash may name (weaker hashes are refused).
 pub const MIN_PBKDF2_ITERATIONS: u32 = 10_000;
@@ -539,15 +558,32 @@ fn claim_matches(v: &serde_json::Value, want: &str) -> bool {
 // ---------------------------------------------------------------------------------
 // Basic-auth passwords
 
-struct PasswordHash {
-    iterations: u32,
-    salt: Vec<u8>,
-    hash: Vec<u8>,
+/// A stored basic-auth hash: argon2id in PHC format (current), or the earlier
+/// `pbkdf2-sha256$ITERATIONS$SALT$HASH`.
+enum PasswordHash {
+    Argon2id {
+        m: u32,
+        t: u32,
+        p: u32,
+        salt: Vec<u8>,
+        hash: Vec<u8>,
+    },
+    Pbkdf2 {
+        iterations: u32,
+        salt: Vec<u8>,
+        hash: Vec<u8>,
+    },
 }
+
+/// PHC strings encode salt and hash in standard base64 without padding.
+const PHC_B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD_NO_PAD;
 
 impl PasswordHash {
     fn parse(s: &str) -> Result<PasswordHash, String> {
-        let wrong = "is not a Netbore password hash (pbkdf2-sha256$ITERATIONS$SALT$HASH); make one with `netbore hash-password`";
+        if s.starts_with('$') {
+            return PasswordHash::parse_argon2(s);
+        }
+        let wrong = "is not a Netbore password hash ($argon2id$v=19$m=M,t=T,p=P$SALT$HASH); make one with `netbore hash-password`";
         let mut parts = s.split('$');
         if parts.next() != Some("pbkdf2-sha256") {
             return Err(wrong.into());
@@ -572,51 +608,125 @@ impl PasswordHash {
         if salt.len() < 8 || hash.len() != 32 {
             return Err(wrong.into());
         }
-        Ok(PasswordHash {
+        Ok(PasswordHash::Pbkdf2 {
             iterations,
+            salt,
+            hash,
+        })
+    }
+
+    fn parse_argon2(s: &str) -> Result<PasswordHash, String> {
+        let wrong = "is not an argon2id hash in PHC format ($argon2id$v=19$m=M,t=T,p=P$SALT$HASH); make one with `netbore hash-password`";
+        let parts: Vec<&str> = s.split('$').collect();
+        let ["", "argon2id", "v=19", params, salt, hash] = parts.as_slice() else {
+            return Err(wrong.into());
+        };
+        let (mut m, mut t, mut p) = (None, None, None);
+        for kv in params.split(',') {
+            let (k, v) = kv.split_once('=').ok_or_else(|| wrong.to_string())?;
+            let v: u32 = v.parse().map_err(|_| wrong.to_string())?;
+            match k {
+                "m" if m.is_none() => m = Some(v),
+                "t" if t.is_none() => t = Some(v),
+                "p" if p.is_none() => p = Some(v),
+                _ => return Err(wrong.into()),
+            }
+        }
+        let (Some(m), Some(t), Some(p)) = (m, t, p) else {
+            return Err(wrong.into());
+        };
+        if !(MIN_ARGON2_M_COST..=MAX_ARGON2_M_COST).contains(&m)
+            || !(1..=MAX_ARGON2_T_COST).contains(&t)
+            || !(1..=MAX_ARGON2_P_COST).contains(&p)
+        {
+            return Err(format!(
+                "names m={m},t={t},p={p}; accepted are m {MIN_ARGON2_M_COST} to {MAX_ARGON2_M_COST} KiB, t 1 to {MAX_ARGON2_T_COST}, p 1 to {MAX_ARGON2_P_COST}"
+            ));
+        }
+        let salt = PHC_B64.decode(salt).map_err(|_| wrong.to_string())?;
+        let hash = PHC_B64.decode(hash).map_err(|_| wrong.to_string())?;
+        if salt.len() < 8 || !(16..=64).contains(&hash.len()) {
+            return Err(wrong.into());
+        }
+        Ok(PasswordHash::Argon2id {
+            m,
+            t,
+            p,
             salt,
             hash,
         })
     }
 }
 
-/// Hashes a basic-auth password for an [`AccessPolicy`]: PBKDF2-HMAC-SHA256 with
-/// [`PBKDF2_ITERATIONS`] iterations and a random 16-byte salt.
+fn argon2id(m: u32, t: u32, p: u32, len: usize) -> Option<argon2::Argon2<'static>> {
+    let params = argon2::Params::new(m, t, p, Some(len)).ok()?;
+    Some(argon2::Argon2::new(
+        argon2::Algorithm::Argon2id,
+        argon2::Version::V0x13,
+        params,
+    ))
+}
+
+/// Hashes a basic-auth password for an [`AccessPolicy`]: argon2id with
+/// [`ARGON2_M_COST`] KiB, [`ARGON2_T_COST`] passes and [`ARGON2_P_COST`] lane, a random
+/// 16-byte salt and a 32-byte hash, as a PHC string that names its parameters
+/// (`$argon2id$v=19$m=7168,t=5,p=1$SALT$HASH`), so they can rise later.
 pub fn hash_password(password: &str) -> String {
     let salt: [u8; 16] = rand::random();
     let mut out = [0u8; 32];
-    let iterations = std::num::NonZeroU32::new(PBKDF2_ITERATIONS).expect("non-zero");
-    pbkdf2::derive(
-        pbkdf2::PBKDF2_HMAC_SHA256,
-        iterations,
-        &salt,
-        password.as_bytes(),
-        &mut out,
-    );
+    argon2id(ARGON2_M_COST, ARGON2_T_COST, ARGON2_P_COST, out.len())
+        .expect("the built-in parameters are valid")
+        .hash_password_into(password.as_bytes(), &salt, &mut out)
+        .expect("a 16-byte salt and a 32-byte output are valid");
     format!(
-        "pbkdf2-sha256${PBKDF2_ITERATIONS}${}${}",
-        URL_SAFE_NO_PAD.encode(salt),
-        URL_SAFE_NO_PAD.encode(out)
+        "$argon2id$v=19$m={ARGON2_M_COST},t={ARGON2_T_COST},p={ARGON2_P_COST}${}${}",
+        PHC_B64.encode(salt),
+        PHC_B64.encode(out)
     )
 }
 
 /// True when `password` matches `hash` (constant time; a malformed hash never matches).
-/// Costs the hash's iterations of CPU: callers bound how often strangers can ask.
+/// Costs the hash's parameters of CPU and memory: callers bound how often strangers
+/// can ask. Accepts argon2id PHC strings and the earlier `pbkdf2-sha256$…` hashes.
 pub fn verify_password(hash: &str, password: &str) -> bool {
-    let Ok(h) = PasswordHash::parse(hash) else {
-        return false;
-    };
-    let Some(iterations) = std::num::NonZeroU32::new(h.iterations) else {
-        return false;
-    };
-    pbkdf2::verify(
-        pbkdf2::PBKDF2_HMAC_SHA256,
-        iterations,
-        &h.salt,
-        password.as_bytes(),
-        &h.hash,
-    )
-    .is_ok()
+    match PasswordHash::parse(hash) {
+        Ok(PasswordHash::Argon2id {
+            m,
+            t,
+            p,
+            salt,
+            hash,
+        }) => {
+            let Some(a) = argon2id(m, t, p, hash.len()) else {
+                return false;
+            };
+            let mut out = vec![0u8; hash.len()];
+            if a.hash_password_into(password.as_bytes(), &salt, &mut out)
+                .is_err()
+            {
+                return false;
+            }
+            aws_lc_rs::constant_time::verify_slices_are_equal(&out, &hash).is_ok()
+        }
+        Ok(PasswordHash::Pbkdf2 {
+            iterations,
+            salt,
+            hash,
+        }) => {
+            let Some(iterations) = std::num::NonZeroU32::new(iterations) else {
+                return false;
+            };
+            pbkdf2::verify(
+                pbkdf2::PBKDF2_HMAC_SHA256,
+                iterations,
+                &salt,
+                password.as_bytes(),
+                &hash,
+            )
+            .is_ok()
+        }
+        Err(_) => false,
+    }
 }
 
 // ---------------------------------------------------------------------------------
@@ -741,6 +851,55 @@ mod tests {
         assert!(!verify_password(&h, "correct horsf"));
         assert!(!verify_password("pbkdf2-sha256$1$AAAAAAAAAAA$AAAA", "x"));
         assert!(!verify_password("plain", "plain"));
+    }
+
+    #[test]
+    fn new_hashes_are_argon2id_in_phc_format_naming_their_parameters() {
+        let started = std::time::Instant::now();
+        let h = hash_password("pw");
+        println!("one argon2id hash took {:?}", started.elapsed());
+        let prefix =
+            format!("$argon2id$v=19$m={ARGON2_M_COST},t={ARGON2_T_COST},p={ARGON2_P_COST}$");
+        assert!(h.starts_with(&prefix), "{h}");
+        assert!(PasswordHash::parse(&h).is_ok());
+        // Parameters beyond the edge's bounds are refused, with the reason.
+        let greedy = h.replace("m=7168", "m=1048576");
+        assert!(!verify_password(&greedy, "pw"));
+        let err = PasswordHash::parse(&greedy).err().unwrap();
+        assert!(err.contains("m=1048576"), "{err}");
+        // Raising the parameters later: a hash made with others still verifies.
+        let a = argon2id(8 * 1024, 2, 1, 32).unwrap();
+        let mut out = [0u8; 32];
+        a.hash_password_into(b"pw", b"saltsaltsalt", &mut out)
+            .unwrap();
+        let other = format!(
+            "$argon2id$v=19$m=8192,t=2,p=1${}${}",
+            PHC_B64.encode(b"saltsaltsalt"),
+            PHC_B64.encode(out)
+        );
+        assert!(verify_password(&other, "pw"));
+        assert!(!verify_password(&other, "pW"));
+    }
+
+    #[test]
+    fn earlier_pbkdf2_hashes_still_verify() {
+        // As `hash_password` made them before argon2id.
+        let salt = [7u8; 16];
+        let mut out = [0u8; 32];
+        pbkdf2::derive(
+            pbkdf2::PBKDF2_HMAC_SHA256,
+            std::num::NonZeroU32::new(PBKDF2_ITERATIONS).unwrap(),
+            &salt,
+            b"old secret",
+            &mut out,
+        );
+        let old = format!(
+            "pbkdf2-sha256${PBKDF2_ITERATIONS}${}${}",
+            URL_SAFE_NO_PAD.encode(salt),
+            URL_SAFE_NO_PAD.encode(out)
+        );
+        assert!(verify_password(&old, "old secret"));
+        assert!(!verify_password(&old, "old secreT"));
     }
 
     #[test]

@@ -13,6 +13,11 @@ use tokio_util::sync::CancellationToken;
 
 /// Time allowed for TCP, TLS, the WebSocket upgrade and the hello/welcome exchange.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The agent pings its edge at least this often, whatever interval the edge announces,
+/// and takes the link for dead after [`netbore_mux::HEARTBEAT_MISSES`] such intervals
+/// of silence: a frozen or partitioned edge is left within 15-20 s (it was 45-60 s
+/// with the edge's 15 s interval), for a ping of a few bytes every 5 s per link.
+pub const AGENT_HEARTBEAT_MAX: Duration = Duration::from_secs(5);
 
 /// Largest WebSocket message accepted from an edge (a batch of frames plus one frame).
 pub const MAX_EDGE_MESSAGE: usize = 1024 * 1024;
@@ -114,7 +119,8 @@ pub async fn connect(
                     MuxConfig {
                         role: Role::Agent,
                         limits: w.limits,
-                        heartbeat_interval: Duration::from_millis(w.heartbeat_interval_ms.max(100)),
+                        heartbeat_interval: Duration::from_millis(w.heartbeat_interval_ms.max(100))
+                            .min(AGENT_HEARTBEAT_MAX),
                         label: w.session_id.clone(),
                         write_stall_timeout: netbore_mux::DEFAULT_WRITE_STALL_TIMEOUT,
                     },

@@ -77,7 +77,7 @@ enum Cmd {
         port: u16,
     },
     /// Hash a basic-auth password for an access policy (reads the password from stdin,
-    /// prints `pbkdf2-sha256$...`), for the REST API's `access.basic_auth[].hash`.
+    /// prints `$argon2id$v=19$m=...,t=...,p=...$...`), for the REST API's `access.basic_auth[].hash`.
     HashPassword,
 }
 

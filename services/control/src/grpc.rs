@@ -301,6 +301,18 @@ impl ControlService for ControlGrpc {
         Ok(Response::new(pb::DrainEdgeResponse { edge_id }))
     }
 
+    async fn undrain_edge(
+        &self,
+        req: Request<pb::UndrainEdgeRequest>,
+    ) -> Result<Response<pb::UndrainEdgeResponse>, Status> {
+        let b = bearer(&req);
+        let edge_id = req.into_inner().edge_id;
+        ops::undrain_edge(&self.0, b, &edge_id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::UndrainEdgeResponse { edge_id }))
+    }
+
     async fn list_edges(
         &self,
         req: Request<pb::ListEdgesRequest>,
@@ -636,6 +648,18 @@ impl EdgeService for EdgeGrpc {
                     }
                     d = deletions.recv() => match d {
                         Ok(msg) => {
+                            // Checked first: an undrain is no tunnel id either.
+                            if let Some(target) = msg.strip_prefix(ops::UNDRAIN_PREFIX) {
+                                if target == edge_id {
+                                    let cmd = epb::EdgeCommand {
+                                        command: Some(epb::edge_command::Command::Undrain(epb::Undrain {})),
+                                    };
+                                    if tx.send(Ok(cmd)).await.is_err() {
+                                        break;
+                                    }
+                                }
+                                continue;
+                            }
                             let cmd = match msg.strip_prefix(ops::DRAIN_PREFIX) {
                                 // A drain request for another edge: not ours to pass on.
                                 Some(target) if target != edge_id => continue,

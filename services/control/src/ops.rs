@@ -202,6 +202,10 @@ pub(crate) async fn management(
 /// ids start with `tun_`, so the two never mix).
 pub const DRAIN_PREFIX: &str = "drain:";
 
+/// Prefix of a message on the deletion feed that asks edge `<rest>` to take agents
+/// again after a drain.
+pub const UNDRAIN_PREFIX: &str = "undrain:";
+
 /// Asks edge `edge_id` to drain, through whichever replica it is linked to. Needs
 /// `admin`; 404 `edge_not_found` for an edge no replica has heard from.
 pub async fn drain_edge(
@@ -210,6 +214,31 @@ pub async fn drain_edge(
     edge_id: &str,
 ) -> Result<(), ApiError> {
     require_scope(&management(control, bearer).await?, "admin")?;
+    require_linked_edge(control, edge_id).await?;
+    tracing::info!(edge = %edge_id, "drain requested");
+    control
+        .announce_deletion_everywhere(&format!("{DRAIN_PREFIX}{edge_id}"))
+        .await;
+    Ok(())
+}
+
+/// Asks edge `edge_id` to take agents again after [`drain_edge`], through whichever
+/// replica it is linked to. Needs `admin`; 404 `edge_not_found` as for a drain.
+pub async fn undrain_edge(
+    control: &Control,
+    bearer: Option<String>,
+    edge_id: &str,
+) -> Result<(), ApiError> {
+    require_scope(&management(control, bearer).await?, "admin")?;
+    require_linked_edge(control, edge_id).await?;
+    tracing::info!(edge = %edge_id, "undrain requested");
+    control
+        .announce_deletion_everywhere(&format!("{UNDRAIN_PREFIX}{edge_id}"))
+        .await;
+    Ok(())
+}
+
+async fn require_linked_edge(control: &Control, edge_id: &str) -> Result<(), ApiError> {
     let known = control
         .edge_statuses_now()
         .await?
@@ -224,10 +253,6 @@ pub async fn drain_edge(
             ),
         ));
     }
-    tracing::info!(edge = %edge_id, "drain requested");
-    control
-        .announce_deletion_everywhere(&format!("{DRAIN_PREFIX}{edge_id}"))
-        .await;
     Ok(())
 }
 

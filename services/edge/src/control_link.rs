@@ -173,6 +173,14 @@ async fn link_once(
                         edge.drain();
                         let _ = tx.send(report(edge, id)).await;
                     }
+                    Some(Command::Undrain(_)) => {
+                        if edge.undrain() {
+                            info!("control asked this edge to take agents again");
+                        } else {
+                            info!("control asked this edge to take agents again; it is shutting down, so it stays draining");
+                        }
+                        let _ = tx.send(report(edge, id)).await;
+                    }
                     None => {}
                 },
                 Ok(None) => return Err("control closed the link".into()),

@@ -62,6 +62,19 @@ pub const CACHE_MAX_NAMES: usize = 100_000;
 pub const BAD_HOLDER_PAUSE: Duration = Duration::from_secs(10);
 /// Longest wait for a connection to another edge.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// HTTP/2 keep-alive ping interval on the hop to another edge (idle or not). A frozen
+/// holder (SIGSTOP, a hung process) still completes TCP handshakes from its kernel;
+/// only an unanswered ping tells it apart from a slow origin.
+pub const HOP_PING_INTERVAL: Duration = Duration::from_secs(1);
+/// A hop whose ping is not answered in this time is closed, failing the requests on it
+/// (and the holder is tried last for [`BAD_HOLDER_PAUSE`]): a frozen holder costs a
+/// forwarded request at most about `HOP_PING_INTERVAL + HOP_PING_TIMEOUT`.
+pub const HOP_PING_TIMEOUT: Duration = Duration::from_secs(2);
+/// Added to the edge's `response_timeout` to bound the wait for a holder's response
+/// head: the holder answers 504 itself at `response_timeout`, so past this margin the
+/// holder is stuck, not its origin. (Upgrades travel over HTTP/1.1, which has no ping:
+/// this is their only bound.)
+pub const HOP_HEAD_MARGIN: Duration = Duration::from_secs(5);
 
 /// This edge's part in a cluster of edges sharing a registry.
 pub struct Cluster {
@@ -101,6 +114,10 @@ impl Cluster {
         let h2 = Client::builder(TokioExecutor::new())
             .http2_only(true)
             .http2_adaptive_window(true)
+            .timer(hyper_util::rt::TokioTimer::new())
+            .http2_keep_alive_interval(Some(HOP_PING_INTERVAL))
+            .http2_keep_alive_timeout(HOP_PING_TIMEOUT)
+            .http2_keep_alive_while_idle(true)
             .build(conn.clone());
         let h1 = Client::builder(TokioExecutor::new()).build(conn);
         Arc::new(Cluster {
@@ -335,12 +352,12 @@ pub struct Forwarded<'a> {
     pub upgrade: bool,
 }
 
-/// Forwards `req` to an edge holding the tunnel; `fallback` is what the viewer gets
-/// when no edge holds it.
+/// Forwards the request in `pending` to an edge holding the tunnel; `fallback` is what
+/// the viewer gets when no edge holds it (the request then stays in `pending`).
 pub async fn forward(
     edge: &Edge,
     cluster: &Cluster,
-    mut req: Request<Incoming>,
+    pending: &mut Option<Request<Incoming>>,
     f: Forwarded<'_>,
     fallback: ViewerError,
     json: bool,
@@ -361,8 +378,19 @@ pub async fn forward(
         }
     };
     if holders.is_empty() {
+        // Registered lately but held nowhere now: offline, the answer a holder edge
+        // gives too, wherever the viewer landed.
+        if fallback == ViewerError::TunnelNotFound
+            && cluster.registry.known(f.name).await.unwrap_or(false)
+        {
+            return ViewerError::TunnelOffline.response(json);
+        }
         return fallback.response(json);
     }
+    // Taken only now: until here the caller may still read an unread body away.
+    let Some(mut req) = pending.take() else {
+        return fallback.response(json);
+    };
     let mut via = f.via.clone();
     via.push(cluster.edge_id.clone());
     let via = via.join(",");
@@ -415,10 +443,24 @@ pub async fn forward(
             }
         };
         let client = if f.upgrade { &cluster.h1 } else { &cluster.h2 };
-        match client.request(out).await {
+        let head_within = cfg.response_timeout + HOP_HEAD_MARGIN;
+        let answer = match tokio::time::timeout(head_within, client.request(out)).await {
+            Ok(r) => r,
+            Err(_) => {
+                warn!(holder = %h.edge_id, ?head_within, "holder sent no response head in time; trying others first for a while");
+                cluster.mark_bad(h);
+                return ViewerError::OriginTimeout.response(json);
+            }
+        };
+        match answer {
             Ok(resp) => {
                 edge.metrics().forwarded();
-                return relay(resp, on_upgrade).await;
+                return relay(edge, resp, on_upgrade).await;
+            }
+            Err(e) if stalled(&e) => {
+                warn!(holder = %h.edge_id, "holder stopped answering pings; trying others first for a while");
+                cluster.mark_bad(h);
+                return ViewerError::TunnelLost.response(json);
             }
             Err(e) if e.is_connect() && body_empty => {
                 debug!(error = %e, holder = %h.edge_id, "holder unreachable; trying the next");
@@ -437,8 +479,29 @@ pub async fn forward(
     ViewerError::TunnelLost.response(json)
 }
 
-/// The holder's response for the viewer; a 101 joins the two upgraded connections.
+/// True when a hop failed because the holder stopped answering (its HTTP/2 keep-alive
+/// ping timed out), rather than for the request's own sake.
+fn stalled(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = src {
+        if s.downcast_ref::<hyper::Error>()
+            .is_some_and(|h| h.is_timeout() || h.to_string().contains("keep-alive"))
+        {
+            return true;
+        }
+        if s.to_string().contains("keep-alive timed out") {
+            return true;
+        }
+        src = s.source();
+    }
+    false
+}
+
+/// The holder's response for the viewer; a 101 joins the two upgraded connections,
+/// under the edge's task tracker, so a drain of this (forwarding) edge waits for the
+/// session within its grace as it does for one through a local agent.
 async fn relay(
+    edge: &Edge,
     resp: Response<Incoming>,
     on_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Response<Body> {
@@ -447,7 +510,7 @@ async fn relay(
     {
         let (parts, body) = resp.into_parts();
         let inner = hyper::upgrade::on(Response::from_parts(parts.clone(), body));
-        tokio::spawn(
+        edge.tracker().spawn(
             async move {
                 let (Ok(v), Ok(i)) = (viewer.await, inner.await) else {
                     debug!("an upgrade through another edge failed");

@@ -55,6 +55,8 @@ struct Inner {
     slots: Arc<fair::ClientSlots>,
     auth: Arc<dyn AgentAuth>,
     draining: AtomicBool,
+    /// Set on SIGTERM: the drain is for good ([`Edge::undrain`] does nothing).
+    stopping: AtomicBool,
     tls: Option<tls::Tls>,
     metrics: metrics::Metrics,
     /// Tracks per-connection tasks so shutdown can wait for them.
@@ -84,6 +86,7 @@ impl Edge {
                 slots: Arc::default(),
                 auth,
                 draining: AtomicBool::new(false),
+                stopping: AtomicBool::new(false),
                 tls,
                 metrics: metrics::Metrics::default(),
                 tracker: TaskTracker::new(),
@@ -170,6 +173,22 @@ impl Edge {
     /// the agents already connected (the first step of a drain).
     pub fn mark_draining(&self) {
         self.inner.draining.store(true, Ordering::Release);
+    }
+
+    /// Undoes a drain asked by an operator: ready again, agents accepted, leases
+    /// refreshed. Agents that moved away stay where they are. Returns false (and does
+    /// nothing) once the edge is shutting down.
+    pub fn undrain(&self) -> bool {
+        if self.inner.stopping.load(Ordering::Acquire) {
+            return false;
+        }
+        self.inner.draining.store(false, Ordering::Release);
+        // A SIGTERM that came meanwhile wins.
+        if self.inner.stopping.load(Ordering::Acquire) {
+            self.inner.draining.store(true, Ordering::Release);
+            return false;
+        }
+        true
     }
 
     /// Waits until every proxied request and agent connection task has finished.
@@ -331,6 +350,7 @@ pub async fn run_with_internal(
         accept_stop.clone(),
     ));
     shutdown.cancelled().await;
+    edge.inner.stopping.store(true, Ordering::Release);
     // Not ready first, still serving, so load balancers stop sending viewers here
     // before anything is refused; then agents move and the listeners close.
     edge.mark_draining();

@@ -275,9 +275,25 @@ pub(crate) async fn handle_with(
     // refusals included (finding 9 of issue 12).
     let query_token = crate::access::has_query_token(req.uri());
     let span = crate::telemetry::request_span(&req, &tunnel);
-    let mut resp = proxy(&edge, req, host, name, view, via)
+    let h1_body = req.version() <= Version::HTTP_11
+        && !http_body::Body::is_end_stream(req.body())
+        && !is_upgrade(&req);
+    // The request stays here until the proxy takes its body: an early answer leaves
+    // it, and its unread body is settled below.
+    let mut unread = Some(req);
+    let mut resp = proxy(&edge, &mut unread, host, name, view, via)
         .instrument(span.clone())
         .await;
+    match unread {
+        Some(req) => settle_unread_body(req, &mut resp).await,
+        // The edge answered with an error after taking the body (it may be unread in
+        // part): this HTTP/1.1 connection cannot carry another request safely.
+        None if h1_body && resp.headers().contains_key(crate::errors::ERROR_HEADER) => {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        None => {}
+    }
     if query_token {
         resp.headers_mut().insert(
             header::REFERRER_POLICY,
@@ -403,17 +419,74 @@ impl Drop for AccessLogged {
     }
 }
 
+/// Most bytes of a request body the edge reads and discards after answering early
+/// (unknown or offline name, refusals), so an HTTP/1.1 connection can carry the
+/// viewer's next request; a larger body gets `Connection: close` instead.
+pub const UNREAD_BODY_DRAIN_BYTES: u64 = 256 * 1024;
+/// Longest the edge waits for such a body before answering with `Connection: close`.
+pub const UNREAD_BODY_DRAIN_TIME: Duration = Duration::from_secs(1);
+
+/// An HTTP/1.1 request answered before its body was read: reads up to
+/// [`UNREAD_BODY_DRAIN_BYTES`] of it within [`UNREAD_BODY_DRAIN_TIME`], so the
+/// connection stays usable, or marks the answer `Connection: close` (hyper closes the
+/// connection once a body is left unread, and a client reusing it would see its next
+/// request fail, whichever tunnel it was for).
+async fn settle_unread_body(req: Request<Incoming>, resp: &mut Response<Body>) {
+    if req.version() > Version::HTTP_11
+        || is_upgrade(&req)
+        || http_body::Body::is_end_stream(req.body())
+    {
+        return;
+    }
+    let h = req.headers();
+    // A client waiting for `100 Continue` has not sent the body: reading would ask it to.
+    let expects_continue = h
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let declared = h
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut drained = false;
+    if !expects_continue && declared.is_none_or(|n| n <= UNREAD_BODY_DRAIN_BYTES) {
+        let mut body = req.into_body();
+        drained = tokio::time::timeout(UNREAD_BODY_DRAIN_TIME, async {
+            let mut read = 0u64;
+            while let Some(f) = body.frame().await {
+                let Ok(f) = f else { return false };
+                read += f.data_ref().map_or(0, |d| d.len() as u64);
+                if read > UNREAD_BODY_DRAIN_BYTES {
+                    return false;
+                }
+            }
+            true
+        })
+        .await
+        .unwrap_or(false);
+    }
+    if !drained {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+}
+
+/// Routes and proxies the request in `pending`. The request is taken from it only
+/// once its body goes somewhere (the agent, another edge); an early answer leaves it
+/// there for [`settle_unread_body`].
 async fn proxy(
     edge: &Edge,
-    mut req: Request<Incoming>,
+    pending: &mut Option<Request<Incoming>>,
     host: Option<String>,
     name: Option<String>,
     view: ClientView,
     via: Vec<String>,
 ) -> Response<Body> {
+    let Some(req) = pending.as_mut() else {
+        return ViewerError::TunnelLost.response(false);
+    };
     let json = wants_json(req.headers());
     let cfg = edge.config();
-    if let Err(e) = hygiene(cfg, &req) {
+    if let Err(e) = hygiene(cfg, req) {
         return e.response(json);
     }
     let Some(host) = host else {
@@ -422,7 +495,7 @@ async fn proxy(
     let Some(name) = name else {
         return ViewerError::TunnelNotFound.response(json);
     };
-    let upgrade = is_upgrade(&req);
+    let upgrade = is_upgrade(req);
     let route = match edge.routes().pick(&name) {
         Lookup::Found(_, in_flight) if in_flight >= cfg.max_streams_per_tunnel => {
             return ViewerError::TunnelOverloaded.response(json);
@@ -446,13 +519,13 @@ async fn proxy(
                 via,
                 upgrade,
             };
-            return crate::forward::forward(edge, cluster, req, f, fallback, json).await;
+            return crate::forward::forward(edge, cluster, pending, f, fallback, json).await;
         }
     };
     // The tunnel's access policy decides before anything is forwarded.
     let access = route.access.clone();
     let admitted = match access
-        .check(&req, view.client, view.proto == "https", upgrade, json)
+        .check(req, view.client, view.proto == "https", upgrade, json)
         .await
     {
         Verdict::Pass(a) => a,
@@ -482,7 +555,7 @@ async fn proxy(
         return ViewerError::BodyTooLarge.response(json);
     }
     let request_origin = req.headers().get(header::ORIGIN).cloned();
-    let mut head = request_head(&req, &host, &view, upgrade, &admitted, !access.is_public());
+    let mut head = request_head(req, &host, &view, upgrade, &admitted, !access.is_public());
     crate::telemetry::forward_trace_context(&tracing::Span::current(), &mut head);
     let body_empty = http_body::Body::is_end_stream(req.body());
     let end_stream = body_empty && !upgrade;
@@ -493,7 +566,10 @@ async fn proxy(
     let chunked = req.version() <= Version::HTTP_11
         && !upgrade
         && req.headers().contains_key(header::TRANSFER_ENCODING);
-    let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut *req));
+    let Some(req) = pending.take() else {
+        return ViewerError::TunnelLost.response(json);
+    };
     let mut body = (!upgrade && !end_stream)
         .then(|| guard_body(req.into_body(), max_body, cfg.body_idle_timeout));
     // A chunked body's framing is checked (sniff.rs) as it arrives: wait for its first
@@ -552,7 +628,9 @@ async fn proxy(
     let (body_fail_tx, mut body_fail) = tokio::sync::oneshot::channel::<ViewerError>();
     if let Some(body) = body {
         if let Some(mut tx) = tx.take() {
-            tokio::spawn(
+            // Under the edge's tracker, like every task a request spawns, so a drain
+            // waits for it (within the grace) instead of the runtime dropping it.
+            edge.tracker().spawn(
                 async move {
                     let mut body = Prepended {
                         first: first_frame,
@@ -616,7 +694,7 @@ async fn proxy(
             rx.reset(ResetCode::Protocol, "101 without an upgrade request");
             return ViewerError::OriginError.response(json);
         };
-        tokio::spawn(
+        edge.tracker().spawn(
             async move {
                 // The upgraded stream holds the viewer's slot while it lasts.
                 let _slot = slot;

@@ -838,7 +838,7 @@ async fn hash_password_prints_a_hash_the_policy_accepts() {
     let out = child.wait_with_output().await.unwrap();
     assert!(out.status.success());
     let hash = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    assert!(hash.starts_with("pbkdf2-sha256$"), "{hash}");
+    assert!(hash.starts_with("$argon2id$v=19$m=7168,t=5,p=1$"), "{hash}");
     assert!(netbore_tokens::access::verify_password(&hash, "wonderland"));
     assert!(!netbore_tokens::access::verify_password(
         &hash,
