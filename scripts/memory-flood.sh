@@ -33,7 +33,10 @@ P_ORIGIN=$(free_port) P_REST=$(free_port) P_GRPC=$(free_port) P_PUBLIC=$(free_po
 P_AGENTS=$(free_port) P_ADMIN=$(free_port)
 
 "$FLOOD" origin 127.0.0.1:$P_ORIGIN >"$WORK/origin.log" 2>&1 & PIDS+=($!)
+# Control's database in the run's own directory: the default file is shared by every
+# control on the machine (and by other versions of it).
 "$BIN/netbore-control" --rest-addr 127.0.0.1:$P_REST --grpc-addr 127.0.0.1:$P_GRPC \
+    --database-url "sqlite://$WORK/control.db" \
     --domain localhost --public-url-template "http://{name}.localhost:$P_PUBLIC" \
     --edge "id=edge-1,url=ws://127.0.0.1:$P_AGENTS/v1/connect,region=local" >"$WORK/control.log" 2>&1 & PIDS+=($!)
 wait_port $P_REST

@@ -16,6 +16,7 @@
 //! peer finished, resets the stream: a forgotten stream frees itself.
 
 pub mod body;
+pub mod fair;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -172,6 +173,9 @@ struct StreamCtl {
     unsent: AtomicBool,
     /// Bytes of heads this stream holds against [`MAX_LINK_HEAD_BYTES`].
     head_bytes: std::sync::atomic::AtomicUsize,
+    /// Its ticket in the link's [`fair::FairOpen`] until the response head arrives or
+    /// the stream ends (0: none, or already answered).
+    pipe_ticket: AtomicU64,
 }
 
 /// A frame waiting for the writer, with the stream it belongs to (when it has one) so
@@ -214,6 +218,57 @@ struct Shared {
     head_bytes: std::sync::atomic::AtomicUsize,
     writer_done: AtomicBool,
     writer_done_notify: Notify,
+    /// Admission of request heads, fair between clients ([`Mux::open_fair`]).
+    gate: Mutex<Gate>,
+}
+
+/// [`fair::FairOpen`] and the requests waiting on it.
+#[derive(Default)]
+struct Gate {
+    fair: fair::FairOpen,
+    waiters: HashMap<fair::Ticket, tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Gate {
+    /// Wakes the waiters of `admitted` tickets.
+    fn wake(&mut self, admitted: Vec<fair::Ticket>) {
+        for t in admitted {
+            if let Some(w) = self.waiters.remove(&t) {
+                let _ = w.send(());
+            }
+        }
+    }
+}
+
+/// The clock [`fair::FairOpen`] is driven with: Tokio's, so a paused test clock
+/// drives it too.
+fn gate_now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// A request head admitted or waiting on the gate; dropped before its stream opened
+/// (the viewer left, the link closed), it gives back its place and its head bytes.
+struct Admission {
+    shared: Arc<Shared>,
+    ticket: fair::Ticket,
+    head_bytes: usize,
+    /// Its stream opened and took over the ticket and the head bytes.
+    opened: bool,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if self.opened {
+            return;
+        }
+        {
+            let mut g = self.shared.gate.lock();
+            g.waiters.remove(&self.ticket);
+            let admitted = g.fair.cancel(self.ticket, gate_now());
+            g.wake(admitted);
+        }
+        self.shared.release_head_bytes(self.head_bytes);
+    }
 }
 
 /// A handle to one multiplexed connection; cheap to clone.
@@ -333,6 +388,7 @@ impl Mux {
             head_bytes: std::sync::atomic::AtomicUsize::new(0),
             writer_done: AtomicBool::new(false),
             writer_done_notify: Notify::new(),
+            gate: Mutex::new(Gate::default()),
             cfg,
         });
         let (accept_tx, incoming) = if role == Role::Agent {
@@ -358,6 +414,81 @@ impl Mux {
         head: RequestHead,
         end_stream: bool,
     ) -> Result<(StreamSender, StreamReceiver), MuxError> {
+        self.open_inner(head, end_stream, None)
+    }
+
+    /// Like [`Mux::open`], but the stream opens only when the link's fair order
+    /// ([`fair`]) admits it: a client (`class`, e.g. its address) with nothing in flight
+    /// goes at once; otherwise the head waits its turn, with the other clients' waiting
+    /// heads served round robin by bytes, while the link carries more than
+    /// [`fair::PIPE_HEAD_BYTES`] of unanswered heads. The head's bytes count against
+    /// [`MAX_LINK_HEAD_BYTES`] while it waits. Dropping the future gives up the place.
+    pub async fn open_fair(
+        &self,
+        head: RequestHead,
+        end_stream: bool,
+        class: fair::Class,
+    ) -> Result<(StreamSender, StreamReceiver), MuxError> {
+        let sh = &self.shared;
+        let (head, head_len) = self.check_head(head, end_stream)?;
+        if !sh.take_head_bytes(head_len) {
+            return Err(MuxError::Refused(
+                "the connection holds its limit of request head bytes",
+            ));
+        }
+        let mut admission = Admission {
+            shared: sh.clone(),
+            ticket: 0,
+            head_bytes: head_len,
+            opened: false,
+        };
+        let waiting = {
+            let mut g = sh.gate.lock();
+            let (ticket, admitted) = g.fair.arrive(class, head_len, gate_now());
+            admission.ticket = ticket;
+            let now = admitted.contains(&ticket);
+            g.wake(admitted);
+            (!now).then(|| {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                g.waiters.insert(ticket, tx);
+                rx
+            })
+        };
+        if let Some(mut rx) = waiting {
+            loop {
+                let next = sh.gate.lock().fair.next_expiry();
+                let aged = async {
+                    match next {
+                        Some(at) => tokio::time::sleep_until(at.into()).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    r = &mut rx => match r {
+                        Ok(()) => break,
+                        Err(_) => return Err(MuxError::Closed(self.close_reason())),
+                    },
+                    _ = aged => {
+                        let mut g = sh.gate.lock();
+                        let admitted = g.fair.expire(gate_now());
+                        g.wake(admitted);
+                    }
+                    _ = sh.cancel.cancelled() => return Err(MuxError::Closed(self.close_reason())),
+                }
+            }
+        }
+        let opened = self.open_inner(head, end_stream, Some((admission.ticket, head_len)))?;
+        // The stream holds the ticket and the head bytes now.
+        admission.opened = true;
+        Ok(opened)
+    }
+
+    /// Checks that a stream can be opened with `head`; returns it with its encoded size.
+    fn check_head(
+        &self,
+        head: RequestHead,
+        end_stream: bool,
+    ) -> Result<(RequestHead, usize), MuxError> {
         let sh = &self.shared;
         if sh.cancel.is_cancelled() {
             return Err(MuxError::Closed(self.close_reason()));
@@ -376,6 +507,33 @@ impl Mux {
         let Frame::RequestHead { head, .. } = probe else {
             unreachable!("built above")
         };
+        Ok((head, probe_len))
+    }
+
+    /// Opens a stream; `admitted` is its ticket and the head bytes already taken when
+    /// it came through [`Mux::open_fair`] (on an error the caller still owns both).
+    fn open_inner(
+        &self,
+        head: RequestHead,
+        end_stream: bool,
+        admitted: Option<(fair::Ticket, usize)>,
+    ) -> Result<(StreamSender, StreamReceiver), MuxError> {
+        let sh = &self.shared;
+        let (head, probe_len) = match admitted {
+            Some((_, len)) => {
+                // It may have waited: the connection can have closed meanwhile.
+                if sh.cancel.is_cancelled() {
+                    return Err(MuxError::Closed(self.close_reason()));
+                }
+                if sh.going_away.load(Ordering::Acquire) {
+                    return Err(MuxError::Refused("the connection is going away"));
+                }
+                (head, len)
+            }
+            None => self.check_head(head, end_stream)?,
+        };
+        let prepaid = admitted.is_some();
+        let ticket = admitted.map_or(0, |(t, _)| t);
         let mut state = StreamState::new();
         state
             .on_send(StreamEvent::Head { end_stream })
@@ -389,7 +547,7 @@ impl Mux {
             if streams.len() >= sh.cfg.limits.max_concurrent_streams as usize {
                 return Err(MuxError::Refused("too many concurrent streams"));
             }
-            if !sh.take_head_bytes(head_len) {
+            if !prepaid && !sh.take_head_bytes(head_len) {
                 return Err(MuxError::Refused(
                     "the connection holds its limit of request head bytes",
                 ));
@@ -397,12 +555,15 @@ impl Mux {
             let id = sh.next_id.fetch_add(1, Ordering::Relaxed);
             if id >= STREAM_ID_RETIRE {
                 drop(streams);
-                sh.release_head_bytes(head_len);
+                if !prepaid {
+                    sh.release_head_bytes(head_len);
+                }
                 // Ids are running out: move the agent to a fresh connection first.
                 self.go_away("stream ids exhausted; reconnect");
                 return Err(MuxError::Refused("the connection is going away"));
             }
             let ctl = new_ctl(id, &sh.cfg.limits, head_len);
+            ctl.pipe_ticket.store(ticket, Ordering::Release);
             streams.insert(
                 id,
                 Entry {
@@ -421,7 +582,9 @@ impl Mux {
                 &ctl,
             ) {
                 streams.remove(&id);
-                sh.release_head_bytes(head_len);
+                if !prepaid {
+                    sh.release_head_bytes(head_len);
+                }
                 return Err(e);
             }
             ctl
@@ -559,6 +722,11 @@ impl Mux {
         )
     }
 
+    /// Request heads waiting for their turn in [`Mux::open_fair`].
+    pub fn waiting_heads(&self) -> usize {
+        self.shared.gate.lock().fair.waiting()
+    }
+
     /// Bytes of heads held by this connection's open streams (at most
     /// [`MAX_LINK_HEAD_BYTES`]).
     pub fn head_bytes(&self) -> usize {
@@ -575,6 +743,7 @@ fn new_ctl(id: u32, limits: &Limits, head_bytes: usize) -> Arc<StreamCtl> {
         recv_dropped: AtomicBool::new(false),
         unsent: AtomicBool::new(false),
         head_bytes: std::sync::atomic::AtomicUsize::new(head_bytes),
+        pipe_ticket: AtomicU64::new(0),
     })
 }
 
@@ -623,6 +792,18 @@ impl Shared {
     /// Forgets a stream: releases what it held.
     fn forget(&self, e: &Entry) {
         self.release_head_bytes(e.ctl.head_bytes.swap(0, Ordering::AcqRel));
+        self.answered(&e.ctl);
+    }
+
+    /// The stream's head was answered (or the stream ended): its bytes leave the
+    /// gate's pipe, and the next waiting heads go.
+    fn answered(&self, ctl: &StreamCtl) {
+        let ticket = ctl.pipe_ticket.swap(0, Ordering::AcqRel);
+        if ticket != 0 {
+            let mut g = self.gate.lock();
+            let admitted = g.fair.answered(ticket, gate_now());
+            g.wake(admitted);
+        }
     }
 
     /// Records why and cancels, without touching the streams (see [`Shared::close`]).
@@ -1440,9 +1621,14 @@ fn on_stream_frame(
 ) {
     let mut violation = None;
     let mut delivered = false;
+    let is_head = matches!(payload, Some(Event::Head(_)));
+    let mut answered = None;
     {
         let mut streams = shared.streams.lock();
         if let Some(e) = streams.get_mut(&stream_id) {
+            if is_head {
+                answered = Some(e.ctl.clone());
+            }
             if data_len > 0
                 && let Err(err) = e.ctl.recv_window.lock().on_data(data_len)
             {
@@ -1470,6 +1656,9 @@ fn on_stream_frame(
     }
     if !delivered {
         shared.credit_connection(data_len);
+    }
+    if let Some(ctl) = answered {
+        shared.answered(&ctl);
     }
     if let Some((code, msg)) = violation {
         shared.reset_stream(stream_id, code, &msg);

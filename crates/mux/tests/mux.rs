@@ -312,3 +312,86 @@ async fn a_head_with_too_many_fields_refuses_only_its_stream() {
     assert_eq!(s.head.headers.len(), 2);
     assert_eq!(s.sender.id(), 3);
 }
+
+/// Issue 12's header flood on one link: one client (class 1) keeps twenty 60 KiB heads
+/// queued; another client's request must not wait behind them.
+#[tokio::test]
+async fn a_client_with_nothing_in_flight_is_not_queued_behind_another_clients_heads() {
+    use futures_util::FutureExt;
+    let (edge, _agent, mut incoming) = pair(Limits::default()).await;
+    let big = |i: usize| RequestHead {
+        method: "GET".into(),
+        target: format!("/flood/{i}"),
+        headers: vec![
+            Header::new("host", "x.localhost"),
+            Header::new("x-pad", "v".repeat(60 * 1024)),
+        ],
+    };
+    let flood: Vec<_> = (0..20)
+        .map(|i| {
+            let edge = edge.clone();
+            let h = big(i);
+            tokio::spawn(async move { edge.open_fair(h, true, 1).await })
+        })
+        .collect();
+    // The pipe (256 KiB) takes four of them; the other sixteen wait their turn.
+    for _ in 0..1000 {
+        if edge.waiting_heads() == 16 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(edge.waiting_heads(), 16);
+    assert!(
+        edge.open_fair(big(99), true, 1).now_or_never().is_none(),
+        "the flooding client's next head queues"
+    );
+    let (_tx, _rx) = edge
+        .open_fair(head("/honest"), true, 2)
+        .now_or_never()
+        .expect("a client with nothing in flight goes at once")
+        .unwrap();
+    // At the agent, the honest head comes right after the heads already admitted.
+    let mut before = 0;
+    let mut held = Vec::new();
+    loop {
+        let s = tokio::time::timeout(Duration::from_secs(10), incoming.accept())
+            .await
+            .expect("the agent gets the honest head")
+            .unwrap();
+        if s.head.target == "/honest" {
+            break;
+        }
+        before += 1;
+        held.push(s);
+    }
+    assert!(before <= 8, "{before} flood heads went first");
+    // Answering lets the rest of the flood through, in turn.
+    let answer = |s: &mut netbore_mux::IncomingStream| {
+        s.sender
+            .send_response(
+                ResponseHead {
+                    status: 200,
+                    headers: vec![],
+                },
+                true,
+            )
+            .unwrap();
+    };
+    for s in &mut held {
+        answer(s);
+    }
+    for _ in before..20 {
+        let mut s = tokio::time::timeout(Duration::from_secs(10), incoming.accept())
+            .await
+            .expect("every flood head reaches the agent in the end")
+            .unwrap();
+        assert!(s.head.target.starts_with("/flood/"));
+        answer(&mut s);
+        held.push(s);
+    }
+    for f in flood {
+        assert!(f.await.unwrap().is_ok());
+    }
+    assert_eq!(edge.waiting_heads(), 0);
+}

@@ -11,6 +11,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod memory;
 pub mod prom;
 pub mod trace_context;
 

@@ -215,6 +215,11 @@ impl Common {
     }
 }
 
+/// jemalloc rather than glibc's malloc: it gives memory freed after a burst back to the
+/// OS (see `netbore_telemetry::memory` and docs/decisions.md).
+#[global_allocator]
+static ALLOCATOR: netbore_telemetry::memory::Jemalloc = netbore_telemetry::memory::Jemalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -236,6 +241,9 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = netbore_telemetry::memory::return_freed_memory() {
+        tracing::warn!(error = %e, "freed memory returns to the OS only while busy");
+    }
     let origin = match common.origin() {
         Ok(o) => o,
         Err(e) => {

@@ -147,10 +147,18 @@ fn parse_edge(s: &str) -> anyhow::Result<EdgeEntry> {
     Ok(e)
 }
 
+/// jemalloc rather than glibc's malloc: it gives memory freed after a burst back to the
+/// OS (see `netbore_telemetry::memory` and docs/decisions.md).
+#[global_allocator]
+static ALLOCATOR: netbore_telemetry::memory::Jemalloc = netbore_telemetry::memory::Jemalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let telemetry = netbore_telemetry::init("netbore-control", args.log_json)?;
+    if let Err(e) = netbore_telemetry::memory::return_freed_memory() {
+        tracing::warn!(error = %e, "freed memory returns to the OS only while busy");
+    }
     let mut signals = Signals::install()?;
     let edges = args
         .edges

@@ -35,6 +35,16 @@ fn client_key(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The class a client's requests share in an agent link's send order
+/// (`netbore_mux::Mux::open_fair`): one per client key, so an IPv6 /64 is one client
+/// there too.
+pub fn client_class(ip: IpAddr) -> netbore_mux::fair::Class {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    client_key(ip).hash(&mut h);
+    h.finish()
+}
+
 /// Most slots one client may hold out of `capacity` with a share of `percent`
 /// (at least one, so a tiny tunnel still serves everyone).
 pub fn client_cap(capacity: usize, percent: u8) -> usize {
@@ -152,6 +162,18 @@ mod tests {
         let _g = s.try_take("t", x, 1).unwrap();
         assert!(s.try_take("t", y, 1).is_none());
         assert!(s.try_take("t", z, 1).is_some());
+    }
+
+    #[test]
+    fn a_64_is_one_class_in_the_send_order() {
+        let x: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let y: IpAddr = "2001:db8:1:2::ffff".parse().unwrap();
+        let z: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let v4: IpAddr = "192.0.2.1".parse().unwrap();
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert_eq!(client_class(x), client_class(y));
+        assert_ne!(client_class(x), client_class(z));
+        assert_eq!(client_class(v4), client_class(mapped));
     }
 
     #[test]

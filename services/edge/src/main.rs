@@ -122,10 +122,18 @@ struct Args {
 /// Shortest internal secret accepted.
 const MIN_INTERNAL_SECRET_LEN: usize = 16;
 
+/// jemalloc rather than glibc's malloc: it gives memory freed after a burst back to the
+/// OS (see `netbore_telemetry::memory` and docs/decisions.md).
+#[global_allocator]
+static ALLOCATOR: netbore_telemetry::memory::Jemalloc = netbore_telemetry::memory::Jemalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let telemetry = netbore_telemetry::init("netbore-edge", args.log_json)?;
+    if let Err(e) = netbore_telemetry::memory::return_freed_memory() {
+        tracing::warn!(error = %e, "freed memory returns to the OS only while busy");
+    }
     let cert_source = match (&args.tls_cert, &args.tls_key, args.tls_self_signed) {
         (Some(cert), Some(key), _) => Some(netbore_edge::tls::CertSource::Files {
             cert: cert.clone(),

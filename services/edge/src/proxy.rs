@@ -600,7 +600,10 @@ async fn proxy(
                 Lookup::Unknown => return ViewerError::TunnelNotFound.response(json),
             },
         };
-        match route.mux.open(head.clone(), end_stream) {
+        // Opened in the link's fair order between client addresses: a client with
+        // nothing in flight goes at once, whatever another client has queued.
+        let class = crate::fair::client_class(view.client);
+        match route.mux.open_fair(head.clone(), end_stream, class).await {
             Ok(s) => {
                 opened = Some(s);
                 break;
