@@ -100,11 +100,21 @@ pub async fn start_with(
     let control2 = control.clone();
     tokio::spawn(async move {
         while let Ok(msg) = deletions.recv().await {
-            if msg.starts_with(netbore_control::ops::DRAIN_PREFIX) {
-                continue;
+            let now = netbore_tokens::now_unix();
+            match netbore_api::ControlEvent::decode(&msg) {
+                netbore_api::ControlEvent::TunnelDeleted(id) => {
+                    let until = control2.record_revocation(&msg, now);
+                    edge2.revoke_tunnel(&id, until);
+                }
+                netbore_api::ControlEvent::CredentialRevoked(id) => {
+                    let until = control2.record_revocation(&msg, now);
+                    edge2.revoke_credential(&id, until);
+                }
+                netbore_api::ControlEvent::DrainEdge(_) => edge2.drain(),
+                netbore_api::ControlEvent::UndrainEdge(_) => {
+                    edge2.undrain();
+                }
             }
-            let until = control2.record_revocation(&msg, netbore_tokens::now_unix());
-            edge2.revoke_tunnel(&msg, until);
         }
     });
     let mut seeds = control.subscribe_session_seeds();

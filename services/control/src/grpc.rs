@@ -3,7 +3,7 @@
 //! `grpc.health.v1` (the overall service `""` and `readiness`), so `grpcurl` works with no
 //! `.proto` file at hand.
 
-use netbore_api::ErrorCode;
+use netbore_api::{ControlEvent, ErrorCode};
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -517,9 +517,9 @@ fn revoke_credential(credential_id: String, revoked_until: u64) -> epb::EdgeComm
 /// The command for a revocation control remembers ([`Control::recent_revocations`]):
 /// a credential's (`cred:<id>`) or a deleted tunnel's.
 fn revocation(key: String, until: u64) -> epb::EdgeCommand {
-    match key.strip_prefix(ops::CREDENTIAL_PREFIX) {
-        Some(id) => revoke_credential(id.to_string(), until),
-        None => disconnect(key, until),
+    match ControlEvent::decode(&key) {
+        ControlEvent::CredentialRevoked(id) => revoke_credential(id, until),
+        _ => disconnect(key, until),
     }
 }
 
@@ -648,26 +648,21 @@ impl EdgeService for EdgeGrpc {
                     }
                     d = deletions.recv() => match d {
                         Ok(msg) => {
-                            // Checked first: an undrain is no tunnel id either.
-                            if let Some(target) = msg.strip_prefix(ops::UNDRAIN_PREFIX) {
-                                if target == edge_id {
-                                    let cmd = epb::EdgeCommand {
-                                        command: Some(epb::edge_command::Command::Undrain(epb::Undrain {})),
-                                    };
-                                    if tx.send(Ok(cmd)).await.is_err() {
-                                        break;
-                                    }
+                            let cmd = match ControlEvent::decode(&msg) {
+                                // A drain or undrain for another edge: not ours to pass on.
+                                ControlEvent::DrainEdge(target) | ControlEvent::UndrainEdge(target)
+                                    if target != edge_id =>
+                                {
+                                    continue;
                                 }
-                                continue;
-                            }
-                            let cmd = match msg.strip_prefix(ops::DRAIN_PREFIX) {
-                                // A drain request for another edge: not ours to pass on.
-                                Some(target) if target != edge_id => continue,
-                                Some(_) => epb::EdgeCommand {
+                                ControlEvent::DrainEdge(_) => epb::EdgeCommand {
                                     command: Some(epb::edge_command::Command::Drain(epb::Drain {})),
                                 },
-                                // A deleted tunnel, or a revoked credential (`cred:<id>`).
-                                None => {
+                                ControlEvent::UndrainEdge(_) => epb::EdgeCommand {
+                                    command: Some(epb::edge_command::Command::Undrain(epb::Undrain {})),
+                                },
+                                // A deleted tunnel, or a revoked credential.
+                                ControlEvent::TunnelDeleted(_) | ControlEvent::CredentialRevoked(_) => {
                                     let until = control.record_revocation(&msg, netbore_tokens::now_unix());
                                     revocation(msg, until)
                                 }
@@ -703,7 +698,7 @@ async fn record_revocations(control: Control, shutdown: CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             d = deletions.recv() => match d {
-                Ok(msg) if !msg.starts_with(ops::DRAIN_PREFIX) => {
+                Ok(msg) if ControlEvent::decode(&msg).is_revocation() => {
                     control.record_revocation(&msg, netbore_tokens::now_unix());
                 }
                 Ok(_) => {}

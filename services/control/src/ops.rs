@@ -20,7 +20,7 @@ use crate::metrics::Op;
 use crate::names::{self, NameError};
 use crate::store::{Claim, CredentialRecord, HELD_UNTIL_DELETED, StoreError, TunnelRecord};
 use crate::{Control, EdgeEntry, MAX_CANDIDATES};
-use netbore_api::ErrorCode;
+use netbore_api::{ControlEvent, ErrorCode};
 use std::sync::atomic::Ordering;
 
 /// Page size of a list when the caller gives none.
@@ -198,14 +198,6 @@ pub(crate) async fn management(
     }
 }
 
-/// Prefix of a message on the deletion feed that asks edge `<rest>` to drain (tunnel
-/// ids start with `tun_`, so the two never mix).
-pub const DRAIN_PREFIX: &str = "drain:";
-
-/// Prefix of a message on the deletion feed that asks edge `<rest>` to take agents
-/// again after a drain.
-pub const UNDRAIN_PREFIX: &str = "undrain:";
-
 /// Asks edge `edge_id` to drain, through whichever replica it is linked to. Needs
 /// `admin`; 404 `edge_not_found` for an edge no replica has heard from.
 pub async fn drain_edge(
@@ -217,7 +209,7 @@ pub async fn drain_edge(
     require_linked_edge(control, edge_id).await?;
     tracing::info!(edge = %edge_id, "drain requested");
     control
-        .announce_deletion_everywhere(&format!("{DRAIN_PREFIX}{edge_id}"))
+        .announce_everywhere(&ControlEvent::DrainEdge(edge_id.to_string()))
         .await;
     Ok(())
 }
@@ -233,7 +225,7 @@ pub async fn undrain_edge(
     require_linked_edge(control, edge_id).await?;
     tracing::info!(edge = %edge_id, "undrain requested");
     control
-        .announce_deletion_everywhere(&format!("{UNDRAIN_PREFIX}{edge_id}"))
+        .announce_everywhere(&ControlEvent::UndrainEdge(edge_id.to_string()))
         .await;
     Ok(())
 }
@@ -1061,7 +1053,7 @@ async fn delete_inner(
     control.store().revoke(&record.tunnel_id, until).await?;
     control.store().remove(&record.tunnel_id).await?;
     control
-        .announce_deletion_everywhere(&record.tunnel_id)
+        .announce_everywhere(&ControlEvent::TunnelDeleted(record.tunnel_id.clone()))
         .await;
     tracing::info!(tunnel = %record.tunnel_id, name = %record.name, "tunnel deleted");
     let (actor, via) = match &mgmt {
@@ -1326,9 +1318,6 @@ pub const CREDENTIAL_PREFIX_LEN: usize = CREDENTIAL_SECRET_PREFIX.len() + 12;
 pub const MAX_CREDENTIAL_LABEL: usize = 128;
 /// Most unrevoked credentials one tunnel may have (rotation needs two).
 pub const MAX_CREDENTIALS_PER_TUNNEL: usize = 20;
-/// Prefix of a message on the deletion feed that announces a revoked credential
-/// (`cred:<credential id>`); edges close its links and refuse its tokens.
-pub const CREDENTIAL_PREFIX: &str = "cred:";
 
 /// Whether `bearer` looks like a tunnel credential rather than a token.
 pub fn is_credential(bearer: &str) -> bool {
@@ -1483,7 +1472,7 @@ pub async fn list_credentials(
 
 /// Revokes credential `credential_id` of `tunnel`: control refuses it from now on
 /// (401 `credential_revoked`), and every edge, through every replica, closes the links
-/// that used it and refuses its ephemeral tokens ([`CREDENTIAL_PREFIX`]). Revoking
+/// that used it and refuses its ephemeral tokens ([`ControlEvent::CredentialRevoked`]). Revoking
 /// twice is harmless (the first time is kept; the edges are told again).
 pub async fn revoke_credential(
     control: &Control,
@@ -1507,7 +1496,7 @@ pub async fn revoke_credential(
             )
         })?;
     control
-        .announce_deletion_everywhere(&format!("{CREDENTIAL_PREFIX}{}", rec.id))
+        .announce_everywhere(&ControlEvent::CredentialRevoked(rec.id.clone()))
         .await;
     tracing::info!(tunnel = %t.tunnel_id, credential = %rec.id, "tunnel credential revoked");
     Ok(credential_view(&rec))

@@ -102,13 +102,14 @@ impl Control {
         self.live().ping().await
     }
 
-    /// Announces a deletion to this replica's edge links and, through the store, to
-    /// every other replica's.
-    pub(crate) async fn announce_deletion_everywhere(&self, tunnel_id: &str) {
-        self.announce_deletion(tunnel_id);
-        if let Err(e) = self.live().publish_deletion(tunnel_id).await {
+    /// Announces an event (a deletion, a revoked credential, a drain) to this
+    /// replica's edge links and, through the live state, to every other replica's.
+    pub(crate) async fn announce_everywhere(&self, event: &netbore_api::ControlEvent) {
+        let msg = event.encode();
+        self.announce_deletion(&msg);
+        if let Err(e) = self.live().publish_deletion(&msg).await {
             tracing::warn!(
-                tunnel = %tunnel_id, error = %e,
+                event = ?event, error = %e,
                 "deletion not announced to other replicas; agents on edges linked to them stay until their tokens expire"
             );
         }

@@ -760,7 +760,7 @@ fn redis_cli(redis: &RedisServer, args: &[&str]) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn control_restarted_on_its_sqlite_file_keeps_names_tombstones_and_its_key() {
+async fn control_restarted_on_its_sqlite_file_keeps_names_tombstones_keys_and_its_signing_key() {
     let dir = tempfile::tempdir().unwrap();
     let db = format!("sqlite://{}", dir.path().join("state/control.db").display());
     let args = [
@@ -796,6 +796,18 @@ async fn control_restarted_on_its_sqlite_file_keeps_names_tombstones_and_its_key
     .await;
     assert_eq!(st, 200);
     let tok = admin(&c, &first.url()).await;
+    // An API key made before the restart (kept hashed in the same file).
+    let (st, k) = call(
+        &c,
+        &first.url(),
+        "POST",
+        "/v1/api-keys",
+        Some(&tok),
+        Some(json!({"subject": "ops", "scopes": ["tunnels:read"]})),
+    )
+    .await;
+    assert_eq!(st, 200, "{k}");
+    let key = k["key"].as_str().unwrap().to_string();
     let (_, jwks_before) = call(
         &c,
         &first.url(),
@@ -872,6 +884,11 @@ async fn control_restarted_on_its_sqlite_file_keeps_names_tombstones_and_its_key
     assert_eq!(st, 200, "{l}");
     assert_eq!(l["tunnels"].as_array().unwrap().len(), 1, "{l}");
     assert_eq!(l["tunnels"][0]["name"], "survivor");
+    // The API key works after the restart, as the bearer and for /auth/token.
+    let (st, l) = call(&c, &second.url(), "GET", "/tunnels/list", Some(&key), None).await;
+    assert_eq!(st, 200, "{l}");
+    let (st, t) = call(&c, &second.url(), "POST", "/auth/token", Some(&key), None).await;
+    assert_eq!(st, 200, "{t}");
 }
 
 /// Issue 18 item 5: in subscribed mode Redis answers `PING` with `["pong", ""]`. The
