@@ -56,6 +56,21 @@ impl Text {
         self.family(name, kind, help).sample(name, &[], value)
     }
 
+    /// `netbore_build_info{component, version} 1`, the same family on every binary, so
+    /// a dashboard can tell which versions run.
+    pub fn build_info(&mut self, component: &str, version: &str) -> &mut Text {
+        self.family(
+            "netbore_build_info",
+            "gauge",
+            "Always 1; the labels name the component and its version.",
+        );
+        self.sample(
+            "netbore_build_info",
+            &[("component", component), ("version", version)],
+            1,
+        )
+    }
+
     /// The page.
     pub fn finish(self) -> String {
         self.0

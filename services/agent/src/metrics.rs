@@ -121,6 +121,7 @@ impl AgentMetrics {
                 get(&self.origin_errors[i]),
             );
         }
+        t.build_info("agent", env!("CARGO_PKG_VERSION"));
         t.finish()
     }
 }

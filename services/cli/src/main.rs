@@ -462,8 +462,18 @@ async fn serve_probes(
                         "/metrics" => (200, metrics.render()),
                         _ => (404, "admin paths: /livez /readyz /metrics\n".to_string()),
                     };
+                    let content_type = if req.uri().path() == "/metrics" {
+                        netbore_telemetry::prom::CONTENT_TYPE
+                    } else {
+                        "text/plain; charset=utf-8"
+                    };
                     let mut r = hyper::Response::new(Full::new(bytes::Bytes::from(body)));
                     *r.status_mut() = hyper::StatusCode::from_u16(status).expect("valid status");
+                    // Prometheus 3 refuses a scrape without a Content-Type it knows.
+                    r.headers_mut().insert(
+                        hyper::header::CONTENT_TYPE,
+                        hyper::header::HeaderValue::from_static(content_type),
+                    );
                     async move { Ok::<_, std::convert::Infallible>(r) }
                 });
             let _ =

@@ -180,6 +180,7 @@ impl ControlMetrics {
                 get(&self.grpc[i]),
             );
         }
+        t.build_info("control", env!("CARGO_PKG_VERSION"));
         t.finish()
     }
 }

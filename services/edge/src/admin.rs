@@ -34,8 +34,18 @@ fn answer(edge: &Edge, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             "admin paths: /livez /readyz /metrics\n".to_string(),
         ),
     };
+    let metrics = req.uri().path() == "/metrics";
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
+    // Prometheus 3 refuses a scrape without a Content-Type it knows.
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(if metrics {
+            netbore_telemetry::prom::CONTENT_TYPE
+        } else {
+            "text/plain; charset=utf-8"
+        }),
+    );
     r
 }
 

@@ -208,7 +208,7 @@ pub fn render(edge: &Edge) -> String {
     );
     let _ = write!(
         s,
-        "# HELP netbore_edge_tunnel_bytes_total Payload bytes through open agent connections (to agents: out; from agents: in).\n# TYPE netbore_edge_tunnel_bytes_total counter\nnetbore_edge_tunnel_bytes_total{{direction=\"in\"}} {bytes_in}\nnetbore_edge_tunnel_bytes_total{{direction=\"out\"}} {bytes_out}\n"
+        "# HELP netbore_edge_tunnel_bytes_total Payload bytes through agent connections since the edge started, closed ones included (to agents: out; from agents: in).\n# TYPE netbore_edge_tunnel_bytes_total counter\nnetbore_edge_tunnel_bytes_total{{direction=\"in\"}} {bytes_in}\nnetbore_edge_tunnel_bytes_total{{direction=\"out\"}} {bytes_out}\n"
     );
     let _ = writeln!(
         s,
@@ -287,6 +287,9 @@ pub fn render(edge: &Edge) -> String {
         "# HELP netbore_edge_connections_refused_total Connections closed at accept because their address had --max-connections-per-address open.\n# TYPE netbore_edge_connections_refused_total counter\nnetbore_edge_connections_refused_total {}\n",
         m.connections_refused.load(Ordering::Relaxed)
     );
+    let mut info = netbore_telemetry::prom::Text::new();
+    info.build_info("edge", env!("CARGO_PKG_VERSION"));
+    s.push_str(&info.finish());
     s
 }
 

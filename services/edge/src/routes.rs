@@ -53,6 +53,9 @@ pub struct Routes {
     /// Woken when a tunnel gains its first connection here, so the link to control
     /// reports it at once (control holds its name from that report on).
     first_link: tokio::sync::Notify,
+    /// Payload bytes (in, out) of connections that have left the table, so the
+    /// totals [`Routes::load`] reports never go down when an agent disconnects.
+    retired: [std::sync::atomic::AtomicU64; 2],
 }
 
 impl Routes {
@@ -65,7 +68,13 @@ impl Routes {
         let first = {
             let mut live = self.live.write();
             let v = live.entry(name.to_string()).or_default();
-            v.retain(|r| r.tunnel_id == route.tunnel_id || !r.mux.is_closed());
+            v.retain(|r| {
+                let keep = r.tunnel_id == route.tunnel_id || !r.mux.is_closed();
+                if !keep {
+                    self.retire(r);
+                }
+                keep
+            });
             if let Some(other) = v.iter().find(|r| r.tunnel_id != route.tunnel_id) {
                 return Err(other.tunnel_id.clone());
             }
@@ -84,6 +93,14 @@ impl Routes {
         Ok(())
     }
 
+    /// Adds a connection's bytes to the totals of connections that have left.
+    fn retire(&self, r: &Route) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (i, o) = r.mux.bytes();
+        self.retired[0].fetch_add(i, Relaxed);
+        self.retired[1].fetch_add(o, Relaxed);
+    }
+
     /// The tunnel id of a live connection for `name` of another tunnel than `tunnel_id`.
     pub fn live_other_tunnel(&self, name: &str, tunnel_id: &str) -> Option<String> {
         self.live
@@ -99,7 +116,13 @@ impl Routes {
         let now_empty = {
             let mut live = self.live.write();
             let Some(v) = live.get_mut(name) else { return };
-            v.retain(|r| r.conn_id != conn_id);
+            v.retain(|r| {
+                let keep = r.conn_id != conn_id;
+                if !keep {
+                    self.retire(r);
+                }
+                keep
+            });
             if v.is_empty() {
                 live.remove(name);
                 true
@@ -166,10 +189,14 @@ impl Routes {
         (live.len(), live.values().map(Vec::len).sum())
     }
 
-    /// Load for reports: tunnels, connections, open streams, payload bytes in and out.
+    /// Load for reports: tunnels, connections, open streams, and payload bytes in and
+    /// out since the edge started (connections that closed included, so they only grow).
     pub fn load(&self) -> (u64, u64, u64, u64, u64) {
         let live = self.live.read();
-        let (mut conns, mut streams, mut bin, mut bout) = (0u64, 0u64, 0u64, 0u64);
+        use std::sync::atomic::Ordering::Relaxed;
+        let (mut conns, mut streams) = (0u64, 0u64);
+        // Since the edge started: connections that left, then the open ones.
+        let (mut bin, mut bout) = (self.retired[0].load(Relaxed), self.retired[1].load(Relaxed));
         for r in live.values().flatten() {
             conns += 1;
             streams += r.mux.open_streams() as u64;

@@ -292,3 +292,95 @@ async fn a_lost_edge_counts_one_reconnect_at_the_agent() {
     assert_eq!(relinked["netbore_agent_reconnects_total"], 1.0);
     drop(respawned);
 }
+
+/// `GET /metrics` on `addr`: status, Content-Type and body.
+async fn scrape_raw(addr: SocketAddr) -> (u16, String, String) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("/metrics")
+        .header("host", "metrics")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let ct = resp
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    (status, ct, String::from_utf8(body.to_vec()).unwrap())
+}
+
+/// Issue 18 item 7: all three `/metrics` pages say what they are (Prometheus 3 refuses a
+/// scrape without a Content-Type it knows), carry `netbore_build_info`, and the edge's
+/// byte counter does not fall when the agent that carried the bytes disconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metrics_page_is_typed_and_the_edge_byte_counter_survives_a_disconnect() {
+    let control_admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let control = ControlProc::spawn(&["--admin-addr", &control_admin.to_string()], &[]);
+    control.wait_ready().await;
+    let edge = EdgeProc::spawn("edge-t", &control, None, &[]);
+    let edge_admin: SocketAddr = ([127, 0, 0, 1], edge.admin).into();
+    let origin = Origin::start().await;
+    let agent_admin = free_port();
+    let mut a = agent(&control, &origin.url(), agent_admin);
+    let host = host_of(&a.line(Duration::from_secs(60)).await);
+    let agent_admin: SocketAddr = ([127, 0, 0, 1], agent_admin).into();
+
+    for (what, addr, component) in [
+        ("control", control_admin, "control"),
+        ("edge", edge_admin, "edge"),
+        ("agent", agent_admin, "agent"),
+    ] {
+        let (status, ct, body) = eventually(Duration::from_secs(10), || async {
+            Some(scrape_raw(addr).await)
+        })
+        .await
+        .unwrap();
+        assert_eq!(status, 200, "{what}");
+        assert_eq!(
+            ct, "text/plain; version=0.0.4; charset=utf-8",
+            "{what}'s /metrics Content-Type"
+        );
+        assert!(
+            body.contains(&format!(
+                "netbore_build_info{{component=\"{component}\",version=\"{}\"}} 1",
+                env!("CARGO_PKG_VERSION")
+            )),
+            "{what}: {body}"
+        );
+    }
+
+    // Bytes through the tunnel, then the agent leaves: the counter keeps them.
+    let v = Viewer::new(([127, 0, 0, 1], edge.public).into());
+    for _ in 0..5 {
+        assert_eq!(v.get(&host, "/bytes/65536").await.status, 200);
+    }
+    let before = scrape(edge_admin).await;
+    let out_before = before["netbore_edge_tunnel_bytes_total{direction=\"out\"}"]
+        + before["netbore_edge_tunnel_bytes_total{direction=\"in\"}"];
+    assert!(out_before >= 5.0 * 65536.0, "{before:?}");
+    a.signal("KILL");
+    let mut after = scrape(edge_admin).await;
+    for _ in 0..100 {
+        if after["netbore_edge_agent_connections"] == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        after = scrape(edge_admin).await;
+    }
+    assert_eq!(after["netbore_edge_agent_connections"], 0.0, "{after:?}");
+    let out_after = after["netbore_edge_tunnel_bytes_total{direction=\"out\"}"]
+        + after["netbore_edge_tunnel_bytes_total{direction=\"in\"}"];
+    assert!(
+        out_after >= out_before,
+        "the byte counter fell from {out_before} to {out_after} when the agent left"
+    );
+}
