@@ -63,10 +63,21 @@ pub struct OriginConfig {
 impl OriginConfig {
     /// Parses `3000`, `localhost:3000` or a full `http(s)://` URL.
     pub fn parse_target(s: &str) -> Result<Uri, String> {
-        let url = if s.chars().all(|c| c.is_ascii_digit()) {
-            format!("http://127.0.0.1:{s}")
+        let url = if !s.is_empty() && s.chars().all(|c| c.is_ascii_digit()) {
+            match s.parse::<u16>() {
+                Ok(p) if p > 0 => format!("http://127.0.0.1:{p}"),
+                _ => {
+                    return Err(format!(
+                        "'{s}' is not a port (1 to 65535); give a port like 3000 or a URL like http://localhost:3000"
+                    ));
+                }
+            }
         } else if s.starts_with("http://") || s.starts_with("https://") {
             s.to_string()
+        } else if let Some((scheme, _)) = s.split_once("://") {
+            return Err(format!(
+                "'{s}' uses {scheme}://; the origin must be http:// or https:// (or a port like 3000)"
+            ));
         } else {
             format!("http://{s}")
         };
@@ -76,6 +87,11 @@ impl OriginConfig {
         if uri.authority().is_none() {
             return Err(format!(
                 "'{s}' has no host; give a port like 3000 or a URL like http://localhost:3000"
+            ));
+        }
+        if uri.port_u16() == Some(0) {
+            return Err(format!(
+                "'{s}' names port 0; give the port the origin listens on (1 to 65535)"
             ));
         }
         Ok(uri)
@@ -358,4 +374,36 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         src = inner.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OriginConfig;
+
+    #[test]
+    fn targets_are_ports_hosts_or_http_urls_and_nothing_else() {
+        let ok = |s: &str| OriginConfig::parse_target(s).unwrap().to_string();
+        assert_eq!(ok("3000"), "http://127.0.0.1:3000/");
+        assert_eq!(ok("localhost:8080"), "http://localhost:8080/");
+        assert_eq!(
+            ok("https://app.internal:8443"),
+            "https://app.internal:8443/"
+        );
+        let err = |s: &str| OriginConfig::parse_target(s).unwrap_err();
+        for bad in ["0", "99999", "65536"] {
+            assert!(
+                err(bad).contains("is not a port (1 to 65535)"),
+                "{bad}: {}",
+                err(bad)
+            );
+        }
+        let e = err("ftp://x:21");
+        assert!(e.contains("uses ftp://") && e.contains("http://"), "{e}");
+        assert!(
+            err("localhost:0").contains("port 0"),
+            "{}",
+            err("localhost:0")
+        );
+        assert!(err("not a url").contains("not a port or URL"));
+    }
 }

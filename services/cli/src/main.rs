@@ -64,7 +64,7 @@ enum Cmd {
         #[arg(long)]
         edge_insecure: bool,
         /// Links to keep, each to a distinct edge, so losing one edge loses no traffic.
-        #[arg(long, env = "NETBORE_CONNECTIONS", default_value_t = 2)]
+        #[arg(long, env = "NETBORE_CONNECTIONS", default_value_t = 2, value_parser = at_least_one)]
         connections: usize,
     },
     /// Run control, an edge and an agent in this process on loopback, and print a URL
@@ -212,6 +212,15 @@ impl Common {
             },
             timeout: Duration::from_secs(self.origin_timeout),
         })
+    }
+}
+
+/// `--connections`: a count of links, at least one (0 would never connect).
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("0 links would never connect; give at least 1 (2, the default, survives an edge restart)".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("'{s}' is not a number of links; give 1 or more")),
     }
 }
 

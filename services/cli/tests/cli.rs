@@ -28,3 +28,21 @@ fn help_names_both_commands() {
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(s.contains("http") && s.contains("dev"), "{s}");
 }
+
+#[test]
+fn impossible_targets_and_counts_exit_2_naming_the_fix() {
+    for (args, expect) in [
+        (&["http", "99999"][..], "is not a port (1 to 65535)"),
+        (&["http", "0"][..], "is not a port (1 to 65535)"),
+        (&["http", "ftp://x:21"][..], "uses ftp://"),
+        (
+            &["http", "3000", "--connections", "0"][..],
+            "give at least 1",
+        ),
+    ] {
+        let out = netbore(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(expect), "{args:?}: {err}");
+    }
+}
