@@ -117,6 +117,13 @@ pub fn check_endpoint(url: &str, protocol: Option<&str>) -> Result<(), Telemetry
     Ok(())
 }
 
+/// Whether log lines get colours: only on a terminal, and never with `NO_COLOR` set
+/// (<https://no-color.org>), so logs written to a file or a pipe stay plain text.
+pub fn colour_logs() -> bool {
+    use std::io::IsTerminal;
+    std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()) && std::io::stderr().is_terminal()
+}
+
 /// Installs the global subscriber: human-readable lines on stderr (JSON lines with
 /// `json`), filtered by `RUST_LOG` (default `info`), and, when
 /// `OTEL_EXPORTER_OTLP_ENDPOINT` is set, every span exported to that collector with
@@ -151,7 +158,9 @@ pub fn init(service: &str, json: bool) -> Result<Telemetry, TelemetryError> {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(colour_logs());
     let fmt = if json {
         fmt.json().with_filter(filter).boxed()
     } else {
