@@ -50,7 +50,6 @@ fn impossible_targets_and_counts_exit_2_naming_the_fix() {
 /// Logs written to a pipe or a file carry no colour codes (issue 17 item 5).
 #[test]
 fn logs_to_a_pipe_have_no_colour_codes() {
-    use std::io::Read;
     use std::process::Stdio;
     // Nothing listens on port 9: the agent logs a warning and retries.
     let mut child = Command::new(env!("CARGO_BIN_EXE_netbore"))
@@ -65,17 +64,32 @@ fn logs_to_a_pipe_have_no_colour_codes() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("netbore runs");
-    let mut stderr = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stderr.read_to_end(&mut buf);
-        buf
+    let stderr = child.stderr.take().unwrap();
+    // Reads the log until the first warning (or the end), bounded by the timeout below.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut log = Vec::new();
+        let mut lines = std::io::BufReader::new(stderr);
+        loop {
+            let mut line = Vec::new();
+            match lines.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let warn = String::from_utf8_lossy(&line).contains("WARN");
+                    log.extend_from_slice(&line);
+                    if warn {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = tx.send(log);
     });
-    // Bounded: stop it once a warning had time to appear (the first attempt fails at once).
-    std::thread::sleep(std::time::Duration::from_secs(2));
+    let log = rx.recv_timeout(std::time::Duration::from_secs(20));
     child.kill().unwrap();
     child.wait().unwrap();
-    let log = reader.join().unwrap();
+    let log = log.expect("a warning within 20 s");
     let text = String::from_utf8_lossy(&log);
     assert!(text.contains("WARN"), "no warning logged: {text}");
     assert!(
