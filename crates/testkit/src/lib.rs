@@ -272,6 +272,16 @@ pub fn empty() -> ReqBody {
 }
 
 impl Viewer {
+    /// Whether `GET /hello` on `host` answers 200 within `within` (polled).
+    pub async fn serves(&self, host: &str, within: Duration) -> bool {
+        eventually(within, || {
+            let (v, host) = (self.clone(), host.to_string());
+            async move { (v.get(&host, "/hello").await.status == 200).then_some(()) }
+        })
+        .await
+        .is_some()
+    }
+
     /// A viewer of the edge at `edge`.
     pub fn new(edge: SocketAddr) -> Viewer {
         let mut h1 = Client::builder(TokioExecutor::new());
@@ -654,6 +664,18 @@ pub const TEST_EDGE_TOKEN: &str = "test-edge-token-0123456789abcdef0123456789";
 pub const TEST_INTERNAL_SECRET: &str = "test-internal-secret-0123456789";
 
 impl EdgeProc {
+    /// A viewer of this edge's public port, once the edge accepts connections (within
+    /// 30 s).
+    pub async fn viewer(&self) -> Viewer {
+        let addr: SocketAddr = ([127, 0, 0, 1], self.public).into();
+        eventually(Duration::from_secs(30), || async move {
+            tokio::net::TcpStream::connect(addr).await.ok().map(|_| ())
+        })
+        .await
+        .expect("the edge listens");
+        Viewer::new(addr)
+    }
+
     /// Starts `netbore-edge` as `id`, linked to `control`, with `extra` flags. With
     /// `redis` it joins that registry (internal secret [`TEST_INTERNAL_SECRET`]).
     pub fn spawn(id: &str, control: &ControlProc, redis: Option<&str>, extra: &[&str]) -> EdgeProc {

@@ -21,7 +21,7 @@ use netbore_testkit::origin::Origin;
 use netbore_testkit::postgres::PostgresServer;
 use netbore_testkit::redis::RedisServer;
 use netbore_testkit::{
-    ControlProc, EdgeProc, Proc, Viewer, eventually, free_port, http_get, parse_metrics,
+    ControlProc, EdgeProc, Proc, eventually, free_port, http_get, parse_metrics,
 };
 use serde_json::Value;
 
@@ -66,25 +66,6 @@ fn host_of(url: &Value) -> String {
         .trim_start_matches("http://")
         .trim_end_matches('/')
         .to_string()
-}
-
-async fn viewer(edge: &EdgeProc) -> Viewer {
-    let addr: std::net::SocketAddr = ([127, 0, 0, 1], edge.public).into();
-    eventually(WAIT, || async move {
-        tokio::net::TcpStream::connect(addr).await.ok().map(|_| ())
-    })
-    .await
-    .expect("the edge listens");
-    Viewer::new(addr)
-}
-
-async fn served(v: &Viewer, host: &str, within: Duration) -> bool {
-    eventually(within, || {
-        let (v, host) = (v.clone(), host.to_string());
-        async move { (v.get(&host, "/hello").await.status == 200).then_some(()) }
-    })
-    .await
-    .is_some()
 }
 
 /// Waits for `p` to exit; its exit code and every line it wrote after the last read.
@@ -184,8 +165,8 @@ async fn an_agent_runs_on_its_credential_alone_across_a_control_restart_and_no_s
     assert_eq!(live["name"], "sidecar");
     assert_eq!(live["tunnel_id"], tunnel_id.as_str());
     let host = host_of(&live["url"]);
-    let v = viewer(&edge).await;
-    assert!(served(&v, &host, WAIT).await);
+    let v = edge.viewer().await;
+    assert!(v.serves(&host, WAIT).await);
     for i in 0..5 {
         let r = v.get(&host, "/hello").await;
         assert_eq!(r.status, 200, "request {i}: {}", r.text());
@@ -233,7 +214,7 @@ async fn an_agent_runs_on_its_credential_alone_across_a_control_restart_and_no_s
         &["--tunnel-token", &secret, "--connections", "1"],
     );
     assert_eq!(next_event(&mut b, "live").await["name"], "sidecar");
-    assert!(served(&v, &host, WAIT).await);
+    assert!(v.serves(&host, WAIT).await);
     assert!(
         a.child.try_wait().unwrap().is_none(),
         "the first agent runs"
@@ -297,9 +278,9 @@ async fn revoking_a_credential_closes_its_links_on_every_edge_within_5s_and_stop
     edges_linked.push(second["edge_id"].as_str().unwrap().to_string());
     edges_linked.sort();
     assert_eq!(edges_linked, ["e1", "e2"], "a link on each edge");
-    let (v1, v2) = (viewer(&e1).await, viewer(&e2).await);
-    assert!(served(&v1, &host, WAIT).await);
-    assert!(served(&v2, &host, WAIT).await);
+    let (v1, v2) = (e1.viewer().await, e2.viewer().await);
+    assert!(v1.serves(&host, WAIT).await);
+    assert!(v2.serves(&host, WAIT).await);
 
     let revoked_at = Instant::now();
     let r = manager(&a.url())
@@ -466,8 +447,8 @@ async fn rotating_a_credential_under_steady_load_loses_no_request() {
         &["--tunnel-token", &old_secret, "--connections", "1"],
     );
     let host = host_of(&next_event(&mut old, "live").await["url"]);
-    let v = viewer(&edge).await;
-    assert!(served(&v, &host, WAIT).await);
+    let v = edge.viewer().await;
+    assert!(v.serves(&host, WAIT).await);
 
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -571,8 +552,8 @@ async fn two_agent_instances_on_one_credential_are_reported_and_neither_is_refus
     assert!(logged.contains(&i1) && logged.contains(&i2), "{logged}");
 
     // Not refused: the second was welcomed (live above), both run, the tunnel serves.
-    let v = viewer(&edge).await;
-    assert!(served(&v, &host, WAIT).await);
+    let v = edge.viewer().await;
+    assert!(v.serves(&host, WAIT).await);
     assert!(first.child.try_wait().unwrap().is_none());
     assert!(second.child.try_wait().unwrap().is_none());
 }

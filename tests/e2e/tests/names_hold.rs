@@ -12,7 +12,7 @@ use netbore_control::client::ControlClient;
 use netbore_testkit::origin::Origin;
 use netbore_testkit::postgres::PostgresServer;
 use netbore_testkit::redis::RedisServer;
-use netbore_testkit::{ControlProc, EdgeProc, Proc, Viewer, eventually, free_port};
+use netbore_testkit::{ControlProc, EdgeProc, Proc, eventually, free_port};
 use netbore_tokens::{KeySet, LEEWAY_SECS, ManagementClaims, now_unix};
 
 /// The name hold these tests give control: short, so a hold that lapsed while the
@@ -45,26 +45,6 @@ fn host_of(line: &str) -> String {
     url.trim_start_matches("http://")
         .trim_end_matches('/')
         .to_string()
-}
-
-/// A viewer of `edge`, once the edge accepts connections.
-async fn viewer(edge: &EdgeProc) -> Viewer {
-    let addr: std::net::SocketAddr = ([127, 0, 0, 1], edge.public).into();
-    eventually(WAIT, || async move {
-        tokio::net::TcpStream::connect(addr).await.ok().map(|_| ())
-    })
-    .await
-    .expect("the edge listens");
-    Viewer::new(addr)
-}
-
-async fn served(v: &Viewer, host: &str, within: Duration) -> bool {
-    eventually(within, || {
-        let (v, host) = (v.clone(), host.to_string());
-        async move { (v.get(&host, "/hello").await.status == 200).then_some(()) }
-    })
-    .await
-    .is_some()
 }
 
 /// Waits for `p` to exit; its exit code and every stdout line it wrote.
@@ -116,8 +96,8 @@ async fn a_linked_name_outlives_its_hold_and_cannot_be_taken_on_one_edge() {
     let state = tempfile::tempdir().unwrap();
     let mut owner = agent(&control.url(), &origin, state.path(), &OWNER_ARGS);
     let host = host_of(&owner.line(WAIT).await);
-    let v = viewer(&edge).await;
-    assert!(served(&v, &host, WAIT).await);
+    let v = edge.viewer().await;
+    assert!(v.serves(&host, WAIT).await);
 
     // The name's own hold runs out; the live link keeps it.
     tokio::time::sleep(PAST_THE_HOLD).await;
@@ -151,9 +131,9 @@ async fn a_linked_name_cannot_be_taken_through_two_replicas_and_two_edges_on_red
     let state = tempfile::tempdir().unwrap();
     let mut owner = agent(&a.url(), &origin, state.path(), &OWNER_ARGS);
     let host = host_of(&owner.line(WAIT).await);
-    let (v1, v2) = (viewer(&e1).await, viewer(&e2).await);
-    assert!(served(&v1, &host, WAIT).await);
-    assert!(served(&v2, &host, WAIT).await);
+    let (v1, v2) = (e1.viewer().await, e2.viewer().await);
+    assert!(v1.serves(&host, WAIT).await);
+    assert!(v2.serves(&host, WAIT).await);
 
     tokio::time::sleep(PAST_THE_HOLD).await;
     // Through the replica the owner did not use, and through the first.
@@ -200,7 +180,7 @@ async fn an_agent_outlives_its_management_token_across_an_edge_restart() {
         &["--name", "sidecar-app", "--token", &token],
     );
     let host = host_of(&a.line(WAIT).await);
-    assert!(served(&viewer(&e1).await, &host, WAIT).await);
+    assert!(e1.viewer().await.serves(&host, WAIT).await);
     let state_file = state.path().join("name-sidecar-app.json");
     let before: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&state_file).unwrap()).unwrap();
@@ -223,7 +203,10 @@ async fn an_agent_outlives_its_management_token_across_an_edge_restart() {
     drop(e1);
     let e2 = EdgeProc::spawn("e2", &control, None, &[]);
     assert!(
-        served(&viewer(&e2).await, &host, Duration::from_secs(45)).await,
+        e2.viewer()
+            .await
+            .serves(&host, Duration::from_secs(45))
+            .await,
         "served through the new edge"
     );
     assert!(
@@ -270,7 +253,7 @@ async fn a_quick_tunnel_whose_name_changes_prints_and_writes_the_new_url() {
     assert_ne!(new_url, old_url, "{second}");
     assert!(second.contains(" -> http://127.0.0.1:"), "{second}");
     assert_eq!(std::fs::read_to_string(&url_file).unwrap().trim(), new_url);
-    assert!(served(&viewer(&e2).await, &host_of(&second), WAIT).await);
+    assert!(e2.viewer().await.serves(&host_of(&second), WAIT).await);
 
     // JSON: a url_changed event naming both URLs, then live with the new one.
     let changed = next_event(&mut json, "url_changed").await;
@@ -319,5 +302,5 @@ async fn an_agent_keeps_its_name_on_the_other_replica() {
         .expect("the agent prints its URL")
         .unwrap_or_else(|| panic!("the agent exited instead of keeping its name"));
     assert_eq!(again, line, "the same URL through the other replica");
-    assert!(served(&viewer(&e1).await, &host_of(&again), WAIT).await);
+    assert!(e1.viewer().await.serves(&host_of(&again), WAIT).await);
 }
