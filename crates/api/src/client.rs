@@ -16,10 +16,11 @@ use serde::de::DeserializeOwned;
 
 use crate::code::ErrorCode;
 use crate::types::{
-    ApiKey, CreateApiKeyRequest, CreateApiKeyResponse, CreateTunnelRequest, CreateTunnelResponse,
-    DeleteTunnelRequest, DeleteTunnelResponse, ErrorBody, IssueCredentialRequest,
-    IssueTokenRequest, IssueTokenResponse, IssuedCredential, ListApiKeysResponse,
-    ListCredentialsResponse, ListTunnelsQuery, ListTunnelsResponse, TunnelCredential,
+    ApiKey, AuditPage, AuditQuery, CreateApiKeyRequest, CreateApiKeyResponse, CreateTunnelRequest,
+    CreateTunnelResponse, DeleteTunnelRequest, DeleteTunnelResponse, EnrollRequest, EnrollResponse,
+    ErrorBody, IssueCredentialRequest, IssueTokenRequest, IssueTokenResponse, IssuedCredential,
+    ListApiKeysResponse, ListCredentialsResponse, ListTunnelsQuery, ListTunnelsResponse, Tunnel,
+    TunnelCredential,
 };
 
 /// Time allowed for one call, connection included.
@@ -212,6 +213,46 @@ impl ControlClient {
             percent_encode(credential_id)
         );
         self.call::<(), _>(Method::DELETE, &path, None).await
+    }
+
+    /// `POST /v1/enroll`: the tunnel of `req.external_id`, made on the first call.
+    pub async fn enroll(&self, req: &EnrollRequest) -> Result<EnrollResponse, ControlError> {
+        self.call(Method::POST, "/v1/enroll", Some(req)).await
+    }
+
+    /// `POST /v1/tunnels/{tunnel}/disable` (`disable`) or `/enable`.
+    pub async fn set_disabled(&self, tunnel: &str, disable: bool) -> Result<Tunnel, ControlError> {
+        let verb = if disable { "disable" } else { "enable" };
+        let path = format!("/v1/tunnels/{}/{verb}", percent_encode(tunnel));
+        self.call::<(), _>(Method::POST, &path, None).await
+    }
+
+    /// `GET /v1/audit`.
+    pub async fn audit(&self, q: &AuditQuery) -> Result<AuditPage, ControlError> {
+        let mut path = String::from("/v1/audit");
+        let mut sep = '?';
+        let mut push = |k: &str, v: &str| {
+            path.push(sep);
+            path.push_str(k);
+            path.push('=');
+            path.push_str(&percent_encode(v));
+            sep = '&';
+        };
+        for (k, v) in [
+            ("tunnel", &q.tunnel),
+            ("owner", &q.owner),
+            ("action", &q.action),
+            ("since", &q.since),
+            ("cursor", &q.cursor),
+        ] {
+            if let Some(v) = v {
+                push(k, v);
+            }
+        }
+        if let Some(l) = q.limit {
+            push("limit", &l.to_string());
+        }
+        self.call::<(), _>(Method::GET, &path, None).await
     }
 
     /// `GET /.well-known/jwks.json`.

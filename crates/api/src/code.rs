@@ -127,6 +127,13 @@ codes! {
     TunnelDeleted = "tunnel_deleted",
     /// The access policy is invalid.
     AccessInvalid = "access_invalid",
+    /// The tunnel is disabled by its owner: agents and viewers are refused until it is
+    /// enabled (an agent backs off and retries).
+    TunnelDisabled = "tunnel_disabled",
+    /// An enrolment with this external id is still creating its tunnel; retry shortly.
+    EnrollmentInProgress = "enrollment_in_progress",
+    /// The tunnel's access policy is set at enrolment; the agent may not send another.
+    PolicyFixed = "policy_fixed",
     /// Too many anonymous creations; retry after the `Retry-After`.
     RateLimited = "rate_limited",
     // Edges.
@@ -183,12 +190,13 @@ impl ErrorCode {
             | CredentialRevoked
             | CredentialNotFound
             | TooManyCredentials
-            | TunnelNotNamed => true,
+            | TunnelNotNamed
+            | PolicyFixed => true,
             // A clock can be fixed by waiting; a missing tunnel or edge, a full name
             // space, a busy or failing control can change by themselves.
             TokenNotYetValid | KeyError | NamesExhausted | TunnelNotFound | RateLimited
             | NoEdges | EdgeNotFound | StoreUnavailable | Internal | HttpError
-            | IdempotencyKeyInUse | Other(_) => false,
+            | IdempotencyKeyInUse | TunnelDisabled | EnrollmentInProgress | Other(_) => false,
         }
     }
 

@@ -18,11 +18,28 @@ pub enum ControlEvent {
     DrainEdge(String),
     /// The edge (its id) should take agents again.
     UndrainEdge(String),
+    /// The tunnel was disabled by its owner: its links close, its tokens are refused
+    /// and viewers of its name are told so, until it is enabled.
+    TunnelDisabled {
+        /// Tunnel id.
+        tunnel_id: String,
+        /// Its name (what viewers ask for).
+        name: String,
+    },
+    /// The tunnel was enabled again.
+    TunnelEnabled {
+        /// Tunnel id.
+        tunnel_id: String,
+        /// Its name.
+        name: String,
+    },
 }
 
 const CREDENTIAL: &str = "cred:";
 const DRAIN: &str = "drain:";
 const UNDRAIN: &str = "undrain:";
+const DISABLE: &str = "disable:";
+const ENABLE: &str = "enable:";
 
 impl ControlEvent {
     /// The event as it travels between replicas.
@@ -32,6 +49,12 @@ impl ControlEvent {
             ControlEvent::CredentialRevoked(id) => format!("{CREDENTIAL}{id}"),
             ControlEvent::DrainEdge(id) => format!("{DRAIN}{id}"),
             ControlEvent::UndrainEdge(id) => format!("{UNDRAIN}{id}"),
+            ControlEvent::TunnelDisabled { tunnel_id, name } => {
+                format!("{DISABLE}{tunnel_id}:{name}")
+            }
+            ControlEvent::TunnelEnabled { tunnel_id, name } => {
+                format!("{ENABLE}{tunnel_id}:{name}")
+            }
         }
     }
 
@@ -42,6 +65,20 @@ impl ControlEvent {
             ControlEvent::CredentialRevoked(id.to_string())
         } else if let Some(id) = s.strip_prefix(UNDRAIN) {
             ControlEvent::UndrainEdge(id.to_string())
+        } else if let Some((tunnel_id, name)) =
+            s.strip_prefix(DISABLE).and_then(|r| r.split_once(':'))
+        {
+            ControlEvent::TunnelDisabled {
+                tunnel_id: tunnel_id.to_string(),
+                name: name.to_string(),
+            }
+        } else if let Some((tunnel_id, name)) =
+            s.strip_prefix(ENABLE).and_then(|r| r.split_once(':'))
+        {
+            ControlEvent::TunnelEnabled {
+                tunnel_id: tunnel_id.to_string(),
+                name: name.to_string(),
+            }
         } else if let Some(id) = s.strip_prefix(DRAIN) {
             ControlEvent::DrainEdge(id.to_string())
         } else {
@@ -70,6 +107,14 @@ mod tests {
             ControlEvent::CredentialRevoked("tcr_42".into()),
             ControlEvent::DrainEdge("edge-1".into()),
             ControlEvent::UndrainEdge("edge-1".into()),
+            ControlEvent::TunnelDisabled {
+                tunnel_id: "tun_1".into(),
+                name: "hub-7.pod".into(),
+            },
+            ControlEvent::TunnelEnabled {
+                tunnel_id: "tun_1".into(),
+                name: "hub".into(),
+            },
         ] {
             assert_eq!(ControlEvent::decode(&e.encode()), e);
         }

@@ -159,6 +159,68 @@ pub struct Tunnel {
     /// an anonymous quick tunnel.
     #[serde(default)]
     pub owner: Option<String>,
+    /// When its owner disabled it (RFC 3339); absent while enabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled_at: Option<String>,
+}
+
+/// `POST /v1/enroll` request: a platform's machine (`external_id`) gets its tunnel,
+/// the same one however often it asks.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    /// The platform's id for the machine (1 to 255 printable ASCII characters): one
+    /// tunnel per (owner, external id).
+    pub external_id: String,
+    /// The name to give a new tunnel; without it control picks a random name. Ignored
+    /// when the tunnel exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_name: Option<String>,
+    /// Labels stored with the enrolment (at most 32; keys up to 63 characters of
+    /// `a-z0-9._/-`, values up to 256).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Who may reach the tunnel: applied whenever an agent runs it with its credential
+    /// (the agent's own `--access` flags are then refused).
+    #[serde(default, skip_serializing_if = "AccessPolicy::is_public")]
+    pub access: AccessPolicy,
+    /// Per-request limits, applied the same way.
+    #[serde(default, skip_serializing_if = "TunnelLimits::is_empty")]
+    pub limits: TunnelLimits,
+    /// Issue a new credential for an existing tunnel; the previous ones are revoked
+    /// after `reissue_grace_seconds`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reissue_credential: bool,
+    /// How long the previous credentials keep working after a reissue (default 0: at
+    /// once; at most 7 days).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reissue_grace_seconds: Option<u64>,
+}
+
+/// `POST /v1/enroll` response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollResponse {
+    /// Tunnel id.
+    pub tunnel_id: String,
+    /// Public name.
+    pub name: String,
+    /// `NAME.<domain>`.
+    pub hostname: String,
+    /// The URL viewers open.
+    pub public_url: String,
+    /// The tunnel credential (`nbt_…`) to run the agent with: only when the tunnel was
+    /// created by this call or `reissue_credential` was asked. Control keeps only its
+    /// hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel_token: Option<String>,
+    /// The id of that credential.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_id: Option<String>,
+    /// True when this call created the tunnel.
+    pub created: bool,
+    /// True while the tunnel is disabled.
+    #[serde(default)]
+    pub disabled: bool,
 }
 
 /// `GET /tunnels/list` response.
@@ -325,4 +387,62 @@ pub struct ErrorDetail {
     pub code: crate::ErrorCode,
     /// What happened and what to do about it.
     pub message: String,
+}
+
+/// `GET /v1/audit` query.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    /// Only events about this tunnel (id `tun_…`).
+    pub tunnel: Option<String>,
+    /// Only events about this owner's objects (a subject).
+    pub owner: Option<String>,
+    /// Only this action (`tunnel.create`, …).
+    pub action: Option<String>,
+    /// Only events at or after this time (RFC 3339 or Unix seconds).
+    pub since: Option<String>,
+    /// Most events (default 100, at most 1000).
+    pub limit: Option<usize>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// One event as the APIs show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEventView {
+    /// Event id (sorts by time).
+    pub id: String,
+    /// When (RFC 3339).
+    pub at: String,
+    /// Who acted: a subject, `anonymous`, or `edge:<id>` for link events.
+    pub actor: String,
+    /// The API key the actor used, when the bearer was one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    /// The client address the request came from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// What was done.
+    pub action: String,
+    /// What it was done to (a tunnel, credential or key id).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// The tunnel it concerns.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tunnel_id: Option<String>,
+    /// Whose object it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// Details (never a secret).
+    pub detail: serde_json::Value,
+}
+
+/// A page of events.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditPage {
+    /// Oldest first.
+    pub events: Vec<AuditEventView>,
+    /// Pass as `cursor` for the next page; absent on the last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
 }

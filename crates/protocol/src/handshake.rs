@@ -126,6 +126,9 @@ pub enum RefusalCode {
     /// The tunnel credential the token was issued for was revoked; control refuses it
     /// too. Not retryable: run the agent with a new credential.
     CredentialRevoked,
+    /// The tunnel is disabled by its owner. Retryable: control refuses it too
+    /// (`tunnel_disabled`) until the owner enables it; the agent backs off and retries.
+    TunnelDisabled,
 }
 
 /// Edge → agent when the hello is refused.

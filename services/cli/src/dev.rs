@@ -114,6 +114,12 @@ pub async fn start_with(
                 netbore_api::ControlEvent::UndrainEdge(_) => {
                     edge2.undrain();
                 }
+                netbore_api::ControlEvent::TunnelDisabled { tunnel_id, name } => {
+                    edge2.set_tunnel_disabled(&tunnel_id, &name, true);
+                }
+                netbore_api::ControlEvent::TunnelEnabled { tunnel_id, name } => {
+                    edge2.set_tunnel_disabled(&tunnel_id, &name, false);
+                }
             }
         }
     });

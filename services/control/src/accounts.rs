@@ -48,16 +48,73 @@ pub struct ApiKeyRecord {
 }
 
 /// One row of the audit trail. `detail` is JSON and never holds a secret.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AuditEvent {
+    /// The row id to use (`None`: control makes one that sorts by time). An event that
+    /// may be sent twice (an edge's link event) brings its own, so the second insert is
+    /// ignored.
+    pub id: Option<String>,
     /// Who acted: a subject, `bootstrap` or `anonymous`.
     pub actor: String,
-    /// `tunnel.create`, `tunnel.delete`, `api_key.create`, `api_key.revoke`.
+    /// `tunnel.create`, `tunnel.delete`, `api_key.create`, `api_key.revoke`, … (see
+    /// docs/control.md, "Audit trail").
     pub action: String,
     /// What was acted on (a tunnel id, an API key id).
     pub target: Option<String>,
     /// Details as a JSON object.
     pub detail: serde_json::Value,
+    /// The client address the request came from.
+    pub address: Option<String>,
+    /// The API key the actor authenticated with, when the bearer was one.
+    pub key_id: Option<String>,
+    /// The tunnel it concerns.
+    pub tunnel_id: Option<String>,
+    /// The subject owning what was acted on.
+    pub owner: Option<String>,
+}
+
+/// A stored audit event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRow {
+    /// Row id (sorts by time).
+    pub id: String,
+    /// Unix seconds.
+    pub at: u64,
+    /// The event.
+    pub event: AuditEvent,
+}
+
+/// Which audit events to list (every field narrows; `None`: any).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditFilter {
+    /// About this tunnel.
+    pub tunnel_id: Option<String>,
+    /// About this owner's objects.
+    pub owner: Option<String>,
+    /// This action.
+    pub action: Option<String>,
+    /// At or after (Unix seconds).
+    pub since: Option<u64>,
+    /// Ids after this one (the previous page's last).
+    pub after_id: Option<String>,
+    /// Most rows.
+    pub limit: usize,
+}
+
+/// What [`AccountStore::enroll_begin`] found for an (owner, external id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Enrollment {
+    /// New: this request creates the tunnel, then calls
+    /// [`AccountStore::enroll_finish`] (or `enroll_abandon` if it fails).
+    First,
+    /// Known: its tunnel (empty while the first request is creating it) and when that
+    /// request started.
+    Seen {
+        /// The tunnel; empty while being created.
+        tunnel_id: String,
+        /// Unix seconds the row was taken (to recover from a creator that died).
+        created_at: u64,
+    },
 }
 
 /// What [`AccountStore::idempotency_begin`] found.
@@ -117,8 +174,48 @@ pub trait AccountStore {
     ) -> StoreFuture<'a, ()>;
     /// Frees the key after the first request failed, so a retry can create.
     fn idempotency_abandon<'a>(&'a self, owner: &'a str, key: &'a str) -> StoreFuture<'a, ()>;
-    /// Appends an audit event at `now`.
+    /// Appends an audit event at `now` (an event whose `id` is already stored is
+    /// ignored).
     fn audit<'a>(&'a self, event: &'a AuditEvent, now: u64) -> StoreFuture<'a, ()>;
+    /// Audit events matching `filter`, oldest first.
+    fn list_audit<'a>(&'a self, filter: &'a AuditFilter) -> StoreFuture<'a, Vec<AuditRow>>;
+    /// Deletes audit events older than `before` (Unix seconds); how many.
+    fn prune_audit(&self, before: u64) -> StoreFuture<'_, u64>;
+    /// Takes (owner, external id) for a new enrolment at `now`, atomically: of
+    /// concurrent calls (any replica) exactly one gets [`Enrollment::First`]. `labels`
+    /// and `policy` (JSON) are stored with it.
+    fn enroll_begin<'a>(
+        &'a self,
+        owner: &'a str,
+        external_id: &'a str,
+        labels: &'a str,
+        policy: &'a str,
+        now: u64,
+    ) -> StoreFuture<'a, Enrollment>;
+    /// Records the tunnel the first request made.
+    fn enroll_finish<'a>(
+        &'a self,
+        owner: &'a str,
+        external_id: &'a str,
+        tunnel_id: &'a str,
+    ) -> StoreFuture<'a, ()>;
+    /// Frees the enrolment after its first request failed.
+    fn enroll_abandon<'a>(&'a self, owner: &'a str, external_id: &'a str) -> StoreFuture<'a, ()>;
+    /// Takes the enrolment over for a new creation when it still says `seen` (its
+    /// tunnel deleted, or its creator gone since `seen_at`): true for the one caller
+    /// that wins; it then creates as for [`Enrollment::First`].
+    fn enroll_retake<'a>(
+        &'a self,
+        owner: &'a str,
+        external_id: &'a str,
+        seen: &'a str,
+        seen_at: u64,
+        labels: &'a str,
+        policy: &'a str,
+        now: u64,
+    ) -> StoreFuture<'a, bool>;
+    /// The access policy (JSON) stored at enrolment for `tunnel_id`, if it was enrolled.
+    fn enrolled_policy<'a>(&'a self, tunnel_id: &'a str) -> StoreFuture<'a, Option<String>>;
 }
 
 const KEY_COLS: &str = "k.id, o.subject AS owner, k.prefix, k.label, k.scopes, k.name_pattern, \
@@ -353,6 +450,156 @@ impl AccountStore for SqlStore {
         })
     }
 
+    fn list_audit<'a>(&'a self, filter: &'a AuditFilter) -> StoreFuture<'a, Vec<AuditRow>> {
+        self.list_audit_rows(filter)
+    }
+
+    fn prune_audit(&self, before: u64) -> StoreFuture<'_, u64> {
+        let q = sqlx::query("DELETE FROM audit_events WHERE at < $1").bind(db_time(before));
+        Box::pin(async move {
+            let p = self.owned_pool().await?;
+            self.timed("pruning audit events", async move {
+                q.execute(&p).await.map(|r| r.rows_affected())
+            })
+            .await
+        })
+    }
+
+    fn enroll_begin<'a>(
+        &'a self,
+        owner: &'a str,
+        external_id: &'a str,
+        labels: &'a str,
+        policy: &'a str,
+        now: u64,
+    ) -> StoreFuture<'a, Enrollment> {
+        let (owner, ext) = (owner.to_owned(), external_id.to_owned());
+        let (labels, policy) = (labels.to_owned(), policy.to_owned());
+        Box::pin(async move {
+            let p = self.owned_pool().await?;
+            self.timed("taking an enrolment", async move {
+                // The primary key makes one insert of concurrent ones win.
+                let won = sqlx::query(
+                    "INSERT INTO enrollments (owner, external_id, labels, policy, created_at) \
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (owner, external_id) DO NOTHING",
+                )
+                .bind(owner.clone())
+                .bind(ext.clone())
+                .bind(labels)
+                .bind(policy)
+                .bind(db_time(now))
+                .execute(&p)
+                .await?
+                .rows_affected();
+                if won == 1 {
+                    return Ok(Enrollment::First);
+                }
+                let row = sqlx::query(
+                    "SELECT tunnel_id, created_at FROM enrollments \
+                     WHERE owner = $1 AND external_id = $2",
+                )
+                .bind(owner)
+                .bind(ext)
+                .fetch_optional(&p)
+                .await?;
+                Ok(match row {
+                    Some(r) => Enrollment::Seen {
+                        tunnel_id: r.try_get("tunnel_id")?,
+                        created_at: from_db_time(r.try_get("created_at")?),
+                    },
+                    // Abandoned between the insert and the read: the caller retries.
+                    None => Enrollment::Seen {
+                        tunnel_id: String::new(),
+                        created_at: now,
+                    },
+                })
+            })
+            .await
+        })
+    }
+
+    fn enroll_finish<'a>(
+        &'a self,
+        owner: &'a str,
+        external_id: &'a str,
+        tunnel_id: &'a str,
+    ) -> StoreFuture<'a, ()> {
+        let q = sqlx::query(
+            "UPDATE enrollments SET tunnel_id = $3 WHERE owner = $1 AND external_id = $2",
+        )
+        .bind(owner.to_owned())
+        .bind(external_id.to_owned())
+        .bind(tunnel_id.to_owned());
+        Box::pin(async move {
+            let p = self.owned_pool().await?;
+            self.timed("recording an enrolment's tunnel", async move {
+                q.execute(&p).await.map(|_| ())
+            })
+            .await
+        })
+    }
+
+    fn enroll_abandon<'a>(&'a self, owner: &'a str, external_id: &'a str) -> StoreFuture<'a, ()> {
+        let q = sqlx::query(
+            "DELETE FROM enrollments WHERE owner = $1 AND external_id = $2 AND tunnel_id = ''",
+        )
+        .bind(owner.to_owned())
+        .bind(external_id.to_owned());
+        Box::pin(async move {
+            let p = self.owned_pool().await?;
+            self.timed("freeing an enrolment", async move {
+                q.execute(&p).await.map(|_| ())
+            })
+            .await
+        })
+    }
+
+    fn enroll_retake<'a>(
+        &'a self,
+        owner: &'a str,
+        external_id: &'a str,
+        seen: &'a str,
+        seen_at: u64,
+        labels: &'a str,
+        policy: &'a str,
+        now: u64,
+    ) -> StoreFuture<'a, bool> {
+        // Compare-and-set on what the caller saw: one of concurrent retakes wins.
+        let q = sqlx::query(
+            "UPDATE enrollments SET tunnel_id = '', created_at = $5, labels = $6, policy = $7 \
+             WHERE owner = $1 AND external_id = $2 AND tunnel_id = $3 AND created_at = $4",
+        )
+        .bind(owner.to_owned())
+        .bind(external_id.to_owned())
+        .bind(seen.to_owned())
+        .bind(db_time(seen_at))
+        .bind(db_time(now))
+        .bind(labels.to_owned())
+        .bind(policy.to_owned());
+        Box::pin(async move {
+            let p = self.owned_pool().await?;
+            self.timed("retaking an enrolment", async move {
+                q.execute(&p).await.map(|r| r.rows_affected() == 1)
+            })
+            .await
+        })
+    }
+
+    fn enrolled_policy<'a>(&'a self, tunnel_id: &'a str) -> StoreFuture<'a, Option<String>> {
+        let q = sqlx::query("SELECT policy FROM enrollments WHERE tunnel_id = $1 LIMIT 1")
+            .bind(tunnel_id.to_owned());
+        Box::pin(async move {
+            let p = self.owned_pool().await?;
+            self.timed("reading an enrolment's policy", async move {
+                match q.fetch_optional(&p).await? {
+                    Some(r) => Ok(Some(r.try_get("policy")?)),
+                    None => Ok(None),
+                }
+            })
+            .await
+        })
+    }
+
     fn idempotency_finish<'a>(
         &'a self,
         owner: &'a str,
@@ -390,26 +637,96 @@ impl AccountStore for SqlStore {
     }
 
     fn audit<'a>(&'a self, event: &'a AuditEvent, now: u64) -> StoreFuture<'a, ()> {
-        // Ids sort by time: the time in nanoseconds, then random bits for ties.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default();
-        let id = format!("aud_{nanos:020}_{:08x}", rand::random::<u32>());
+        let id = event.id.clone().unwrap_or_else(audit_id);
         let q = sqlx::query(
-            "INSERT INTO audit_events (id, at, actor, action, target, detail) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO audit_events \
+               (id, at, actor, action, target, detail, address, key_id, tunnel_id, owner) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (id) DO NOTHING",
         )
         .bind(id)
         .bind(db_time(now))
         .bind(event.actor.clone())
         .bind(event.action.clone())
         .bind(event.target.clone())
-        .bind(event.detail.to_string());
+        .bind(event.detail.to_string())
+        .bind(event.address.clone())
+        .bind(event.key_id.clone())
+        .bind(event.tunnel_id.clone())
+        .bind(event.owner.clone());
         Box::pin(async move {
             let p = self.owned_pool().await?;
             self.timed("writing an audit event", async move {
                 q.execute(&p).await.map(|_| ())
+            })
+            .await
+        })
+    }
+}
+
+/// A fresh audit id that sorts by time: `aud_`, the time in nanoseconds (20 digits),
+/// then random bits for ties. Within this process ids only grow, even if the clock
+/// steps back.
+pub fn audit_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or_default();
+    let mut prev = LAST.load(Ordering::Relaxed);
+    let nanos = loop {
+        let next = now.max(prev + 1);
+        match LAST.compare_exchange_weak(prev, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => break next,
+            Err(p) => prev = p,
+        }
+    };
+    format!("aud_{nanos:020}_{:08x}", rand::random::<u32>())
+}
+
+fn audit_row(r: &AnyRow) -> Result<AuditRow, sqlx::Error> {
+    let detail: String = r.try_get("detail")?;
+    Ok(AuditRow {
+        id: r.try_get("id")?,
+        at: from_db_time(r.try_get("at")?),
+        event: AuditEvent {
+            id: None,
+            actor: r.try_get("actor")?,
+            action: r.try_get("action")?,
+            target: r.try_get("target")?,
+            detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
+            address: r.try_get("address")?,
+            key_id: r.try_get("key_id")?,
+            tunnel_id: r.try_get("tunnel_id")?,
+            owner: r.try_get("owner")?,
+        },
+    })
+}
+
+impl SqlStore {
+    pub(crate) fn list_audit_rows<'a>(
+        &'a self,
+        f: &'a AuditFilter,
+    ) -> StoreFuture<'a, Vec<AuditRow>> {
+        // Empty strings stand for "any" so one statement (and one parameter list)
+        // serves every filter on both databases.
+        let q = sqlx::query(
+            "SELECT id, at, actor, action, target, detail, address, key_id, tunnel_id, owner \
+             FROM audit_events \
+             WHERE ($1 = '' OR tunnel_id = $1) AND ($2 = '' OR owner = $2) \
+               AND ($3 = '' OR action = $3) AND at >= $4 AND id > $5 \
+             ORDER BY id LIMIT $6",
+        )
+        .bind(f.tunnel_id.clone().unwrap_or_default())
+        .bind(f.owner.clone().unwrap_or_default())
+        .bind(f.action.clone().unwrap_or_default())
+        .bind(db_time(f.since.unwrap_or(0)))
+        .bind(f.after_id.clone().unwrap_or_default())
+        .bind(i64::try_from(f.limit).unwrap_or(i64::MAX));
+        Box::pin(async move {
+            let p = self.owned_pool().await?;
+            self.timed("listing audit events", async move {
+                q.fetch_all(&p).await?.iter().map(audit_row).collect()
             })
             .await
         })

@@ -19,7 +19,7 @@ use netbore_tokens::{ManagementClaims, now_unix};
 use parking_lot::Mutex;
 
 use crate::Control;
-use crate::accounts::{ApiKeyRecord, AuditEvent, new_id};
+use crate::accounts::{ApiKeyRecord, new_id};
 use crate::api::{ApiKey, CreateApiKeyRequest, CreateApiKeyResponse, ListApiKeysResponse};
 use crate::ops::{self, ApiError, DEFAULT_SCOPES, SCOPES, rfc3339};
 
@@ -219,6 +219,7 @@ pub fn claims_of(
 /// scopes and name pattern.
 pub async fn bearer_claims(control: &Control, key: &str) -> Result<ManagementClaims, ApiError> {
     let r = verify(control, key).await?;
+    crate::audit::note_api_key(&r.id);
     let ttl = control.config().management_ttl.as_secs();
     Ok(claims_of(control, &r, r.scopes.clone(), ttl))
 }
@@ -255,26 +256,6 @@ async fn caller(control: &Control, bearer: Option<String>) -> Result<ManagementC
             "this needs a management token or an API key: send 'Authorization: Bearer <token>' (issue one with POST /auth/token)",
         )
     })
-}
-
-/// Writes an audit event; a failure is logged, not returned (the change it records is
-/// already made).
-pub async fn audit(
-    control: &Control,
-    actor: &str,
-    action: &str,
-    target: &str,
-    detail: serde_json::Value,
-) {
-    let ev = AuditEvent {
-        actor: actor.to_string(),
-        action: action.to_string(),
-        target: Some(target.to_string()),
-        detail,
-    };
-    if let Err(e) = control.store().audit(&ev, now_unix()).await {
-        tracing::warn!(action, target, error = %e, "could not write an audit event");
-    }
 }
 
 /// Creates an API key. Needs `admin`, or a caller that holds every scope it grants,
@@ -357,11 +338,13 @@ pub async fn create(
         ));
     }
     tracing::info!(key = %rec.id, prefix = %rec.prefix, owner = %rec.owner, scopes = ?rec.scopes, "API key created");
-    audit(
+    crate::audit::record(
         control,
         &who.sub,
         "api_key.create",
         &rec.id,
+        None,
+        Some(&rec.owner),
         serde_json::json!({
             "owner": rec.owner, "prefix": rec.prefix, "label": rec.label,
             "scopes": rec.scopes, "name_pattern": rec.name_pattern,
@@ -421,11 +404,13 @@ pub async fn revoke(
     control.api_key_cache().evict(&rec.id);
     rec.revoked_at = rec.revoked_at.or(Some(now));
     tracing::info!(key = %rec.id, prefix = %rec.prefix, owner = %rec.owner, by = %who.sub, "API key revoked");
-    audit(
+    crate::audit::record(
         control,
         &who.sub,
         "api_key.revoke",
         &rec.id,
+        None,
+        Some(&rec.owner),
         serde_json::json!({"owner": rec.owner, "prefix": rec.prefix}),
     )
     .await;

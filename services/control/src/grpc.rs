@@ -94,7 +94,10 @@ fn non_empty(s: String) -> Option<String> {
 }
 
 fn tunnel(control: &Control, r: &TunnelRecord) -> pb::Tunnel {
-    let t = ops::tunnel_view(control, r);
+    tunnel_pb(ops::tunnel_view(control, r))
+}
+
+fn tunnel_pb(t: crate::api::Tunnel) -> pb::Tunnel {
     pb::Tunnel {
         tunnel_id: t.tunnel_id,
         name: t.name,
@@ -102,6 +105,7 @@ fn tunnel(control: &Control, r: &TunnelRecord) -> pb::Tunnel {
         created_at: t.created_at,
         expires_at: t.expires_at,
         owner: t.owner.unwrap_or_default(),
+        disabled_at: t.disabled_at.unwrap_or_default(),
     }
 }
 
@@ -250,18 +254,7 @@ impl ControlService for ControlGrpc {
         .await
         .map_err(status)?;
         Ok(Response::new(pb::ListTunnelsResponse {
-            tunnels: page
-                .tunnels
-                .into_iter()
-                .map(|t| pb::Tunnel {
-                    tunnel_id: t.tunnel_id,
-                    name: t.name,
-                    public_hostname: t.public_hostname,
-                    created_at: t.created_at,
-                    expires_at: t.expires_at,
-                    owner: t.owner.unwrap_or_default(),
-                })
-                .collect(),
+            tunnels: page.tunnels.into_iter().map(tunnel_pb).collect(),
             next_cursor: page.next_cursor.unwrap_or_default(),
         }))
     }
@@ -311,6 +304,107 @@ impl ControlService for ControlGrpc {
             .await
             .map_err(status)?;
         Ok(Response::new(pb::UndrainEdgeResponse { edge_id }))
+    }
+
+    async fn enroll(
+        &self,
+        req: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
+        let b = bearer(&req);
+        let r = req.into_inner();
+        let out = crate::managed::enroll(
+            &self.0,
+            b,
+            crate::api::EnrollRequest {
+                external_id: r.external_id,
+                requested_name: non_empty(r.requested_name),
+                labels: r.labels.into_iter().collect(),
+                access: r.access.map(access_from_pb).unwrap_or_default(),
+                limits: netbore_tokens::access::TunnelLimits {
+                    max_body_bytes: r.limits.map(|l| l.max_body_bytes).filter(|n| *n > 0),
+                },
+                reissue_credential: r.reissue_credential,
+                reissue_grace_seconds: (r.reissue_grace_seconds > 0)
+                    .then_some(r.reissue_grace_seconds),
+            },
+        )
+        .await
+        .map_err(status)?;
+        Ok(Response::new(pb::EnrollResponse {
+            tunnel_id: out.tunnel_id,
+            name: out.name,
+            hostname: out.hostname,
+            public_url: out.public_url,
+            tunnel_token: out.tunnel_token.unwrap_or_default(),
+            credential_id: out.credential_id.unwrap_or_default(),
+            created: out.created,
+            disabled: out.disabled,
+        }))
+    }
+
+    async fn disable_tunnel(
+        &self,
+        req: Request<pb::SetTunnelStateRequest>,
+    ) -> Result<Response<pb::Tunnel>, Status> {
+        let b = bearer(&req);
+        let t = req.into_inner().tunnel;
+        crate::managed::set_disabled(&self.0, b, &t, true)
+            .await
+            .map(|t| Response::new(tunnel_pb(t)))
+            .map_err(status)
+    }
+
+    async fn enable_tunnel(
+        &self,
+        req: Request<pb::SetTunnelStateRequest>,
+    ) -> Result<Response<pb::Tunnel>, Status> {
+        let b = bearer(&req);
+        let t = req.into_inner().tunnel;
+        crate::managed::set_disabled(&self.0, b, &t, false)
+            .await
+            .map(|t| Response::new(tunnel_pb(t)))
+            .map_err(status)
+    }
+
+    async fn list_audit_events(
+        &self,
+        req: Request<pb::ListAuditEventsRequest>,
+    ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
+        let b = bearer(&req);
+        let r = req.into_inner();
+        let page = crate::audit::list(
+            &self.0,
+            b,
+            crate::audit::AuditQuery {
+                tunnel: non_empty(r.tunnel),
+                owner: non_empty(r.owner),
+                action: non_empty(r.action),
+                since: non_empty(r.since),
+                limit: (r.limit > 0).then_some(r.limit as usize),
+                cursor: non_empty(r.cursor),
+            },
+        )
+        .await
+        .map_err(status)?;
+        Ok(Response::new(pb::ListAuditEventsResponse {
+            events: page
+                .events
+                .into_iter()
+                .map(|e| pb::AuditEvent {
+                    id: e.id,
+                    at: e.at,
+                    actor: e.actor,
+                    key_id: e.key_id.unwrap_or_default(),
+                    address: e.address.unwrap_or_default(),
+                    action: e.action,
+                    target: e.target.unwrap_or_default(),
+                    tunnel_id: e.tunnel_id.unwrap_or_default(),
+                    owner: e.owner.unwrap_or_default(),
+                    detail: e.detail.to_string(),
+                })
+                .collect(),
+            next_cursor: page.next_cursor.unwrap_or_default(),
+        }))
     }
 
     async fn list_edges(
@@ -537,6 +631,22 @@ fn session_keys(seeds: &[netbore_tokens::SessionSeed]) -> epb::EdgeCommand {
     }
 }
 
+/// Most disabled tunnels sent to an edge when it links (the rest are still refused by
+/// control when their agents ask for tokens).
+const MAX_DISABLED_SENT: usize = 100_000;
+
+fn tunnel_state(tunnel_id: String, name: String, disabled: bool) -> epb::EdgeCommand {
+    epb::EdgeCommand {
+        command: Some(epb::edge_command::Command::SetTunnelState(
+            epb::SetTunnelState {
+                tunnel_id,
+                name,
+                disabled,
+            },
+        )),
+    }
+}
+
 fn edge_status(rep: epb::EdgeReport) -> EdgeStatus {
     EdgeStatus {
         entry: EdgeEntry {
@@ -620,6 +730,17 @@ impl EdgeService for EdgeGrpc {
                     break;
                 }
             }
+            // And the tunnels disabled now (their names answer `tunnel_disabled`).
+            match control.store().disabled_tunnels(MAX_DISABLED_SENT).await {
+                Ok(list) => {
+                    for (tunnel_id, name) in list {
+                        if tx.send(Ok(tunnel_state(tunnel_id, name, true))).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(edge = %edge_id, error = %e, "could not send the disabled tunnels to a new edge link"),
+            }
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
@@ -661,6 +782,12 @@ impl EdgeService for EdgeGrpc {
                                 ControlEvent::UndrainEdge(_) => epb::EdgeCommand {
                                     command: Some(epb::edge_command::Command::Undrain(epb::Undrain {})),
                                 },
+                                ControlEvent::TunnelDisabled { tunnel_id, name } => {
+                                    tunnel_state(tunnel_id, name, true)
+                                }
+                                ControlEvent::TunnelEnabled { tunnel_id, name } => {
+                                    tunnel_state(tunnel_id, name, false)
+                                }
                                 // A deleted tunnel, or a revoked credential.
                                 ControlEvent::TunnelDeleted(_) | ControlEvent::CredentialRevoked(_) => {
                                     let until = control.record_revocation(&msg, netbore_tokens::now_unix());
@@ -734,6 +861,11 @@ pub async fn serve_grpc(
         .set_serving::<ControlServiceServer<ControlGrpc>>()
         .await;
     tokio::spawn(record_revocations(control.clone(), shutdown.clone()));
+    tokio::spawn(crate::audit::prune_loop(
+        control.clone(),
+        control.config().audit_retention_days,
+        shutdown.clone(),
+    ));
     tokio::spawn(crate::shared::watch_readiness(
         control.clone(),
         health.clone(),
@@ -752,6 +884,7 @@ pub async fn serve_grpc(
         .http2_keepalive_interval(Some(GRPC_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(GRPC_KEEPALIVE_TIMEOUT))
         .layer(crate::metrics::GrpcCountLayer(control.metrics_handle()))
+        .layer(crate::audit::AuditClientLayer(control.clone()))
         .add_service(health_service)
         .add_service(v1)
         .add_service(v1alpha)

@@ -22,12 +22,14 @@
 
 pub mod accounts;
 pub mod api_keys;
+pub mod audit;
 /// The REST client (from `netbore-api`).
 pub use netbore_api::client;
 /// The REST API's JSON types (from `netbore-api`, which clients link instead of control).
 pub use netbore_api::types as api;
 pub mod edge_auth;
 pub mod grpc;
+pub mod managed;
 pub mod metrics;
 pub mod names;
 pub mod ops;
@@ -145,7 +147,12 @@ pub struct ControlConfig {
     /// Credentials edges authenticate with on `EdgeService` (none: every edge call is
     /// refused, and only configured edges are candidates).
     pub edge_credentials: edge_auth::EdgeCredentials,
+    /// Days audit events are kept ([`audit::prune_loop`]); 0 keeps them forever.
+    pub audit_retention_days: u64,
 }
+
+/// Days audit events are kept by default.
+pub const DEFAULT_AUDIT_RETENTION_DAYS: u64 = 90;
 
 impl Default for ControlConfig {
     fn default() -> ControlConfig {
@@ -166,6 +173,7 @@ impl Default for ControlConfig {
             anonymous_create_per_minute: ratelimit::DEFAULT_ANONYMOUS_CREATE_PER_MINUTE,
             trusted_proxies: Vec::new(),
             edge_credentials: edge_auth::EdgeCredentials::default(),
+            audit_retention_days: DEFAULT_AUDIT_RETENTION_DAYS,
             database_url: Secret::new(sql_store::MEMORY_URL),
         }
     }

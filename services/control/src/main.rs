@@ -70,6 +70,10 @@ struct Args {
     /// in seconds (a named tunnel keeps its name until it is deleted).
     #[arg(long, env = "NETBORE_NAME_HOLD_SECS", default_value_t = netbore_control::DEFAULT_NAME_HOLD.as_secs())]
     name_hold_secs: u64,
+    /// Days the audit trail keeps events (older ones are pruned hourly); 0 keeps them
+    /// forever.
+    #[arg(long, env = "NETBORE_AUDIT_RETENTION_DAYS", default_value_t = netbore_control::DEFAULT_AUDIT_RETENTION_DAYS)]
+    audit_retention_days: u64,
     /// Require a management token to create a tunnel (an agent reconnecting with its
     /// own tunnel's recreate token needs none).
     #[arg(long, env = "NETBORE_REQUIRE_TOKEN")]
@@ -232,6 +236,7 @@ async fn main() -> anyhow::Result<()> {
         recreate_ttl_max: Duration::from_secs(args.recreate_ttl_max_secs),
         management_ttl: Duration::from_secs(args.management_ttl_secs),
         name_hold: Duration::from_secs(args.name_hold_secs),
+        audit_retention_days: args.audit_retention_days,
         redis_url: args.redis_url.clone().map(Secret::new),
         anonymous_create_burst: args.anonymous_create_burst,
         anonymous_create_per_minute: args.anonymous_create_per_minute,

@@ -172,6 +172,7 @@ pub fn tunnel_view(control: &Control, r: &TunnelRecord) -> Tunnel {
         created_at: rfc3339(r.created_at),
         expires_at: rfc3339(r.expires_at),
         owner: r.owner.clone(),
+        disabled_at: r.disabled_at.map(rfc3339),
     }
 }
 
@@ -196,6 +197,11 @@ pub(crate) async fn management(
             .map(Some)
             .map_err(|e| ApiError::token(e, "management token")),
     }
+    .inspect(|c| {
+        if let Some(c) = c {
+            crate::audit::note_subject(&c.sub);
+        }
+    })
 }
 
 /// Asks edge `edge_id` to drain, through whichever replica it is linked to. Needs
@@ -344,7 +350,7 @@ fn require_scope(m: &Option<ManagementClaims>, scope: &str) -> Result<(), ApiErr
     }
 }
 
-fn name_error(name: &str, e: NameError) -> ApiError {
+pub(crate) fn name_error(name: &str, e: NameError) -> ApiError {
     match e {
         NameError::Invalid(why) => ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -359,7 +365,7 @@ fn name_error(name: &str, e: NameError) -> ApiError {
     }
 }
 
-fn name_taken(name: &str) -> ApiError {
+pub(crate) fn name_taken(name: &str) -> ApiError {
     ApiError::new(
         StatusCode::CONFLICT,
         ErrorCode::NameTaken,
@@ -795,6 +801,32 @@ async fn create_inner(
         }
     };
 
+    if record.disabled_at.is_some() {
+        return Err(crate::managed::tunnel_disabled(&record));
+    }
+    // An enrolled tunnel run with its credential gets the policy fixed at enrolment.
+    let (access, limits) = match &credential {
+        Some(_) => match control.store().enrolled_policy(&record.tunnel_id).await? {
+            Some(p) => {
+                let p: crate::managed::EnrolledPolicy =
+                    serde_json::from_str(&p).unwrap_or_default();
+                let sent_own = !req.access.is_public() || !req.limits.is_empty();
+                if sent_own && (req.access != p.access || req.limits != p.limits) {
+                    return Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        ErrorCode::PolicyFixed,
+                        format!(
+                            "the tunnel '{}' was enrolled with its own access policy and limits, which the agent may not change; drop the agent's access flags (--access-*, --max-body), or enrol again with the new policy",
+                            record.name
+                        ),
+                    ));
+                }
+                (p.access, p.limits)
+            }
+            None => (req.access, req.limits),
+        },
+        None => (req.access, req.limits),
+    };
     let eph_ttl = cfg.ephemeral_ttl.as_secs();
     let (ephemeral, recreate_token) = {
         let keys = control.keys();
@@ -802,8 +834,8 @@ async fn create_inner(
             EphemeralClaims::new_at(now, &cfg.issuer, &record.tunnel_id, &record.name, eph_ttl);
         // No session-cookie key in the token: edges derive it from the seed control
         // sends only to authenticated edges (docs/security.md, "The cookie key").
-        claims.access = req.access;
-        claims.limits = req.limits;
+        claims.access = access;
+        claims.limits = limits;
         claims.cred = credential.as_ref().map(|(c, _)| c.id.clone());
         let e = keys.sign_ephemeral(&claims).map_err(ApiError::internal)?;
         if e.len() > netbore_tokens::MAX_TOKEN_LEN {
@@ -858,11 +890,22 @@ async fn create_inner(
         m.tunnels_created[usize::from(back)].fetch_add(1, Ordering::Relaxed);
     }
     if !back && !replayed {
-        api_keys::audit(
+        // A names:claim that took the name over from a tunnel of its own is a claim.
+        let action = if req.requested_name.is_some()
+            && record.created_at < now
+            && mgmt.as_ref().is_some_and(|m| m.allows("names:claim"))
+        {
+            "tunnel.claim"
+        } else {
+            "tunnel.create"
+        };
+        crate::audit::record(
             control,
             mgmt.as_ref().map_or("anonymous", |m| m.sub.as_str()),
-            "tunnel.create",
+            action,
             &record.tunnel_id,
+            Some((&record.tunnel_id, record.owner.as_deref())),
+            None,
             serde_json::json!({"name": record.name, "owner": record.owner}),
         )
         .await;
@@ -1044,6 +1087,7 @@ async fn delete_inner(
                 created_at: c.iat,
                 expires_at: now,
                 owner: None,
+                disabled_at: None,
             }
         }
         (None, _) => return Err(tunnel_not_found()),
@@ -1060,11 +1104,13 @@ async fn delete_inner(
         Some(m) => (m.sub.as_str(), "management_token"),
         None => ("anonymous", "recreate_token"),
     };
-    api_keys::audit(
+    crate::audit::record(
         control,
         actor,
         "tunnel.delete",
         &record.tunnel_id,
+        Some((&record.tunnel_id, record.owner.as_deref())),
+        None,
         serde_json::json!({"name": record.name, "owner": record.owner, "via": via}),
     )
     .await;
@@ -1403,7 +1449,7 @@ pub async fn issue_credential(
     new_credential(control, &t, req.label).await
 }
 
-async fn new_credential(
+pub(crate) async fn new_credential(
     control: &Control,
     t: &TunnelRecord,
     label: String,
@@ -1451,6 +1497,16 @@ async fn new_credential(
         .insert_credential(&rec, &sha256_hex(&secret))
         .await?;
     tracing::info!(tunnel = %t.tunnel_id, credential = %rec.id, "tunnel credential issued");
+    crate::audit::record(
+        control,
+        &crate::audit::actor(),
+        "credential.issue",
+        &rec.id,
+        Some((&t.tunnel_id, t.owner.as_deref())),
+        None,
+        serde_json::json!({"prefix": rec.prefix, "label": rec.label}),
+    )
+    .await;
     Ok(IssuedCredential {
         credential: credential_view(&rec),
         secret,
@@ -1499,7 +1555,58 @@ pub async fn revoke_credential(
         .announce_everywhere(&ControlEvent::CredentialRevoked(rec.id.clone()))
         .await;
     tracing::info!(tunnel = %t.tunnel_id, credential = %rec.id, "tunnel credential revoked");
+    crate::audit::record(
+        control,
+        &crate::audit::actor(),
+        "credential.revoke",
+        &rec.id,
+        Some((&t.tunnel_id, t.owner.as_deref())),
+        None,
+        serde_json::json!({"prefix": rec.prefix}),
+    )
+    .await;
     Ok(credential_view(&rec))
+}
+
+/// Revokes credential `credential_id` of tunnel `t` as of `at` (Unix seconds): at once
+/// when `at` is now or past, else control refuses it from `at` on and the edges are
+/// told then (by this replica; if it restarts before, the links that used it last
+/// until their agent next asks control for a token).
+pub(crate) async fn revoke_credential_at(
+    control: &Control,
+    t: &TunnelRecord,
+    credential_id: &str,
+    at: u64,
+) -> Result<(), ApiError> {
+    let Some(rec) = control
+        .store()
+        .revoke_credential(&t.tunnel_id, credential_id, at)
+        .await?
+    else {
+        return Ok(());
+    };
+    let event = ControlEvent::CredentialRevoked(rec.id.clone());
+    let now = now_unix();
+    if at <= now {
+        control.announce_everywhere(&event).await;
+    } else {
+        let control = control.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_secs(at - now)).await;
+            control.announce_everywhere(&event).await;
+        });
+    }
+    crate::audit::record(
+        control,
+        &crate::audit::actor(),
+        "credential.revoke",
+        &rec.id,
+        Some((&t.tunnel_id, t.owner.as_deref())),
+        None,
+        serde_json::json!({"prefix": rec.prefix, "effective_at": rfc3339(at)}),
+    )
+    .await;
+    Ok(())
 }
 
 fn credential_invalid(why: &str) -> ApiError {
@@ -1537,7 +1644,7 @@ async fn verify_credential(
     if !secrets_equal(&sha256_hex(secret), &hash) {
         return Err(credential_invalid("no such credential"));
     }
-    if let Some(at) = rec.revoked_at {
+    if let Some(at) = rec.revoked_at.filter(|at| *at <= now_unix()) {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             ErrorCode::CredentialRevoked,
@@ -1646,6 +1753,7 @@ mod tests {
             created_at: 0,
             expires_at: 1,
             owner: owner.map(str::to_string),
+            disabled_at: None,
         };
         let code = |r: Result<(), ApiError>| r.err().map(|e| e.code);
         let (read, write) = (TunnelAction::Read, TunnelAction::Write);

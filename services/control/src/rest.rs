@@ -22,9 +22,10 @@ use tokio_util::sync::CancellationToken;
 use crate::Control;
 use crate::api::{
     ApiKey, CreateApiKeyRequest, CreateApiKeyResponse, CreateTunnelRequest, CreateTunnelResponse,
-    DeleteTunnelRequest, DeleteTunnelResponse, IssueCredentialRequest, IssueTokenRequest,
-    IssueTokenResponse, IssuedCredential, ListApiKeysResponse, ListCredentialsResponse,
-    ListTunnelsQuery, ListTunnelsResponse, TunnelCredential,
+    DeleteTunnelRequest, DeleteTunnelResponse, EnrollRequest, EnrollResponse,
+    IssueCredentialRequest, IssueTokenRequest, IssueTokenResponse, IssuedCredential,
+    ListApiKeysResponse, ListCredentialsResponse, ListTunnelsQuery, ListTunnelsResponse, Tunnel,
+    TunnelCredential,
 };
 use crate::ops::{self, ApiError};
 
@@ -48,6 +49,10 @@ pub fn rest_router(control: Control) -> Router {
             "/v1/tunnels/{tunnel}/credentials/{credential}",
             delete_route(revoke_credential),
         )
+        .route("/v1/enroll", post(enroll))
+        .route("/v1/tunnels/{tunnel}/disable", post(disable))
+        .route("/v1/tunnels/{tunnel}/enable", post(enable))
+        .route("/v1/audit", get(audit_list))
         .route("/.well-known/jwks.json", get(jwks))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -62,10 +67,14 @@ pub fn rest_router(control: Control) -> Router {
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 ErrorCode::MethodNotAllowed,
-                "wrong method: /tunnels/create, /tunnels/delete and /auth/token take POST; /tunnels/list, /.well-known/jwks.json, /healthz and /readyz take GET; /v1/api-keys takes POST and GET, /v1/api-keys/{id} DELETE; /v1/tunnels/{tunnel}/credentials takes POST (issue) and GET (list), /v1/tunnels/{tunnel}/credentials/{credential} takes DELETE (revoke)",
+                "wrong method: /tunnels/create, /tunnels/delete and /auth/token take POST; /tunnels/list, /.well-known/jwks.json, /healthz and /readyz take GET; /v1/api-keys takes POST and GET, /v1/api-keys/{id} DELETE; /v1/tunnels/{tunnel}/credentials takes POST (issue) and GET (list), /v1/tunnels/{tunnel}/credentials/{credential} takes DELETE (revoke); /v1/enroll, /v1/tunnels/{tunnel}/disable and /v1/tunnels/{tunnel}/enable take POST; /v1/audit takes GET",
             )
         })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(
+            control.clone(),
+            crate::audit::rest_layer,
+        ))
         .layer(axum::middleware::map_response_with_state(
             control.clone(),
             crate::metrics::count_rest,
@@ -265,6 +274,56 @@ async fn revoke_credential(
     headers: HeaderMap,
 ) -> Result<Json<TunnelCredential>, ApiError> {
     ops::revoke_credential(&control, bearer(&headers), &tunnel, &credential)
+        .await
+        .map(Json)
+}
+
+async fn enroll(
+    State(control): State<Control>,
+    headers: HeaderMap,
+    JsonBody(req): JsonBody<EnrollRequest>,
+) -> Result<Json<EnrollResponse>, ApiError> {
+    crate::managed::enroll(&control, bearer(&headers), req)
+        .await
+        .map(Json)
+}
+
+async fn disable(
+    State(control): State<Control>,
+    Path(tunnel): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Tunnel>, ApiError> {
+    crate::managed::set_disabled(&control, bearer(&headers), &tunnel, true)
+        .await
+        .map(Json)
+}
+
+async fn enable(
+    State(control): State<Control>,
+    Path(tunnel): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Tunnel>, ApiError> {
+    crate::managed::set_disabled(&control, bearer(&headers), &tunnel, false)
+        .await
+        .map(Json)
+}
+
+async fn audit_list(
+    State(control): State<Control>,
+    headers: HeaderMap,
+    q: Result<Query<crate::audit::AuditQuery>, QueryRejection>,
+) -> Result<Json<crate::audit::AuditPage>, ApiError> {
+    let Query(q) = q.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidRequest,
+            format!(
+                "{}; the query takes tunnel, owner, action, since, limit and cursor",
+                e.body_text()
+            ),
+        )
+    })?;
+    crate::audit::list(&control, bearer(&headers), q)
         .await
         .map(Json)
 }

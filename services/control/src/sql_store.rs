@@ -175,7 +175,7 @@ impl std::fmt::Debug for SqlStore {
 /// join is not).
 macro_rules! tunnel_cols {
     () => {
-        "id, name, created_at, expires_at, \
+        "id, name, created_at, expires_at, disabled_at, \
          (SELECT o.subject FROM owners o WHERE o.id = tunnels.owner_id) AS owner"
     };
 }
@@ -201,6 +201,9 @@ fn record(r: &AnyRow) -> Result<TunnelRecord, sqlx::Error> {
         created_at: from_db_time(r.try_get("created_at")?),
         expires_at: from_db_time(r.try_get("expires_at")?),
         owner: r.try_get("owner")?,
+        disabled_at: r
+            .try_get::<Option<i64>, _>("disabled_at")?
+            .map(from_db_time),
     })
 }
 
@@ -441,10 +444,12 @@ impl SqlStore {
         let r = async {
             let p = self.owned_pool().await?;
             self.timed("sweeping expired records", async move {
-                let t = sqlx::query("DELETE FROM tunnels WHERE expires_at <= $1")
-                    .bind(db_now(now))
-                    .execute(&p)
-                    .await?;
+                let t = sqlx::query(
+                    "DELETE FROM tunnels WHERE expires_at <= $1 AND disabled_at IS NULL",
+                )
+                .bind(db_now(now))
+                .execute(&p)
+                .await?;
                 let s = sqlx::query("DELETE FROM tombstones WHERE until_at <= $1")
                     .bind(db_now(now))
                     .execute(&p)
@@ -475,7 +480,8 @@ impl SqlStore {
         // A write first: on SQLite this takes the write lock before anything is read,
         // so concurrent claims queue (busy timeout) instead of failing.
         sqlx::query(
-            "DELETE FROM tunnels WHERE name = $1 AND id <> $2 AND (expires_at <= $3 OR $4 = 1)",
+            "DELETE FROM tunnels WHERE name = $1 AND id <> $2 \
+             AND ((expires_at <= $3 AND disabled_at IS NULL) OR $4 = 1)",
         )
         .bind(name.clone())
         .bind(tunnel_id.clone())
@@ -734,7 +740,7 @@ impl ControlStore for SqlStore {
             concat!(
                 "SELECT ",
                 tunnel_cols!(),
-                " FROM tunnels WHERE name = $1 AND expires_at > $2"
+                " FROM tunnels WHERE name = $1 AND (expires_at > $2 OR disabled_at IS NOT NULL)"
             ),
             name,
             now,
@@ -746,7 +752,7 @@ impl ControlStore for SqlStore {
             concat!(
                 "SELECT ",
                 tunnel_cols!(),
-                " FROM tunnels WHERE id = $1 AND expires_at > $2"
+                " FROM tunnels WHERE id = $1 AND (expires_at > $2 OR disabled_at IS NOT NULL)"
             ),
             tunnel_id,
             now,
@@ -782,7 +788,7 @@ impl ControlStore for SqlStore {
             "SELECT ",
             tunnel_cols!(),
             " FROM tunnels \
-             WHERE expires_at > $1 AND name >= $2 AND substr(name, 1, CAST($3 AS INTEGER)) = $2 \
+             WHERE (expires_at > $1 OR disabled_at IS NOT NULL) AND name >= $2 AND substr(name, 1, CAST($3 AS INTEGER)) = $2 \
                AND name > $4 \
                AND ($6 = '' OR owner_id = (SELECT o.id FROM owners o WHERE o.subject = $6)) \
              ORDER BY name LIMIT $5"
@@ -967,6 +973,65 @@ impl ControlStore for SqlStore {
             let p = self.owned_pool().await?;
             self.timed("recording a credential's use", async move {
                 q.execute(&p).await.map(|_| ())
+            })
+            .await
+        })
+    }
+
+    fn set_disabled<'a>(
+        &'a self,
+        tunnel_id: &'a str,
+        disabled_at: Option<u64>,
+        now: u64,
+        hold_until: u64,
+    ) -> StoreFuture<'a, Option<TunnelRecord>> {
+        let q = match disabled_at {
+            // The first disable wins (a second keeps its time and the saved hold).
+            Some(at) => sqlx::query(concat!(
+                "UPDATE tunnels SET disabled_at = COALESCE(disabled_at, $2), \
+                   expires_before_disable = CASE WHEN disabled_at IS NULL THEN expires_at \
+                     ELSE expires_before_disable END \
+                 WHERE id = $1 AND (expires_at > $3 OR disabled_at IS NOT NULL) RETURNING ",
+                tunnel_cols!()
+            ))
+            .bind(tunnel_id.to_owned())
+            .bind(db_time(at))
+            .bind(db_now(now)),
+            // The hold it had, unless that lapsed while disabled: then `hold_until`.
+            None => sqlx::query(concat!(
+                "UPDATE tunnels SET disabled_at = NULL, \
+                   expires_at = CASE WHEN disabled_at IS NULL THEN expires_at \
+                     WHEN COALESCE(expires_before_disable, 0) > $2 THEN expires_before_disable \
+                     ELSE $3 END, \
+                   expires_before_disable = NULL \
+                 WHERE id = $1 AND (expires_at > $2 OR disabled_at IS NOT NULL) RETURNING ",
+                tunnel_cols!()
+            ))
+            .bind(tunnel_id.to_owned())
+            .bind(db_now(now))
+            .bind(db_time(hold_until)),
+        };
+        Box::pin(async move {
+            let p = self.owned_pool().await?;
+            self.timed("disabling or enabling a tunnel", async move {
+                q.fetch_optional(&p).await?.map(|r| record(&r)).transpose()
+            })
+            .await
+        })
+    }
+
+    fn disabled_tunnels(&self, limit: usize) -> StoreFuture<'_, Vec<(String, String)>> {
+        let q = sqlx::query(
+            "SELECT id, name FROM tunnels WHERE disabled_at IS NOT NULL ORDER BY id LIMIT $1",
+        )
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX));
+        Box::pin(async move {
+            let p = self.owned_pool().await?;
+            self.timed("listing disabled tunnels", async move {
+                let rows = q.fetch_all(&p).await?;
+                rows.iter()
+                    .map(|r| Ok((r.try_get("id")?, r.try_get("name")?)))
+                    .collect()
             })
             .await
         })

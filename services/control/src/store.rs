@@ -41,6 +41,10 @@ pub struct TunnelRecord {
     /// The subject of the token or API key that created it; `None` for an anonymous
     /// quick tunnel (only `admin` acts on those).
     pub owner: Option<String>,
+    /// When its owner disabled it (Unix seconds); `None`: enabled. A disabled tunnel
+    /// holds its name whatever `expires_at` says, and is refused to agents and viewers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disabled_at: Option<u64>,
 }
 
 /// The `expires_at` of a name held until its tunnel is deleted (a *named* tunnel: made
@@ -179,6 +183,19 @@ pub trait ControlStore: crate::accounts::AccountStore + Send + Sync + 'static {
     ) -> StoreFuture<'a, Option<CredentialRecord>>;
     /// Records that credential `id` was used at `now`.
     fn touch_credential<'a>(&'a self, id: &'a str, now: u64) -> StoreFuture<'a, ()>;
+    /// Disables (`Some(now)`) or enables (`None`) a tunnel; the record after the change,
+    /// `None` when no such tunnel is live. Disabling keeps the name held (whatever its
+    /// hold was) until enabled; enabling gives back the hold it had, or `hold_until` when
+    /// that lapsed meanwhile.
+    fn set_disabled<'a>(
+        &'a self,
+        tunnel_id: &'a str,
+        disabled_at: Option<u64>,
+        now: u64,
+        hold_until: u64,
+    ) -> StoreFuture<'a, Option<TunnelRecord>>;
+    /// Every disabled tunnel (id and name), at most `limit`: what edges must refuse.
+    fn disabled_tunnels(&self, limit: usize) -> StoreFuture<'_, Vec<(String, String)>>;
 }
 
 /// The live state several replicas share: what edges can rebuild within a report

@@ -525,6 +525,66 @@ async fn a_late_link_learns_recent_deletions_first() {
     h.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edges_hear_a_disable_and_a_late_link_learns_the_disabled_tunnels() {
+    let h = Harness::start().await;
+    let admin = h.admin(&["admin", "tunnels:write"]).await;
+    let t = admin.create(&common::named("hub-1")).await.unwrap();
+    let (_tx, mut commands) = edge_link(&h, Some(common::EDGE_TOKEN), fake_report("edge-a"))
+        .await
+        .unwrap();
+    admin.set_disabled("hub-1", true).await.unwrap();
+    let mut heard = None;
+    for _ in 0..10 {
+        match tokio::time::timeout(WAIT, commands.message()).await {
+            Ok(Ok(Some(c))) => {
+                if let Some(epb::edge_command::Command::SetTunnelState(s)) = c.command {
+                    heard = Some(s);
+                    break;
+                }
+            }
+            _ => break,
+        }
+    }
+    let s = heard.expect("the linked edge is told of the disable");
+    assert_eq!(
+        (s.tunnel_id.as_str(), s.name.as_str(), s.disabled),
+        (t.tunnel_id.as_str(), "hub-1", true)
+    );
+    // An edge that links afterwards learns it when it links.
+    let (_tx2, mut late) = edge_link(&h, Some(common::EDGE_TOKEN), fake_report("edge-b"))
+        .await
+        .unwrap();
+    let mut learned = false;
+    for _ in 0..10 {
+        match tokio::time::timeout(WAIT, late.message()).await {
+            Ok(Ok(Some(c))) => {
+                if let Some(epb::edge_command::Command::SetTunnelState(s)) = c.command {
+                    learned = s.tunnel_id == t.tunnel_id && s.disabled;
+                    break;
+                }
+            }
+            _ => break,
+        }
+    }
+    assert!(learned, "a late link was not told of the disabled tunnel");
+    admin.set_disabled(&t.tunnel_id, false).await.unwrap();
+    let mut enabled = false;
+    for _ in 0..10 {
+        match tokio::time::timeout(WAIT, commands.message()).await {
+            Ok(Ok(Some(c))) => {
+                if let Some(epb::edge_command::Command::SetTunnelState(s)) = c.command {
+                    enabled = s.tunnel_id == t.tunnel_id && !s.disabled;
+                    break;
+                }
+            }
+            _ => break,
+        }
+    }
+    assert!(enabled, "the enable reached the edge");
+    h.stop().await;
+}
+
 /// Polls `f` every 50 ms for up to [`WAIT`].
 async fn within_wait<F, Fut>(mut f: F) -> bool
 where

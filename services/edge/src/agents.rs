@@ -209,6 +209,17 @@ where
         )
         .await;
     }
+    if edge.gate().is_disabled(&grant.tunnel_id) {
+        warn!(tunnel = %grant.tunnel_id, name = %grant.name, "agent refused: the tunnel is disabled");
+        return refuse(
+            &edge,
+            &mut ws,
+            RefusalCode::TunnelDisabled,
+            "the tunnel is disabled by its owner; it is served again once enabled (POST /v1/tunnels/{id}/enable), and the agent retries by itself",
+            true,
+        )
+        .await;
+    }
     if let Some(cred) = &grant.credential
         && edge.gate().is_credential_revoked(cred)
     {

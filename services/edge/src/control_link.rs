@@ -153,6 +153,10 @@ async fn link_once(
                             info!(tunnel = %d.tunnel_id, connections = n, "tunnel deleted at control; agents disconnected");
                         }
                     }
+                    Some(Command::SetTunnelState(t)) => {
+                        let n = edge.set_tunnel_disabled(&t.tunnel_id, &t.name, t.disabled);
+                        info!(tunnel = %t.tunnel_id, name = %t.name, disabled = t.disabled, connections = n, "tunnel disabled or enabled at control");
+                    }
                     Some(Command::RevokeCredential(r)) => {
                         let n = edge.revoke_credential(&r.credential_id, r.revoked_until);
                         if n > 0 {

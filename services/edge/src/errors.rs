@@ -62,6 +62,8 @@ pub enum ViewerError {
     ClientOverloaded,
     /// Malformed chunked encoding (400).
     BadChunkedEncoding,
+    /// The tunnel is disabled by its owner (403).
+    TunnelDisabled,
 }
 
 impl ViewerError {
@@ -89,6 +91,7 @@ impl ViewerError {
             | ViewerError::ClientBusy
             | ViewerError::ClientOverloaded => StatusCode::TOO_MANY_REQUESTS,
             ViewerError::ResponseHeadTooLarge => StatusCode::BAD_GATEWAY,
+            ViewerError::TunnelDisabled => StatusCode::FORBIDDEN,
         }
     }
 
@@ -117,6 +120,7 @@ impl ViewerError {
             ViewerError::ResponseHeadTooLarge => "response_head_too_large",
             ViewerError::ClientOverloaded => "client_overloaded",
             ViewerError::BadChunkedEncoding => "bad_chunked_encoding",
+            ViewerError::TunnelDisabled => "tunnel_disabled",
         }
     }
 
@@ -182,6 +186,9 @@ impl ViewerError {
             }
             ViewerError::BadChunkedEncoding => {
                 "The request's chunked body is malformed (a chunk size that is not 1-16 hex digits, or chunk data not followed by CRLF); fix it."
+            }
+            ViewerError::TunnelDisabled => {
+                "This tunnel is disabled by its owner. It is served again once they enable it."
             }
         }
     }

@@ -74,6 +74,10 @@ struct TokenState {
 struct Inner {
     revoked: HashMap<String, u64>,
     tokens: HashMap<TokenDigest, TokenState>,
+    /// Disabled tunnels: id → name.
+    disabled: HashMap<String, String>,
+    /// Names of disabled tunnels: what viewers are told is disabled.
+    disabled_names: std::collections::HashSet<String>,
 }
 
 /// The edge's token bindings; cheap to share.
@@ -126,6 +130,35 @@ impl Gate {
         }
         let e = g.revoked.entry(tunnel_id.to_string()).or_insert(until);
         *e = (*e).max(until);
+    }
+
+    /// Marks a tunnel disabled by its owner (its tokens refused, viewers of `name` told
+    /// so) or enabled again. At most [`MAX_REVOCATIONS`] are remembered: past that a
+    /// disable is still enforced on the links (closed) but not remembered.
+    pub fn set_disabled(&self, tunnel_id: &str, name: &str, disabled: bool) {
+        let mut g = self.inner.lock();
+        if disabled {
+            if g.disabled.len() >= MAX_REVOCATIONS && !g.disabled.contains_key(tunnel_id) {
+                return;
+            }
+            if let Some(old) = g.disabled.insert(tunnel_id.to_string(), name.to_string()) {
+                g.disabled_names.remove(&old);
+            }
+            g.disabled_names.insert(name.to_string());
+        } else if let Some(old) = g.disabled.remove(tunnel_id) {
+            g.disabled_names.remove(&old);
+        }
+    }
+
+    /// True while `tunnel_id` is disabled.
+    pub fn is_disabled(&self, tunnel_id: &str) -> bool {
+        self.inner.lock().disabled.contains_key(tunnel_id)
+    }
+
+    /// True while the tunnel named `name` is disabled.
+    pub fn is_name_disabled(&self, name: &str) -> bool {
+        let g = self.inner.lock();
+        !g.disabled_names.is_empty() && g.disabled_names.contains(name)
     }
 
     /// Refuses tokens issued for tunnel credential `credential_id` until `until`.
@@ -248,5 +281,26 @@ mod tests {
         assert!(g.is_credential_revoked("tcr_a"));
         assert!(!g.is_credential_revoked("tcr_b"));
         assert!(!g.is_revoked("tcr_a"), "a credential is not a tunnel");
+    }
+
+    #[test]
+    fn a_disabled_tunnel_is_refused_by_id_and_by_name_until_enabled() {
+        let g = Gate::default();
+        assert!(!g.is_name_disabled("hub"));
+        g.set_disabled("tun_a", "hub", true);
+        assert!(g.is_disabled("tun_a"));
+        assert!(g.is_name_disabled("hub"));
+        assert!(!g.is_disabled("tun_b"));
+        assert!(!g.is_name_disabled("hub-2"));
+        // Disabled twice, then renamed: only the newest name is disabled.
+        g.set_disabled("tun_a", "hub", true);
+        g.set_disabled("tun_a", "hub-new", true);
+        assert!(!g.is_name_disabled("hub"));
+        assert!(g.is_name_disabled("hub-new"));
+        g.set_disabled("tun_a", "hub-new", false);
+        assert!(!g.is_disabled("tun_a"));
+        assert!(!g.is_name_disabled("hub-new"));
+        // Enabling an unknown tunnel is harmless.
+        g.set_disabled("tun_x", "x", false);
     }
 }

@@ -207,7 +207,21 @@ impl Edge {
     pub fn revoke_tunnel(&self, tunnel_id: &str, until: u64) -> usize {
         // Revoke first, so an agent reconnecting as its link closes is refused.
         self.inner.gate.revoke(tunnel_id, until);
+        self.inner.routes.forget_tunnel(tunnel_id);
         self.inner.routes.disconnect_tunnel(tunnel_id)
+    }
+
+    /// The tunnel was disabled by its owner (or enabled again): while disabled its tokens
+    /// are refused, its links closed and viewers of `name` get `tunnel_disabled`.
+    /// Returns how many connections were closed.
+    pub fn set_tunnel_disabled(&self, tunnel_id: &str, name: &str, disabled: bool) -> usize {
+        // Refuse first, so an agent reconnecting as its link closes is refused.
+        self.inner.gate.set_disabled(tunnel_id, name, disabled);
+        if disabled {
+            self.inner.routes.disconnect_tunnel(tunnel_id)
+        } else {
+            0
+        }
     }
 
     /// A tunnel credential was revoked: refuse tokens issued for it until `until` (Unix

@@ -16,7 +16,7 @@ pub const DURATION_BUCKETS: [f64; 12] = [
 ];
 
 /// The edge's own error codes, in the order of the `errors` counters.
-pub const ERROR_CODES: [&str; 40] = [
+pub const ERROR_CODES: [&str; 41] = [
     "tunnel_not_found",
     "tunnel_offline",
     "origin_unreachable",
@@ -58,6 +58,7 @@ pub const ERROR_CODES: [&str; 40] = [
     "cors_origin_denied",
     "authority_mismatch",
     "client_busy",
+    "tunnel_disabled",
 ];
 
 /// Handshake outcomes, in the order of the `handshakes` counters.
@@ -323,6 +324,7 @@ mod tests {
             V::ResponseHeadTooLarge,
             V::ClientOverloaded,
             V::BadChunkedEncoding,
+            V::TunnelDisabled,
         ];
         for v in all {
             assert!(

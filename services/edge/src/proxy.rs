@@ -495,6 +495,9 @@ async fn proxy(
     let Some(name) = name else {
         return ViewerError::TunnelNotFound.response(json);
     };
+    if edge.gate().is_name_disabled(&name) {
+        return ViewerError::TunnelDisabled.response(json);
+    }
     let upgrade = is_upgrade(req);
     let route = match edge.routes().pick(&name) {
         Lookup::Found(_, in_flight) if in_flight >= cfg.max_streams_per_tunnel => {

@@ -49,7 +49,8 @@ pub enum Lookup {
 #[derive(Default)]
 pub struct Routes {
     live: RwLock<HashMap<String, Vec<Route>>>,
-    offline: Mutex<HashMap<String, Instant>>,
+    /// Names whose last connection left: when, and the tunnel that held them.
+    offline: Mutex<HashMap<String, (Instant, String)>>,
     /// Woken when a tunnel gains its first connection here, so the link to control
     /// reports it at once (control holds its name from that report on).
     first_link: tokio::sync::Notify,
@@ -113,6 +114,7 @@ impl Routes {
 
     /// Removes one connection (it closed).
     pub fn remove(&self, name: &str, conn_id: u64) {
+        let mut tunnel = None;
         let now_empty = {
             let mut live = self.live.write();
             let Some(v) = live.get_mut(name) else { return };
@@ -120,6 +122,7 @@ impl Routes {
                 let keep = r.conn_id != conn_id;
                 if !keep {
                     self.retire(r);
+                    tunnel = Some(r.tunnel_id.clone());
                 }
                 keep
             });
@@ -133,16 +136,27 @@ impl Routes {
         if now_empty {
             let mut off = self.offline.lock();
             if off.len() >= MAX_OFFLINE_NAMES {
-                off.retain(|_, t| t.elapsed() < OFFLINE_MEMORY);
+                off.retain(|_, (t, _)| t.elapsed() < OFFLINE_MEMORY);
                 if off.len() >= MAX_OFFLINE_NAMES
-                    && let Some(oldest) =
-                        off.iter().min_by_key(|(_, t)| **t).map(|(k, _)| k.clone())
+                    && let Some(oldest) = off
+                        .iter()
+                        .min_by_key(|(_, (t, _))| *t)
+                        .map(|(k, _)| k.clone())
                 {
                     off.remove(&oldest);
                 }
             }
-            off.insert(name.to_string(), Instant::now());
+            off.insert(
+                name.to_string(),
+                (Instant::now(), tunnel.unwrap_or_default()),
+            );
         }
+    }
+
+    /// Forgets that `tunnel_id`'s name was served here (the tunnel was deleted), so its
+    /// viewers get "no such tunnel" rather than "offline".
+    pub fn forget_tunnel(&self, tunnel_id: &str) {
+        self.offline.lock().retain(|_, (_, t)| t != tunnel_id);
     }
 
     /// The least busy usable connection for `name`.
@@ -169,7 +183,7 @@ impl Routes {
             }
         }
         match self.offline.lock().get(name) {
-            Some(t) if t.elapsed() < OFFLINE_MEMORY => Lookup::Offline,
+            Some((t, _)) if t.elapsed() < OFFLINE_MEMORY => Lookup::Offline,
             _ => Lookup::Unknown,
         }
     }

@@ -639,3 +639,198 @@ async fn a_stopped_postgres_is_an_error_within_seconds_and_recovers() {
         "t1"
     );
 }
+
+#[tokio::test]
+async fn contract_a_disabled_tunnel_keeps_its_name_and_enabling_restores_its_hold() {
+    let (stores, _pg) = stores().await;
+    let b = now_unix();
+    for (kind, s) in &stores {
+        let s = s.as_ref();
+        // A lease-held tunnel (expires at b + 10) and a named one (held until deleted).
+        assert!(won(s, "lease", "tun_l", b, b + 10, false).await, "{kind}");
+        assert!(won(s, "named", "tun_n", b, NEVER, false).await, "{kind}");
+        let d = s
+            .set_disabled("tun_l", Some(b), b, b + 500)
+            .await
+            .unwrap()
+            .expect("live");
+        assert_eq!(d.disabled_at, Some(b), "{kind}");
+        s.set_disabled("tun_n", Some(b), b, b + 500).await.unwrap();
+        // Past its lease, the disabled tunnel still holds the name: no one claims it,
+        // lookups find it, and it is listed as disabled.
+        let later = b + 100;
+        assert!(
+            !won(s, "lease", "tun_x", later, later + 10, false).await,
+            "{kind}"
+        );
+        let r = s.by_name("lease", later).await.unwrap().expect("held");
+        assert_eq!(r.tunnel_id, "tun_l", "{kind}");
+        let mut disabled = s.disabled_tunnels(10).await.unwrap();
+        disabled.sort();
+        assert_eq!(
+            disabled,
+            [
+                ("tun_l".to_string(), "lease".to_string()),
+                ("tun_n".to_string(), "named".to_string())
+            ],
+            "{kind}"
+        );
+        // A second disable keeps the first time.
+        let again = s
+            .set_disabled("tun_l", Some(b + 50), later, later + 500)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(again.disabled_at, Some(b), "{kind}");
+        // Enabled after the lease lapsed: a fresh hold; the named one: held until deleted.
+        let e = s
+            .set_disabled("tun_l", None, later, later + 500)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((e.disabled_at, e.expires_at), (None, later + 500), "{kind}");
+        let n = s
+            .set_disabled("tun_n", None, later, later + 500)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((n.disabled_at, n.expires_at), (None, NEVER), "{kind}");
+        assert!(s.disabled_tunnels(10).await.unwrap().is_empty(), "{kind}");
+        // Unknown tunnels are None.
+        assert!(
+            s.set_disabled("tun_none", Some(b), b, b)
+                .await
+                .unwrap()
+                .is_none(),
+            "{kind}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn contract_an_enrolment_has_one_creator_and_is_retaken_only_as_seen() {
+    use netbore_control::accounts::{AccountStore, AuditEvent, AuditFilter, Enrollment};
+    let (stores, _pg) = stores().await;
+    let b = now_unix();
+    for (kind, s) in &stores {
+        let s = s.as_ref();
+        let begin = || s.enroll_begin("acme", "vm-1", "{}", "{}", b);
+        assert_eq!(begin().await.unwrap(), Enrollment::First, "{kind}");
+        assert_eq!(
+            begin().await.unwrap(),
+            Enrollment::Seen {
+                tunnel_id: String::new(),
+                created_at: b
+            },
+            "{kind}"
+        );
+        // Another owner's vm-1 is another enrolment.
+        assert_eq!(
+            s.enroll_begin("other", "vm-1", "{}", "{}", b)
+                .await
+                .unwrap(),
+            Enrollment::First,
+            "{kind}"
+        );
+        s.enroll_finish("acme", "vm-1", "tun_1").await.unwrap();
+        assert_eq!(
+            begin().await.unwrap(),
+            Enrollment::Seen {
+                tunnel_id: "tun_1".into(),
+                created_at: b
+            },
+            "{kind}"
+        );
+        // A retake wins once, and only against what was seen.
+        assert!(
+            !s.enroll_retake("acme", "vm-1", "tun_0", b, "{}", "{}", b + 1)
+                .await
+                .unwrap(),
+            "{kind}"
+        );
+        assert!(
+            s.enroll_retake("acme", "vm-1", "tun_1", b, "{}", "{}", b + 1)
+                .await
+                .unwrap(),
+            "{kind}"
+        );
+        assert!(
+            !s.enroll_retake("acme", "vm-1", "tun_1", b, "{}", "{}", b + 1)
+                .await
+                .unwrap(),
+            "{kind}"
+        );
+        s.enroll_finish("acme", "vm-1", "tun_2").await.unwrap();
+        assert_eq!(
+            s.enrolled_policy("tun_2").await.unwrap().as_deref(),
+            Some("{}"),
+            "{kind}"
+        );
+        assert_eq!(s.enrolled_policy("tun_1").await.unwrap(), None, "{kind}");
+
+        // The audit trail: filters, pages by id, the same id once, pruning.
+        for (i, (action, tunnel)) in [
+            ("tunnel.enroll", "tun_2"),
+            ("tunnel.disable", "tun_2"),
+            ("tunnel.create", "tun_3"),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let ev = AuditEvent {
+                id: Some(format!("aud_{kind}_{i}")),
+                actor: "acme".into(),
+                action: action.to_string(),
+                tunnel_id: Some(tunnel.to_string()),
+                owner: Some("acme".into()),
+                address: Some("192.0.2.7".into()),
+                detail: serde_json::json!({"i": i}),
+                ..Default::default()
+            };
+            s.audit(&ev, b + i as u64).await.unwrap();
+            s.audit(&ev, b + i as u64).await.unwrap();
+        }
+        let all = |f: AuditFilter| async move { s.list_audit(&f).await.unwrap() };
+        let every = all(AuditFilter {
+            limit: 100,
+            ..Default::default()
+        })
+        .await;
+        assert_eq!(every.len(), 3, "{kind}: an id is stored once");
+        let tun2 = all(AuditFilter {
+            tunnel_id: Some("tun_2".into()),
+            limit: 100,
+            ..Default::default()
+        })
+        .await;
+        let actions: Vec<_> = tun2.iter().map(|r| r.event.action.as_str()).collect();
+        assert_eq!(actions, ["tunnel.enroll", "tunnel.disable"], "{kind}");
+        assert_eq!(tun2[0].event.address.as_deref(), Some("192.0.2.7"));
+        assert_eq!(tun2[0].event.detail["i"], 0);
+        let page2 = all(AuditFilter {
+            after_id: Some(every[0].id.clone()),
+            limit: 1,
+            ..Default::default()
+        })
+        .await;
+        assert_eq!(page2[0].id, every[1].id, "{kind}");
+        let since = all(AuditFilter {
+            since: Some(b + 2),
+            limit: 100,
+            ..Default::default()
+        })
+        .await;
+        assert_eq!(since.len(), 1, "{kind}");
+        assert_eq!(s.prune_audit(b + 1).await.unwrap(), 1, "{kind}");
+        assert_eq!(
+            all(AuditFilter {
+                limit: 100,
+                ..Default::default()
+            })
+            .await
+            .len(),
+            2,
+            "{kind}"
+        );
+    }
+}
