@@ -139,6 +139,7 @@ impl Stack {
             access: Default::default(),
             limits: Default::default(),
             tunnel_token: None,
+            delete_on_exit: false,
         }
     }
 

@@ -86,6 +86,10 @@ pub struct AgentConfig {
     /// A tunnel credential (`nbt_…`): runs its tunnel with no other secret; every
     /// create shows it, and no recreate token is kept.
     pub tunnel_token: Option<String>,
+    /// Delete the tunnel at control (with its recreate token) when the agent stops
+    /// cleanly, and forget the saved state: what `netbore http` does for a quick tunnel
+    /// (no `--name`) unless `--keep` is given.
+    pub delete_on_exit: bool,
 }
 
 /// What the agent reports as it runs (printed by the CLI, as text or JSON lines).
@@ -296,10 +300,43 @@ pub async fn run_with_metrics(
         // Let the last frames of finished streams reach the edge before we go.
         m.close_and_flush("agent stopped", FLUSH_ON_EXIT).await;
     }
+    if ctx.cfg.delete_on_exit && ctx.fatal.lock().is_none() {
+        delete_quick_tunnel(&ctx).await;
+    }
     let _ = ctx.events.send(AgentEvent::Stopped);
     match ctx.fatal.lock().take() {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// How long a clean exit waits for control to delete a quick tunnel.
+pub const DELETE_ON_EXIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Deletes the quick tunnel this agent ran (its recreate token authorises it) and
+/// forgets the saved state, so its name is free at once. Best effort: if control cannot
+/// be reached the name lapses after control's name hold as before.
+async fn delete_quick_tunnel(ctx: &Ctx) {
+    let Some(recreate_token) = ctx.current.lock().clone() else {
+        return;
+    };
+    let req = netbore_api::types::DeleteTunnelRequest {
+        tunnel_id: None,
+        name: None,
+        recreate_token: Some(recreate_token),
+    };
+    match tokio::time::timeout(DELETE_ON_EXIT_TIMEOUT, ctx.control.delete(&req)).await {
+        Ok(Ok(r)) => {
+            ctx.store.clear();
+            info!(tunnel = %r.deleted, name = %r.name, "quick tunnel deleted on exit; its name is free (run with --keep, or --name, to keep a name across restarts)");
+        }
+        Ok(Err(e)) => {
+            warn!(error = %e, "could not delete the quick tunnel on exit; its name is released after control's name hold");
+        }
+        Err(_) => warn!(
+            "control did not answer the quick tunnel's deletion within {} s; its name is released after control's name hold",
+            DELETE_ON_EXIT_TIMEOUT.as_secs()
+        ),
     }
 }
 

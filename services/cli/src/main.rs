@@ -66,6 +66,12 @@ enum Cmd {
         /// Links to keep, each to a distinct edge, so losing one edge loses no traffic.
         #[arg(long, env = "NETBORE_CONNECTIONS", default_value_t = 2, value_parser = at_least_one)]
         connections: usize,
+        /// Keep a quick tunnel (no --name) when the agent exits: by default a clean exit
+        /// (Ctrl-C, SIGTERM) deletes it and frees its name; with --keep its name stays
+        /// held for control's name hold and a restart with the same --state-dir gets it
+        /// back.
+        #[arg(long, env = "NETBORE_KEEP")]
+        keep: bool,
     },
     /// Run control, an edge and an agent in this process on loopback, and print a URL
     /// that curl and a browser can open.
@@ -280,6 +286,7 @@ async fn main() -> ExitCode {
         access,
         limits,
         tunnel_token: None,
+        delete_on_exit: false,
     };
     match &cli.cmd {
         Cmd::Http {
@@ -290,9 +297,12 @@ async fn main() -> ExitCode {
             edge_ca,
             edge_insecure,
             connections,
+            keep,
             ..
         } => {
             cfg.connections = *connections;
+            // A quick tunnel cleans up after itself, as cloudflared's do.
+            cfg.delete_on_exit = name.is_none() && tunnel_token.is_none() && !*keep;
             cfg.control_url = control.clone();
             cfg.name = name.clone();
             cfg.token = token.clone();
