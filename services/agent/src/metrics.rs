@@ -1,32 +1,97 @@
 //! The agent's Prometheus metrics, served at `/metrics` on `--admin-addr` next to the
-//! probes. Plain atomics; every label set is a fixed list (no per-request labels).
+//! probes ([`netbore_telemetry::admin`]). One struct of typed families in a
+//! `prometheus-client` registry; handles taken once, so an increment is one atomic add.
+//! Every label set is a fixed list (no per-request labels).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use netbore_telemetry::prom::Text;
+use netbore_telemetry::prom::{self, Format, Registry, labelled, single};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 
 /// Kinds of origin failure, in the order of [`AgentMetrics::origin_errors`].
 pub const ORIGIN_ERROR_KINDS: [&str; 3] = ["unreachable", "timeout", "error"];
 
+/// `class`: a status class, `1xx` to `5xx`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabel {
+    class: &'static str,
+}
+
+/// `kind`: one of [`ORIGIN_ERROR_KINDS`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
 /// What the agent counts.
-#[derive(Default, Debug)]
+#[derive(Debug)]
 pub struct AgentMetrics {
+    registry: Registry,
     /// Links to edges up now.
-    pub links_up: AtomicU64,
+    pub links_up: Gauge,
     /// Links established after the slot's first one (after a loss or a go-away).
-    pub reconnects: AtomicU64,
+    pub reconnects: Counter,
     /// Attempts to get a link that failed (control or every candidate edge).
-    pub connect_failures: AtomicU64,
+    pub connect_failures: Counter,
     /// Streams taken from edges and forwarded to the origin.
-    pub streams: AtomicU64,
+    pub streams: Counter,
     /// Streams being forwarded now.
-    pub streams_in_flight: AtomicU64,
+    pub streams_in_flight: Gauge,
     /// Streams refused because the agent is shutting down.
-    pub streams_refused: AtomicU64,
+    pub streams_refused: Counter,
     /// Origin responses by status class 1xx..5xx.
-    pub responses: [AtomicU64; 5],
+    pub responses: [Counter; 5],
     /// Streams that failed at the origin, by [`ORIGIN_ERROR_KINDS`].
-    pub origin_errors: [AtomicU64; 3],
+    pub origin_errors: [Counter; 3],
+}
+
+impl Default for AgentMetrics {
+    fn default() -> AgentMetrics {
+        let mut r = prom::new_registry("agent", env!("CARGO_PKG_VERSION"));
+        AgentMetrics {
+            links_up: single(&mut r, "netbore_agent_links_up", "Links to edges up now."),
+            reconnects: single(
+                &mut r,
+                "netbore_agent_reconnects",
+                "Links established again after a link was lost or its edge went away.",
+            ),
+            connect_failures: single(
+                &mut r,
+                "netbore_agent_connect_failures",
+                "Attempts to get a link that failed (control unreachable or refusing, or no candidate edge took the link).",
+            ),
+            streams: single(
+                &mut r,
+                "netbore_agent_streams",
+                "Streams (viewer requests) taken from edges and forwarded to the origin.",
+            ),
+            streams_in_flight: single(
+                &mut r,
+                "netbore_agent_streams_in_flight",
+                "Streams being forwarded now.",
+            ),
+            streams_refused: single(
+                &mut r,
+                "netbore_agent_streams_refused",
+                "Streams refused because the agent was shutting down.",
+            ),
+            responses: labelled(
+                &mut r,
+                "netbore_agent_origin_responses",
+                "Response heads from the origin, by status class.",
+                ["1xx", "2xx", "3xx", "4xx", "5xx"],
+                |class| ClassLabel { class },
+            ),
+            origin_errors: labelled(
+                &mut r,
+                "netbore_agent_origin_errors",
+                "Streams that failed at the origin: unreachable (connect failed), timeout (no response head in time), error (anything else).",
+                ORIGIN_ERROR_KINDS,
+                |kind| KindLabel { kind },
+            ),
+            registry: r,
+        }
+    }
 }
 
 /// A kind of origin failure.
@@ -48,80 +113,17 @@ impl AgentMetrics {
             OriginErrorKind::Timeout => 1,
             OriginErrorKind::Error => 2,
         };
-        self.origin_errors[i].fetch_add(1, Ordering::Relaxed);
+        self.origin_errors[i].inc();
     }
 
     /// Counts a response head from the origin.
     pub fn response(&self, status: u16) {
         let class = (status / 100).clamp(1, 5) as usize - 1;
-        self.responses[class].fetch_add(1, Ordering::Relaxed);
+        self.responses[class].inc();
     }
 
-    /// The page served at `/metrics`.
-    pub fn render(&self) -> String {
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let mut t = Text::new();
-        t.single(
-            "netbore_agent_links_up",
-            "gauge",
-            "Links to edges up now.",
-            get(&self.links_up),
-        );
-        t.single(
-            "netbore_agent_reconnects_total",
-            "counter",
-            "Links established again after a link was lost or its edge went away.",
-            get(&self.reconnects),
-        );
-        t.single(
-            "netbore_agent_connect_failures_total",
-            "counter",
-            "Attempts to get a link that failed (control unreachable or refusing, or no candidate edge took the link).",
-            get(&self.connect_failures),
-        );
-        t.single(
-            "netbore_agent_streams_total",
-            "counter",
-            "Streams (viewer requests) taken from edges and forwarded to the origin.",
-            get(&self.streams),
-        );
-        t.single(
-            "netbore_agent_streams_in_flight",
-            "gauge",
-            "Streams being forwarded now.",
-            get(&self.streams_in_flight),
-        );
-        t.single(
-            "netbore_agent_streams_refused_total",
-            "counter",
-            "Streams refused because the agent was shutting down.",
-            get(&self.streams_refused),
-        );
-        t.family(
-            "netbore_agent_origin_responses_total",
-            "counter",
-            "Response heads from the origin, by status class.",
-        );
-        for (i, class) in ["1xx", "2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
-            t.sample(
-                "netbore_agent_origin_responses_total",
-                &[("class", class)],
-                get(&self.responses[i]),
-            );
-        }
-        t.family(
-            "netbore_agent_origin_errors_total",
-            "counter",
-            "Streams that failed at the origin: unreachable (connect failed), timeout (no response head in time), error (anything else).",
-        );
-        for (i, kind) in ORIGIN_ERROR_KINDS.iter().enumerate() {
-            t.sample(
-                "netbore_agent_origin_errors_total",
-                &[("kind", kind)],
-                get(&self.origin_errors[i]),
-            );
-        }
-        t.build_info("agent", env!("CARGO_PKG_VERSION"));
-        t.finish()
+    /// The page served at `/metrics`, in `format`.
+    pub fn render(&self, format: Format) -> String {
+        prom::encode(&self.registry, format)
     }
 }

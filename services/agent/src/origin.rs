@@ -7,7 +7,6 @@
 //! all with the explicit insecure flag.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -158,13 +157,13 @@ impl Origin {
     /// trace), and the origin gets a `traceparent` naming that span.
     pub async fn serve(&self, s: IncomingStream) {
         let m = &self.metrics;
-        m.streams.fetch_add(1, Ordering::Relaxed);
-        m.streams_in_flight.fetch_add(1, Ordering::Relaxed);
+        m.streams.inc();
+        m.streams_in_flight.inc();
         // Decremented however the stream ends, a dropped future included.
         struct InFlight<'a>(&'a AgentMetrics);
         impl Drop for InFlight<'_> {
             fn drop(&mut self) {
-                self.0.streams_in_flight.fetch_sub(1, Ordering::Relaxed);
+                self.0.streams_in_flight.dec();
             }
         }
         let _in_flight = InFlight(m);

@@ -457,48 +457,21 @@ fn hash_password() -> ExitCode {
 }
 
 /// `/livez` (the process runs), `/readyz` (a link to an edge is up) and `/metrics`
-/// (Prometheus text).
+/// (Prometheus), through the admin listener the three binaries share.
 async fn serve_probes(
     listener: tokio::net::TcpListener,
     ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
     metrics: std::sync::Arc<netbore_agent::metrics::AgentMetrics>,
 ) {
-    use http_body_util::Full;
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
-        };
-        let ready = ready.clone();
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let svc =
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let up = ready.load(std::sync::atomic::Ordering::Acquire);
-                    let (status, body) = match req.uri().path() {
-                        "/livez" => (200, "ok\n".to_string()),
-                        "/readyz" if up => (200, "ready: connected to an edge\n".to_string()),
-                        "/readyz" => (503, "not ready: no edge connection\n".to_string()),
-                        "/metrics" => (200, metrics.render()),
-                        _ => (404, "admin paths: /livez /readyz /metrics\n".to_string()),
-                    };
-                    let content_type = if req.uri().path() == "/metrics" {
-                        netbore_telemetry::prom::CONTENT_TYPE
-                    } else {
-                        "text/plain; charset=utf-8"
-                    };
-                    let mut r = hyper::Response::new(Full::new(bytes::Bytes::from(body)));
-                    *r.status_mut() = hyper::StatusCode::from_u16(status).expect("valid status");
-                    // Prometheus 3 refuses a scrape without a Content-Type it knows.
-                    r.headers_mut().insert(
-                        hyper::header::CONTENT_TYPE,
-                        hyper::header::HeaderValue::from_static(content_type),
-                    );
-                    async move { Ok::<_, std::convert::Infallible>(r) }
-                });
-            let _ =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                    .await;
-        });
-    }
+    netbore_telemetry::admin::Admin::new(move |format| metrics.render(format))
+        .with_readiness(move || {
+            if ready.load(std::sync::atomic::Ordering::Acquire) {
+                Ok("ready: connected to an edge".into())
+            } else {
+                Err("not ready: no edge connection".into())
+            }
+        })
+        // The probes answer until the process exits.
+        .serve(listener, tokio_util::sync::CancellationToken::new())
+        .await
 }

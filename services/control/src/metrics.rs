@@ -1,22 +1,22 @@
-//! Control's Prometheus metrics, served as text at `/metrics` on the admin listener
-//! (`--admin-addr`, off unless given), away from the REST port agents and the internet
-//! reach.
+//! Control's Prometheus metrics, served at `/metrics` on the admin listener
+//! (`--admin-addr`, off unless given; [`netbore_telemetry::admin`]), away from the REST
+//! port agents and the internet reach. One struct of typed families in a
+//! `prometheus-client` registry; handles taken once, so an increment is one atomic add.
 //!
 //! Every label set is bounded: token kinds, operation names, control's own error codes,
 //! HTTP status classes and the 17 gRPC status codes. Nothing per tunnel or per caller.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
-use axum::Router;
-use axum::routing::get;
 use bytes::Bytes;
-use netbore_telemetry::prom::{CONTENT_TYPE, Text};
-use parking_lot::Mutex;
+use netbore_telemetry::admin::Admin;
+use netbore_telemetry::prom::{self, Format, Registry, labelled, single};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -67,37 +67,120 @@ impl Op {
     }
 }
 
+/// `kind`: a token kind, or `new`/`recreate` for tunnels created.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+/// `op` and `code`: a refused operation and control's error code, both from fixed sets.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    op: &'static str,
+    code: String,
+}
+
+/// `class`: a status class, `1xx` to `5xx`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabel {
+    class: &'static str,
+}
+
+/// `code`: one of [`GRPC_CODES`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabel {
+    code: &'static str,
+}
+
 /// What control counts.
-#[derive(Default, Debug)]
+#[derive(Debug)]
 pub struct ControlMetrics {
+    registry: Registry,
     /// Tokens signed, by [`TOKEN_KINDS`].
-    pub tokens_issued: [AtomicU64; 3],
+    pub tokens_issued: [Counter; 3],
     /// Tunnels created: fresh (index 0) and recreated with a recreate token (index 1).
-    pub tunnels_created: [AtomicU64; 2],
+    pub tunnels_created: [Counter; 2],
     /// Tunnels deleted.
-    pub tunnels_deleted: AtomicU64,
-    /// Refused operations by (operation, error code); both sets are fixed in the code.
-    refusals: Mutex<BTreeMap<(Op, String), u64>>,
+    pub tunnels_deleted: Counter,
+    /// Refused operations by (operation, error code); series appear at the first refusal.
+    refusals: Family<RefusalLabels, Counter>,
     /// REST responses by status class 1xx..5xx.
-    pub rest: [AtomicU64; 5],
+    pub rest: [Counter; 5],
     /// gRPC calls by final status code (see [`GRPC_CODES`]).
-    pub grpc: [AtomicU64; 17],
+    pub grpc: [Counter; 17],
+}
+
+impl Default for ControlMetrics {
+    fn default() -> ControlMetrics {
+        let mut r = prom::new_registry("control", env!("CARGO_PKG_VERSION"));
+        let tokens_issued = labelled(
+            &mut r,
+            "netbore_control_tokens_issued",
+            "Tokens signed: ephemeral and recreate with each tunnel creation, management by /auth/token.",
+            TOKEN_KINDS,
+            |kind| KindLabel { kind },
+        );
+        let refusals = Family::<RefusalLabels, Counter>::default();
+        prom::register(
+            &mut r,
+            "netbore_control_refusals",
+            "Refused operations, by operation and control's error code (the reason).",
+            refusals.clone(),
+        );
+        let tunnels_created = labelled(
+            &mut r,
+            "netbore_control_tunnels_created",
+            "Tunnels created: fresh ones, and existing ones an agent recreated with its recreate token.",
+            ["new", "recreate"],
+            |kind| KindLabel { kind },
+        );
+        let tunnels_deleted = single(
+            &mut r,
+            "netbore_control_tunnels_deleted",
+            "Tunnels deleted.",
+        );
+        let rest = labelled(
+            &mut r,
+            "netbore_control_rest_requests",
+            "REST responses, by status class.",
+            ["1xx", "2xx", "3xx", "4xx", "5xx"],
+            |class| ClassLabel { class },
+        );
+        let grpc = labelled(
+            &mut r,
+            "netbore_control_grpc_requests",
+            "Finished gRPC calls, by status code (edges' link streams count when they end).",
+            GRPC_CODES,
+            |code| CodeLabel { code },
+        );
+        ControlMetrics {
+            registry: r,
+            tokens_issued,
+            tunnels_created,
+            tunnels_deleted,
+            refusals,
+            rest,
+            grpc,
+        }
+    }
 }
 
 impl ControlMetrics {
-    /// Counts a refusal of `op` with control's error `code`.
+    /// Counts a refusal of `op` with control's error `code` (a rare path: it takes the
+    /// family's lock).
     pub fn refused(&self, op: Op, code: &str) {
-        *self
-            .refusals
-            .lock()
-            .entry((op, code.to_string()))
-            .or_default() += 1;
+        self.refusals
+            .get_or_create(&RefusalLabels {
+                op: op.label(),
+                code: code.to_string(),
+            })
+            .inc();
     }
 
     /// Counts a REST response.
     pub fn rest_response(&self, status: u16) {
         let class = (status / 100).clamp(1, 5) as usize - 1;
-        self.rest[class].fetch_add(1, Ordering::Relaxed);
+        self.rest[class].inc();
     }
 
     /// Counts a finished gRPC call (unknown numbers count as `UNKNOWN`).
@@ -107,117 +190,24 @@ impl ControlMetrics {
         } else {
             2
         };
-        self.grpc[i].fetch_add(1, Ordering::Relaxed);
+        self.grpc[i].inc();
     }
 
-    /// The page served at `/metrics`.
-    pub fn render(&self) -> String {
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let mut t = Text::new();
-        t.family(
-            "netbore_control_tokens_issued_total",
-            "counter",
-            "Tokens signed: ephemeral and recreate with each tunnel creation, management by /auth/token.",
-        );
-        for (i, kind) in TOKEN_KINDS.iter().enumerate() {
-            t.sample(
-                "netbore_control_tokens_issued_total",
-                &[("kind", kind)],
-                get(&self.tokens_issued[i]),
-            );
-        }
-        t.family(
-            "netbore_control_refusals_total",
-            "counter",
-            "Refused operations, by operation and control's error code (the reason).",
-        );
-        for ((op, code), n) in self.refusals.lock().iter() {
-            t.sample(
-                "netbore_control_refusals_total",
-                &[("op", op.label()), ("code", code)],
-                n,
-            );
-        }
-        t.family(
-            "netbore_control_tunnels_created_total",
-            "counter",
-            "Tunnels created: fresh ones, and existing ones an agent recreated with its recreate token.",
-        );
-        for (i, kind) in ["new", "recreate"].iter().enumerate() {
-            t.sample(
-                "netbore_control_tunnels_created_total",
-                &[("kind", kind)],
-                get(&self.tunnels_created[i]),
-            );
-        }
-        t.single(
-            "netbore_control_tunnels_deleted_total",
-            "counter",
-            "Tunnels deleted.",
-            get(&self.tunnels_deleted),
-        );
-        t.family(
-            "netbore_control_rest_requests_total",
-            "counter",
-            "REST responses, by status class.",
-        );
-        for (i, class) in ["1xx", "2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
-            t.sample(
-                "netbore_control_rest_requests_total",
-                &[("class", class)],
-                get(&self.rest[i]),
-            );
-        }
-        t.family(
-            "netbore_control_grpc_requests_total",
-            "counter",
-            "Finished gRPC calls, by status code (edges' link streams count when they end).",
-        );
-        for (i, code) in GRPC_CODES.iter().enumerate() {
-            t.sample(
-                "netbore_control_grpc_requests_total",
-                &[("code", code)],
-                get(&self.grpc[i]),
-            );
-        }
-        t.build_info("control", env!("CARGO_PKG_VERSION"));
-        t.finish()
+    /// The page served at `/metrics`, in `format`.
+    pub fn render(&self, format: Format) -> String {
+        prom::encode(&self.registry, format)
     }
 }
 
-/// The admin router: `/metrics` and `/livez`.
-pub fn admin_router(control: Control) -> Router {
-    Router::new()
-        .route(
-            "/metrics",
-            get(
-                |axum::extract::State(c): axum::extract::State<Control>| async move {
-                    (
-                        [(http::header::CONTENT_TYPE, CONTENT_TYPE)],
-                        c.metrics().render(),
-                    )
-                },
-            ),
-        )
-        .route("/livez", get(|| async { "ok\n" }))
-        .fallback(|| async {
-            (
-                http::StatusCode::NOT_FOUND,
-                "admin paths: /metrics /livez\n",
-            )
-        })
-        .with_state(control)
+/// What control's admin listener serves: `/metrics` and `/livez` (readiness is on the
+/// REST port, `/readyz`, where load balancers look).
+pub fn admin(control: Control) -> Admin {
+    Admin::new(move |format| control.metrics().render(format))
 }
 
-/// Serves the admin router on `listener` until `shutdown` fires.
-pub async fn serve_admin(
-    listener: TcpListener,
-    control: Control,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    axum::serve(listener, admin_router(control))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+/// Serves the admin listener on `listener` until `shutdown` fires.
+pub async fn serve_admin(listener: TcpListener, control: Control, shutdown: CancellationToken) {
+    admin(control).serve(listener, shutdown).await
 }
 
 /// Counts REST responses by status class (an axum `map_response` step).

@@ -21,7 +21,6 @@ use crate::names::{self, NameError};
 use crate::store::{Claim, CredentialRecord, HELD_UNTIL_DELETED, StoreError, TunnelRecord};
 use crate::{Control, EdgeEntry, MAX_CANDIDATES};
 use netbore_api::{ControlEvent, ErrorCode};
-use std::sync::atomic::Ordering;
 
 /// Page size of a list when the caller gives none.
 pub const DEFAULT_LIST_LIMIT: usize = 100;
@@ -882,12 +881,12 @@ async fn create_inner(
     let back = recreate.is_some() || credential.is_some();
     tracing::info!(tunnel = %record.tunnel_id, name = %record.name, owner = ?record.owner, recreated = back, replayed, credential = credential.as_ref().map(|(c, _)| c.id.as_str()), "tunnel created");
     let m = control.metrics();
-    m.tokens_issued[0].fetch_add(1, Ordering::Relaxed);
+    m.tokens_issued[0].inc();
     if credential.is_none() {
-        m.tokens_issued[1].fetch_add(1, Ordering::Relaxed);
+        m.tokens_issued[1].inc();
     }
     if !replayed {
-        m.tunnels_created[usize::from(back)].fetch_add(1, Ordering::Relaxed);
+        m.tunnels_created[usize::from(back)].inc();
     }
     if !back && !replayed {
         // A names:claim that took the name over from a tunnel of its own is a claim.
@@ -1114,10 +1113,7 @@ async fn delete_inner(
         serde_json::json!({"name": record.name, "owner": record.owner, "via": via}),
     )
     .await;
-    control
-        .metrics()
-        .tunnels_deleted
-        .fetch_add(1, Ordering::Relaxed);
+    control.metrics().tunnels_deleted.inc();
     Ok(record)
 }
 
@@ -1265,7 +1261,7 @@ async fn issue_from_key(
         .sign_management(&claims)
         .map_err(ApiError::internal)?;
     tracing::info!(subject = %claims.sub, key = %k.id, scopes = ?scopes, ttl, "management token issued from an API key");
-    control.metrics().tokens_issued[2].fetch_add(1, Ordering::Relaxed);
+    control.metrics().tokens_issued[2].inc();
     Ok(IssueTokenResponse {
         token,
         scopes,
@@ -1343,7 +1339,7 @@ fn issue_token_inner(
         .sign_management(&claims)
         .map_err(ApiError::internal)?;
     tracing::info!(subject = %subject, scopes = ?scopes, ttl, "management token issued");
-    control.metrics().tokens_issued[2].fetch_add(1, Ordering::Relaxed);
+    control.metrics().tokens_issued[2].inc();
     Ok(IssueTokenResponse {
         token,
         scopes,

@@ -434,9 +434,7 @@ where
     if let Some((cluster, holder)) = &lease {
         cluster.unregister(&grant.name, holder).await;
     }
-    edge.metrics()
-        .agent_disconnects
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    edge.metrics().agent_disconnect();
     info!(tunnel = %grant.tunnel_id, name = %grant.name, session = %session_id, reason = %mux.close_reason(), "agent disconnected");
     let _ = peer;
     Ok(())

@@ -1,15 +1,22 @@
-//! The edge's Prometheus metrics, served as text on the admin port at `/metrics`.
+//! The edge's Prometheus metrics, served on the admin port at `/metrics`
+//! ([`netbore_telemetry::admin`]).
 //!
-//! Counters are plain atomics updated on the request path (no locks). Every label set is
-//! bounded: status classes, the edge's own error codes, handshake refusal codes. Per
-//! tunnel figures are deliberately absent (their number is unbounded).
+//! One struct of typed families in a `prometheus-client` registry. Counters on the
+//! request path are handles taken once at start (one atomic add per increment, no
+//! lock); gauges about open connections are read from the routes at each scrape. Every
+//! label set is bounded: status classes, the edge's own error codes, handshake refusal
+//! codes. Per tunnel figures are deliberately absent (their number is unbounded).
 
-use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::Edge;
+use netbore_telemetry::prom::{
+    self, DurationHistogram, Format, Registry, SampledCounter, labelled, single,
+};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 
+use crate::Edge;
 /// Upper bounds (seconds) of the request duration histogram, to the response head.
 pub const DURATION_BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
@@ -71,40 +78,172 @@ pub const HANDSHAKE_RESULTS: [&str; 6] = [
     "draining",
 ];
 
-/// All counters.
+/// `class`: a status class, `1xx` to `5xx`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabel {
+    class: &'static str,
+}
+
+/// `code`: one of [`ERROR_CODES`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabel {
+    code: &'static str,
+}
+
+/// `result`: one of [`HANDSHAKE_RESULTS`] or `other`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+/// `direction`: `in` (from agents) or `out` (to agents).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: &'static str,
+}
+
+/// The status classes, in the order of the `responses` handles.
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Every family the edge serves, and the handles the request path increments.
+#[derive(Debug)]
 pub struct Metrics {
-    /// Responses by status class 1xx..5xx (index 0..=4).
-    pub responses: [AtomicU64; 5],
-    /// Edge-generated errors by code (see [`ERROR_CODES`]).
-    pub errors: [AtomicU64; ERROR_CODES.len()],
-    /// Duration histogram buckets (cumulative at render time) and the +Inf count.
-    durations: [AtomicU64; DURATION_BUCKETS.len() + 1],
-    /// Sum of durations in microseconds.
-    duration_sum_us: AtomicU64,
-    /// Agent handshakes by result (see [`HANDSHAKE_RESULTS`]); others count as `other`.
-    pub handshakes: [AtomicU64; HANDSHAKE_RESULTS.len() + 1],
-    /// Agent connections closed.
-    pub agent_disconnects: AtomicU64,
-    /// Viewer requests forwarded to another edge.
-    pub forwarded: AtomicU64,
-    /// Registry calls that failed (lease refreshes and lookups).
-    pub registry_errors: AtomicU64,
-    /// Connections closed at accept: their address had too many open.
-    pub connections_refused: AtomicU64,
+    registry: Registry,
+    responses: [Counter; 5],
+    errors: [Counter; ERROR_CODES.len()],
+    durations: DurationHistogram,
+    /// By [`HANDSHAKE_RESULTS`], then `other`.
+    handshakes: [Counter; HANDSHAKE_RESULTS.len() + 1],
+    agent_disconnects: Counter,
+    forwarded: Counter,
+    registry_errors: Counter,
+    connections_refused: Counter,
+    // Read from the routes at each scrape.
+    tunnels: Gauge,
+    agent_connections: Gauge,
+    streams_in_flight: Gauge,
+    link_queued_bytes: Gauge,
+    link_queued_bytes_peak: Gauge,
+    link_head_bytes: Gauge,
+    draining: Gauge,
+    /// `in`, `out`.
+    tunnel_bytes: [SampledCounter; 2],
 }
 
 impl Default for Metrics {
     fn default() -> Metrics {
+        let mut r = prom::new_registry("edge", env!("CARGO_PKG_VERSION"));
+        let tunnels = single(
+            &mut r,
+            "netbore_edge_tunnels",
+            "Tunnels with at least one agent connection on this edge.",
+        );
+        let agent_connections = single(
+            &mut r,
+            "netbore_edge_agent_connections",
+            "Agent connections open on this edge.",
+        );
+        let streams_in_flight = single(
+            &mut r,
+            "netbore_edge_streams_in_flight",
+            "Requests in flight through this edge's agent connections.",
+        );
+        let link_queued_bytes = single(
+            &mut r,
+            "netbore_edge_link_queued_bytes",
+            "Bytes queued for agents, not yet written, over all agent connections.",
+        );
+        let link_queued_bytes_peak = single(
+            &mut r,
+            "netbore_edge_link_queued_bytes_peak",
+            "The most bytes ever queued for one open agent connection.",
+        );
+        let link_head_bytes = single(
+            &mut r,
+            "netbore_edge_link_head_bytes",
+            "Bytes of request heads held by open streams, over all agent connections (at most MAX_LINK_HEAD_BYTES each).",
+        );
+        let draining = single(
+            &mut r,
+            "netbore_edge_draining",
+            "1 while the edge drains for shutdown.",
+        );
+        let tunnel_bytes = labelled(
+            &mut r,
+            "netbore_edge_tunnel_bytes",
+            "Payload bytes through agent connections since the edge started, closed ones included (to agents: out; from agents: in).",
+            ["in", "out"],
+            |direction| DirectionLabel { direction },
+        );
+        let responses = labelled(
+            &mut r,
+            "netbore_edge_responses",
+            "Responses to viewers by status class.",
+            CLASSES,
+            |class| ClassLabel { class },
+        );
+        let errors = labelled(
+            &mut r,
+            "netbore_edge_errors",
+            "Errors the edge answered itself, by netbore-error code.",
+            ERROR_CODES,
+            |code| CodeLabel { code },
+        );
+        let durations = DurationHistogram::new(&DURATION_BUCKETS);
+        prom::register(
+            &mut r,
+            "netbore_edge_request_duration_seconds",
+            "Time from request to response head.",
+            durations.clone(),
+        );
+        let mut results = [""; HANDSHAKE_RESULTS.len() + 1];
+        results[..HANDSHAKE_RESULTS.len()].copy_from_slice(&HANDSHAKE_RESULTS);
+        results[HANDSHAKE_RESULTS.len()] = "other";
+        let handshakes = labelled(
+            &mut r,
+            "netbore_edge_agent_handshakes",
+            "Agent handshakes by result.",
+            results,
+            |result| ResultLabel { result },
+        );
+        let agent_disconnects = single(
+            &mut r,
+            "netbore_edge_agent_disconnects",
+            "Agent connections closed.",
+        );
+        let forwarded = single(
+            &mut r,
+            "netbore_edge_forwarded",
+            "Viewer requests forwarded to the edge holding the tunnel.",
+        );
+        let registry_errors = single(
+            &mut r,
+            "netbore_edge_registry_errors",
+            "Registry (Redis) calls that failed.",
+        );
+        let connections_refused = single(
+            &mut r,
+            "netbore_edge_connections_refused",
+            "Connections closed at accept because their address had --max-connections-per-address open.",
+        );
         Metrics {
-            responses: Default::default(),
-            errors: std::array::from_fn(|_| AtomicU64::new(0)),
-            durations: Default::default(),
-            duration_sum_us: AtomicU64::new(0),
-            handshakes: Default::default(),
-            agent_disconnects: AtomicU64::new(0),
-            forwarded: AtomicU64::new(0),
-            registry_errors: AtomicU64::new(0),
-            connections_refused: AtomicU64::new(0),
+            registry: r,
+            responses,
+            errors,
+            durations,
+            handshakes,
+            agent_disconnects,
+            forwarded,
+            registry_errors,
+            connections_refused,
+            tunnels,
+            agent_connections,
+            streams_in_flight,
+            link_queued_bytes,
+            link_queued_bytes_peak,
+            link_head_bytes,
+            draining,
+            tunnel_bytes,
         }
     }
 }
@@ -113,37 +252,35 @@ impl Metrics {
     /// Records a response sent to a viewer.
     pub fn response(&self, status: u16, took: Duration) {
         let class = (status / 100).clamp(1, 5) as usize - 1;
-        self.responses[class].fetch_add(1, Ordering::Relaxed);
-        let secs = took.as_secs_f64();
-        let i = DURATION_BUCKETS
-            .iter()
-            .position(|b| secs <= *b)
-            .unwrap_or(DURATION_BUCKETS.len());
-        self.durations[i].fetch_add(1, Ordering::Relaxed);
-        self.duration_sum_us
-            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        self.responses[class].inc();
+        self.durations.observe(took);
     }
 
     /// Records an error the edge answered itself.
     pub fn error(&self, code: &str) {
         if let Some(i) = ERROR_CODES.iter().position(|c| *c == code) {
-            self.errors[i].fetch_add(1, Ordering::Relaxed);
+            self.errors[i].inc();
         }
     }
 
     /// Records a request forwarded to another edge.
     pub fn forwarded(&self) {
-        self.forwarded.fetch_add(1, Ordering::Relaxed);
+        self.forwarded.inc();
     }
 
     /// Records a connection closed at accept for its address's cap.
     pub fn connection_refused(&self) {
-        self.connections_refused.fetch_add(1, Ordering::Relaxed);
+        self.connections_refused.inc();
     }
 
     /// Records a failed registry call.
     pub fn registry_error(&self) {
-        self.registry_errors.fetch_add(1, Ordering::Relaxed);
+        self.registry_errors.inc();
+    }
+
+    /// Records a closed agent connection.
+    pub fn agent_disconnect(&self) {
+        self.agent_disconnects.inc();
     }
 
     /// Records an agent handshake's result.
@@ -152,146 +289,28 @@ impl Metrics {
             .iter()
             .position(|c| *c == result)
             .unwrap_or(HANDSHAKE_RESULTS.len());
-        self.handshakes[i].fetch_add(1, Ordering::Relaxed);
+        self.handshakes[i].inc();
     }
 }
 
-/// Renders the Prometheus text exposition.
-pub fn render(edge: &Edge) -> String {
+/// The `/metrics` page in `format`, gauges read from the routes now.
+pub fn render(edge: &Edge, format: Format) -> String {
     let m = edge.metrics();
     let (tunnels, conns, streams, bytes_in, bytes_out) = edge.routes().load();
-    let mut s = String::with_capacity(4096);
-    let g = |s: &mut String, name: &str, help: &str, v: u64| {
-        let _ = write!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n");
-    };
-    g(
-        &mut s,
-        "netbore_edge_tunnels",
-        "Tunnels with at least one agent connection on this edge.",
-        tunnels,
-    );
-    g(
-        &mut s,
-        "netbore_edge_agent_connections",
-        "Agent connections open on this edge.",
-        conns,
-    );
-    g(
-        &mut s,
-        "netbore_edge_streams_in_flight",
-        "Requests in flight through this edge's agent connections.",
-        streams,
-    );
     let (queued, queued_peak, head_bytes) = edge.routes().queue_load();
-    g(
-        &mut s,
-        "netbore_edge_link_queued_bytes",
-        "Bytes queued for agents, not yet written, over all agent connections.",
-        queued,
-    );
-    g(
-        &mut s,
-        "netbore_edge_link_queued_bytes_peak",
-        "The most bytes ever queued for one open agent connection.",
-        queued_peak,
-    );
-    g(
-        &mut s,
-        "netbore_edge_link_head_bytes",
-        "Bytes of request heads held by open streams, over all agent connections (at most MAX_LINK_HEAD_BYTES each).",
-        head_bytes,
-    );
-    g(
-        &mut s,
-        "netbore_edge_draining",
-        "1 while the edge drains for shutdown.",
-        u64::from(edge.is_draining()),
-    );
-    let _ = write!(
-        s,
-        "# HELP netbore_edge_tunnel_bytes_total Payload bytes through agent connections since the edge started, closed ones included (to agents: out; from agents: in).\n# TYPE netbore_edge_tunnel_bytes_total counter\nnetbore_edge_tunnel_bytes_total{{direction=\"in\"}} {bytes_in}\nnetbore_edge_tunnel_bytes_total{{direction=\"out\"}} {bytes_out}\n"
-    );
-    let _ = writeln!(
-        s,
-        "# HELP netbore_edge_responses_total Responses to viewers by status class.\n# TYPE netbore_edge_responses_total counter"
-    );
-    for (i, c) in m.responses.iter().enumerate() {
-        let _ = writeln!(
-            s,
-            "netbore_edge_responses_total{{class=\"{}xx\"}} {}",
-            i + 1,
-            c.load(Ordering::Relaxed)
-        );
-    }
-    let _ = writeln!(
-        s,
-        "# HELP netbore_edge_errors_total Errors the edge answered itself, by netbore-error code.\n# TYPE netbore_edge_errors_total counter"
-    );
-    for (code, c) in ERROR_CODES.iter().zip(&m.errors) {
-        let _ = writeln!(
-            s,
-            "netbore_edge_errors_total{{code=\"{code}\"}} {}",
-            c.load(Ordering::Relaxed)
-        );
-    }
-    let _ = writeln!(
-        s,
-        "# HELP netbore_edge_request_duration_seconds Time from request to response head.\n# TYPE netbore_edge_request_duration_seconds histogram"
-    );
-    let mut cum = 0;
-    for (i, b) in DURATION_BUCKETS.iter().enumerate() {
-        cum += m.durations[i].load(Ordering::Relaxed);
-        let _ = writeln!(
-            s,
-            "netbore_edge_request_duration_seconds_bucket{{le=\"{b}\"}} {cum}"
-        );
-    }
-    cum += m.durations[DURATION_BUCKETS.len()].load(Ordering::Relaxed);
-    let _ = writeln!(
-        s,
-        "netbore_edge_request_duration_seconds_bucket{{le=\"+Inf\"}} {cum}"
-    );
-    let _ = writeln!(
-        s,
-        "netbore_edge_request_duration_seconds_sum {}\nnetbore_edge_request_duration_seconds_count {cum}",
-        m.duration_sum_us.load(Ordering::Relaxed) as f64 / 1e6
-    );
-    let _ = writeln!(
-        s,
-        "# HELP netbore_edge_agent_handshakes_total Agent handshakes by result.\n# TYPE netbore_edge_agent_handshakes_total counter"
-    );
-    for (i, c) in m.handshakes.iter().enumerate() {
-        let name = HANDSHAKE_RESULTS.get(i).copied().unwrap_or("other");
-        let _ = writeln!(
-            s,
-            "netbore_edge_agent_handshakes_total{{result=\"{name}\"}} {}",
-            c.load(Ordering::Relaxed)
-        );
-    }
-    let _ = write!(
-        s,
-        "# HELP netbore_edge_agent_disconnects_total Agent connections closed.\n# TYPE netbore_edge_agent_disconnects_total counter\nnetbore_edge_agent_disconnects_total {}\n",
-        m.agent_disconnects.load(Ordering::Relaxed)
-    );
-    let _ = write!(
-        s,
-        "# HELP netbore_edge_forwarded_total Viewer requests forwarded to the edge holding the tunnel.\n# TYPE netbore_edge_forwarded_total counter\nnetbore_edge_forwarded_total {}\n",
-        m.forwarded.load(Ordering::Relaxed)
-    );
-    let _ = write!(
-        s,
-        "# HELP netbore_edge_registry_errors_total Registry (Redis) calls that failed.\n# TYPE netbore_edge_registry_errors_total counter\nnetbore_edge_registry_errors_total {}\n",
-        m.registry_errors.load(Ordering::Relaxed)
-    );
-    let _ = write!(
-        s,
-        "# HELP netbore_edge_connections_refused_total Connections closed at accept because their address had --max-connections-per-address open.\n# TYPE netbore_edge_connections_refused_total counter\nnetbore_edge_connections_refused_total {}\n",
-        m.connections_refused.load(Ordering::Relaxed)
-    );
-    let mut info = netbore_telemetry::prom::Text::new();
-    info.build_info("edge", env!("CARGO_PKG_VERSION"));
-    s.push_str(&info.finish());
-    s
+    let set = |g: &Gauge, v: u64| {
+        g.set(i64::try_from(v).unwrap_or(i64::MAX));
+    };
+    set(&m.tunnels, tunnels);
+    set(&m.agent_connections, conns);
+    set(&m.streams_in_flight, streams);
+    set(&m.link_queued_bytes, queued);
+    set(&m.link_queued_bytes_peak, queued_peak);
+    set(&m.link_head_bytes, head_bytes);
+    set(&m.draining, u64::from(edge.is_draining()));
+    m.tunnel_bytes[0].observe(bytes_in);
+    m.tunnel_bytes[1].observe(bytes_out);
+    prom::encode(&m.registry, format)
 }
 
 #[cfg(test)]

@@ -295,13 +295,22 @@ async fn a_lost_edge_counts_one_reconnect_at_the_agent() {
 
 /// `GET /metrics` on `addr`: status, Content-Type and body.
 async fn scrape_raw(addr: SocketAddr) -> (u16, String, String) {
+    scrape_accept(addr, None).await
+}
+
+/// `GET /metrics` on `addr` with `accept` as the `Accept` header: status, Content-Type
+/// and body.
+async fn scrape_accept(addr: SocketAddr, accept: Option<&str>) -> (u16, String, String) {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
         .await
         .unwrap();
     tokio::spawn(conn);
-    let req = http::Request::get("/metrics")
-        .header("host", "metrics")
+    let mut req = http::Request::get("/metrics").header("host", "metrics");
+    if let Some(a) = accept {
+        req = req.header(http::header::ACCEPT, a);
+    }
+    let req = req
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .unwrap();
     let resp = send.send_request(req).await.unwrap();
@@ -382,5 +391,277 @@ async fn every_metrics_page_is_typed_and_the_edge_byte_counter_survives_a_discon
     assert!(
         out_after >= out_before,
         "the byte counter fell from {out_before} to {out_after} when the agent left"
+    );
+}
+
+/// What Prometheus 3 sends by default (`scrape_protocols`, text formats only).
+const PROMETHEUS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=1.0.0;q=0.3,text/plain;version=0.0.4;q=0.2,*/*;q=0.1";
+
+/// Parses a page with the Prometheus project's own Python parsers (PyPI
+/// `prometheus-client`, installed by scripts/test.sh): `openmetrics` is the strict
+/// OpenMetrics parser, anything else the classic text parser. Prints the families as JSON.
+const PARSE_PY: &str = r#"
+import json, sys
+if sys.argv[1] == "openmetrics":
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+else:
+    from prometheus_client.parser import text_string_to_metric_families
+out = []
+for f in text_string_to_metric_families(sys.stdin.read()):
+    out.append({"name": f.name, "type": f.type,
+                "samples": [[s.name, sorted(s.labels.items()), s.value] for s in f.samples]})
+json.dump(out, sys.stdout)
+"#;
+
+/// One parsed family: name and type as the parser saw them.
+#[derive(Debug, Clone)]
+struct Family {
+    name: String,
+    kind: String,
+    /// `name{k="v",...}` -> value.
+    samples: Vec<(String, f64)>,
+}
+
+/// `page` parsed by the real parser for `format` (`classic` or `openmetrics`); the test
+/// fails with the parser's own message if the page does not parse.
+fn parse_with_prometheus(page: &str, format: &str, what: &str) -> Vec<Family> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", PARSE_PY, format])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs (scripts/test.sh installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(page.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains("No module named 'prometheus_client'"),
+        "the Python package prometheus-client is missing: run scripts/test.sh, or pip install prometheus-client"
+    );
+    assert!(
+        out.status.success(),
+        "{what}'s {format} page does not parse: {err}\n{page}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|f| Family {
+            name: f["name"].as_str().unwrap().to_string(),
+            kind: f["type"].as_str().unwrap().to_string(),
+            samples: f["samples"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| {
+                    let labels: Vec<String> = s[1]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|kv| {
+                            format!(
+                                "{}=\"{}\"",
+                                kv[0].as_str().unwrap(),
+                                kv[1].as_str().unwrap()
+                            )
+                        })
+                        .collect();
+                    let key = if labels.is_empty() {
+                        s[0].as_str().unwrap().to_string()
+                    } else {
+                        format!("{}{{{}}}", s[0].as_str().unwrap(), labels.join(","))
+                    };
+                    (key, s[2].as_f64().unwrap())
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// Scrapes `addr` in both formats, checks each one's Content-Type and that both parse,
+/// carry the same series and the `process_*` and build-info families; returns the
+/// counter samples of the classic page.
+async fn scrape_both(what: &str, addr: SocketAddr) -> HashMap<String, f64> {
+    let (status, ct, classic) = scrape_accept(addr, None).await;
+    assert_eq!(status, 200, "{what}");
+    assert_eq!(ct, "text/plain; version=0.0.4; charset=utf-8", "{what}");
+    let (status, ct, om) = scrape_accept(addr, Some(PROMETHEUS_ACCEPT)).await;
+    assert_eq!(status, 200, "{what}");
+    assert_eq!(
+        ct, "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        "{what}: Prometheus asked for OpenMetrics first"
+    );
+    assert!(om.ends_with("# EOF\n"), "{what}: {om}");
+    assert!(!classic.contains("# EOF"), "{what}: {classic}");
+    let c = parse_with_prometheus(&classic, "classic", what);
+    let o = parse_with_prometheus(&om, "openmetrics", what);
+
+    // Every family typed: a TYPE line that does not name its samples leaves them untyped.
+    for f in &c {
+        assert!(
+            ["counter", "gauge", "histogram"].contains(&f.kind.as_str()),
+            "{what}: classic family {} is {}",
+            f.name,
+            f.kind
+        );
+    }
+    let kind = |fams: &[Family], name: &str| {
+        fams.iter()
+            .find(|f| f.name == name)
+            .map(|f| f.kind.clone())
+            .unwrap_or_else(|| panic!("{what}: {name} missing from {fams:#?}"))
+    };
+    for (name, k) in [
+        ("process_cpu_seconds", "counter"),
+        ("process_resident_memory_bytes", "gauge"),
+        ("process_virtual_memory_bytes", "gauge"),
+        ("process_open_fds", "gauge"),
+        ("process_max_fds", "gauge"),
+        ("process_start_time_seconds", "gauge"),
+    ] {
+        assert_eq!(kind(&c, name), k, "{what}: {name} (classic)");
+        assert_eq!(kind(&o, name), k, "{what}: {name} (OpenMetrics)");
+    }
+    assert_eq!(kind(&c, "netbore_build_info"), "gauge", "{what}");
+    assert_eq!(kind(&o, "netbore_build"), "info", "{what}");
+    let rss = c
+        .iter()
+        .find(|f| f.name == "process_resident_memory_bytes")
+        .unwrap()
+        .samples[0]
+        .1;
+    assert!(rss > 1e6, "{what}: resident memory {rss} bytes");
+
+    // The same series in both formats, with the same names and labels.
+    let keys = |fams: &[Family]| {
+        let mut k: Vec<String> = fams
+            .iter()
+            .flat_map(|f| f.samples.iter().map(|(s, _)| s.clone()))
+            .collect();
+        k.sort();
+        k
+    };
+    assert_eq!(
+        keys(&c),
+        keys(&o),
+        "{what}: the two formats carry different series"
+    );
+
+    c.iter()
+        .filter(|f| f.kind == "counter")
+        .flat_map(|f| f.samples.clone())
+        .collect()
+}
+
+/// Every counter sample of `before` is on `after` and not lower.
+fn no_counter_fell(what: &str, before: &HashMap<String, f64>, after: &HashMap<String, f64>) {
+    for (k, v) in before {
+        let now = after
+            .get(k)
+            .unwrap_or_else(|| panic!("{what}: counter {k} vanished"));
+        assert!(now >= v, "{what}: counter {k} fell from {v} to {now}");
+    }
+}
+
+/// Issue 18 item 7: all three /metrics pages parse with Prometheus's own parsers in both
+/// formats (OpenMetrics when the scraper asks for it, as Prometheus does), carry the
+/// `process_*` families, and no counter falls when an agent reconnects (the agent's own
+/// and control's, across an edge restart) or leaves (the edge's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_three_pages_parse_in_both_formats_and_counters_never_fall() {
+    let control_admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let control = ControlProc::spawn(&["--admin-addr", &control_admin.to_string()], &[]);
+    control.wait_ready().await;
+    let mut edge = EdgeProc::spawn("edge-p", &control, None, &[]);
+    let origin = Origin::start().await;
+    let agent_admin_port = free_port();
+    let mut a = agent(&control, &origin.url(), agent_admin_port);
+    let host = host_of(&a.line(Duration::from_secs(60)).await);
+    let agent_admin: SocketAddr = ([127, 0, 0, 1], agent_admin_port).into();
+    let edge_admin: SocketAddr = ([127, 0, 0, 1], edge.admin).into();
+    let v = Viewer::new(([127, 0, 0, 1], edge.public).into());
+    for _ in 0..3 {
+        assert_eq!(v.get(&host, "/bytes/4096").await.status, 200);
+    }
+
+    let control_before = scrape_both("control", control_admin).await;
+    let agent_before = scrape_both("agent", agent_admin).await;
+    scrape_both("edge", edge_admin).await;
+    assert!(
+        agent_before["netbore_agent_streams_total"] >= 3.0,
+        "{agent_before:?}"
+    );
+
+    // The edge dies and comes back on the same ports: the agent reconnects.
+    edge.proc.kill().await;
+    let (public, agents, adm) = (edge.public, edge.agents, edge.admin);
+    let _respawned = Proc::spawn(
+        "netbore-edge",
+        &[
+            "--edge-id",
+            "edge-p",
+            "--public-addr",
+            &format!("127.0.0.1:{public}"),
+            "--agent-addr",
+            &format!("127.0.0.1:{agents}"),
+            "--admin-addr",
+            &format!("127.0.0.1:{adm}"),
+            "--control-url",
+            &format!("http://127.0.0.1:{}", control.rest),
+            "--control-grpc",
+            &format!("http://127.0.0.1:{}", control.grpc),
+        ],
+        &[("RUST_LOG", "warn")],
+    );
+    eventually(Duration::from_secs(60), || async {
+        let m = scrape(agent_admin).await;
+        (m["netbore_agent_links_up"] == 1.0 && m["netbore_agent_reconnects_total"] >= 1.0)
+            .then_some(())
+    })
+    .await
+    .expect("the agent links to the restarted edge within 60 s");
+    eventually(Duration::from_secs(30), || async {
+        (v.get(&host, "/bytes/4096").await.status == 200).then_some(())
+    })
+    .await
+    .expect("the tunnel serves again through the restarted edge");
+    let agent_after = scrape_both("agent", agent_admin).await;
+    no_counter_fell("agent", &agent_before, &agent_after);
+    assert!(
+        agent_after["netbore_agent_reconnects_total"]
+            > agent_before["netbore_agent_reconnects_total"],
+        "{agent_after:?}"
+    );
+    no_counter_fell(
+        "control",
+        &control_before,
+        &scrape_both("control", control_admin).await,
+    );
+
+    // The agent leaves: the edge's counters, its byte counter included, keep their counts.
+    let edge_before = scrape_both("edge", edge_admin).await;
+    assert!(
+        edge_before["netbore_edge_tunnel_bytes_total{direction=\"in\"}"] >= 4096.0,
+        "{edge_before:?}"
+    );
+    a.signal("KILL");
+    eventually(Duration::from_secs(10), || async {
+        (scrape(edge_admin).await["netbore_edge_agent_connections"] == 0.0).then_some(())
+    })
+    .await
+    .expect("the edge sees the agent leave within 10 s");
+    let edge_after = scrape_both("edge", edge_admin).await;
+    no_counter_fell("edge", &edge_before, &edge_after);
+    assert!(
+        edge_after["netbore_edge_agent_disconnects_total"]
+            > edge_before["netbore_edge_agent_disconnects_total"],
+        "{edge_after:?}"
     );
 }
