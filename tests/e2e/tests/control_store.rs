@@ -709,7 +709,7 @@ async fn contract_a_disabled_tunnel_keeps_its_name_and_enabling_restores_its_hol
 
 #[tokio::test]
 async fn contract_an_enrolment_has_one_creator_and_is_retaken_only_as_seen() {
-    use netbore_control::accounts::{AccountStore, AuditEvent, AuditFilter, Enrollment};
+    use netbore_control::accounts::{AuditEvent, AuditFilter, Enrollment};
     let (stores, _pg) = stores().await;
     let b = now_unix();
     for (kind, s) in &stores {
