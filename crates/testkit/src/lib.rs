@@ -139,6 +139,8 @@ impl Stack {
             access: Default::default(),
             limits: Default::default(),
             tunnel_token: None,
+            health_path: netbore_agent::DEFAULT_HEALTH_PATH.into(),
+            health_interval: netbore_agent::DEFAULT_HEALTH_INTERVAL,
         }
     }
 

@@ -27,6 +27,9 @@ pub struct AgentMetrics {
     pub responses: [AtomicU64; 5],
     /// Streams that failed at the origin, by [`ORIGIN_ERROR_KINDS`].
     pub origin_errors: [AtomicU64; 3],
+    /// The last origin probe: its result and a sentence saying what happened (`None`
+    /// before the first). `/readyz` answers 503 with the sentence while unhealthy.
+    pub origin: parking_lot::Mutex<Option<(netbore_protocol::OriginState, String)>>,
 }
 
 /// A kind of origin failure.
@@ -61,6 +64,14 @@ impl AgentMetrics {
     pub fn render(&self) -> String {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let mut t = Text::new();
+        if let Some((state, _)) = &*self.origin.lock() {
+            t.single(
+                "netbore_agent_origin_healthy",
+                "gauge",
+                "1 when the last probe of the origin (--health-path) succeeded, else 0.",
+                u64::from(state.is_healthy()),
+            );
+        }
         t.single(
             "netbore_agent_links_up",
             "gauge",

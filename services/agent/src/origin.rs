@@ -18,7 +18,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use netbore_mux::body::{PumpEnd, StreamBody, from_header_map, pump_body};
 use netbore_mux::{IncomingStream, bridge};
-use netbore_protocol::{ResetCode, ResponseHead};
+use netbore_protocol::{OriginState, ResetCode, ResponseHead};
 use tracing::{Instrument, debug};
 
 use crate::metrics::{AgentMetrics, OriginErrorKind};
@@ -362,6 +362,90 @@ fn forward_trace_context(headers: &mut http::HeaderMap) {
         if let Ok(v) = HeaderValue::from_str(&v) {
             headers.insert(k, v);
         }
+    }
+}
+
+/// Longest wait for the origin's answer to a health probe.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Origin {
+    /// Probes the origin: a `HEAD` of `path` (e.g. `/`), healthy for any answer below
+    /// 500. Waits at most [`PROBE_TIMEOUT`] (or the origin timeout, when shorter). The
+    /// result names the cause of a failure for people (never a secret).
+    pub async fn probe(&self, path: &str) -> (OriginState, String) {
+        let base = &self.cfg.url;
+        let path = if path.starts_with('/') {
+            path.to_string()
+        } else {
+            format!("/{path}")
+        };
+        let uri = format!(
+            "{}://{}{}{}",
+            base.scheme_str().unwrap_or("http"),
+            base.authority().map(|a| a.as_str()).unwrap_or(""),
+            base.path().trim_end_matches('/'),
+            path
+        );
+        let mut builder = Request::builder().method(http::Method::HEAD).uri(&uri);
+        if let HostHeader::Fixed(v) = &self.cfg.host_header
+            && let Ok(v) = HeaderValue::from_str(v)
+        {
+            builder = builder.header(header::HOST, v);
+        }
+        let req = match builder.body(Empty::new().map_err(|n| match n {}).boxed()) {
+            Ok(r) => r,
+            Err(e) => {
+                return (
+                    OriginState::Unreachable,
+                    format!("the health path '{path}' makes no valid URL ({e}); fix --health-path"),
+                );
+            }
+        };
+        let client = if self.cfg.http2 { &self.h2 } else { &self.h1 };
+        let within = PROBE_TIMEOUT.min(self.cfg.timeout);
+        match tokio::time::timeout(within, client.request(req)).await {
+            Err(_) => (
+                OriginState::TimedOut,
+                format!("HEAD {uri} got no answer within {within:?}"),
+            ),
+            Ok(Ok(r)) if r.status().as_u16() >= 500 => (
+                OriginState::ServerError,
+                format!("HEAD {uri} answered {}", r.status()),
+            ),
+            Ok(Ok(r)) => (
+                OriginState::Healthy,
+                format!("HEAD {uri} answered {}", r.status()),
+            ),
+            Ok(Err(e)) => {
+                let chain = error_chain(&e);
+                (
+                    classify(&chain, e.is_connect()),
+                    format!("HEAD {uri}: {chain}"),
+                )
+            }
+        }
+    }
+}
+
+/// The cause of a failed probe, from its error chain.
+fn classify(chain: &str, connect: bool) -> OriginState {
+    let lower = chain.to_ascii_lowercase();
+    if lower.contains("connection refused") {
+        OriginState::ConnectionRefused
+    } else if lower.contains("tls")
+        || lower.contains("certificate")
+        || lower.contains("handshake")
+        || lower.contains("invalid peer")
+    {
+        OriginState::TlsRefused
+    } else if lower.contains("timed out") {
+        OriginState::TimedOut
+    } else if connect {
+        OriginState::Unreachable
+    } else {
+        // The connection opened (the exchange broke after: not HTTP, a reset): the
+        // issue counts any connection that opens as healthy.
+        OriginState::Healthy
     }
 }
 

@@ -190,8 +190,16 @@ struct Common {
     /// Log as JSON lines (stderr).
     #[arg(long)]
     log_json: bool,
-    /// Serve /livez, /readyz (ready while a link to an edge is up) and /metrics here,
-    /// e.g. for a sidecar's probes.
+    /// Path the agent probes its origin at (HEAD; healthy for any answer below 500).
+    /// While the probe fails, /readyz answers 503 and control reports the tunnel
+    /// degraded (origin_unreachable).
+    #[arg(long, default_value = netbore_agent::DEFAULT_HEALTH_PATH, env = "NETBORE_HEALTH_PATH")]
+    health_path: String,
+    /// Seconds between probes of the origin (at least 1).
+    #[arg(long, default_value_t = netbore_agent::DEFAULT_HEALTH_INTERVAL.as_secs(), value_parser = clap::value_parser!(u64).range(1..), env = "NETBORE_HEALTH_INTERVAL")]
+    health_interval: u64,
+    /// Serve /livez, /readyz (ready while a link to an edge is up and the origin
+    /// answers its probe) and /metrics here, e.g. for a sidecar's probes.
     #[arg(long, env = "NETBORE_ADMIN_ADDR")]
     admin_addr: Option<std::net::SocketAddr>,
     #[command(flatten)]
@@ -280,6 +288,8 @@ async fn main() -> ExitCode {
         access,
         limits,
         tunnel_token: None,
+        health_path: common.health_path.clone(),
+        health_interval: Duration::from_secs(common.health_interval),
     };
     match &cli.cmd {
         Cmd::Http {
@@ -461,14 +471,24 @@ async fn serve_probes(
         let ready = ready.clone();
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            let svc =
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let svc = hyper::service::service_fn(
+                move |req: hyper::Request<hyper::body::Incoming>| {
                     let up = ready.load(std::sync::atomic::Ordering::Acquire);
-                    let (status, body) = match req.uri().path() {
-                        "/livez" => (200, "ok\n".to_string()),
-                        "/readyz" if up => (200, "ready: connected to an edge\n".to_string()),
-                        "/readyz" => (503, "not ready: no edge connection\n".to_string()),
-                        "/metrics" => (200, metrics.render()),
+                    let origin = metrics.origin.lock().clone();
+                    let (status, body) = match (req.uri().path(), origin) {
+                        ("/livez", _) => (200, "ok\n".to_string()),
+                        ("/readyz", _) if !up => {
+                            (503, "not ready: no edge connection\n".to_string())
+                        }
+                        ("/readyz", Some((state, detail))) if !state.is_healthy() => (
+                            503,
+                            format!(
+                                "not ready: origin unreachable ({}): {detail}; start the local service or fix the agent's target or --health-path\n",
+                                state.as_str()
+                            ),
+                        ),
+                        ("/readyz", _) => (200, "ready: connected to an edge\n".to_string()),
+                        ("/metrics", _) => (200, metrics.render()),
                         _ => (404, "admin paths: /livez /readyz /metrics\n".to_string()),
                     };
                     let content_type = if req.uri().path() == "/metrics" {
@@ -484,7 +504,8 @@ async fn serve_probes(
                         hyper::header::HeaderValue::from_static(content_type),
                     );
                     async move { Ok::<_, std::convert::Infallible>(r) }
-                });
+                },
+            );
             let _ =
                 hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
                     .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)

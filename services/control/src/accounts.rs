@@ -119,6 +119,11 @@ pub trait AccountStore {
     fn idempotency_abandon<'a>(&'a self, owner: &'a str, key: &'a str) -> StoreFuture<'a, ()>;
     /// Appends an audit event at `now`.
     fn audit<'a>(&'a self, event: &'a AuditEvent, now: u64) -> StoreFuture<'a, ()>;
+    /// Appends an audit event with the caller's row id `id` (an edge's event id), once:
+    /// a second write of the same id changes nothing (events resent after a reconnect
+    /// or a control restart are not doubled).
+    fn audit_once<'a>(&'a self, id: &'a str, event: &'a AuditEvent, at: u64)
+    -> StoreFuture<'a, ()>;
 }
 
 const KEY_COLS: &str = "k.id, o.subject AS owner, k.prefix, k.label, k.scopes, k.name_pattern, \
@@ -402,6 +407,31 @@ impl AccountStore for SqlStore {
         )
         .bind(id)
         .bind(db_time(now))
+        .bind(event.actor.clone())
+        .bind(event.action.clone())
+        .bind(event.target.clone())
+        .bind(event.detail.to_string());
+        Box::pin(async move {
+            let p = self.owned_pool().await?;
+            self.timed("writing an audit event", async move {
+                q.execute(&p).await.map(|_| ())
+            })
+            .await
+        })
+    }
+
+    fn audit_once<'a>(
+        &'a self,
+        id: &'a str,
+        event: &'a AuditEvent,
+        at: u64,
+    ) -> StoreFuture<'a, ()> {
+        let q = sqlx::query(
+            "INSERT INTO audit_events (id, at, actor, action, target, detail) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(id.to_owned())
+        .bind(db_time(at))
         .bind(event.actor.clone())
         .bind(event.action.clone())
         .bind(event.target.clone())
