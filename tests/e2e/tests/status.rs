@@ -331,7 +331,14 @@ async fn status_follows_the_agent_and_its_origin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_of_another_owners_tunnel_is_not_found_and_unknown_is_404() {
-    let ctl = ControlProc::spawn(&[], &[("NETBORE_BOOTSTRAP_TOKEN", BOOT)]);
+    // A configured edge nobody runs, so a tunnel can be created.
+    let ctl = ControlProc::spawn(
+        &[
+            "--edge",
+            "id=e1,url=ws://127.0.0.1:9/v1/connect,region=local",
+        ],
+        &[("NETBORE_BOOTSTRAP_TOKEN", BOOT)],
+    );
     ctl.wait_ready().await;
     let c = client();
     let base = ctl.url();
