@@ -104,6 +104,9 @@ pub struct Origin {
     cfg: Arc<OriginConfig>,
     h1: HttpsClient,
     h2: HttpsClient,
+    /// The health probe's own client: no pooled connections, so each probe opens a
+    /// connection of its own and never shares one with viewers' requests.
+    probe: HttpsClient,
     metrics: Arc<AgentMetrics>,
 }
 
@@ -111,7 +114,7 @@ impl Origin {
     /// Builds the clients; fails on an unreadable CA file.
     pub fn new(cfg: OriginConfig) -> Result<Origin, String> {
         let tls = crate::tls::client_config(cfg.ca_file.as_deref(), cfg.insecure)?;
-        let build = |h2: bool| {
+        let build = |h2: bool, pooled: bool| {
             let mut http = HttpConnector::new();
             http.enforce_http(false);
             http.set_nodelay(true);
@@ -130,11 +133,15 @@ impl Origin {
             if h2 {
                 cb.http2_only(true);
             }
+            if !pooled {
+                cb.pool_max_idle_per_host(0);
+            }
             cb.build(conn)
         };
         Ok(Origin {
-            h1: build(false),
-            h2: build(true),
+            h1: build(false, true),
+            h2: build(true, true),
+            probe: build(cfg.http2, false),
             cfg: Arc::new(cfg),
             metrics: Arc::default(),
         })
@@ -365,6 +372,10 @@ fn forward_trace_context(headers: &mut http::HeaderMap) {
     }
 }
 
+/// The `User-Agent` of health probes, so an origin can tell them from viewers (and
+/// leave them out of its access log).
+pub const PROBE_USER_AGENT: &str = concat!("netbore-health/", env!("CARGO_PKG_VERSION"));
+
 /// Longest wait for the origin's answer to a health probe.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -386,7 +397,10 @@ impl Origin {
             base.path().trim_end_matches('/'),
             path
         );
-        let mut builder = Request::builder().method(http::Method::HEAD).uri(&uri);
+        let mut builder = Request::builder()
+            .method(http::Method::HEAD)
+            .uri(&uri)
+            .header(header::USER_AGENT, PROBE_USER_AGENT);
         if let HostHeader::Fixed(v) = &self.cfg.host_header
             && let Ok(v) = HeaderValue::from_str(v)
         {
@@ -401,7 +415,7 @@ impl Origin {
                 );
             }
         };
-        let client = if self.cfg.http2 { &self.h2 } else { &self.h1 };
+        let client = &self.probe;
         let within = PROBE_TIMEOUT.min(self.cfg.timeout);
         match tokio::time::timeout(within, client.request(req)).await {
             Err(_) => (
