@@ -453,7 +453,7 @@ impl LiveState for RedisLive {
     fn tunnel_fields<'a>(
         &'a self,
         tunnel_ids: &'a [String],
-    ) -> StoreFuture<'a, Option<Vec<Vec<(String, String)>>>> {
+    ) -> StoreFuture<'a, Option<Vec<crate::store::TunnelFields>>> {
         Box::pin(async move {
             if tunnel_ids.is_empty() {
                 return Ok(Some(Vec::new()));

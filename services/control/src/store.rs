@@ -228,10 +228,13 @@ pub trait LiveState: Send + Sync + 'static {
     fn tunnel_fields<'a>(
         &'a self,
         _tunnel_ids: &'a [String],
-    ) -> StoreFuture<'a, Option<Vec<Vec<(String, String)>>>> {
+    ) -> StoreFuture<'a, Option<Vec<TunnelFields>>> {
         ready(None)
     }
 }
+
+/// One tunnel's live status fields, `(field, value)` (see [`crate::status`]).
+pub type TunnelFields = Vec<(String, String)>;
 
 /// The live state of a single replica: nothing to share.
 #[derive(Debug, Default)]
