@@ -162,6 +162,9 @@ pub struct Tunnel {
     /// When its owner disabled it (RFC 3339); absent while enabled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disabled_at: Option<String>,
+    /// Its live status (lists carry it; absent where an answer has none).
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<LiveStatus>,
 }
 
 /// `POST /v1/enroll` request: a platform's machine (`external_id`) gets its tunnel,
@@ -221,6 +224,117 @@ pub struct EnrollResponse {
     /// True while the tunnel is disabled.
     #[serde(default)]
     pub disabled: bool,
+}
+
+/// `GET /v1/tunnels/{id}/status` response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunnelStatus {
+    /// Tunnel id.
+    pub tunnel_id: String,
+    /// Public name.
+    pub name: String,
+    /// The live status.
+    #[serde(flatten)]
+    pub status: LiveStatus,
+}
+
+/// A tunnel's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TunnelState {
+    /// A link is live and the origin answers.
+    Ready,
+    /// Live but impaired; `reasons` say how and what to do.
+    Degraded,
+    /// No link for longer than control's offline threshold.
+    Offline,
+    /// Disabled by its owner: refused everywhere until enabled.
+    Disabled,
+}
+
+impl TunnelState {
+    /// The wire name (`ready`, `degraded`, `offline`, `disabled`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TunnelState::Ready => "ready",
+            TunnelState::Degraded => "degraded",
+            TunnelState::Offline => "offline",
+            TunnelState::Disabled => "disabled",
+        }
+    }
+}
+
+/// Why a tunnel is not ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StatusReasonCode {
+    /// The agent's probe of its origin fails.
+    OriginUnreachable,
+    /// The agent holds links to fewer distinct edges than it asked for.
+    FewerEdgesThanRequested,
+    /// The agent is much older than this control plane and its edges.
+    AgentOutdated,
+    /// No agent link is live.
+    NoLink,
+}
+
+/// A reason with a sentence naming the fix.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReason {
+    /// Stable code.
+    pub code: StatusReasonCode,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+/// One live agent link.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkStatus {
+    /// The edge holding it.
+    pub edge_id: String,
+    /// The link's session id on that edge.
+    pub link_id: String,
+    /// When it opened (RFC 3339).
+    pub connected_since: String,
+    /// The agent's self-description (`netbore/0.1.0`).
+    pub agent_version: String,
+    /// The agent's instance id (empty for agents without one).
+    pub agent_instance_id: String,
+    /// The agent's address as the edge sees it.
+    pub agent_addr: String,
+}
+
+/// The origin as the agent last probed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OriginStatus {
+    /// The probe succeeded.
+    pub healthy: bool,
+    /// `healthy`, `connection_refused`, `timed_out`, `tls_refused`, `server_error`,
+    /// `unreachable` or `unknown`.
+    pub cause: String,
+    /// What the probe saw.
+    pub message: String,
+    /// When the edge received the report (RFC 3339).
+    pub checked_at: String,
+}
+
+/// The live part of a tunnel's status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveStatus {
+    /// `ready`, `degraded`, `offline` or `disabled`.
+    pub state: TunnelState,
+    /// Why it is not `ready` (empty when it is).
+    pub reasons: Vec<StatusReason>,
+    /// Live agent links.
+    pub links: Vec<LinkStatus>,
+    /// When a link was last live (RFC 3339); `null`: not within control's memory.
+    pub last_seen: Option<String>,
+    /// The origin's health as the agent last measured it; `null`: never reported.
+    pub origin: Option<OriginStatus>,
+    /// Requests over the last 5 minutes, over all edges.
+    pub requests_5m: u64,
+    /// Of which failed (5xx, reset, no answer in time).
+    pub errors_5m: u64,
 }
 
 /// `GET /tunnels/list` response.

@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use netbore_protocol::{
-    Frame, GoAway, Header, Limits, RecvWindow, RequestHead, ResetCode, ResponseHead, StreamEvent,
-    StreamState, decode, encode,
+    AgentStatus, Frame, GoAway, Header, Limits, RecvWindow, RequestHead, ResetCode, ResponseHead,
+    StreamEvent, StreamState, decode, encode,
 };
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -220,6 +220,10 @@ struct Shared {
     writer_done_notify: Notify,
     /// Admission of request heads, fair between clients ([`Mux::open_fair`]).
     gate: Mutex<Gate>,
+    /// The agent's last AGENT_STATUS (edge side), with the Unix time it arrived.
+    agent_status: Mutex<Option<(AgentStatus, u64)>>,
+    /// Woken when the agent's origin turns healthy or unhealthy (or first reports).
+    agent_status_changed: Notify,
 }
 
 /// [`fair::FairOpen`] and the requests waiting on it.
@@ -377,6 +381,8 @@ impl Mux {
             close_reason: Mutex::new(None),
             going_away: AtomicBool::new(false),
             going_away_notify: Notify::new(),
+            agent_status: Mutex::new(None),
+            agent_status_changed: Notify::new(),
             idle_notify: Notify::new(),
             started: Instant::now(),
             last_heard_ms: AtomicU64::new(0),
@@ -624,6 +630,33 @@ impl Mux {
             }));
             sh.going_away_notify.notify_waiters();
         }
+    }
+
+    /// Tells the edge how the agent's origin is (agent side). Send only when the
+    /// edge's welcome lists [`netbore_protocol::handshake::CAP_AGENT_STATUS`]; the
+    /// message is cut to [`netbore_protocol::frame::MAX_AGENT_STATUS_MESSAGE`] bytes.
+    pub fn send_agent_status(&self, mut status: AgentStatus) {
+        let max = netbore_protocol::frame::MAX_AGENT_STATUS_MESSAGE;
+        if status.message.len() > max {
+            let mut cut = max;
+            while !status.message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            status.message.truncate(cut);
+        }
+        let _ = self.shared.send(Frame::AgentStatus(status));
+    }
+
+    /// The agent's last AGENT_STATUS and the Unix time it arrived (edge side); `None`
+    /// until one arrives (older agents never send one).
+    pub fn agent_status(&self) -> Option<(AgentStatus, u64)> {
+        self.shared.agent_status.lock().clone()
+    }
+
+    /// Resolves when the agent's origin turned healthy or unhealthy, or reported for
+    /// the first time, since the last call (edge side).
+    pub async fn agent_status_changed(&self) {
+        self.shared.agent_status_changed.notified().await;
     }
 
     /// True once either side announced go-away.
@@ -1605,6 +1638,24 @@ async fn dispatch(
             debug!(session = %shared.cfg.label, message = %g.message, "edge is going away");
             shared.going_away.store(true, Ordering::Release);
             shared.going_away_notify.notify_waiters();
+        }
+        Frame::AgentStatus(a) => {
+            if accept.is_some() {
+                return Err("protocol error: the edge sent agent status".into());
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or_default();
+            let healthy = a.origin.is_healthy();
+            let before = shared
+                .agent_status
+                .lock()
+                .replace((a, now))
+                .map(|(b, _)| b.origin.is_healthy());
+            if before != Some(healthy) {
+                shared.agent_status_changed.notify_one();
+            }
         }
     }
     Ok(())

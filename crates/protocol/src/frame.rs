@@ -54,6 +54,10 @@ pub enum FrameType {
     Pong = 0x8,
     /// Edge → agent: "I am leaving; open no new work here, move to another edge".
     GoAway = 0x9,
+    /// Agent → edge: how the agent's last probe of its origin went, and how many
+    /// distinct edges it wants. Sent only to an edge whose welcome lists the
+    /// [`crate::handshake::CAP_AGENT_STATUS`] capability (older edges never see it).
+    AgentStatus = 0xa,
 }
 
 impl FrameType {
@@ -68,6 +72,7 @@ impl FrameType {
             0x7 => FrameType::Ping,
             0x8 => FrameType::Pong,
             0x9 => FrameType::GoAway,
+            0xa => FrameType::AgentStatus,
             _ => return None,
         })
     }
@@ -183,6 +188,89 @@ pub struct GoAway {
     pub message: String,
 }
 
+/// Longest message an [`AgentStatus`] frame may carry, in bytes (a longer one is a
+/// connection error; senders cut theirs to fit).
+pub const MAX_AGENT_STATUS_MESSAGE: usize = 512;
+
+/// The result of the agent's last probe of its origin. Unknown wire values decode as
+/// [`OriginState::Other`] so newer agents can add causes without breaking older edges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OriginState {
+    /// The origin answered below 500 (or the connection opened).
+    Healthy,
+    /// Nothing listens at the origin's address (TCP refused).
+    ConnectionRefused,
+    /// No answer within the probe's timeout.
+    TimedOut,
+    /// The TLS handshake with an `https://` origin failed (certificate, protocol).
+    TlsRefused,
+    /// The origin answered 500 or above.
+    ServerError,
+    /// Any other failure to reach it (DNS, unreachable network, reset).
+    Unreachable,
+    /// A value this build does not know (unhealthy).
+    Other(u8),
+}
+
+impl OriginState {
+    /// The wire value.
+    pub fn to_u8(self) -> u8 {
+        match self {
+            OriginState::Healthy => 0,
+            OriginState::ConnectionRefused => 1,
+            OriginState::TimedOut => 2,
+            OriginState::TlsRefused => 3,
+            OriginState::ServerError => 4,
+            OriginState::Unreachable => 5,
+            OriginState::Other(v) => v,
+        }
+    }
+
+    /// From the wire value.
+    pub fn from_u8(v: u8) -> OriginState {
+        match v {
+            0 => OriginState::Healthy,
+            1 => OriginState::ConnectionRefused,
+            2 => OriginState::TimedOut,
+            3 => OriginState::TlsRefused,
+            4 => OriginState::ServerError,
+            5 => OriginState::Unreachable,
+            other => OriginState::Other(other),
+        }
+    }
+
+    /// True for [`OriginState::Healthy`] only.
+    pub fn is_healthy(self) -> bool {
+        self == OriginState::Healthy
+    }
+
+    /// The stable name used in reports and APIs (`healthy`, `connection_refused`,
+    /// `timed_out`, `tls_refused`, `server_error`, `unreachable`, `unknown`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OriginState::Healthy => "healthy",
+            OriginState::ConnectionRefused => "connection_refused",
+            OriginState::TimedOut => "timed_out",
+            OriginState::TlsRefused => "tls_refused",
+            OriginState::ServerError => "server_error",
+            OriginState::Unreachable => "unreachable",
+            OriginState::Other(_) => "unknown",
+        }
+    }
+}
+
+/// What an agent tells its edge about itself (see [`FrameType::AgentStatus`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentStatus {
+    /// How the last origin probe went.
+    pub origin: OriginState,
+    /// Distinct edges the agent wants links to (its `--connections`).
+    pub wanted_links: u16,
+    /// Detail for people (e.g. `HEAD / answered 503`); at most
+    /// [`MAX_AGENT_STATUS_MESSAGE`] bytes, never a secret.
+    pub message: String,
+}
+
 /// A decoded frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
@@ -248,6 +336,8 @@ pub enum Frame {
     },
     /// See [`FrameType::GoAway`].
     GoAway(GoAway),
+    /// See [`FrameType::AgentStatus`].
+    AgentStatus(AgentStatus),
 }
 
 impl Frame {
@@ -260,7 +350,7 @@ impl Frame {
             | Frame::Trailers { stream_id, .. }
             | Frame::Reset { stream_id, .. }
             | Frame::WindowUpdate { stream_id, .. } => *stream_id,
-            Frame::Ping { .. } | Frame::Pong { .. } | Frame::GoAway(_) => 0,
+            Frame::Ping { .. } | Frame::Pong { .. } | Frame::GoAway(_) | Frame::AgentStatus(_) => 0,
         }
     }
 
@@ -287,6 +377,7 @@ impl Frame {
             Frame::WindowUpdate { .. } => 4,
             Frame::Ping { .. } | Frame::Pong { .. } => 8,
             Frame::GoAway(g) => 4 + g.message.len(),
+            Frame::AgentStatus(a) => 3 + a.message.len(),
         }
     }
 }
@@ -430,6 +521,7 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) {
         Frame::Ping { .. } => (FrameType::Ping, 0),
         Frame::Pong { .. } => (FrameType::Pong, 0),
         Frame::GoAway(_) => (FrameType::GoAway, 0),
+        Frame::AgentStatus(_) => (FrameType::AgentStatus, 0),
     };
     dst.put_u8(ty as u8);
     dst.put_u8(flags);
@@ -456,6 +548,11 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) {
         Frame::GoAway(g) => {
             dst.put_u32(g.last_stream_id);
             dst.put_slice(g.message.as_bytes());
+        }
+        Frame::AgentStatus(a) => {
+            dst.put_u8(a.origin.to_u8());
+            dst.put_u16(a.wanted_links);
+            dst.put_slice(a.message.as_bytes());
         }
     }
 }
@@ -516,9 +613,16 @@ pub fn decode<B: DecodeBuf>(src: &mut B, max_len: usize) -> Result<Option<Frame>
     }
     let needs_stream = !matches!(
         ty,
-        FrameType::Ping | FrameType::Pong | FrameType::GoAway | FrameType::WindowUpdate
+        FrameType::Ping
+            | FrameType::Pong
+            | FrameType::GoAway
+            | FrameType::WindowUpdate
+            | FrameType::AgentStatus
     );
-    let conn_only = matches!(ty, FrameType::Ping | FrameType::Pong | FrameType::GoAway);
+    let conn_only = matches!(
+        ty,
+        FrameType::Ping | FrameType::Pong | FrameType::GoAway | FrameType::AgentStatus
+    );
     if (needs_stream && stream_id == 0) || (conn_only && stream_id != 0) {
         return Err(DecodeError::BadStreamId {
             frame: ty,
@@ -613,6 +717,22 @@ pub fn decode<B: DecodeBuf>(src: &mut B, max_len: usize) -> Result<Option<Frame>
                 message,
             })
         }
+        FrameType::AgentStatus => {
+            let origin = OriginState::from_u8(get_u8(&mut p, ty, "origin")?);
+            let wanted_links = get_u16(&mut p, ty, "wanted_links")?;
+            if p.len() > MAX_AGENT_STATUS_MESSAGE {
+                return Err(DecodeError::InvalidField {
+                    frame: ty,
+                    field: "message",
+                });
+            }
+            let message = take_utf8(&mut p, ty, "message")?;
+            Frame::AgentStatus(AgentStatus {
+                origin,
+                wanted_links,
+                message,
+            })
+        }
     };
     if !p.is_empty() {
         return Err(DecodeError::TrailingBytes {
@@ -646,6 +766,13 @@ impl DecodeBuf for Bytes {
 /// RFC 9110 token characters (methods and header names).
 fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn get_u8(p: &mut Bytes, frame: FrameType, field: &'static str) -> Result<u8, DecodeError> {
+    if p.remaining() < 1 {
+        return Err(DecodeError::Truncated { frame, field });
+    }
+    Ok(p.get_u8())
 }
 
 fn get_u16(p: &mut Bytes, frame: FrameType, field: &'static str) -> Result<u16, DecodeError> {
@@ -836,6 +963,46 @@ mod tests {
             assert_eq!(decode(&mut part, 1024), Ok(None));
             assert_eq!(part.len(), cut);
         }
+    }
+
+    #[test]
+    fn agent_status_has_a_fixed_wire_form_and_a_bounded_message() {
+        let f = Frame::AgentStatus(AgentStatus {
+            origin: OriginState::ConnectionRefused,
+            wanted_links: 2,
+            message: "no".into(),
+        });
+        let mut b = BytesMut::new();
+        encode(&f, &mut b);
+        assert_eq!(
+            &b[..],
+            &[0xa, 0, 0, 0, 0, 0, 0, 0, 0, 5, 1, 0, 2, b'n', b'o'][..]
+        );
+        assert_eq!(decode(&mut b, 1024), Ok(Some(f)));
+        // On a stream: refused.
+        let mut b = BytesMut::from(&[0xa, 0, 0, 0, 0, 1, 0, 0, 0, 3, 0, 0, 1][..]);
+        assert!(matches!(
+            decode(&mut b, 1024),
+            Err(DecodeError::BadStreamId { .. })
+        ));
+        // A message over the limit: refused, even within the frame limit.
+        let long = Frame::AgentStatus(AgentStatus {
+            origin: OriginState::Healthy,
+            wanted_links: 1,
+            message: "x".repeat(MAX_AGENT_STATUS_MESSAGE + 1),
+        });
+        let mut b = BytesMut::new();
+        encode(&long, &mut b);
+        assert!(matches!(
+            decode(&mut b, 1 << 20),
+            Err(DecodeError::InvalidField {
+                field: "message",
+                ..
+            })
+        ));
+        // Unknown states survive a round trip as unhealthy.
+        assert_eq!(OriginState::from_u8(77), OriginState::Other(77));
+        assert!(!OriginState::Other(77).is_healthy());
     }
 
     #[test]

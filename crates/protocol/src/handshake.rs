@@ -16,6 +16,11 @@ pub const CAP_H2: &str = "h2";
 /// Capability: the agent can carry upgraded (WebSocket) streams.
 pub const CAP_UPGRADE: &str = "upgrade";
 
+/// Capability an edge lists in its [`Welcome`]: it takes AGENT_STATUS frames (origin
+/// health). An agent sends them only to an edge that lists it, so older edges, which
+/// treat an unknown frame type as a connection error, never see one.
+pub const CAP_AGENT_STATUS: &str = "agent_status";
+
 /// Agent → edge, first message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -96,6 +101,10 @@ pub struct Welcome {
     /// warning; the link is accepted all the same. Left out when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// Optional features the edge takes (see the `CAP_*` constants), so the agent sends
+    /// nothing an older edge would refuse. Left out when empty; older agents ignore it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<String>,
 }
 
 /// Stable reasons for refusing a hello.

@@ -18,8 +18,8 @@ pub mod stream;
 
 pub use flow::{FlowError, RecvWindow, SendWindow};
 pub use frame::{
-    DecodeBuf, DecodeError, Frame, FrameType, GoAway, Header, MAX_HEADER_FIELDS, RequestHead,
-    ResetCode, ResponseHead, decode, encode,
+    AgentStatus, DecodeBuf, DecodeError, Frame, FrameType, GoAway, Header, MAX_HEADER_FIELDS,
+    OriginState, RequestHead, ResetCode, ResponseHead, decode, encode,
 };
 pub use handshake::{AgentHello, EdgeReply, Limits, Refusal, Welcome};
 pub use stream::{StreamError, StreamEvent, StreamState};

@@ -11,9 +11,9 @@ use netbore_protocol::frame::{DEFAULT_MAX_FRAME_LEN, FRAME_HEADER_LEN};
 use netbore_protocol::handshake::RefusalCode;
 use netbore_protocol::stream::Half;
 use netbore_protocol::{
-    AgentHello, DecodeError, EdgeReply, FlowError, Frame, GoAway, Header, Limits, RecvWindow,
-    Refusal, RequestHead, ResetCode, ResponseHead, SendWindow, StreamError, StreamEvent,
-    StreamState, Welcome, decode, encode,
+    AgentHello, AgentStatus, DecodeError, EdgeReply, FlowError, Frame, GoAway, Header, Limits,
+    OriginState, RecvWindow, Refusal, RequestHead, ResetCode, ResponseHead, SendWindow,
+    StreamError, StreamEvent, StreamState, Welcome, decode, encode,
 };
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -117,6 +117,14 @@ fn frame() -> impl Strategy<Value = Frame> {
             last_stream_id,
             message,
         })),
+        (any::<u8>(), any::<u16>(), ".{0,40}").prop_map(|(o, wanted_links, message)| {
+            Frame::AgentStatus(AgentStatus {
+                // Through from_u8 so known states get their named variant, as on the wire.
+                origin: OriginState::from_u8(o),
+                wanted_links,
+                message,
+            })
+        }),
     ]
 }
 
@@ -623,6 +631,7 @@ fn edge_reply() -> impl Strategy<Value = EdgeReply> {
                         max_concurrent_streams: l[3],
                     },
                     warnings: Vec::new(),
+                    capabilities: Vec::new(),
                 })
             }),
         (refusal_code(), ".{0,40}", any::<bool>()).prop_map(|(code, message, retryable)| {

@@ -140,6 +140,8 @@ impl Stack {
             limits: Default::default(),
             tunnel_token: None,
             delete_on_exit: false,
+            health_path: netbore_agent::DEFAULT_HEALTH_PATH.into(),
+            health_interval: netbore_agent::DEFAULT_HEALTH_INTERVAL,
         }
     }
 

@@ -90,7 +90,16 @@ pub struct AgentConfig {
     /// cleanly, and forget the saved state: what `netbore http` does for a quick tunnel
     /// (no `--name`) unless `--keep` is given.
     pub delete_on_exit: bool,
+    /// The path the origin probe sends `HEAD` to (default `/`).
+    pub health_path: String,
+    /// How often the origin is probed (default [`DEFAULT_HEALTH_INTERVAL`]).
+    pub health_interval: Duration,
 }
+
+/// Default interval between origin probes.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(10);
+/// Default path of the origin probe.
+pub const DEFAULT_HEALTH_PATH: &str = "/";
 
 /// What the agent reports as it runs (printed by the CLI, as text or JSON lines).
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -211,6 +220,8 @@ struct Ctx {
     fatal: parking_lot::Mutex<Option<AgentError>>,
     /// This agent's instance id, sent in every hello.
     instance_id: String,
+    /// Links whose edge takes AGENT_STATUS frames (its welcome lists the capability).
+    status_links: parking_lot::Mutex<Vec<Mux>>,
 }
 
 fn fatal(code: &str, message: String) -> AgentError {
@@ -278,7 +289,9 @@ pub async fn run_with_metrics(
         tls,
         cfg,
         instance_id,
+        status_links: Default::default(),
     });
+    let probe = tokio::spawn(probe_origin(ctx.clone()).instrument(info_span!("origin_probe")));
     let mut slots = tokio::task::JoinSet::new();
     for i in 0..ctx.cfg.connections.max(1) {
         slots.spawn(slot(ctx.clone(), i).instrument(info_span!("slot", slot = i)));
@@ -295,6 +308,7 @@ pub async fn run_with_metrics(
         warn!("drain grace period over; closing open streams");
     }
     slots.shutdown().await;
+    probe.abort();
     let muxes: Vec<Mux> = ctx.muxes.lock().drain(..).collect();
     for m in muxes {
         // Let the last frames of finished streams reach the edge before we go.
@@ -337,6 +351,51 @@ async fn delete_quick_tunnel(ctx: &Ctx) {
             "control did not answer the quick tunnel's deletion within {} s; its name is released after control's name hold",
             DELETE_ON_EXIT_TIMEOUT.as_secs()
         ),
+    }
+}
+
+/// The AGENT_STATUS for the last origin probe (`None` before the first).
+fn agent_status(ctx: &Ctx) -> Option<netbore_protocol::AgentStatus> {
+    let (origin, message) = ctx.metrics.origin.lock().clone()?;
+    Some(netbore_protocol::AgentStatus {
+        origin,
+        wanted_links: u16::try_from(ctx.cfg.connections.max(1)).unwrap_or(u16::MAX),
+        message,
+    })
+}
+
+/// Probes the origin every `health_interval` (the first at once), keeps the result for
+/// `/readyz` and `/metrics`, and tells every edge that takes it.
+async fn probe_origin(ctx: Arc<Ctx>) {
+    let mut tick = tokio::time::interval(ctx.cfg.health_interval.max(Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let (state, message) = ctx.origin.probe(&ctx.cfg.health_path).await;
+        let before = ctx
+            .metrics
+            .origin
+            .lock()
+            .replace((state, message.clone()))
+            .map(|(s, _)| s);
+        if before.is_none_or(|b| b.is_healthy() != state.is_healthy()) {
+            if state.is_healthy() {
+                info!(origin = %ctx.origin.url(), detail = %message, "origin healthy");
+            } else {
+                warn!(origin = %ctx.origin.url(), cause = state.as_str(), detail = %message, "origin unhealthy; viewers get errors until it answers");
+            }
+        }
+        let Some(st) = agent_status(&ctx) else {
+            continue;
+        };
+        let links: Vec<Mux> = {
+            let mut sl = ctx.status_links.lock();
+            sl.retain(|m| !m.is_closed());
+            sl.clone()
+        };
+        for m in links {
+            m.send_agent_status(st.clone());
+        }
     }
 }
 
@@ -601,6 +660,19 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
             });
         }
         ctx.muxes.lock().push(mux.clone());
+        if l.welcome
+            .capabilities
+            .iter()
+            .any(|c| c == netbore_protocol::handshake::CAP_AGENT_STATUS)
+        {
+            // The edge hears the origin's state from the link's first moment.
+            if let Some(st) = agent_status(&ctx) {
+                mux.send_agent_status(st);
+            }
+            let mut sl = ctx.status_links.lock();
+            sl.retain(|m| !m.is_closed());
+            sl.push(mux.clone());
+        }
         if index == 0 {
             // Spare slots start once this link is live, so they see its edge as held
             // and never race it onto the same edge (a duplicate closed right after

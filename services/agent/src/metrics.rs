@@ -43,6 +43,12 @@ pub struct AgentMetrics {
     pub responses: [Counter; 5],
     /// Streams that failed at the origin, by [`ORIGIN_ERROR_KINDS`].
     pub origin_errors: [Counter; 3],
+    /// 1 when the last origin probe succeeded (set from `origin` at each scrape; 0
+    /// before the first probe).
+    origin_healthy: Gauge,
+    /// The last origin probe: its result and a sentence saying what happened (`None`
+    /// before the first). `/readyz` answers 503 with the sentence while unhealthy.
+    pub origin: parking_lot::Mutex<Option<(netbore_protocol::OriginState, String)>>,
 }
 
 impl Default for AgentMetrics {
@@ -89,6 +95,12 @@ impl Default for AgentMetrics {
                 ORIGIN_ERROR_KINDS,
                 |kind| KindLabel { kind },
             ),
+            origin_healthy: single(
+                &mut r,
+                "netbore_agent_origin_healthy",
+                "1 when the last probe of the origin (--health-path) succeeded, else 0 (also before the first probe).",
+            ),
+            origin: parking_lot::Mutex::new(None),
             registry: r,
         }
     }
@@ -124,6 +136,12 @@ impl AgentMetrics {
 
     /// The page served at `/metrics`, in `format`.
     pub fn render(&self, format: Format) -> String {
+        let healthy = self
+            .origin
+            .lock()
+            .as_ref()
+            .is_some_and(|(s, _)| s.is_healthy());
+        self.origin_healthy.set(i64::from(healthy));
         prom::encode(&self.registry, format)
     }
 }

@@ -17,7 +17,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use netbore_mux::body::{PumpEnd, StreamBody, from_header_map, pump_body};
 use netbore_mux::{IncomingStream, bridge};
-use netbore_protocol::{ResetCode, ResponseHead};
+use netbore_protocol::{OriginState, ResetCode, ResponseHead};
 use tracing::{Instrument, debug};
 
 use crate::metrics::{AgentMetrics, OriginErrorKind};
@@ -103,6 +103,9 @@ pub struct Origin {
     cfg: Arc<OriginConfig>,
     h1: HttpsClient,
     h2: HttpsClient,
+    /// The health probe's own client: no pooled connections, so each probe opens a
+    /// connection of its own and never shares one with viewers' requests.
+    probe: HttpsClient,
     metrics: Arc<AgentMetrics>,
 }
 
@@ -110,7 +113,7 @@ impl Origin {
     /// Builds the clients; fails on an unreadable CA file.
     pub fn new(cfg: OriginConfig) -> Result<Origin, String> {
         let tls = crate::tls::client_config(cfg.ca_file.as_deref(), cfg.insecure)?;
-        let build = |h2: bool| {
+        let build = |h2: bool, pooled: bool| {
             let mut http = HttpConnector::new();
             http.enforce_http(false);
             http.set_nodelay(true);
@@ -129,11 +132,15 @@ impl Origin {
             if h2 {
                 cb.http2_only(true);
             }
+            if !pooled {
+                cb.pool_max_idle_per_host(0);
+            }
             cb.build(conn)
         };
         Ok(Origin {
-            h1: build(false),
-            h2: build(true),
+            h1: build(false, true),
+            h2: build(true, true),
+            probe: build(cfg.http2, false),
             cfg: Arc::new(cfg),
             metrics: Arc::default(),
         })
@@ -361,6 +368,97 @@ fn forward_trace_context(headers: &mut http::HeaderMap) {
         if let Ok(v) = HeaderValue::from_str(&v) {
             headers.insert(k, v);
         }
+    }
+}
+
+/// The `User-Agent` of health probes, so an origin can tell them from viewers (and
+/// leave them out of its access log).
+pub const PROBE_USER_AGENT: &str = concat!("netbore-health/", env!("CARGO_PKG_VERSION"));
+
+/// Longest wait for the origin's answer to a health probe.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Origin {
+    /// Probes the origin: a `HEAD` of `path` (e.g. `/`), healthy for any answer below
+    /// 500. Waits at most [`PROBE_TIMEOUT`] (or the origin timeout, when shorter). The
+    /// result names the cause of a failure for people (never a secret).
+    pub async fn probe(&self, path: &str) -> (OriginState, String) {
+        let base = &self.cfg.url;
+        let path = if path.starts_with('/') {
+            path.to_string()
+        } else {
+            format!("/{path}")
+        };
+        let uri = format!(
+            "{}://{}{}{}",
+            base.scheme_str().unwrap_or("http"),
+            base.authority().map(|a| a.as_str()).unwrap_or(""),
+            base.path().trim_end_matches('/'),
+            path
+        );
+        let mut builder = Request::builder()
+            .method(http::Method::HEAD)
+            .uri(&uri)
+            .header(header::USER_AGENT, PROBE_USER_AGENT);
+        if let HostHeader::Fixed(v) = &self.cfg.host_header
+            && let Ok(v) = HeaderValue::from_str(v)
+        {
+            builder = builder.header(header::HOST, v);
+        }
+        let req = match builder.body(Empty::new().map_err(|n| match n {}).boxed()) {
+            Ok(r) => r,
+            Err(e) => {
+                return (
+                    OriginState::Unreachable,
+                    format!("the health path '{path}' makes no valid URL ({e}); fix --health-path"),
+                );
+            }
+        };
+        let client = &self.probe;
+        let within = PROBE_TIMEOUT.min(self.cfg.timeout);
+        match tokio::time::timeout(within, client.request(req)).await {
+            Err(_) => (
+                OriginState::TimedOut,
+                format!("HEAD {uri} got no answer within {within:?}"),
+            ),
+            Ok(Ok(r)) if r.status().as_u16() >= 500 => (
+                OriginState::ServerError,
+                format!("HEAD {uri} answered {}", r.status()),
+            ),
+            Ok(Ok(r)) => (
+                OriginState::Healthy,
+                format!("HEAD {uri} answered {}", r.status()),
+            ),
+            Ok(Err(e)) => {
+                let chain = error_chain(&e);
+                (
+                    classify(&chain, e.is_connect()),
+                    format!("HEAD {uri}: {chain}"),
+                )
+            }
+        }
+    }
+}
+
+/// The cause of a failed probe, from its error chain.
+fn classify(chain: &str, connect: bool) -> OriginState {
+    let lower = chain.to_ascii_lowercase();
+    if lower.contains("connection refused") {
+        OriginState::ConnectionRefused
+    } else if lower.contains("tls")
+        || lower.contains("certificate")
+        || lower.contains("handshake")
+        || lower.contains("invalid peer")
+    {
+        OriginState::TlsRefused
+    } else if lower.contains("timed out") {
+        OriginState::TimedOut
+    } else if connect {
+        OriginState::Unreachable
+    } else {
+        // The connection opened (the exchange broke after: not HTTP, a reset): the
+        // issue counts any connection that opens as healthy.
+        OriginState::Healthy
     }
 }
 

@@ -196,8 +196,16 @@ struct Common {
     /// Log as JSON lines (stderr).
     #[arg(long)]
     log_json: bool,
-    /// Serve /livez, /readyz (ready while a link to an edge is up) and /metrics here,
-    /// e.g. for a sidecar's probes.
+    /// Path the agent probes its origin at (HEAD; healthy for any answer below 500).
+    /// While the probe fails, /readyz answers 503 and control reports the tunnel
+    /// degraded (origin_unreachable).
+    #[arg(long, default_value = netbore_agent::DEFAULT_HEALTH_PATH, env = "NETBORE_HEALTH_PATH")]
+    health_path: String,
+    /// Seconds between probes of the origin (at least 1).
+    #[arg(long, default_value_t = netbore_agent::DEFAULT_HEALTH_INTERVAL.as_secs(), value_parser = clap::value_parser!(u64).range(1..), env = "NETBORE_HEALTH_INTERVAL")]
+    health_interval: u64,
+    /// Serve /livez, /readyz (ready while a link to an edge is up and the origin
+    /// answers its probe) and /metrics here, e.g. for a sidecar's probes.
     #[arg(long, env = "NETBORE_ADMIN_ADDR")]
     admin_addr: Option<std::net::SocketAddr>,
     #[command(flatten)]
@@ -287,6 +295,8 @@ async fn main() -> ExitCode {
         limits,
         tunnel_token: None,
         delete_on_exit: false,
+        health_path: common.health_path.clone(),
+        health_interval: Duration::from_secs(common.health_interval),
     };
     match &cli.cmd {
         Cmd::Http {
@@ -463,12 +473,18 @@ async fn serve_probes(
     ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
     metrics: std::sync::Arc<netbore_agent::metrics::AgentMetrics>,
 ) {
+    let origin_metrics = metrics.clone();
     netbore_telemetry::admin::Admin::new(move |format| metrics.render(format))
         .with_readiness(move || {
-            if ready.load(std::sync::atomic::Ordering::Acquire) {
-                Ok("ready: connected to an edge".into())
-            } else {
-                Err("not ready: no edge connection".into())
+            if !ready.load(std::sync::atomic::Ordering::Acquire) {
+                return Err("not ready: no edge connection".into());
+            }
+            match origin_metrics.origin.lock().clone() {
+                Some((state, detail)) if !state.is_healthy() => Err(format!(
+                    "not ready: origin unreachable ({}): {detail}; start the local service or fix the agent's target or --health-path",
+                    state.as_str()
+                )),
+                _ => Ok("ready: connected to an edge".into()),
             }
         })
         // The probes answer until the process exits.

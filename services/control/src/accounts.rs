@@ -216,6 +216,11 @@ pub trait AccountStore {
     ) -> StoreFuture<'a, bool>;
     /// The access policy (JSON) stored at enrolment for `tunnel_id`, if it was enrolled.
     fn enrolled_policy<'a>(&'a self, tunnel_id: &'a str) -> StoreFuture<'a, Option<String>>;
+    /// Appends an audit event with the caller's row id `id` (an edge's event id), once:
+    /// a second write of the same id changes nothing (events resent after a reconnect
+    /// or a control restart are not doubled).
+    fn audit_once<'a>(&'a self, id: &'a str, event: &'a AuditEvent, at: u64)
+    -> StoreFuture<'a, ()>;
 }
 
 const KEY_COLS: &str = "k.id, o.subject AS owner, k.prefix, k.label, k.scopes, k.name_pattern, \
@@ -645,6 +650,36 @@ impl AccountStore for SqlStore {
         )
         .bind(id)
         .bind(db_time(now))
+        .bind(event.actor.clone())
+        .bind(event.action.clone())
+        .bind(event.target.clone())
+        .bind(event.detail.to_string())
+        .bind(event.address.clone())
+        .bind(event.key_id.clone())
+        .bind(event.tunnel_id.clone())
+        .bind(event.owner.clone());
+        Box::pin(async move {
+            let p = self.owned_pool().await?;
+            self.timed("writing an audit event", async move {
+                q.execute(&p).await.map(|_| ())
+            })
+            .await
+        })
+    }
+
+    fn audit_once<'a>(
+        &'a self,
+        id: &'a str,
+        event: &'a AuditEvent,
+        at: u64,
+    ) -> StoreFuture<'a, ()> {
+        let q = sqlx::query(
+            "INSERT INTO audit_events \
+               (id, at, actor, action, target, detail, address, key_id, tunnel_id, owner) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(id.to_owned())
+        .bind(db_time(at))
         .bind(event.actor.clone())
         .bind(event.action.clone())
         .bind(event.target.clone())

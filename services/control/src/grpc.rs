@@ -98,7 +98,8 @@ fn tunnel(control: &Control, r: &TunnelRecord) -> pb::Tunnel {
 }
 
 fn tunnel_pb(t: crate::api::Tunnel) -> pb::Tunnel {
-    pb::Tunnel {
+    let live = t.status.map(live_pb);
+    let mut out = pb::Tunnel {
         tunnel_id: t.tunnel_id,
         name: t.name,
         public_hostname: t.public_hostname,
@@ -106,7 +107,18 @@ fn tunnel_pb(t: crate::api::Tunnel) -> pb::Tunnel {
         expires_at: t.expires_at,
         owner: t.owner.unwrap_or_default(),
         disabled_at: t.disabled_at.unwrap_or_default(),
+        ..Default::default()
+    };
+    if let Some(l) = live {
+        out.state = l.state;
+        out.reasons = l.reasons;
+        out.links = l.links;
+        out.last_seen = l.last_seen;
+        out.origin = l.origin;
+        out.requests_5m = l.requests_5m;
+        out.errors_5m = l.errors_5m;
     }
+    out
 }
 
 fn api_key(k: ApiKey) -> pb::ApiKey {
@@ -257,6 +269,26 @@ impl ControlService for ControlGrpc {
             tunnels: page.tunnels.into_iter().map(tunnel_pb).collect(),
             next_cursor: page.next_cursor.unwrap_or_default(),
         }))
+    }
+
+    async fn get_tunnel_status(
+        &self,
+        req: Request<pb::GetTunnelRequest>,
+    ) -> Result<Response<pb::TunnelStatus>, Status> {
+        let b = bearer(&req);
+        let r = req.into_inner();
+        let st = ops::status(
+            &self.0,
+            b,
+            non_empty(r.tunnel_id).as_deref(),
+            non_empty(r.name).as_deref(),
+        )
+        .await
+        .map_err(status)?;
+        let mut out = live_pb(st.status);
+        out.tunnel_id = st.tunnel_id;
+        out.name = st.name;
+        Ok(Response::new(out))
     }
 
     async fn delete_tunnel(
@@ -617,6 +649,55 @@ fn revocation(key: String, until: u64) -> epb::EdgeCommand {
     }
 }
 
+/// A live status in gRPC form (`tunnel_id` and `name` left for the caller).
+fn live_pb(s: netbore_api::types::LiveStatus) -> pb::TunnelStatus {
+    pb::TunnelStatus {
+        tunnel_id: String::new(),
+        name: String::new(),
+        state: s.state.as_str().to_string(),
+        reasons: s
+            .reasons
+            .into_iter()
+            .map(|r| pb::StatusReason {
+                code: serde_json::to_value(r.code)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+                message: r.message,
+            })
+            .collect(),
+        links: s
+            .links
+            .into_iter()
+            .map(|l| pb::TunnelLink {
+                edge_id: l.edge_id,
+                link_id: l.link_id,
+                connected_since: l.connected_since,
+                agent_version: l.agent_version,
+                agent_instance_id: l.agent_instance_id,
+                agent_addr: l.agent_addr,
+            })
+            .collect(),
+        last_seen: s.last_seen.unwrap_or_default(),
+        origin: s.origin.map(|o| pb::OriginStatus {
+            healthy: o.healthy,
+            cause: o.cause,
+            message: o.message,
+            checked_at: o.checked_at,
+        }),
+        requests_5m: s.requests_5m,
+        errors_5m: s.errors_5m,
+    }
+}
+
+fn ack_link_events(event_ids: Vec<String>) -> epb::EdgeCommand {
+    epb::EdgeCommand {
+        command: Some(epb::edge_command::Command::AckLinkEvents(
+            epb::AckLinkEvents { event_ids },
+        )),
+    }
+}
+
 fn session_keys(seeds: &[netbore_tokens::SessionSeed]) -> epb::EdgeCommand {
     epb::EdgeCommand {
         command: Some(epb::edge_command::Command::SessionKeys(epb::SessionKeys {
@@ -754,6 +835,13 @@ impl EdgeService for EdgeGrpc {
                                 break;
                             }
                             control.tunnels_held(&edge_id, &rep.linked_tunnel_ids).await;
+                            control.record_links(&edge_id, &rep).await;
+                            if !rep.link_events.is_empty() {
+                                let acked = control.record_link_events(&edge_id, &rep.link_events).await;
+                                if !acked.is_empty() && tx.send(Ok(ack_link_events(acked))).await.is_err() {
+                                    break;
+                                }
+                            }
                             control.record_edge_report(edge_status(rep)).await;
                         }
                         _ => break,

@@ -38,6 +38,7 @@ pub mod redis_store;
 pub mod rest;
 mod shared;
 pub mod sql_store;
+pub mod status;
 pub mod store;
 
 use std::sync::Arc;
@@ -129,6 +130,8 @@ pub struct ControlConfig {
     /// How long an anonymous tunnel's name stays held after its last link closed (a
     /// named tunnel's is held until it is deleted).
     pub name_hold: Duration,
+    /// A tunnel with no agent link this long is `offline` ([`status`]).
+    pub offline_after: Duration,
     /// `redis://…` of the Redis that replicas share for live state (edge reports,
     /// deletions); `None` keeps it in this process (one replica). A secret: the URL
     /// may carry a password.
@@ -168,6 +171,7 @@ impl Default for ControlConfig {
             recreate_ttl_max: DEFAULT_RECREATE_TTL_MAX,
             management_ttl: DEFAULT_MANAGEMENT_TTL,
             name_hold: DEFAULT_NAME_HOLD,
+            offline_after: status::DEFAULT_OFFLINE_AFTER,
             redis_url: None,
             anonymous_create_burst: ratelimit::DEFAULT_ANONYMOUS_CREATE_BURST,
             anonymous_create_per_minute: ratelimit::DEFAULT_ANONYMOUS_CREATE_PER_MINUTE,
@@ -297,6 +301,8 @@ struct Inner {
     seeds: tokio::sync::watch::Sender<Vec<netbore_tokens::SessionSeed>>,
     /// API keys verified in the last seconds ([`api_keys::API_KEY_CACHE_TTL`]).
     api_key_cache: api_keys::KeyCache,
+    /// Tunnels' live status when the live state is not shared ([`status`]).
+    local_tunnels: status::LocalTunnels,
 }
 
 /// Most recent revocations control remembers for edges that link later; beyond it the
@@ -347,6 +353,7 @@ impl Control {
                 revocations: Default::default(),
                 seeds,
                 api_key_cache: Default::default(),
+                local_tunnels: Default::default(),
             }),
         }
     }
@@ -522,6 +529,10 @@ impl Control {
 
     pub(crate) fn api_key_cache(&self) -> &api_keys::KeyCache {
         &self.inner.api_key_cache
+    }
+
+    pub(crate) fn local_tunnels(&self) -> &status::LocalTunnels {
+        &self.inner.local_tunnels
     }
 
     pub(crate) fn live(&self) -> &dyn store::LiveState {

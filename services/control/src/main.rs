@@ -74,6 +74,10 @@ struct Args {
     /// forever.
     #[arg(long, env = "NETBORE_AUDIT_RETENTION_DAYS", default_value_t = netbore_control::DEFAULT_AUDIT_RETENTION_DAYS)]
     audit_retention_days: u64,
+    /// A tunnel with no agent link for this many seconds is `offline` in its status
+    /// (before that, `degraded` with reason no_link: the agent may be reconnecting).
+    #[arg(long, env = "NETBORE_OFFLINE_AFTER_SECS", default_value_t = netbore_control::status::DEFAULT_OFFLINE_AFTER.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    offline_after_secs: u64,
     /// Require a management token to create a tunnel (an agent reconnecting with its
     /// own tunnel's recreate token needs none).
     #[arg(long, env = "NETBORE_REQUIRE_TOKEN")]
@@ -237,6 +241,7 @@ async fn main() -> anyhow::Result<()> {
         management_ttl: Duration::from_secs(args.management_ttl_secs),
         name_hold: Duration::from_secs(args.name_hold_secs),
         audit_retention_days: args.audit_retention_days,
+        offline_after: Duration::from_secs(args.offline_after_secs),
         redis_url: args.redis_url.clone().map(Secret::new),
         anonymous_create_burst: args.anonymous_create_burst,
         anonymous_create_per_minute: args.anonymous_create_per_minute,

@@ -172,6 +172,7 @@ pub fn tunnel_view(control: &Control, r: &TunnelRecord) -> Tunnel {
         expires_at: rfc3339(r.expires_at),
         owner: r.owner.clone(),
         disabled_at: r.disabled_at.map(rfc3339),
+        status: None,
     }
 }
 
@@ -1188,9 +1189,46 @@ pub async fn list(
     }
     let next = (page.len() > limit).then(|| page[limit - 1].name.clone());
     page.truncate(limit);
+    // Each with its live status; without it (live state unreachable) the list still
+    // answers, and the tunnels carry no status fields.
+    let live = match control.tunnel_status(&page).await {
+        Ok(v) => v.into_iter().map(Some).collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "tunnel list served without live status");
+            vec![None; page.len()]
+        }
+    };
     Ok(ListTunnelsResponse {
-        tunnels: page.iter().map(|r| tunnel_view(control, r)).collect(),
+        tunnels: page
+            .iter()
+            .zip(live)
+            .map(|(r, status)| Tunnel {
+                status,
+                ..tunnel_view(control, r)
+            })
+            .collect(),
         next_cursor: next,
+    })
+}
+
+/// A tunnel's live status (`GET /v1/tunnels/{id}/status`, gRPC `GetTunnelStatus`),
+/// authorised as [`get`]: `tunnels:read` on the caller's own tunnel.
+pub async fn status(
+    control: &Control,
+    bearer: Option<String>,
+    tunnel_id: Option<&str>,
+    name: Option<&str>,
+) -> Result<netbore_api::types::TunnelStatus, ApiError> {
+    let r = get(control, bearer, tunnel_id, name).await?;
+    let status = control
+        .tunnel_status(std::slice::from_ref(&r))
+        .await?
+        .pop()
+        .expect("one status per record");
+    Ok(netbore_api::types::TunnelStatus {
+        tunnel_id: r.tunnel_id,
+        name: r.name,
+        status,
     })
 }
 

@@ -9,6 +9,7 @@
 //! | --- | --- | --- | --- |
 //! | `edge:{id}` | hash | the edge's last report and the replica it is linked to | [`EDGE_REPORT_TTL`] after the report |
 //! | `edges` | set | edge ids (the index of `edge:*`) | ids whose hash is gone are dropped on read |
+//! | `tunnel:{id}` | hash | the tunnel's live status: its links, traffic and last seen time ([`crate::status`]) | [`crate::status::LAST_SEEN_TTL`] after the last write; stale fields are skipped on read |
 //!
 //! What can race is one Lua script, so it is atomic. Deletions are published on
 //! [`DELETED_CHANNEL`] so every replica disconnects the tunnel on the edges linked to it.
@@ -411,5 +412,59 @@ impl LiveState for RedisLive {
 
     fn attach_deletions(&self, deletions: broadcast::Sender<String>) {
         let _ = self.shared.deletions.set(deletions);
+    }
+
+    fn put_tunnel_fields<'a>(
+        &'a self,
+        fields: &'a [(String, String, String)],
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let mut c = self.shared.conn()?;
+            let mut pipe = redis::pipe();
+            let mut keys: Vec<String> = Vec::new();
+            for (t, k, v) in fields {
+                let hk = key(&["tunnel:", t]);
+                pipe.hset(&hk, k, v).ignore();
+                keys.push(hk);
+            }
+            keys.sort_unstable();
+            keys.dedup();
+            let ttl = crate::status::LAST_SEEN_TTL.as_secs() as i64;
+            for k in &keys {
+                pipe.expire(k, ttl).ignore();
+            }
+            let _: () = self.shared.timed(pipe.query_async(&mut c)).await?;
+            Ok(true)
+        })
+    }
+
+    fn del_tunnel_fields<'a>(&'a self, fields: &'a [(String, String)]) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let mut c = self.shared.conn()?;
+            let mut pipe = redis::pipe();
+            for (t, k) in fields {
+                pipe.hdel(key(&["tunnel:", t]), k).ignore();
+            }
+            let _: () = self.shared.timed(pipe.query_async(&mut c)).await?;
+            Ok(true)
+        })
+    }
+
+    fn tunnel_fields<'a>(
+        &'a self,
+        tunnel_ids: &'a [String],
+    ) -> StoreFuture<'a, Option<Vec<crate::store::TunnelFields>>> {
+        Box::pin(async move {
+            if tunnel_ids.is_empty() {
+                return Ok(Some(Vec::new()));
+            }
+            let mut c = self.shared.conn()?;
+            let mut pipe = redis::pipe();
+            for t in tunnel_ids {
+                pipe.hgetall(key(&["tunnel:", t]));
+            }
+            let v: Vec<Vec<(String, String)>> = self.shared.timed(pipe.query_async(&mut c)).await?;
+            Ok(Some(v))
+        })
     }
 }

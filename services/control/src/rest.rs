@@ -53,6 +53,7 @@ pub fn rest_router(control: Control) -> Router {
         .route("/v1/tunnels/{tunnel}/disable", post(disable))
         .route("/v1/tunnels/{tunnel}/enable", post(enable))
         .route("/v1/audit", get(audit_list))
+        .route("/v1/tunnels/{tunnel}/status", get(tunnel_status))
         .route("/.well-known/jwks.json", get(jwks))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -67,7 +68,7 @@ pub fn rest_router(control: Control) -> Router {
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 ErrorCode::MethodNotAllowed,
-                "wrong method: /tunnels/create, /tunnels/delete and /auth/token take POST; /tunnels/list, /.well-known/jwks.json, /healthz and /readyz take GET; /v1/api-keys takes POST and GET, /v1/api-keys/{id} DELETE; /v1/tunnels/{tunnel}/credentials takes POST (issue) and GET (list), /v1/tunnels/{tunnel}/credentials/{credential} takes DELETE (revoke); /v1/enroll, /v1/tunnels/{tunnel}/disable and /v1/tunnels/{tunnel}/enable take POST; /v1/audit takes GET",
+                "wrong method: /tunnels/create, /tunnels/delete and /auth/token take POST; /tunnels/list, /.well-known/jwks.json, /healthz and /readyz take GET; /v1/api-keys takes POST and GET, /v1/api-keys/{id} DELETE; /v1/tunnels/{tunnel}/credentials takes POST (issue) and GET (list), /v1/tunnels/{tunnel}/credentials/{credential} takes DELETE (revoke); /v1/enroll, /v1/tunnels/{tunnel}/disable and /v1/tunnels/{tunnel}/enable take POST; /v1/audit and /v1/tunnels/{tunnel}/status take GET",
             )
         })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
@@ -324,6 +325,22 @@ async fn audit_list(
         )
     })?;
     crate::audit::list(&control, bearer(&headers), q)
+        .await
+        .map(Json)
+}
+
+/// `GET /v1/tunnels/{tunnel}/status`: the tunnel by id (`tun_…`) or name.
+async fn tunnel_status(
+    State(control): State<Control>,
+    Path(tunnel): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<netbore_api::types::TunnelStatus>, ApiError> {
+    let (id, name) = if tunnel.starts_with("tun_") {
+        (Some(tunnel.as_str()), None)
+    } else {
+        (None, Some(tunnel.as_str()))
+    };
+    ops::status(&control, bearer(&headers), id, name)
         .await
         .map(Json)
 }

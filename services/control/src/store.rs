@@ -227,7 +227,31 @@ pub trait LiveState: Send + Sync + 'static {
     }
     /// Where to deliver deletions published by other replicas.
     fn attach_deletions(&self, _deletions: broadcast::Sender<String>) {}
+    /// Writes fields of tunnels' live status, `(tunnel id, field, value)` (see
+    /// [`crate::status`]); each tunnel's set lives [`crate::status::LAST_SEEN_TTL`]
+    /// past its last write. `false`: not shared (the caller keeps them in memory).
+    fn put_tunnel_fields<'a>(
+        &'a self,
+        _fields: &'a [(String, String, String)],
+    ) -> StoreFuture<'a, bool> {
+        ready(false)
+    }
+    /// Removes fields of tunnels' live status, `(tunnel id, field)`. `false`: not shared.
+    fn del_tunnel_fields<'a>(&'a self, _fields: &'a [(String, String)]) -> StoreFuture<'a, bool> {
+        ready(false)
+    }
+    /// Every field of each tunnel's live status, in the order of `tunnel_ids`; `None`:
+    /// not shared.
+    fn tunnel_fields<'a>(
+        &'a self,
+        _tunnel_ids: &'a [String],
+    ) -> StoreFuture<'a, Option<Vec<TunnelFields>>> {
+        ready(None)
+    }
 }
+
+/// One tunnel's live status fields, `(field, value)` (see [`crate::status`]).
+pub type TunnelFields = Vec<(String, String)>;
 
 /// The live state of a single replica: nothing to share.
 #[derive(Debug, Default)]

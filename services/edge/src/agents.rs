@@ -389,6 +389,7 @@ where
         heartbeat_interval_ms: cfg.heartbeat_interval.as_millis() as u64,
         limits: cfg.limits,
         warnings,
+        capabilities: vec![netbore_protocol::handshake::CAP_AGENT_STATUS.into()],
     });
     // The route goes in before the welcome goes out: once the agent hears the welcome
     // it tells its user the URL, which must already work.
@@ -404,17 +405,19 @@ where
         CancellationToken::new(),
         serde_json::to_string(&welcome).expect("serializable"),
     );
-    if let Err(holder) = edge.routes().insert(
-        &grant.name,
-        Route {
-            tunnel_id: grant.tunnel_id.clone(),
-            conn_id,
-            mux: mux.clone(),
-            access,
-            credential: grant.credential.clone(),
-            instance_id: hello.instance_id.clone(),
-        },
-    ) {
+    let route = Route {
+        tunnel_id: grant.tunnel_id.clone(),
+        conn_id,
+        mux: mux.clone(),
+        access,
+        credential: grant.credential.clone(),
+        instance_id: hello.instance_id.clone(),
+        session_id: session_id.clone(),
+        agent: hello.agent.chars().take(MAX_AGENT_DESCRIPTION).collect(),
+        peer: peer.to_string(),
+        connected_at: crate::routes::unix_now(),
+    };
+    if let Err(holder) = edge.routes().insert(&grant.name, route.clone()) {
         // Another tunnel's agent took the name between the check above and now.
         warn!(tunnel = %grant.tunnel_id, name = %grant.name, holder = %holder, "agent refused: another tunnel holds the name");
         mux.close("the name is held by another tunnel with a live link");
@@ -424,21 +427,33 @@ where
         return Err("name held by another tunnel".into());
     }
     greeting.release();
+    edge.link_events().record(&route, true, "");
     edge.metrics().handshake("accepted");
     if edge.is_draining() {
         mux.go_away("edge is shutting down");
     }
     info!(tunnel = %grant.tunnel_id, name = %grant.name, session = %session_id, agent = %hello.agent, instance = %hello.instance_id, credential = grant.credential.as_deref().unwrap_or(""), "agent connected");
-    mux.closed().await;
+    loop {
+        tokio::select! {
+            _ = mux.closed() => break,
+            // The origin turned healthy or not: control hears it now, not at the next
+            // report, so the tunnel's status follows within a probe interval or two.
+            _ = mux.agent_status_changed() => edge.link_events().report_soon(),
+        }
+    }
     edge.routes().remove(&grant.name, conn_id);
+    edge.link_events()
+        .record(&route, false, &mux.close_reason());
     if let Some((cluster, holder)) = &lease {
         cluster.unregister(&grant.name, holder).await;
     }
     edge.metrics().agent_disconnect();
     info!(tunnel = %grant.tunnel_id, name = %grant.name, session = %session_id, reason = %mux.close_reason(), "agent disconnected");
-    let _ = peer;
     Ok(())
 }
+
+/// Longest agent self-description (the hello's `agent`) kept for reports.
+pub const MAX_AGENT_DESCRIPTION: usize = 64;
 
 fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()

@@ -8,9 +8,13 @@
 
 use std::time::Duration;
 
-use netbore_proto::edge::v1::EdgeReport;
+use std::collections::VecDeque;
+
 use netbore_proto::edge::v1::edge_command::Command;
 use netbore_proto::edge::v1::edge_service_client::EdgeServiceClient;
+use netbore_proto::edge::v1::{
+    AgentLink, EdgeReport, LinkEvent, OriginHealth, TunnelTraffic, link_event,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -37,18 +41,148 @@ pub struct LinkIdentity {
 /// row (about 40 KB each, far under gRPC's 4 MiB message limit).
 pub const MAX_TUNNEL_IDS_PER_REPORT: usize = 1000;
 
+/// Most link events in one report; more wait for the next.
+pub const MAX_LINK_EVENTS_PER_REPORT: usize = 100;
+/// Most link events an edge keeps while control has not acknowledged them (control
+/// unreachable for long); past it the oldest are dropped, with a warning.
+pub const MAX_PENDING_LINK_EVENTS: usize = 10_000;
+
+/// Link opened/closed events waiting for control's acknowledgement. They go out in
+/// every report until control names them in an `AckLinkEvents`, so none is lost
+/// across a reconnect or a control restart; control writes each once (by id).
+#[derive(Default)]
+pub struct LinkEvents {
+    pending: parking_lot::Mutex<VecDeque<LinkEvent>>,
+    queued: tokio::sync::Notify,
+}
+
+impl LinkEvents {
+    /// Queues an event for `route` (`linked`, or closed with `reason`).
+    pub fn record(&self, route: &crate::routes::Route, linked: bool, reason: &str) {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        let kind = if linked {
+            link_event::Kind::Linked
+        } else {
+            link_event::Kind::Unlinked
+        };
+        let ev = LinkEvent {
+            // Sorts by time like control's own audit ids.
+            event_id: format!("aud_{nanos:020}_{:08x}", rand::random::<u32>()),
+            kind: kind as i32,
+            tunnel_id: route.tunnel_id.clone(),
+            link_id: route.session_id.clone(),
+            agent_addr: route.peer.clone(),
+            at: crate::routes::unix_now(),
+            agent_instance_id: route.instance_id.clone(),
+            agent_version: route.agent.clone(),
+            reason: reason.chars().take(200).collect(),
+        };
+        {
+            let mut p = self.pending.lock();
+            if p.len() >= MAX_PENDING_LINK_EVENTS {
+                p.pop_front();
+                warn!(
+                    limit = MAX_PENDING_LINK_EVENTS,
+                    "control has not taken this edge's link events for long; the oldest is dropped from the audit trail"
+                );
+            }
+            p.push_back(ev);
+        }
+        self.queued.notify_one();
+    }
+
+    /// The oldest events not yet acknowledged, at most `max`.
+    pub fn pending(&self, max: usize) -> Vec<LinkEvent> {
+        self.pending.lock().iter().take(max).cloned().collect()
+    }
+
+    /// Forgets the events control acknowledged.
+    pub fn ack(&self, ids: &[String]) {
+        let ids: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
+        self.pending
+            .lock()
+            .retain(|e| !ids.contains(e.event_id.as_str()));
+    }
+
+    /// Asks for a report now (a link's origin health changed).
+    pub fn report_soon(&self) {
+        self.queued.notify_one();
+    }
+
+    /// Resolves when an event was queued (or a report asked for) since the last call.
+    pub async fn queued(&self) {
+        self.queued.notified().await;
+    }
+}
+
+/// The links of the tunnels in `ids`, as a report carries them.
+fn agent_links(edge: &Edge, ids: &[String]) -> (Vec<AgentLink>, Vec<TunnelTraffic>) {
+    let links = edge
+        .routes()
+        .links_of(ids)
+        .into_iter()
+        .map(|r| {
+            let status = r.mux.agent_status();
+            AgentLink {
+                tunnel_id: r.tunnel_id.clone(),
+                link_id: r.session_id.clone(),
+                connected_at: r.connected_at,
+                agent_version: r.agent.clone(),
+                agent_instance_id: r.instance_id.clone(),
+                agent_addr: r.peer.clone(),
+                wanted_links: status
+                    .as_ref()
+                    .map_or(0, |(s, _)| u32::from(s.wanted_links)),
+                origin: status.map(|(s, at)| OriginHealth {
+                    healthy: s.origin.is_healthy(),
+                    cause: s.origin.as_str().to_string(),
+                    message: s.message,
+                    reported_at: at,
+                }),
+            }
+        })
+        .collect();
+    let traffic = ids
+        .iter()
+        .filter_map(|t| {
+            let (requests_5m, errors_5m) = edge.routes().traffic(t);
+            (requests_5m > 0).then(|| TunnelTraffic {
+                tunnel_id: t.clone(),
+                requests_5m,
+                errors_5m,
+            })
+        })
+        .collect();
+    (links, traffic)
+}
+
 /// This edge's report: its load, and the tunnels linked to it (so control keeps their
-/// names held), split into reports of at most [`MAX_TUNNEL_IDS_PER_REPORT`] ids.
+/// names held) with their links and traffic, split into reports of at most
+/// [`MAX_TUNNEL_IDS_PER_REPORT`] ids. The first carries the pending link events.
 fn reports(edge: &Edge, id: &LinkIdentity) -> Vec<EdgeReport> {
     let base = report(edge, id);
     let ids = edge.routes().tunnel_ids();
+    let events = edge.link_events().pending(MAX_LINK_EVENTS_PER_REPORT);
     if ids.is_empty() {
-        return vec![base];
+        return vec![EdgeReport {
+            link_events: events,
+            ..base
+        }];
     }
+    let mut events = Some(events);
     ids.chunks(MAX_TUNNEL_IDS_PER_REPORT)
-        .map(|chunk| EdgeReport {
-            linked_tunnel_ids: chunk.to_vec(),
-            ..base.clone()
+        .map(|chunk| {
+            let (links, traffic) = agent_links(edge, chunk);
+            EdgeReport {
+                linked_tunnel_ids: chunk.to_vec(),
+                links,
+                traffic,
+                link_events: events.take().unwrap_or_default(),
+                ..base.clone()
+            }
         })
         .collect()
 }
@@ -79,6 +213,9 @@ fn report(edge: &Edge, id: &LinkIdentity) -> EdgeReport {
         bytes_out,
         draining: edge.is_draining(),
         linked_tunnel_ids: Vec::new(),
+        links: Vec::new(),
+        traffic: Vec::new(),
+        link_events: Vec::new(),
     }
 }
 
@@ -145,6 +282,8 @@ async fn link_once(
             // A tunnel new to this edge is reported at once, so its name is held from
             // its first link on, however short control's name hold.
             _ = edge.routes().first_link() => send_reports(&tx, edge, id).await?,
+            // A link opened or closed: control hears it (and the tunnel's links) now.
+            _ = edge.link_events().queued() => send_reports(&tx, edge, id).await?,
             m = commands.message() => match m {
                 Ok(Some(cmd)) => match cmd.command {
                     Some(Command::DisconnectTunnel(d)) => {
@@ -172,6 +311,7 @@ async fn link_once(
                         info!(keys = seeds.len(), "session keys from control");
                         edge.gate().set_session_seeds(seeds);
                     }
+                    Some(Command::AckLinkEvents(a)) => edge.link_events().ack(&a.event_ids),
                     Some(Command::Drain(_)) => {
                         info!("control asked this edge to drain");
                         edge.drain();

@@ -70,6 +70,8 @@ struct Inner {
     /// Open connections per peer address, on the public and the agent listener.
     public_conns: Arc<conns::PerAddress>,
     agent_conns: Arc<conns::PerAddress>,
+    /// Link events waiting for control's acknowledgement.
+    link_events: control_link::LinkEvents,
 }
 
 impl Edge {
@@ -95,6 +97,7 @@ impl Edge {
                 head_budget: Default::default(),
                 public_conns: Arc::new(conns::PerAddress::new(config.max_connections_per_address)),
                 agent_conns: Arc::new(conns::PerAddress::new(config.max_connections_per_address)),
+                link_events: Default::default(),
                 config,
             }),
         }
@@ -114,6 +117,11 @@ impl Edge {
     /// The configuration.
     pub fn config(&self) -> &EdgeConfig {
         &self.inner.config
+    }
+
+    /// Link opened/closed events waiting for control.
+    pub fn link_events(&self) -> &control_link::LinkEvents {
+        &self.inner.link_events
     }
 
     /// The live route table.

@@ -470,6 +470,21 @@ async fn settle_unread_body(req: Request<Incoming>, resp: &mut Response<Body>) {
     }
 }
 
+/// Counts one request of a tunnel served by a local link when dropped.
+struct CountRequest<'a> {
+    edge: &'a Edge,
+    tunnel_id: String,
+    error: bool,
+}
+
+impl Drop for CountRequest<'_> {
+    fn drop(&mut self) {
+        self.edge
+            .routes()
+            .count_request(&self.tunnel_id, self.error);
+    }
+}
+
 /// Routes and proxies the request in `pending`. The request is taken from it only
 /// once its body goes somewhere (the agent, another edge); an early answer leaves it
 /// there for [`settle_unread_body`].
@@ -608,7 +623,7 @@ async fn proxy(
         let class = crate::fair::client_class(view.client);
         match route.mux.open_fair(head.clone(), end_stream, class).await {
             Ok(s) => {
-                opened = Some(s);
+                opened = Some((s, route.tunnel_id.clone()));
                 break;
             }
             Err(MuxError::Refused(_)) => return ViewerError::TunnelBusy.response(json),
@@ -624,8 +639,15 @@ async fn proxy(
             Err(_) => continue,
         }
     }
-    let Some((tx, mut rx)) = opened else {
+    let Some(((tx, mut rx), tunnel_id)) = opened else {
         return ViewerError::TunnelLost.response(json);
+    };
+    // Counted for the tunnel's status (requests and errors over 5 minutes): an error
+    // unless a response head below 500 arrives.
+    let mut counted = CountRequest {
+        edge,
+        tunnel_id,
+        error: true,
     };
 
     // The request half: pumped from the viewer's body, or kept for the upgrade.
@@ -686,6 +708,8 @@ async fn proxy(
         }
     };
 
+    counted.error = head.status >= 500;
+    drop(counted);
     let mut resp = Response::new(http_body_util::Empty::new().map_err(|n| match n {}).boxed());
     *resp.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
     let switching = head.status == 101;

@@ -32,6 +32,58 @@ pub struct Route {
     pub credential: Option<String>,
     /// The agent's instance id from its hello (may be empty).
     pub instance_id: String,
+    /// The link's session id (as in the welcome): names the link in reports.
+    pub session_id: String,
+    /// The agent's self-description from its hello (`netbore/0.1.0`).
+    pub agent: String,
+    /// The agent's address as this edge sees it.
+    pub peer: String,
+    /// Unix seconds when the link opened.
+    pub connected_at: u64,
+}
+
+/// Requests and errors are counted per tunnel in buckets of this many seconds.
+pub const TRAFFIC_BUCKET_SECS: u64 = 60;
+/// Buckets kept: the counts cover the last `TRAFFIC_BUCKETS × TRAFFIC_BUCKET_SECS`
+/// seconds (5 minutes).
+pub const TRAFFIC_BUCKETS: usize = 5;
+
+/// A tunnel's requests and errors over the last five minutes, as a ring of one-minute
+/// buckets keyed by the bucket's number (Unix seconds / 60). Pure: the caller gives
+/// the time.
+#[derive(Debug, Default, Clone)]
+pub struct TrafficWindow {
+    buckets: [(u64, u64, u64); TRAFFIC_BUCKETS],
+}
+
+impl TrafficWindow {
+    /// Counts one request at `now` (Unix seconds), and an error with it when `error`.
+    pub fn count(&mut self, now: u64, error: bool) {
+        let n = now / TRAFFIC_BUCKET_SECS;
+        let b = &mut self.buckets[(n % TRAFFIC_BUCKETS as u64) as usize];
+        if b.0 != n {
+            *b = (n, 0, 0);
+        }
+        b.1 += 1;
+        b.2 += u64::from(error);
+    }
+
+    /// (requests, errors) in the buckets still within the window at `now`.
+    pub fn totals(&self, now: u64) -> (u64, u64) {
+        let n = now / TRAFFIC_BUCKET_SECS;
+        self.buckets
+            .iter()
+            .filter(|b| b.0 + (TRAFFIC_BUCKETS as u64) > n && b.0 <= n && (b.1 > 0))
+            .fold((0, 0), |(r, e), b| (r + b.1, e + b.2))
+    }
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
 }
 
 /// Result of looking a name up.
@@ -57,6 +109,8 @@ pub struct Routes {
     /// Payload bytes (in, out) of connections that have left the table, so the
     /// totals [`Routes::load`] reports never go down when an agent disconnects.
     retired: [std::sync::atomic::AtomicU64; 2],
+    /// Requests served by this edge's links, per tunnel id, over the last 5 minutes.
+    traffic: Mutex<HashMap<String, TrafficWindow>>,
 }
 
 impl Routes {
@@ -221,6 +275,45 @@ impl Routes {
         (live.len() as u64, conns, streams, bin, bout)
     }
 
+    /// Counts a request a local link of `tunnel_id` took, and whether it failed (a
+    /// 5xx, a reset, no answer in time).
+    pub fn count_request(&self, tunnel_id: &str, error: bool) {
+        let now = unix_now();
+        let mut t = self.traffic.lock();
+        match t.get_mut(tunnel_id) {
+            Some(w) => w.count(now, error),
+            None => {
+                let mut w = TrafficWindow::default();
+                w.count(now, error);
+                t.insert(tunnel_id.to_string(), w);
+            }
+        }
+    }
+
+    /// (requests, errors) over the last 5 minutes for `tunnel_id`; forgets tunnels
+    /// with none (so the table holds only tunnels busy in the last 5 minutes).
+    pub fn traffic(&self, tunnel_id: &str) -> (u64, u64) {
+        let now = unix_now();
+        let mut t = self.traffic.lock();
+        let v = t.get(tunnel_id).map_or((0, 0), |w| w.totals(now));
+        if v == (0, 0) {
+            t.remove(tunnel_id);
+        }
+        v
+    }
+
+    /// Every live connection of the tunnels in `tunnel_ids`.
+    pub fn links_of(&self, tunnel_ids: &[String]) -> Vec<Route> {
+        let ids: std::collections::HashSet<&str> = tunnel_ids.iter().map(String::as_str).collect();
+        self.live
+            .read()
+            .values()
+            .flatten()
+            .filter(|r| ids.contains(r.tunnel_id.as_str()) && !r.mux.is_closed())
+            .cloned()
+            .collect()
+    }
+
     /// Ids of the tunnels with at least one connection here, each once.
     pub fn tunnel_ids(&self) -> Vec<String> {
         let live = self.live.read();
@@ -323,5 +416,27 @@ impl Routes {
             r.mux.close("the tunnel was deleted");
         }
         hit.len()
+    }
+}
+
+#[cfg(test)]
+mod traffic_tests {
+    use super::*;
+
+    #[test]
+    fn the_window_counts_five_minutes_and_forgets_older_ones() {
+        let mut w = TrafficWindow::default();
+        let t0 = 1_000_000 * TRAFFIC_BUCKET_SECS;
+        w.count(t0, false);
+        w.count(t0 + 10, true);
+        w.count(t0 + 61, false);
+        assert_eq!(w.totals(t0 + 61), (3, 1));
+        // Four minutes later the first minute is still in; five later it is not.
+        assert_eq!(w.totals(t0 + 4 * 60 + 59), (3, 1));
+        assert_eq!(w.totals(t0 + 5 * 60), (1, 0));
+        assert_eq!(w.totals(t0 + 6 * 60 + 1), (0, 0));
+        // A bucket reused after the ring wraps starts from zero.
+        w.count(t0 + 5 * 60, true);
+        assert_eq!(w.totals(t0 + 5 * 60), (2, 1));
     }
 }
