@@ -145,11 +145,15 @@ pub struct ControlConfig {
     /// Credentials edges authenticate with on `EdgeService` (none: every edge call is
     /// refused, and only configured edges are candidates).
     pub edge_credentials: edge_auth::EdgeCredentials,
+    /// Most DNS labels a tunnel name may have (`localhost-8726.pod-myslug` has 2);
+    /// 1 keeps names to one label, which a `*.<domain>` certificate covers.
+    pub max_name_labels: usize,
 }
 
 impl Default for ControlConfig {
     fn default() -> ControlConfig {
         ControlConfig {
+            max_name_labels: names::DEFAULT_MAX_LABELS as usize,
             domain: "localhost".into(),
             public_url_template: "http://{name}.localhost:8000".into(),
             issuer: "netbore-control".into(),
