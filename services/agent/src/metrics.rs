@@ -11,8 +11,11 @@ pub const ORIGIN_ERROR_KINDS: [&str; 3] = ["unreachable", "timeout", "error"];
 /// What the agent counts.
 #[derive(Default, Debug)]
 pub struct AgentMetrics {
-    /// Links to edges up now.
+    /// Links to edges up now (summed over every tunnel of the process).
     pub links_up: AtomicU64,
+    /// Spare link slots waiting because fewer distinct edges exist than `--connections`
+    /// asks; not failures.
+    pub spare_links_waiting: AtomicU64,
     /// Links established after the slot's first one (after a loss or a go-away).
     pub reconnects: AtomicU64,
     /// Attempts to get a link that failed (control or every candidate edge).
@@ -66,6 +69,12 @@ impl AgentMetrics {
             "gauge",
             "Links to edges up now.",
             get(&self.links_up),
+        );
+        t.single(
+            "netbore_agent_spare_links_waiting",
+            "gauge",
+            "Spare links not made because fewer distinct edges exist than --connections asks (not a failure; they retry slowly).",
+            get(&self.spare_links_waiting),
         );
         t.single(
             "netbore_agent_reconnects_total",
