@@ -373,6 +373,9 @@ pub fn resolve(path: &Path, cfg: &FileConfig) -> Result<Plan, ConfigError> {
     }
     let mut tunnels = Vec::new();
     let mut names = std::collections::HashSet::new();
+    // Quick tunnels (no name) keep their state by origin: two with one origin would
+    // overwrite each other's recreate token.
+    let mut quick_origins = std::collections::HashMap::new();
     for (key, t) in &cfg.tunnels {
         let at = |e: String| err(format!("tunnel '{key}': {e}"));
         let kind = pick!(t, d, kind).unwrap_or_default();
@@ -387,6 +390,13 @@ pub fn resolve(path: &Path, cfg: &FileConfig) -> Result<Plan, ConfigError> {
             )));
         }
         let url = OriginConfig::parse_target(&target).map_err(|e| at(format!("target: {e}")))?;
+        if t.name.is_none()
+            && let Some(other) = quick_origins.insert(url.to_string(), key.clone())
+        {
+            return Err(at(format!(
+                "tunnel '{other}' has the same target {url} and no name either; give one of them a name so each keeps its own URL"
+            )));
+        }
         let host_header = match pick!(t, d, host_header).as_deref() {
             None | Some("preserve") => HostHeader::Preserve,
             Some("rewrite") => HostHeader::Rewrite,
@@ -709,6 +719,21 @@ mod tests {
         assert!(!shown.contains("nbm_secret"), "{shown}");
         assert!(!shown.contains("pw\""), "{shown}");
         assert!(shown.contains("<redacted>"), "{shown}");
+    }
+
+    #[test]
+    fn two_quick_tunnels_of_one_origin_are_refused() {
+        let (_d, p) =
+            write("[tunnels.a]\ntarget = \"3000\"\n[tunnels.b]\ntarget = \"127.0.0.1:3000\"\n");
+        let e = resolve(&p, &load(&p, &Overrides::default()).unwrap()).unwrap_err();
+        assert!(
+            e.0.contains("tunnel 'b'") && e.0.contains("'a'") && e.0.contains("name"),
+            "{e}"
+        );
+        let (_d, p) = write(
+            "[tunnels.a]\ntarget = \"3000\"\n[tunnels.b]\ntarget = \"3000\"\nname = \"bee\"\n",
+        );
+        assert!(resolve(&p, &load(&p, &Overrides::default()).unwrap()).is_ok());
     }
 
     #[test]
