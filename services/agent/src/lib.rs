@@ -410,13 +410,44 @@ fn give_up(ctx: &Ctx, e: AgentError) {
 /// How often a spare slot checks whether a link is up before it adds its own.
 pub const SPARE_WAIT_POLL: Duration = Duration::from_millis(100);
 
-/// Longest wait between attempts of a slot that found no edge of its own.
+/// First wait of a spare slot that found no edge of its own (every candidate is held
+/// by another slot: fewer distinct edges than `--connections`).
 pub const SPARE_SLOT_RETRY: Duration = Duration::from_secs(10);
+
+/// Longest wait of such a slot: it doubles from [`SPARE_SLOT_RETRY`] up to this, so a
+/// deployment with one edge costs control one create every few minutes, not every 10 s.
+pub const SPARE_SLOT_RETRY_MAX: Duration = Duration::from_secs(300);
+
+/// A spare slot counted in `spare_links_waiting` while it lives; uncounted on drop
+/// (a link made, or the slot stopped).
+struct SpareWaiting<'a>(&'a AgentMetrics, bool);
+
+impl SpareWaiting<'_> {
+    fn set(&mut self, waiting: bool) {
+        if waiting != self.1 {
+            if waiting {
+                self.0.spare_links_waiting.inc();
+            } else {
+                self.0.spare_links_waiting.dec();
+            }
+            self.1 = waiting;
+        }
+    }
+}
+
+impl Drop for SpareWaiting<'_> {
+    fn drop(&mut self) {
+        self.set(false);
+    }
+}
 
 /// One link slot: create (or recreate) the tunnel at control, connect to a candidate
 /// edge no other slot holds, serve, repeat.
 async fn slot(ctx: Arc<Ctx>, index: usize) {
     let mut backoff = Backoff::new();
+    // The wait of a spare slot with no distinct edge, doubling while none appears.
+    let mut spare_wait = SPARE_SLOT_RETRY;
+    let mut waiting = SpareWaiting(&ctx.metrics, false);
     // Every link after this slot's first is a reconnect.
     let mut linked_before = false;
     let stop = ctx.stop.clone();
@@ -585,6 +616,9 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
 
         let mut linked = None;
         let mut last_err = String::from("control returned no candidate edges");
+        // A candidate that failed (rather than being another slot's edge): only then is
+        // a slot's miss a connect failure.
+        let mut failed = created.candidates.is_empty();
         for c in &created.candidates {
             if ctx.held.lock().contains(&c.edge_id) {
                 continue;
@@ -602,6 +636,7 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
                 Ok(l) => {
                     // Behind a shared address the edge may be one we already hold.
                     if !ctx.held.lock().insert(l.welcome.edge_id.clone()) {
+                        // Not a failure: the edge is up, and already ours.
                         l.mux.close("already linked to this edge");
                         last_err = format!("reached {} again", l.welcome.edge_id);
                         continue;
@@ -626,13 +661,29 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
                 Err(e) => {
                     warn!(edge = %c.edge_id, error = %e, "edge candidate failed");
                     last_err = e.to_string();
+                    failed = true;
                 }
             }
         }
         let Some(l) = linked else {
+            if index > 0 && !failed {
+                // Every edge there is already holds one of our links: fewer distinct
+                // edges than asked. Not a failure; wait longer each time, quietly.
+                waiting.set(true);
+                debug!(
+                    wait_s = spare_wait.as_secs(),
+                    "no further distinct edge for this spare link; waiting"
+                );
+                let delay = spare_wait;
+                spare_wait = (spare_wait * 2).min(SPARE_SLOT_RETRY_MAX);
+                if sleep_or_stop(delay, &stop).await {
+                    return;
+                }
+                continue;
+            }
             ctx.metrics.connect_failures.inc();
             if index > 0 {
-                // A spare slot with no edge of its own: look again later, quietly.
+                // A spare slot whose candidates failed: look again later, quietly.
                 debug!(reason = %last_err, "no further distinct edge for this slot yet");
                 let delay = backoff.next().min(SPARE_SLOT_RETRY);
                 if sleep_or_stop(delay, &stop).await {
@@ -680,8 +731,10 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
             ctx.tunnel
                 .send_replace(Some(created.recreate_token.clone()));
         }
+        waiting.set(false);
+        spare_wait = SPARE_SLOT_RETRY;
         let links = ctx.links.fetch_add(1, Ordering::AcqRel) + 1;
-        ctx.metrics.links_up.set(links as i64);
+        ctx.metrics.links_up.inc();
         if linked_before {
             ctx.metrics.reconnects.inc();
         }
@@ -728,11 +781,12 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
             }
         };
         if outcome == "stop" {
+            ctx.metrics.links_up.dec();
             return;
         }
         ctx.held.lock().remove(&edge_id);
         let links = ctx.links.fetch_sub(1, Ordering::AcqRel) - 1;
-        ctx.metrics.links_up.set(links as i64);
+        ctx.metrics.links_up.dec();
         ctx.muxes.lock().retain(|m| !m.is_closed());
         if outcome == "going_away" {
             info!(edge = %edge_id, "edge is going away; moving to another edge");

@@ -27,8 +27,11 @@ struct KindLabel {
 #[derive(Debug)]
 pub struct AgentMetrics {
     registry: Registry,
-    /// Links to edges up now.
+    /// Links to edges up now (summed over every tunnel of the process).
     pub links_up: Gauge,
+    /// Spare link slots waiting because fewer distinct edges exist than `--connections`
+    /// asks; not failures.
+    pub spare_links_waiting: Gauge,
     /// Links established after the slot's first one (after a loss or a go-away).
     pub reconnects: Counter,
     /// Attempts to get a link that failed (control or every candidate edge).
@@ -56,6 +59,11 @@ impl Default for AgentMetrics {
         let mut r = prom::new_registry("agent", env!("CARGO_PKG_VERSION"));
         AgentMetrics {
             links_up: single(&mut r, "netbore_agent_links_up", "Links to edges up now."),
+            spare_links_waiting: single(
+                &mut r,
+                "netbore_agent_spare_links_waiting",
+                "Spare links not made because fewer distinct edges exist than --connections asks (not a failure; they retry slowly).",
+            ),
             reconnects: single(
                 &mut r,
                 "netbore_agent_reconnects",

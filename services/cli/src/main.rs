@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use netbore_agent::origin::{DEFAULT_ORIGIN_TIMEOUT, HostHeader, OriginConfig};
 use netbore_agent::{AgentConfig, AgentError, AgentEvent};
 use tokio::sync::mpsc;
@@ -14,6 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 /// Default viewer port of `netbore dev`.
 const DEV_PUBLIC_PORT: u16 = 7070;
+
+/// Help heading of the flags that say where control is and how to link to the edges.
+const CONNECTION_HEADING: &str = "Control and connection";
 
 #[derive(Parser)]
 #[command(
@@ -36,16 +39,22 @@ enum Cmd {
         #[arg(
             long,
             env = "NETBORE_CONTROL_URL",
-            default_value = "http://127.0.0.1:8080"
+            default_value = netbore_cli::config::DEFAULT_CONTROL_URL,
+            help_heading = CONNECTION_HEADING
         )]
         control: String,
         /// Public name to claim (NAME.<domain>); random when not given.
-        #[arg(long, env = "NETBORE_NAME")]
+        #[arg(long, env = "NETBORE_NAME", help_heading = CONNECTION_HEADING)]
         name: Option<String>,
         /// Management token: creates the tunnel or claims a name you hold no recreate
         /// token for. Needed only then: reconnects and restarts with the saved state use
         /// the tunnel's recreate token, so this token may expire.
-        #[arg(long, env = "NETBORE_TOKEN", hide_env_values = true)]
+        #[arg(
+            long,
+            env = "NETBORE_TOKEN",
+            hide_env_values = true,
+            help_heading = CONNECTION_HEADING
+        )]
         token: Option<String>,
         /// Tunnel credential (nbt_…, issued by POST /v1/tunnels/{id}/credentials): runs
         /// that named tunnel with no other secret, indefinitely, until it is revoked.
@@ -54,17 +63,24 @@ enum Cmd {
             long,
             env = "NETBORE_TUNNEL_TOKEN",
             hide_env_values = true,
-            conflicts_with = "token"
+            conflicts_with = "token",
+            help_heading = CONNECTION_HEADING
         )]
         tunnel_token: Option<String>,
         /// Extra CA certificate (PEM) to trust for wss:// edges.
-        #[arg(long, env = "NETBORE_EDGE_CA")]
+        #[arg(long, env = "NETBORE_EDGE_CA", help_heading = CONNECTION_HEADING)]
         edge_ca: Option<PathBuf>,
         /// Accept any edge certificate (development only).
-        #[arg(long)]
+        #[arg(long, help_heading = CONNECTION_HEADING)]
         edge_insecure: bool,
         /// Links to keep, each to a distinct edge, so losing one edge loses no traffic.
-        #[arg(long, env = "NETBORE_CONNECTIONS", default_value_t = 2, value_parser = at_least_one)]
+        #[arg(
+            long,
+            env = "NETBORE_CONNECTIONS",
+            default_value_t = netbore_cli::config::DEFAULT_CONNECTIONS,
+            value_parser = at_least_one,
+            help_heading = CONNECTION_HEADING
+        )]
         connections: usize,
         /// Keep a quick tunnel (no --name) when the agent exits: by default a clean exit
         /// (Ctrl-C, SIGTERM) deletes it and frees its name; with --keep its name stays
@@ -85,6 +101,100 @@ enum Cmd {
     /// Hash a basic-auth password for an access policy (reads the password from stdin,
     /// prints `$argon2id$v=19$m=...,t=...,p=...$...`), for the REST API's `access.basic_auth[].hash`.
     HashPassword,
+    /// Run the tunnels of the config file (netbore.toml) in this one process.
+    Start(StartArgs),
+    /// Work with the config file.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+    /// Print a shell completion script (e.g. `netbore completion bash > /etc/bash_completion.d/netbore`).
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), of `netbore` or of one subcommand
+    /// (`netbore man http | man -l -`).
+    Man {
+        /// A subcommand, e.g. `http`; the top-level page when not given.
+        subcommand: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Validate the config file and print the effective settings (secrets redacted).
+    Check {
+        #[command(flatten)]
+        file: FileArgs,
+    },
+}
+
+/// Where the config file is, and the flags that override it (they beat the file and
+/// `NETBORE_*`).
+#[derive(Args)]
+struct FileArgs {
+    /// The config file (default: NETBORE_CONFIG, then ~/.config/netbore/netbore.toml).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Control's REST URL (overrides `control_url`).
+    #[arg(long, help_heading = CONNECTION_HEADING)]
+    control: Option<String>,
+    /// Management token (overrides `token`).
+    #[arg(long, help_heading = CONNECTION_HEADING)]
+    token: Option<String>,
+    /// Extra CA certificate (PEM) to trust for wss:// edges (overrides `edge_ca`).
+    #[arg(long, help_heading = CONNECTION_HEADING)]
+    edge_ca: Option<PathBuf>,
+    /// Accept any edge certificate (development only; overrides `edge_insecure`).
+    #[arg(long, help_heading = CONNECTION_HEADING)]
+    edge_insecure: bool,
+    /// Links per tunnel (overrides `connections`).
+    #[arg(long, value_parser = at_least_one, help_heading = CONNECTION_HEADING)]
+    connections: Option<usize>,
+    /// Where recreate tokens are kept (overrides `state_dir`).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Serve /livez, /readyz and /metrics here (overrides `admin_addr`).
+    #[arg(long)]
+    admin_addr: Option<std::net::SocketAddr>,
+}
+
+impl FileArgs {
+    /// The file's settings with `NETBORE_*` and these flags over them.
+    fn plan(&self) -> Result<netbore_cli::config::Plan, String> {
+        use netbore_cli::config;
+        let path = config::locate(self.config.as_deref()).map_err(|e| e.to_string())?;
+        let overrides = config::Overrides {
+            control_url: self.control.clone(),
+            token: self.token.clone().map(netbore_tokens::Secret::new),
+            edge_ca: self.edge_ca.clone(),
+            edge_insecure: self.edge_insecure.then_some(true),
+            connections: self.connections,
+            state_dir: self.state_dir.clone(),
+            admin_addr: self.admin_addr,
+        };
+        let cfg = config::load(&path, &overrides).map_err(|e| e.to_string())?;
+        config::resolve(&path, &cfg).map_err(|e| e.to_string())
+    }
+}
+
+#[derive(Args)]
+struct StartArgs {
+    /// The tunnels to run, by their key in [tunnels]; or --all.
+    #[arg(value_name = "NAME", conflicts_with = "all")]
+    names: Vec<String>,
+    /// Run every tunnel of the file.
+    #[arg(long)]
+    all: bool,
+    /// Print machine-readable JSON events on stdout (each with its "tunnel").
+    #[arg(long)]
+    json: bool,
+    /// Log as JSON lines (stderr).
+    #[arg(long)]
+    log_json: bool,
+    #[command(flatten)]
+    file: FileArgs,
 }
 
 /// Who may reach the tunnel (docs/access.md). Without any of these it is public.
@@ -249,6 +359,20 @@ async fn main() -> ExitCode {
     let common = match &cli.cmd {
         Cmd::Http { common, .. } | Cmd::Dev { common, .. } => common,
         Cmd::HashPassword => return hash_password(),
+        Cmd::Start(args) => return start(args).await,
+        Cmd::Config {
+            cmd: ConfigCmd::Check { file },
+        } => return config_check(file),
+        Cmd::Completion { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "netbore",
+                &mut std::io::stdout(),
+            );
+            return ExitCode::SUCCESS;
+        }
+        Cmd::Man { subcommand } => return man(subcommand.as_deref()),
     };
     let (access, limits) = match common.access.flags().build() {
         Ok(p) => p,
@@ -348,7 +472,11 @@ async fn main() -> ExitCode {
             // A dev run is throwaway: do not reuse names across runs.
             cfg.state_dir = None;
         }
-        Cmd::HashPassword => unreachable!("handled before start-up"),
+        Cmd::HashPassword
+        | Cmd::Start(_)
+        | Cmd::Config { .. }
+        | Cmd::Completion { .. }
+        | Cmd::Man { .. } => unreachable!("handled before start-up"),
     }
 
     let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -357,7 +485,26 @@ async fn main() -> ExitCode {
         match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => {
                 tracing::info!(admin = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "agent probes listening");
-                tokio::spawn(serve_probes(l, ready.clone(), metrics.clone()));
+                let (r, m) = (ready.clone(), metrics.clone());
+                let readiness: Readiness = std::sync::Arc::new(move || {
+                    if !r.load(std::sync::atomic::Ordering::Acquire) {
+                        return (false, "not ready: no edge connection\n".to_string());
+                    }
+                    match m.origin.lock().clone() {
+                        Some((state, detail)) if !state.is_healthy() => (
+                            false,
+                            format!(
+                                "not ready: origin unreachable ({}): {detail}; start the local service or fix the agent's target or --health-path\n",
+                                state.as_str()
+                            ),
+                        ),
+                        _ => (
+                            true,
+                            format!("ready: connected to an edge{}\n", spare_note(&m)),
+                        ),
+                    }
+                });
+                tokio::spawn(serve_probes(l, readiness, metrics.clone()));
             }
             Err(e) => {
                 eprintln!("error: cannot listen for probes on {addr}: {e}");
@@ -369,7 +516,10 @@ async fn main() -> ExitCode {
     let json = common.json;
     let url_file = common.url_file.clone();
     let ready2 = ready.clone();
+    let hint = (cfg.control_url == netbore_cli::config::DEFAULT_CONTROL_URL)
+        .then(|| cfg.control_url.clone());
     let printer = tokio::spawn(async move {
+        let mut hinted = false;
         // The URL last printed and written: a new one (a quick tunnel that lost its
         // name) is printed and written again, so neither keeps a dead URL.
         let mut shown: Option<String> = None;
@@ -383,6 +533,12 @@ async fn main() -> ExitCode {
             };
             if let Some(up) = up {
                 ready2.store(up, std::sync::atomic::Ordering::Release);
+            }
+            if let (AgentEvent::Reconnecting { reason, .. }, Some(url), None, false) =
+                (&ev, &hint, &shown, hinted)
+                && first_run_hint(url, reason)
+            {
+                hinted = true;
             }
             let new_url = match &ev {
                 AgentEvent::Live { url, .. } if shown.as_ref() != Some(url) => Some(url.clone()),
@@ -441,6 +597,241 @@ async fn main() -> ExitCode {
     }
 }
 
+/// Probe answers: (ready, the `/readyz` body).
+type Readiness = std::sync::Arc<dyn Fn() -> (bool, String) + Send + Sync>;
+
+/// What `/readyz` adds when spare links wait for an edge of their own.
+fn spare_note(m: &netbore_agent::metrics::AgentMetrics) -> String {
+    match m.spare_links_waiting.get() {
+        n if n <= 0 => String::new(),
+        n => format!(
+            "; {n} spare link(s) waiting: fewer distinct edges than --connections asks (not a failure; retried every few minutes)"
+        ),
+    }
+}
+
+/// Prints, once, how to point the agent at a control when none answers at the default
+/// address: a first run without `--control` usually means there is none yet.
+fn first_run_hint(url: &str, reason: &str) -> bool {
+    if !reason.starts_with(&format!("control at {url}")) {
+        return false;
+    }
+    eprintln!(
+        "hint: no control answers at {url} (the default). Pass --control URL (or set NETBORE_CONTROL_URL) to use your Netbore control, or run `netbore dev 3000` to try control, an edge and this agent on this machine."
+    );
+    true
+}
+
+/// `netbore config check`: the effective settings, secrets redacted, or what is wrong.
+fn config_check(file: &FileArgs) -> ExitCode {
+    let plan = match file.plan() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    for t in &plan.tunnels {
+        if let Err(e) = netbore_cli::start::supported(t.kind) {
+            eprintln!("error: tunnel '{}': {e}", t.key);
+            return ExitCode::from(2);
+        }
+    }
+    print!("{}", plan.redacted());
+    eprintln!(
+        "ok: {} is valid ({} tunnels)",
+        plan.path.display(),
+        plan.tunnels.len()
+    );
+    ExitCode::SUCCESS
+}
+
+/// `netbore man [SUBCOMMAND]`: the roff page on stdout.
+fn man(sub: Option<&str>) -> ExitCode {
+    let mut cmd = Cli::command();
+    cmd.build();
+    let page = match sub {
+        None => cmd,
+        Some(name) => match cmd.find_subcommand(name) {
+            // A one-shot command: the page's name lives until the process exits.
+            Some(c) => c
+                .clone()
+                .name(&*Box::leak(format!("netbore-{name}").into_boxed_str())),
+            None => {
+                let names: Vec<_> = cmd
+                    .get_subcommands()
+                    .map(|c| c.get_name().to_string())
+                    .collect();
+                eprintln!(
+                    "error: no subcommand '{name}'; pages exist for: {}",
+                    names.join(", ")
+                );
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let mut out = std::io::stdout().lock();
+    match clap_mangen::Man::new(page).render(&mut out) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: cannot write the man page: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `netbore start`: the file's tunnels (the named ones, or `--all`) in this process.
+async fn start(args: &StartArgs) -> ExitCode {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (plans, admin) = match args.file.plan().and_then(|p| {
+        p.select(&args.names, args.all)
+            .map(|t| (t, p.admin_addr))
+            .map_err(|e| e.to_string())
+    }) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    for t in &plans {
+        if let Err(e) = netbore_cli::start::supported(t.kind) {
+            eprintln!("error: tunnel '{}': {e}", t.key);
+            return ExitCode::from(2);
+        }
+    }
+    let telemetry = match netbore_telemetry::init("netbore", args.log_json) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = netbore_telemetry::memory::return_freed_memory() {
+        tracing::warn!(error = %e, "freed memory returns to the OS only while busy");
+    }
+    let shutdown = CancellationToken::new();
+    tokio::spawn(netbore_telemetry::on_signal(shutdown.clone()));
+    let metrics = Arc::new(netbore_agent::metrics::AgentMetrics::default());
+    // Links up per tunnel, in plan order.
+    let keys: Vec<String> = plans.iter().map(|p| p.key.clone()).collect();
+    let up: Arc<Vec<AtomicUsize>> = Arc::new(keys.iter().map(|_| AtomicUsize::new(0)).collect());
+    if let Some(addr) = admin {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                tracing::info!(admin = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "agent probes listening");
+                let (u, k, m) = (up.clone(), keys.clone(), metrics.clone());
+                let readiness: Readiness = Arc::new(move || {
+                    let down: Vec<&str> = k
+                        .iter()
+                        .zip(u.iter())
+                        .filter(|(_, n)| n.load(Ordering::Acquire) == 0)
+                        .map(|(k, _)| k.as_str())
+                        .collect();
+                    if down.is_empty() {
+                        (
+                            true,
+                            format!(
+                                "ready: every tunnel is connected to an edge{}\n",
+                                spare_note(&m)
+                            ),
+                        )
+                    } else {
+                        (
+                            false,
+                            format!("not ready: no edge connection for {}\n", down.join(", ")),
+                        )
+                    }
+                });
+                tokio::spawn(serve_probes(l, readiness, metrics.clone()));
+            }
+            Err(e) => {
+                eprintln!("error: cannot listen for probes on {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let hint = plans
+        .iter()
+        .any(|p| p.agent.control_url == netbore_cli::config::DEFAULT_CONTROL_URL)
+        .then(|| netbore_cli::config::DEFAULT_CONTROL_URL.to_string());
+    let (tx, mut rx) = mpsc::unbounded_channel::<netbore_cli::start::TunnelEvent>();
+    let json = args.json;
+    let (u, k) = (up.clone(), keys.clone());
+    let printer = tokio::spawn(async move {
+        let mut hinted = false;
+        let mut shown: std::collections::HashMap<String, String> = Default::default();
+        while let Some(te) = rx.recv().await {
+            let i = k.iter().position(|k| *k == te.tunnel);
+            match (&te.event, i) {
+                (
+                    AgentEvent::Live { links, .. } | AgentEvent::Reconnecting { links, .. },
+                    Some(i),
+                ) => u[i].store(*links, Ordering::Release),
+                (AgentEvent::Stopped, Some(i)) => u[i].store(0, Ordering::Release),
+                _ => {}
+            }
+            if let (AgentEvent::Reconnecting { reason, .. }, Some(url), false) =
+                (&te.event, &hint, hinted)
+                && shown.is_empty()
+                && first_run_hint(url, reason)
+            {
+                hinted = true;
+            }
+            let mut out = std::io::stdout().lock();
+            if json {
+                let mut v = serde_json::to_value(&te.event).expect("serializable");
+                v["tunnel"] = serde_json::Value::String(te.tunnel.clone());
+                let _ = writeln!(out, "{v}");
+            } else {
+                match &te.event {
+                    AgentEvent::Live { url, origin, .. } if shown.get(&te.tunnel) != Some(url) => {
+                        let _ = writeln!(out, "{}: {url} -> {origin}", te.tunnel);
+                        shown.insert(te.tunnel.clone(), url.clone());
+                    }
+                    AgentEvent::UrlChanged {
+                        old_url,
+                        url,
+                        reason,
+                        ..
+                    } => eprintln!(
+                        "warning: {}: the public URL changed from {old_url} to {url} ({reason}); the old one no longer reaches this service",
+                        te.tunnel
+                    ),
+                    AgentEvent::Warning { message } => {
+                        eprintln!("warning: {}: {message}", te.tunnel)
+                    }
+                    _ => {}
+                }
+            }
+            let _ = out.flush();
+        }
+    });
+    let outcomes = netbore_cli::start::run_all(plans, metrics, tx, shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = printer.await;
+    telemetry.shutdown().await;
+    let mut failed = false;
+    for o in outcomes {
+        if let Err(AgentError::Fatal { code, message }) = o.result {
+            failed = true;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"event": "error", "tunnel": o.tunnel, "code": code, "message": message})
+                );
+            }
+            eprintln!("error: tunnel '{}': {message}", o.tunnel);
+        }
+    }
+    if failed {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
 /// Replaces the URL file whole (write, then rename), so a reader never sees half a URL.
 fn write_url_file(path: &std::path::Path, url: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
@@ -470,22 +861,13 @@ fn hash_password() -> ExitCode {
 /// (Prometheus), through the admin listener the three binaries share.
 async fn serve_probes(
     listener: tokio::net::TcpListener,
-    ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ready: Readiness,
     metrics: std::sync::Arc<netbore_agent::metrics::AgentMetrics>,
 ) {
-    let origin_metrics = metrics.clone();
     netbore_telemetry::admin::Admin::new(move |format| metrics.render(format))
-        .with_readiness(move || {
-            if !ready.load(std::sync::atomic::Ordering::Acquire) {
-                return Err("not ready: no edge connection".into());
-            }
-            match origin_metrics.origin.lock().clone() {
-                Some((state, detail)) if !state.is_healthy() => Err(format!(
-                    "not ready: origin unreachable ({}): {detail}; start the local service or fix the agent's target or --health-path",
-                    state.as_str()
-                )),
-                _ => Ok("ready: connected to an edge".into()),
-            }
+        .with_readiness(move || match ready() {
+            (true, detail) => Ok(detail.trim_end().to_string()),
+            (false, detail) => Err(detail.trim_end().to_string()),
         })
         // The probes answer until the process exits.
         .serve(listener, tokio_util::sync::CancellationToken::new())

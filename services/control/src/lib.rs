@@ -152,6 +152,9 @@ pub struct ControlConfig {
     pub edge_credentials: edge_auth::EdgeCredentials,
     /// Days audit events are kept ([`audit::prune_loop`]); 0 keeps them forever.
     pub audit_retention_days: u64,
+    /// Most DNS labels a tunnel name may have (`localhost-8726.pod-myslug` has 2);
+    /// 1 keeps names to one label, which a `*.<domain>` certificate covers.
+    pub max_name_labels: usize,
 }
 
 /// Days audit events are kept by default.
@@ -160,6 +163,7 @@ pub const DEFAULT_AUDIT_RETENTION_DAYS: u64 = 90;
 impl Default for ControlConfig {
     fn default() -> ControlConfig {
         ControlConfig {
+            max_name_labels: names::DEFAULT_MAX_LABELS as usize,
             domain: "localhost".into(),
             public_url_template: "http://{name}.localhost:8000".into(),
             issuer: "netbore-control".into(),

@@ -78,6 +78,11 @@ struct Args {
     /// (before that, `degraded` with reason no_link: the agent may be reconnecting).
     #[arg(long, env = "NETBORE_OFFLINE_AFTER_SECS", default_value_t = netbore_control::status::DEFAULT_OFFLINE_AFTER.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
     offline_after_secs: u64,
+    /// Most DNS labels a tunnel name may have, e.g. 2 allows
+    /// `localhost-8726.pod-myslug.<domain>` (the edges' certificate must then cover
+    /// every level: see docs/configuration.md).
+    #[arg(long, env = "NETBORE_MAX_NAME_LABELS", default_value_t = netbore_control::names::DEFAULT_MAX_LABELS, value_parser = clap::value_parser!(u64).range(1..=netbore_control::names::MAX_LABELS as u64))]
+    max_name_labels: u64,
     /// Require a management token to create a tunnel (an agent reconnecting with its
     /// own tunnel's recreate token needs none).
     #[arg(long, env = "NETBORE_REQUIRE_TOKEN")]
@@ -242,6 +247,7 @@ async fn main() -> anyhow::Result<()> {
         name_hold: Duration::from_secs(args.name_hold_secs),
         audit_retention_days: args.audit_retention_days,
         offline_after: Duration::from_secs(args.offline_after_secs),
+        max_name_labels: args.max_name_labels as usize,
         redis_url: args.redis_url.clone().map(Secret::new),
         anonymous_create_burst: args.anonymous_create_burst,
         anonymous_create_per_minute: args.anonymous_create_per_minute,

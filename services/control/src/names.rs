@@ -53,6 +53,37 @@ pub enum NameError {
     Reserved,
 }
 
+/// Default of `--max-name-labels`: one label, which a `*.<domain>` certificate covers.
+pub const DEFAULT_MAX_LABELS: u64 = 1;
+
+/// Most labels `--max-name-labels` may allow: enough for `PORT.pod.team` layouts, few
+/// enough that a name stays well under DNS's 253-character limit (4 × 63 + 3 dots).
+pub const MAX_LABELS: usize = 4;
+
+/// Checks a name of up to `max_labels` dot-separated labels: each a lowercase DNS label,
+/// none reserved (so `www.x` and `x.api` are refused like `www`).
+pub fn validate_labels(name: &str, max_labels: usize) -> Result<(), NameError> {
+    let labels: Vec<&str> = name.split('.').collect();
+    if labels.len() > max_labels.max(1) {
+        return Err(NameError::Invalid(if max_labels <= 1 {
+            format!(
+                "'{name}' contains '.'; a name is one DNS label here (this control runs with --max-name-labels 1)"
+            )
+        } else {
+            format!(
+                "'{name}' has {} labels; this control allows at most {max_labels} (--max-name-labels)",
+                labels.len()
+            )
+        }));
+    }
+    if labels.len() > 1 && labels.iter().any(|l| l.is_empty()) {
+        return Err(NameError::Invalid(format!(
+            "'{name}' has an empty label (a leading, trailing or doubled '.')"
+        )));
+    }
+    labels.iter().try_for_each(|l| validate(l))
+}
+
 /// Checks that `name` is a lowercase DNS label and not reserved.
 pub fn validate(name: &str) -> Result<(), NameError> {
     if name.is_empty() || name.len() > 63 {
@@ -128,6 +159,35 @@ mod tests {
             Err(NameError::Invalid(_))
         ));
         assert_eq!(validate("www"), Err(NameError::Reserved));
+    }
+
+    #[test]
+    fn names_of_several_labels_need_the_setting() {
+        let one = validate_labels("localhost-8726.pod-myslug", 1).unwrap_err();
+        assert!(matches!(&one, NameError::Invalid(m) if m.contains("--max-name-labels")));
+        assert!(validate_labels("localhost-8726.pod-myslug", 2).is_ok());
+        assert!(validate_labels("my-app", 1).is_ok());
+        assert!(
+            matches!(validate_labels("a.b.c", 2), Err(NameError::Invalid(m)) if m.contains("3 labels"))
+        );
+        assert!(matches!(
+            validate_labels("a..b", 3),
+            Err(NameError::Invalid(_))
+        ));
+        assert!(matches!(
+            validate_labels(".a", 2),
+            Err(NameError::Invalid(_))
+        ));
+        assert!(matches!(
+            validate_labels("a.", 2),
+            Err(NameError::Invalid(_))
+        ));
+        assert!(matches!(
+            validate_labels("A.b", 2),
+            Err(NameError::Invalid(_))
+        ));
+        assert_eq!(validate_labels("www.x", 2), Err(NameError::Reserved));
+        assert_eq!(validate_labels("x.api", 2), Err(NameError::Reserved));
     }
 
     #[test]

@@ -355,7 +355,7 @@ pub(crate) fn name_error(name: &str, e: NameError) -> ApiError {
         NameError::Invalid(why) => ApiError::new(
             StatusCode::BAD_REQUEST,
             ErrorCode::NameInvalid,
-            format!("the name is not a valid DNS label: {why}"),
+            format!("the name is not valid: {why}"),
         ),
         NameError::Reserved => ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -703,7 +703,8 @@ async fn create_inner(
         ));
     }
     if let Some(name) = &req.requested_name {
-        names::validate(name).map_err(|e| name_error(name, e))?;
+        names::validate_labels(name, control.config().max_name_labels)
+            .map_err(|e| name_error(name, e))?;
     }
     req.access.validate().map_err(|e| {
         ApiError::new(

@@ -205,12 +205,21 @@ impl http_body::Body for Busy {
     }
 }
 
-/// The tunnel name a host addresses, if it is `NAME.<domain>` with a single label.
+/// Most labels of a tunnel name the edge looks up (control's `--max-name-labels`
+/// allows at most this many); a longer host is not a tunnel.
+pub const MAX_NAME_LABELS: usize = 4;
+
+/// The tunnel name a host addresses, if it is `NAME.<domain>`; NAME may have several
+/// labels (`localhost-8726.pod-myslug`) when control allows them (`--max-name-labels`),
+/// and is looked up whole.
 pub fn tunnel_name(host: &str, domain: &str) -> Option<String> {
     let host = host.trim_end_matches('.').to_ascii_lowercase();
     let domain = domain.trim_end_matches('.').to_ascii_lowercase();
     let name = host.strip_suffix(&domain)?.strip_suffix('.')?;
-    if name.is_empty() || name.contains('.') {
+    if name.is_empty() || name.split('.').any(str::is_empty) {
+        return None;
+    }
+    if name.split('.').count() > MAX_NAME_LABELS {
         return None;
     }
     Some(name.to_string())
@@ -1179,7 +1188,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_are_single_labels_under_the_domain() {
+    fn names_are_labels_under_the_domain() {
         assert_eq!(
             tunnel_name("App.LocalHost", "localhost").as_deref(),
             Some("app")
@@ -1188,7 +1197,13 @@ mod tests {
             tunnel_name("app.localhost.", "localhost").as_deref(),
             Some("app")
         );
-        assert_eq!(tunnel_name("a.b.localhost", "localhost"), None);
+        assert_eq!(
+            tunnel_name("Port-1.Pod-X.localhost", "localhost").as_deref(),
+            Some("port-1.pod-x")
+        );
+        assert_eq!(tunnel_name("a..b.localhost", "localhost"), None);
+        assert_eq!(tunnel_name(".b.localhost", "localhost"), None);
+        assert_eq!(tunnel_name("a.b.c.d.e.localhost", "localhost"), None);
         assert_eq!(tunnel_name("localhost", "localhost"), None);
         assert_eq!(tunnel_name("applocalhost", "localhost"), None);
         assert_eq!(tunnel_name("app.example.com", "localhost"), None);

@@ -928,3 +928,71 @@ fn base64_url_decode(s: &str) -> Vec<u8> {
     }
     out
 }
+
+// ---------------------------------------------------------------------------------
+// Names of several labels (issue 17 item 4)
+
+#[tokio::test]
+async fn a_name_of_two_labels_routes_and_its_cookie_opens_only_that_tunnel() {
+    let stack = Stack::start_with(|c| c.max_name_labels = 2).await;
+    let origin = Origin::start().await;
+    let key = owner_key(Algorithm::EdDSA);
+    let pod = agent_with_policy(
+        &stack,
+        &origin,
+        Some("localhost-8726.pod-myslug"),
+        key.policy(&[], &[]),
+    )
+    .await;
+    assert!(
+        pod.host()
+            .starts_with("localhost-8726.pod-myslug.localhost:"),
+        "{}",
+        pod.host()
+    );
+    // The one-label tunnel the two-label name sits under, with the same key.
+    let parent = agent_with_policy(&stack, &origin, Some("pod-myslug"), key.policy(&[], &[])).await;
+    let v = Viewer::new(stack.public());
+
+    let r = get(&v, &pod.host(), "/hello", &[]).await;
+    assert_eq!(r.status, 401, "the policy holds for the two-label name");
+    let token = key.mint(serde_json::json!({"sub": "pod-user", "exp": now_unix() + 600}));
+    let r = get(&v, &pod.host(), &format!("/hello?token={token}"), &[]).await;
+    assert_eq!(r.status, 303);
+    assert_eq!(r.headers["location"], "/hello");
+    let cookie = cookie_pair(&r);
+    let r = get(&v, &pod.host(), "/hello", &[("cookie", &cookie)]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        origin.seen().last().unwrap().header("x-netbore-user"),
+        Some("pod-user")
+    );
+    let (mut ws, status) = websocket(&stack, &pod.host(), "/ws", &[("cookie", &cookie)])
+        .await
+        .expect("a WebSocket rides on the cookie");
+    assert_eq!(status, 101);
+    echo_once(&mut ws, "two labels").await;
+
+    // The cookie is bound to the two-label tunnel: the parent name refuses it.
+    let r = get(&v, &parent.host(), "/hello", &[("cookie", &cookie)]).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.error_code(), Some("access_session_invalid"));
+    // A third label nobody holds is no tunnel.
+    let other = format!("x.{}", pod.host());
+    assert_eq!(get(&v, &other, "/hello", &[]).await.status, 404);
+}
+
+#[tokio::test]
+async fn control_refuses_a_dotted_name_by_default_and_names_the_setting() {
+    let stack = Stack::start().await;
+    let client = netbore_control::client::ControlClient::new(&stack.control_url());
+    let e = client
+        .create(&netbore_control::api::CreateTunnelRequest {
+            requested_name: Some("localhost-8726.pod-myslug".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code().map(|c| c.as_str()), Some("name_invalid"));
+    assert!(e.to_string().contains("--max-name-labels"), "{e}");
+}

@@ -211,3 +211,42 @@ async fn the_agent_is_ready_only_while_linked_to_an_edge() {
     );
     assert_eq!(probes.get("agent", "/livez").await.status, 200);
 }
+
+/// One edge and `--connections 2`: the spare link has no edge of its own. It waits,
+/// says so in `/readyz`, and is no connect failure (the metric the docs say to alert on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spare_link_without_an_edge_of_its_own_waits_and_is_no_failure() {
+    let stack = Stack::start().await;
+    let origin = Origin::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let port = netbore_testkit::free_port();
+    let admin = format!("127.0.0.1:{port}");
+    let mut a = agent(
+        &stack,
+        &origin,
+        state.path(),
+        &["--admin-addr", &admin, "--connections", "2"],
+    );
+    let host = host_of(&a.line(Duration::from_secs(20)).await);
+    let probes = Viewer::new(([127, 0, 0, 1], port).into());
+    let metrics = || {
+        let p = probes.clone();
+        async move { netbore_testkit::parse_metrics(&p.get("agent", "/metrics").await.text()) }
+    };
+    let waiting = eventually(Duration::from_secs(10), || {
+        let m = metrics();
+        async move {
+            (m.await.get("netbore_agent_spare_links_waiting") == Some(&1.0)).then_some(())
+        }
+    })
+    .await;
+    assert!(waiting.is_some(), "the spare link reports that it waits");
+    let m = metrics().await;
+    assert_eq!(m.get("netbore_agent_connect_failures_total"), Some(&0.0));
+    assert_eq!(m.get("netbore_agent_links_up"), Some(&1.0));
+    let ready = probes.get("agent", "/readyz").await;
+    assert_eq!(ready.status, 200);
+    assert!(ready.text().contains("spare"), "{}", ready.text());
+    let v = Viewer::new(stack.public());
+    assert_eq!(v.get(&host, "/hello").await.status, 200);
+}

@@ -253,6 +253,21 @@ fn agent_dev_flags_match_the_docs() {
 }
 
 #[test]
+fn agent_start_flags_match_the_docs() {
+    check("netbore start", "netbore", &["start"], &all_env());
+}
+
+#[test]
+fn agent_config_check_flags_match_the_docs() {
+    check(
+        "netbore config check",
+        "netbore",
+        &["config", "check"],
+        &all_env(),
+    );
+}
+
+#[test]
 fn the_shared_variables_are_the_ones_the_code_reads() {
     let doc = doc();
     let s = section(&doc, "Shared by all three");
