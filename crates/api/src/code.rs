@@ -129,6 +129,12 @@ codes! {
     AccessInvalid = "access_invalid",
     /// Too many anonymous creations; retry after the `Retry-After`.
     RateLimited = "rate_limited",
+    /// The tunnel kind is not `http`, `tcp` or `tls`.
+    TunnelKindInvalid = "tunnel_kind_invalid",
+    /// Control has no TCP port range (`--tcp-ports`), so it makes no TCP tunnels.
+    TcpDisabled = "tcp_disabled",
+    /// Every port of control's TCP range is held by a tunnel; retry once one is deleted.
+    TcpPortsExhausted = "tcp_ports_exhausted",
     // Edges.
     /// No edge is available to link to.
     NoEdges = "no_edges",
@@ -172,6 +178,8 @@ impl ErrorCode {
             | NameTaken
             | TunnelDeleted
             | AccessInvalid
+            | TunnelKindInvalid
+            | TcpDisabled
             | ApiKeyRevoked
             | ApiKeyExpired
             | ApiKeyNotFound
@@ -188,7 +196,7 @@ impl ErrorCode {
             // space, a busy or failing control can change by themselves.
             TokenNotYetValid | KeyError | NamesExhausted | TunnelNotFound | RateLimited
             | NoEdges | EdgeNotFound | StoreUnavailable | Internal | HttpError
-            | IdempotencyKeyInUse | Other(_) => false,
+            | IdempotencyKeyInUse | TcpPortsExhausted | Other(_) => false,
         }
     }
 

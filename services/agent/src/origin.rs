@@ -105,6 +105,8 @@ pub struct Origin {
     h1: HttpsClient,
     h2: HttpsClient,
     metrics: Arc<AgentMetrics>,
+    /// A raw TCP or TLS passthrough tunnel's origin ([`crate::tcp`]), not HTTP.
+    raw: Option<crate::tcp::TcpKind>,
 }
 
 impl Origin {
@@ -137,6 +139,7 @@ impl Origin {
             h2: build(true),
             cfg: Arc::new(cfg),
             metrics: Arc::default(),
+            raw: None,
         })
     }
 
@@ -144,6 +147,17 @@ impl Origin {
     pub fn with_metrics(mut self, metrics: Arc<AgentMetrics>) -> Origin {
         self.metrics = metrics;
         self
+    }
+
+    /// Makes this a raw TCP or TLS passthrough origin (`None`: HTTP).
+    pub fn with_raw(mut self, raw: Option<crate::tcp::TcpKind>) -> Origin {
+        self.raw = raw;
+        self
+    }
+
+    /// The raw tunnel kind, `None` for HTTP.
+    pub fn raw(&self) -> Option<crate::tcp::TcpKind> {
+        self.raw
     }
 
     /// The origin's base URL.
@@ -168,6 +182,12 @@ impl Origin {
             }
         }
         let _in_flight = InFlight(m);
+        if self.raw.is_some() {
+            let span = tracing::info_span!("tcp", stream = s.sender.id());
+            return crate::tcp::serve(s, &self.cfg.url, self.cfg.timeout, m)
+                .instrument(span)
+                .await;
+        }
         let span = request_span(&s.head);
         self.forward(s).instrument(span).await;
     }

@@ -145,6 +145,9 @@ pub struct ControlConfig {
     /// Credentials edges authenticate with on `EdgeService` (none: every edge call is
     /// refused, and only configured edges are candidates).
     pub edge_credentials: edge_auth::EdgeCredentials,
+    /// Ports TCP tunnels are given (`--tcp-ports`; the edges listen on the same
+    /// range). `None`: no TCP tunnels (`tcp_disabled`).
+    pub tcp_ports: Option<netbore_tokens::PortRange>,
 }
 
 impl Default for ControlConfig {
@@ -167,6 +170,7 @@ impl Default for ControlConfig {
             trusted_proxies: Vec::new(),
             edge_credentials: edge_auth::EdgeCredentials::default(),
             database_url: Secret::new(sql_store::MEMORY_URL),
+            tcp_ports: None,
         }
     }
 }

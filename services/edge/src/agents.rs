@@ -277,7 +277,10 @@ where
         cluster: cluster_place,
         key: token_key,
     };
-    if let Some(other) = name_held_elsewhere(&edge, &grant.name, &grant.tunnel_id).await {
+    // HTTP tunnels are routed by name; TCP ones by port, TLS passthrough ones by SNI
+    // ([`crate::tcp`]).
+    let route_key = grant.route_key();
+    if let Some(other) = name_held_elsewhere(&edge, &route_key, &grant.tunnel_id).await {
         warn!(tunnel = %grant.tunnel_id, name = %grant.name, holder = %other, "agent refused: another tunnel holds the name");
         return refuse(
             &edge,
@@ -341,7 +344,7 @@ where
         .map(|c| (c.clone(), c.holder(&grant.tunnel_id, conn_id)));
     if let Some((cluster, holder)) = &lease {
         let ttl = edge.config().registry_refresh * crate::forward::LEASE_REFRESHES;
-        if let Err(e) = cluster.register(&grant.name, holder.clone(), ttl).await {
+        if let Err(e) = cluster.register(&route_key, holder.clone(), ttl).await {
             edge.metrics().registry_error();
             warn!(tunnel = %grant.tunnel_id, error = %e, "cannot register the tunnel");
             return refuse(
@@ -394,7 +397,7 @@ where
         serde_json::to_string(&welcome).expect("serializable"),
     );
     if let Err(holder) = edge.routes().insert(
-        &grant.name,
+        &route_key,
         Route {
             tunnel_id: grant.tunnel_id.clone(),
             conn_id,
@@ -408,7 +411,7 @@ where
         warn!(tunnel = %grant.tunnel_id, name = %grant.name, holder = %holder, "agent refused: another tunnel holds the name");
         mux.close("the name is held by another tunnel with a live link");
         if let Some((cluster, holder)) = &lease {
-            cluster.unregister(&grant.name, holder).await;
+            cluster.unregister(&route_key, holder).await;
         }
         return Err("name held by another tunnel".into());
     }
@@ -419,9 +422,9 @@ where
     }
     info!(tunnel = %grant.tunnel_id, name = %grant.name, session = %session_id, agent = %hello.agent, instance = %hello.instance_id, credential = grant.credential.as_deref().unwrap_or(""), "agent connected");
     mux.closed().await;
-    edge.routes().remove(&grant.name, conn_id);
+    edge.routes().remove(&route_key, conn_id);
     if let Some((cluster, holder)) = &lease {
-        cluster.unregister(&grant.name, holder).await;
+        cluster.unregister(&route_key, holder).await;
     }
     edge.metrics()
         .agent_disconnects

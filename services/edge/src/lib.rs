@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod routes;
 pub mod sniff;
+pub mod tcp;
 pub mod telemetry;
 pub mod tls;
 
@@ -70,6 +71,8 @@ struct Inner {
     /// Open connections per peer address, on the public and the agent listener.
     public_conns: Arc<conns::PerAddress>,
     agent_conns: Arc<conns::PerAddress>,
+    /// Listeners of the TCP port range ([`tcp`]), served by [`run_with_internal`].
+    tcp_listeners: parking_lot::Mutex<Vec<tokio::net::TcpListener>>,
 }
 
 impl Edge {
@@ -95,6 +98,7 @@ impl Edge {
                 head_budget: Default::default(),
                 public_conns: Arc::new(conns::PerAddress::new(config.max_connections_per_address)),
                 agent_conns: Arc::new(conns::PerAddress::new(config.max_connections_per_address)),
+                tcp_listeners: Default::default(),
                 config,
             }),
         }
@@ -231,6 +235,12 @@ impl Edge {
         hit.len()
     }
 
+    /// Gives the edge the listeners of its TCP port range (see [`tcp::bind_range`]);
+    /// [`run_with_internal`] serves them. Call before it.
+    pub fn add_tcp_listeners(&self, listeners: Vec<tokio::net::TcpListener>) {
+        self.inner.tcp_listeners.lock().extend(listeners);
+    }
+
     /// Revocations, per-token link caps and session seeds.
     pub fn gate(&self) -> &Arc<gate::Gate> {
         &self.inner.gate
@@ -339,6 +349,10 @@ pub async fn run_with_internal(
             )));
         }
     }
+    let tcp_tasks: Vec<_> = std::mem::take(&mut *edge.inner.tcp_listeners.lock())
+        .into_iter()
+        .map(|l| tokio::spawn(tcp::serve_tcp(edge.clone(), l, accept_stop.clone())))
+        .collect();
     let p = tokio::spawn(proxy::serve_public(
         edge.clone(),
         public,
@@ -372,6 +386,9 @@ pub async fn run_with_internal(
     maintain_stop.cancel();
     let _ = p.await;
     let _ = a.await;
+    for t in tcp_tasks {
+        let _ = t.await;
+    }
     if let Some(t) = internal_task {
         let _ = t.await;
     }
