@@ -434,9 +434,13 @@ mod tests {
     /// A ClientHello as rustls writes it, for `name`.
     async fn hello_for(name: &str) -> Vec<u8> {
         let roots = rustls::RootCertStore::empty();
-        let cfg = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
         let mut conn = rustls::ClientConnection::new(
             std::sync::Arc::new(cfg),
             rustls::pki_types::ServerName::try_from(name.to_string()).unwrap(),
