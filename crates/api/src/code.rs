@@ -136,6 +136,12 @@ codes! {
     PolicyFixed = "policy_fixed",
     /// Too many anonymous creations; retry after the `Retry-After`.
     RateLimited = "rate_limited",
+    /// The tunnel kind is not `http`, `tcp` or `tls`.
+    TunnelKindInvalid = "tunnel_kind_invalid",
+    /// Control has no TCP port range (`--tcp-ports`), so it makes no TCP tunnels.
+    TcpDisabled = "tcp_disabled",
+    /// Every port of control's TCP range is held by a tunnel; retry once one is deleted.
+    TcpPortsExhausted = "tcp_ports_exhausted",
     // Edges.
     /// No edge is available to link to.
     NoEdges = "no_edges",
@@ -179,6 +185,8 @@ impl ErrorCode {
             | NameTaken
             | TunnelDeleted
             | AccessInvalid
+            | TunnelKindInvalid
+            | TcpDisabled
             | ApiKeyRevoked
             | ApiKeyExpired
             | ApiKeyNotFound
@@ -196,7 +204,8 @@ impl ErrorCode {
             // space, a busy or failing control can change by themselves.
             TokenNotYetValid | KeyError | NamesExhausted | TunnelNotFound | RateLimited
             | NoEdges | EdgeNotFound | StoreUnavailable | Internal | HttpError
-            | IdempotencyKeyInUse | TunnelDisabled | EnrollmentInProgress | Other(_) => false,
+            | IdempotencyKeyInUse | TunnelDisabled | EnrollmentInProgress | TcpPortsExhausted
+            | Other(_) => false,
         }
     }
 

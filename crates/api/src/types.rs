@@ -48,6 +48,11 @@ pub struct CreateTunnelRequest {
     /// tunnel credential, returned once in the response's `credential`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub issue_credential: bool,
+    /// What the tunnel carries: left out (or `"http"`) for HTTP, `"tcp"` for raw TCP
+    /// on a port control allocates (kept for the tunnel's life), `"tls"` for TLS
+    /// passed through by SNI to an origin that holds its own certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
 }
 
 /// One edge an agent may connect to.
@@ -89,6 +94,10 @@ pub struct CreateTunnelResponse {
     /// The credential issued with `issue_credential` (its secret shown this once).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential: Option<IssuedCredential>,
+    /// The public TCP port of a `tcp` tunnel (the same on every edge, kept while the
+    /// tunnel exists); left out for other kinds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_port: Option<u16>,
 }
 
 impl CreateTunnelResponse {

@@ -1742,15 +1742,17 @@ async fn heartbeat(shared: Arc<Shared>) {
 /// Size of each read from an upgraded connection.
 const BRIDGE_READ_CHUNK: usize = 32 * 1024;
 
-/// Joins an upgraded connection (a WebSocket, say) to a stream as a raw bidirectional
-/// byte stream. EOF on either side becomes a half-close on the other; a reset or an
-/// I/O error ends both.
+/// Joins an upgraded connection (a WebSocket, say) or a raw TCP connection to a stream
+/// as a raw bidirectional byte stream. EOF on either side becomes a half-close on the
+/// other (the other direction keeps flowing); a reset or an I/O error ends both at
+/// once, so a peer waiting to read is not left hanging.
 pub async fn bridge<IO>(io: IO, mut tx: StreamSender, mut rx: StreamReceiver)
 where
     IO: AsyncRead + AsyncWrite + Send + 'static,
 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (mut r, mut w) = tokio::io::split(io);
+    // Each direction returns true when it failed (reset, I/O error): both end then.
     let up = async move {
         let mut buf = BytesMut::with_capacity(BRIDGE_READ_CHUNK);
         loop {
@@ -1758,16 +1760,16 @@ where
             match r.read_buf(&mut buf).await {
                 Ok(0) => {
                     let _ = tx.finish();
-                    return;
+                    return false;
                 }
                 Ok(_) => {
                     if tx.send_data(buf.split().freeze()).await.is_err() {
-                        return;
+                        return true;
                     }
                 }
                 Err(_) => {
                     tx.reset(ResetCode::Cancel, "upgraded connection failed");
-                    return;
+                    return true;
                 }
             }
         }
@@ -1778,17 +1780,35 @@ where
                 Event::Data(d) => {
                     if w.write_all(&d).await.is_err() {
                         rx.reset(ResetCode::Cancel, "upgraded connection failed");
-                        return;
+                        return true;
                     }
                 }
                 Event::End | Event::Trailers(_) => {
                     let _ = w.shutdown().await;
-                    return;
+                    return false;
                 }
-                Event::Reset(..) => return,
+                Event::Reset(..) => return true,
                 Event::Head(_) => {}
             }
         }
+        true
     };
-    tokio::join!(up, down);
+    tokio::pin!(up, down);
+    let (mut up_done, mut down_done) = (false, false);
+    while !(up_done && down_done) {
+        tokio::select! {
+            failed = &mut up, if !up_done => {
+                if failed {
+                    return;
+                }
+                up_done = true;
+            }
+            failed = &mut down, if !down_done => {
+                if failed {
+                    return;
+                }
+                down_done = true;
+            }
+        }
+    }
 }

@@ -167,6 +167,14 @@ pub struct EphemeralClaims {
     /// token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cred: Option<String>,
+    /// What the tunnel carries: absent for HTTP, [`KIND_TCP`] (raw TCP on
+    /// [`EphemeralClaims::port`]) or [`KIND_TLS`] (TLS passed through by SNI). Edges
+    /// that predate it ignore it (they would serve the tunnel as HTTP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// The public TCP port of a [`KIND_TCP`] tunnel, the same on every edge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
     // No session-cookie key here: anyone holding the token (the agent, and any edge
     // the agent offers it to) could forge viewers' cookies with it. Edges derive the
     // key from a seed control sends only to authenticated edges ([`SessionSeed`]).
@@ -198,9 +206,84 @@ impl EphemeralClaims {
             access: access::AccessPolicy::default(),
             limits: access::TunnelLimits::default(),
             cred: None,
+            kind: None,
+            port: None,
         }
     }
 }
+
+/// A range of TCP ports, `LO-HI` inclusive (or one port): where control allocates
+/// TCP tunnels' public ports and where every edge accepts them (`--tcp-ports`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortRange {
+    /// First port.
+    pub lo: u16,
+    /// Last port (inclusive).
+    pub hi: u16,
+}
+
+/// Most ports one range may span: every edge holds a listener per port.
+pub const MAX_PORT_RANGE: u32 = 10_000;
+
+impl PortRange {
+    /// True when `port` is in the range.
+    pub fn contains(&self, port: u16) -> bool {
+        (self.lo..=self.hi).contains(&port)
+    }
+
+    /// The number of ports.
+    pub fn len(&self) -> u32 {
+        u32::from(self.hi) - u32::from(self.lo) + 1
+    }
+
+    /// Never true (a range holds at least one port); for clippy's `len` rule.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.lo, self.hi)
+    }
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<PortRange, String> {
+        let (a, b) = s.split_once('-').unwrap_or((s, s));
+        let parse = |p: &str| {
+            p.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|&p| p > 0)
+                .ok_or_else(|| format!("'{s}' is not a port range; give LO-HI with ports 1 to 65535, e.g. 20000-20999"))
+        };
+        let r = PortRange {
+            lo: parse(a)?,
+            hi: parse(b)?,
+        };
+        if r.lo > r.hi {
+            return Err(format!(
+                "'{s}' starts above where it ends; give LO-HI with LO <= HI, e.g. 20000-20999"
+            ));
+        }
+        if r.len() > MAX_PORT_RANGE {
+            return Err(format!(
+                "'{s}' spans {} ports, over the {MAX_PORT_RANGE} an edge listens on; give a smaller range",
+                r.len()
+            ));
+        }
+        Ok(r)
+    }
+}
+
+/// [`EphemeralClaims::kind`] of a raw TCP tunnel.
+pub const KIND_TCP: &str = "tcp";
+/// [`EphemeralClaims::kind`] of a TLS passthrough tunnel (routed by SNI, never
+/// terminated at the edge).
+pub const KIND_TLS: &str = "tls";
 
 /// Claims of a recreate token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -24,6 +24,7 @@ pub mod link;
 pub mod metrics;
 pub mod origin;
 pub mod state;
+pub mod tcp;
 pub mod tls;
 
 use std::sync::Arc;
@@ -249,9 +250,22 @@ pub async fn run_with_metrics(
     events: mpsc::UnboundedSender<AgentEvent>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
+    run_kind(cfg, None, metrics, events, shutdown).await
+}
+
+/// [`run_with_metrics`] for an HTTP tunnel (`raw` `None`) or a raw one
+/// ([`tcp::run_tcp`]).
+pub(crate) async fn run_kind(
+    cfg: AgentConfig,
+    raw: Option<tcp::TcpKind>,
+    metrics: Arc<AgentMetrics>,
+    events: mpsc::UnboundedSender<AgentEvent>,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
     let origin = Origin::new(cfg.origin.clone())
         .map_err(|e| fatal("origin_config", e))?
-        .with_metrics(metrics.clone());
+        .with_metrics(metrics.clone())
+        .with_raw(raw);
     let tls = Arc::new(
         tls::client_config(cfg.edge_ca_file.as_deref(), cfg.edge_insecure)
             .map_err(|e| fatal("tls_config", e))?,
@@ -510,6 +524,7 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
             limits: cfg.limits.clone(),
             tunnel_credential: cfg.tunnel_token.clone(),
             issue_credential: false,
+            kind: ctx.origin.raw().map(|k| k.as_str().to_string()),
         };
         let created = match ctx.control.create(&req).await {
             Ok(c) => c,
@@ -854,6 +869,7 @@ async fn renew_recreate(ctx: &Ctx) {
         recreate_token: Some(token),
         access: ctx.cfg.access.clone(),
         limits: ctx.cfg.limits.clone(),
+        kind: ctx.origin.raw().map(|k| k.as_str().to_string()),
         ..Default::default()
     };
     match ctx.control.create(&req).await {

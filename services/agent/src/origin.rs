@@ -107,6 +107,8 @@ pub struct Origin {
     /// connection of its own and never shares one with viewers' requests.
     probe: HttpsClient,
     metrics: Arc<AgentMetrics>,
+    /// A raw TCP or TLS passthrough tunnel's origin ([`crate::tcp`]), not HTTP.
+    raw: Option<crate::tcp::TcpKind>,
 }
 
 impl Origin {
@@ -143,6 +145,7 @@ impl Origin {
             probe: build(cfg.http2, false),
             cfg: Arc::new(cfg),
             metrics: Arc::default(),
+            raw: None,
         })
     }
 
@@ -150,6 +153,17 @@ impl Origin {
     pub fn with_metrics(mut self, metrics: Arc<AgentMetrics>) -> Origin {
         self.metrics = metrics;
         self
+    }
+
+    /// Makes this a raw TCP or TLS passthrough origin (`None`: HTTP).
+    pub fn with_raw(mut self, raw: Option<crate::tcp::TcpKind>) -> Origin {
+        self.raw = raw;
+        self
+    }
+
+    /// The raw tunnel kind, `None` for HTTP.
+    pub fn raw(&self) -> Option<crate::tcp::TcpKind> {
+        self.raw
     }
 
     /// The origin's base URL.
@@ -174,6 +188,12 @@ impl Origin {
             }
         }
         let _in_flight = InFlight(m);
+        if self.raw.is_some() {
+            let span = tracing::info_span!("tcp", stream = s.sender.id());
+            return crate::tcp::serve(s, &self.cfg.url, self.cfg.timeout, m)
+                .instrument(span)
+                .await;
+        }
         let span = request_span(&s.head);
         self.forward(s).instrument(span).await;
     }
@@ -384,6 +404,29 @@ impl Origin {
     /// result names the cause of a failure for people (never a secret).
     pub async fn probe(&self, path: &str) -> (OriginState, String) {
         let base = &self.cfg.url;
+        // A TCP or TLS passthrough origin speaks no HTTP: a connection that opens is
+        // healthy.
+        if self.raw.is_some() {
+            let addr = base.authority().map(|a| a.as_str()).unwrap_or("").to_string();
+            let within = PROBE_TIMEOUT.min(self.cfg.timeout);
+            return match tokio::time::timeout(within, tokio::net::TcpStream::connect(&addr))
+                .await
+            {
+                Err(_) => (
+                    OriginState::TimedOut,
+                    format!("connecting to {addr} got no answer within {within:?}"),
+                ),
+                Ok(Ok(_)) => (OriginState::Healthy, format!("{addr} accepts connections")),
+                Ok(Err(e)) => (
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                        OriginState::ConnectionRefused
+                    } else {
+                        OriginState::Unreachable
+                    },
+                    format!("connecting to {addr}: {e}"),
+                ),
+            };
+        }
         let path = if path.starts_with('/') {
             path.to_string()
         } else {

@@ -389,7 +389,12 @@ pub fn resolve(path: &Path, cfg: &FileConfig) -> Result<Plan, ConfigError> {
                 "the name '{n}' is also claimed by another tunnel in this file; give each its own"
             )));
         }
-        let url = OriginConfig::parse_target(&target).map_err(|e| at(format!("target: {e}")))?;
+        let url = match kind {
+            Kind::Http => OriginConfig::parse_target(&target),
+            // A raw tunnel's origin is HOST:PORT, as `netbore tcp` / `netbore tls` take it.
+            Kind::Tcp | Kind::Tls => netbore_agent::tcp::parse_target(&target),
+        }
+        .map_err(|e| at(format!("target: {e}")))?;
         if t.name.is_none()
             && let Some(other) = quick_origins.insert(url.to_string(), key.clone())
         {

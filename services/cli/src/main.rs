@@ -89,6 +89,22 @@ enum Cmd {
         #[arg(long, env = "NETBORE_KEEP")]
         keep: bool,
     },
+    /// Expose a local TCP service (a database, SSH, a game server) on a public port
+    /// of its own, the same on every edge and kept across restarts.
+    Tcp {
+        #[command(flatten)]
+        raw: RawArgs,
+        #[command(flatten)]
+        link: LinkArgs,
+    },
+    /// Expose a local TLS service by its SNI name on the edges' TLS port, passed
+    /// through untouched: the origin keeps its own certificate and key.
+    Tls {
+        #[command(flatten)]
+        raw: RawArgs,
+        #[command(flatten)]
+        link: LinkArgs,
+    },
     /// Run control, an edge and an agent in this process on loopback, and print a URL
     /// that curl and a browser can open.
     Dev {
@@ -195,6 +211,103 @@ struct StartArgs {
     log_json: bool,
     #[command(flatten)]
     file: FileArgs,
+}
+
+/// The origin and output of `netbore tcp` and `netbore tls`.
+#[derive(Args)]
+struct RawArgs {
+    /// The local service: a port (5432, on 127.0.0.1) or HOST:PORT.
+    target: String,
+    /// Print machine-readable JSON events on stdout instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Also write the public address to this file once the tunnel is live.
+    #[arg(long)]
+    url_file: Option<PathBuf>,
+    /// Seconds to wait for a connection to the origin.
+    #[arg(long, default_value_t = DEFAULT_ORIGIN_TIMEOUT.as_secs())]
+    origin_timeout: u64,
+    /// Where the recreate token is kept so a restart keeps the name and the port.
+    #[arg(long, env = "NETBORE_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Log as JSON lines (stderr).
+    #[arg(long)]
+    log_json: bool,
+    /// Serve /livez, /readyz (ready while a link to an edge is up) and /metrics here.
+    #[arg(long, env = "NETBORE_ADMIN_ADDR")]
+    admin_addr: Option<std::net::SocketAddr>,
+}
+
+impl RawArgs {
+    /// The same settings as [`Common`] (HTTP-only ones at their defaults).
+    fn common(&self) -> Common {
+        Common {
+            target: self.target.clone(),
+            json: self.json,
+            url_file: self.url_file.clone(),
+            origin_http2: false,
+            origin_ca: None,
+            origin_insecure: false,
+            host_header: "preserve".into(),
+            origin_timeout: self.origin_timeout,
+            state_dir: self.state_dir.clone(),
+            log_json: self.log_json,
+            admin_addr: self.admin_addr,
+            health_path: netbore_agent::DEFAULT_HEALTH_PATH.into(),
+            health_interval: netbore_agent::DEFAULT_HEALTH_INTERVAL.as_secs(),
+            access: AccessArgs {
+                access_file: None,
+                jwt_key: None,
+                jwt_secret_file: None,
+                jwt_claims: Vec::new(),
+                jwt_audience: None,
+                jwt_issuer: None,
+                jwt_forward_claims: Vec::new(),
+                basic_auth: Vec::new(),
+                allow_ip: Vec::new(),
+                deny_ip: Vec::new(),
+                frame_ancestors: Vec::new(),
+                cors_origins: Vec::new(),
+                max_body_bytes: None,
+            },
+        }
+    }
+}
+
+/// Control and the links of `netbore tcp` and `netbore tls` (as for `netbore http`).
+#[derive(Args)]
+struct LinkArgs {
+    /// Control's REST URL.
+    #[arg(
+        long,
+        env = "NETBORE_CONTROL_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    control: String,
+    /// Name to claim (NAME.<domain>; the SNI name of a TLS tunnel); random when not given.
+    #[arg(long, env = "NETBORE_NAME")]
+    name: Option<String>,
+    /// Management token: creates the tunnel or claims a name you hold no recreate
+    /// token for.
+    #[arg(long, env = "NETBORE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Tunnel credential (nbt_…): runs that named tunnel with no other secret.
+    #[arg(
+        long,
+        env = "NETBORE_TUNNEL_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token"
+    )]
+    tunnel_token: Option<String>,
+    /// Extra CA certificate (PEM) to trust for wss:// edges.
+    #[arg(long, env = "NETBORE_EDGE_CA")]
+    edge_ca: Option<PathBuf>,
+    /// Accept any edge certificate (development only).
+    #[arg(long)]
+    edge_insecure: bool,
+    /// Links to keep, each to a distinct edge, so losing one edge loses no traffic.
+    #[arg(long, env = "NETBORE_CONNECTIONS", default_value_t = 2, value_parser = at_least_one)]
+    connections: usize,
 }
 
 /// Who may reach the tunnel (docs/access.md). Without any of these it is public.
@@ -323,9 +436,12 @@ struct Common {
 }
 
 impl Common {
-    fn origin(&self) -> Result<OriginConfig, String> {
+    fn origin_for(&self, raw: Option<netbore_agent::tcp::TcpKind>) -> Result<OriginConfig, String> {
         Ok(OriginConfig {
-            url: OriginConfig::parse_target(&self.target)?,
+            url: match raw {
+                None => OriginConfig::parse_target(&self.target)?,
+                Some(_) => netbore_agent::tcp::parse_target(&self.target)?,
+            },
             http2: self.origin_http2,
             ca_file: self.origin_ca.clone(),
             insecure: self.origin_insecure,
@@ -356,8 +472,17 @@ static ALLOCATOR: netbore_telemetry::memory::Jemalloc = netbore_telemetry::memor
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let common = match &cli.cmd {
-        Cmd::Http { common, .. } | Cmd::Dev { common, .. } => common,
+    let raw_common;
+    let (common, raw_kind) = match &cli.cmd {
+        Cmd::Http { common, .. } | Cmd::Dev { common, .. } => (common, None),
+        Cmd::Tcp { raw, .. } => {
+            raw_common = raw.common();
+            (&raw_common, Some(netbore_agent::tcp::TcpKind::Tcp))
+        }
+        Cmd::Tls { raw, .. } => {
+            raw_common = raw.common();
+            (&raw_common, Some(netbore_agent::tcp::TcpKind::Tls))
+        }
         Cmd::HashPassword => return hash_password(),
         Cmd::Start(args) => return start(args).await,
         Cmd::Config {
@@ -391,7 +516,7 @@ async fn main() -> ExitCode {
     if let Err(e) = netbore_telemetry::memory::return_freed_memory() {
         tracing::warn!(error = %e, "freed memory returns to the OS only while busy");
     }
-    let origin = match common.origin() {
+    let origin = match common.origin_for(raw_kind) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("error: {e}");
@@ -443,6 +568,15 @@ async fn main() -> ExitCode {
             cfg.tunnel_token = tunnel_token.clone();
             cfg.edge_ca_file = edge_ca.clone();
             cfg.edge_insecure = *edge_insecure;
+        }
+        Cmd::Tcp { link, .. } | Cmd::Tls { link, .. } => {
+            cfg.connections = link.connections;
+            cfg.control_url = link.control.clone();
+            cfg.name = link.name.clone();
+            cfg.token = link.token.clone();
+            cfg.tunnel_token = link.tunnel_token.clone();
+            cfg.edge_ca_file = link.edge_ca.clone();
+            cfg.edge_insecure = link.edge_insecure;
         }
         Cmd::Dev { port, .. } => {
             let public = match tokio::net::TcpListener::bind(("127.0.0.1", *port)).await {
@@ -578,7 +712,10 @@ async fn main() -> ExitCode {
             }
         }
     });
-    let r = netbore_agent::run_with_metrics(cfg, metrics, tx, shutdown.clone()).await;
+    let r = match raw_kind {
+        None => netbore_agent::run_with_metrics(cfg, metrics, tx, shutdown.clone()).await,
+        Some(kind) => netbore_agent::tcp::run_tcp(cfg, kind, metrics, tx, shutdown.clone()).await,
+    };
     shutdown.cancel();
     let _ = printer.await;
     telemetry.shutdown().await;

@@ -28,9 +28,11 @@ pub async fn run_tunnel(
     events: mpsc::UnboundedSender<AgentEvent>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
+    use netbore_agent::tcp::{TcpKind, run_tcp};
     match plan.kind {
         Kind::Http => netbore_agent::run_with_metrics(plan.agent, metrics, events, shutdown).await,
-        Kind::Tcp | Kind::Tls => Err(unsupported(plan.kind)),
+        Kind::Tcp => run_tcp(plan.agent, TcpKind::Tcp, metrics, events, shutdown).await,
+        Kind::Tls => run_tcp(plan.agent, TcpKind::Tls, metrics, events, shutdown).await,
     }
 }
 
@@ -38,19 +40,7 @@ pub async fn run_tunnel(
 /// anything starts.
 pub fn supported(kind: Kind) -> Result<(), AgentError> {
     match kind {
-        Kind::Http => Ok(()),
-        Kind::Tcp | Kind::Tls => Err(unsupported(kind)),
-    }
-}
-
-fn unsupported(kind: Kind) -> AgentError {
-    AgentError::Fatal {
-        code: "kind_unsupported".into(),
-        message: format!(
-            "kind = \"{}\" is not supported by this build of netbore; use kind = \"http\", or a build with {} tunnels",
-            kind.as_str(),
-            kind.as_str().to_uppercase()
-        ),
+        Kind::Http | Kind::Tcp | Kind::Tls => Ok(()),
     }
 }
 

@@ -202,6 +202,8 @@ impl ControlService for ControlGrpc {
                 },
                 tunnel_credential: non_empty(r.tunnel_credential),
                 issue_credential: r.issue_credential,
+                // gRPC creates HTTP tunnels only (no proto field yet; REST has `kind`).
+                kind: None,
             },
             client,
             non_empty(r.idempotency_key),

@@ -155,6 +155,9 @@ pub struct ControlConfig {
     /// Most DNS labels a tunnel name may have (`localhost-8726.pod-myslug` has 2);
     /// 1 keeps names to one label, which a `*.<domain>` certificate covers.
     pub max_name_labels: usize,
+    /// Ports TCP tunnels are given (`--tcp-ports`; the edges listen on the same
+    /// range). `None`: no TCP tunnels (`tcp_disabled`).
+    pub tcp_ports: Option<netbore_tokens::PortRange>,
 }
 
 /// Days audit events are kept by default.
@@ -183,6 +186,7 @@ impl Default for ControlConfig {
             edge_credentials: edge_auth::EdgeCredentials::default(),
             audit_retention_days: DEFAULT_AUDIT_RETENTION_DAYS,
             database_url: Secret::new(sql_store::MEMORY_URL),
+            tcp_ports: None,
         }
     }
 }

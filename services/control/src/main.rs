@@ -99,6 +99,10 @@ struct Args {
     /// CIDRs); other peers are the client themselves.
     #[arg(long, env = "NETBORE_TRUSTED_PROXIES", value_delimiter = ',')]
     trusted_proxies: Vec<netbore_tokens::access::Cidr>,
+    /// Ports TCP tunnels are given, LO-HI (e.g. 20000-20999): each TCP tunnel keeps one
+    /// for its life. Give the edges the same range. Without it, no TCP tunnels.
+    #[arg(long, env = "NETBORE_TCP_PORTS")]
+    tcp_ports: Option<netbore_tokens::PortRange>,
     /// Redis shared by every control replica for live state: edge reports and
     /// deletions (redis://[:PASSWORD@]HOST:PORT[/DB]). Without it, live state is kept
     /// in this process and only one replica may run.
@@ -252,6 +256,7 @@ async fn main() -> anyhow::Result<()> {
         anonymous_create_burst: args.anonymous_create_burst,
         anonymous_create_per_minute: args.anonymous_create_per_minute,
         trusted_proxies: args.trusted_proxies.clone(),
+        tcp_ports: args.tcp_ports,
         edge_credentials,
         database_url,
     };

@@ -584,6 +584,7 @@ async fn create_inner(
     idempotency_key: Option<String>,
 ) -> Result<CreateTunnelResponse, ApiError> {
     let cfg = control.config();
+    let kind = tunnel_kind(cfg, req.kind.as_deref())?;
     // A tunnel credential (the field, or the bearer): its own tunnel, and nothing else.
     let (bearer, bearer_credential) = match bearer {
         Some(b) if is_credential(&b) => (None, Some(b)),
@@ -828,6 +829,25 @@ async fn create_inner(
         },
         None => (req.access, req.limits),
     };
+    // A TCP tunnel's port: the one it holds, or a free one it holds from now on.
+    let tcp_port = match (kind, cfg.tcp_ports) {
+        (Some(netbore_tokens::KIND_TCP), Some(range)) => Some(
+            control
+                .store()
+                .tcp_port(&record.tunnel_id, range, now)
+                .await?
+                .ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        ErrorCode::TcpPortsExhausted,
+                        format!(
+                            "every port of control's TCP range {range} is held by a tunnel; delete one, or widen --tcp-ports on control and the edges"
+                        ),
+                    )
+                })?,
+        ),
+        _ => None,
+    };
     let eph_ttl = cfg.ephemeral_ttl.as_secs();
     let (ephemeral, recreate_token) = {
         let keys = control.keys();
@@ -838,6 +858,8 @@ async fn create_inner(
         claims.access = access;
         claims.limits = limits;
         claims.cred = credential.as_ref().map(|(c, _)| c.id.clone());
+        claims.kind = kind.map(str::to_string);
+        claims.port = tcp_port;
         let e = keys.sign_ephemeral(&claims).map_err(ApiError::internal)?;
         if e.len() > netbore_tokens::MAX_TOKEN_LEN {
             return Err(ApiError::bad_request(format!(
@@ -911,9 +933,22 @@ async fn create_inner(
         )
         .await;
     }
+    let public_url = match (tcp_port, kind) {
+        (Some(p), _) => format!("tcp://{}.{}:{p}", record.name, cfg.domain),
+        // Passed through by SNI on the edges' TLS listener: always https.
+        (None, Some(netbore_tokens::KIND_TLS)) => {
+            let url = cfg.public_url_template.replace("{name}", &record.name);
+            match url.strip_prefix("http://") {
+                Some(rest) => format!("https://{rest}"),
+                None => url,
+            }
+        }
+        _ => cfg.public_url_template.replace("{name}", &record.name),
+    };
     Ok(CreateTunnelResponse {
         public_hostname: format!("{}.{}", record.name, cfg.domain),
-        public_url: cfg.public_url_template.replace("{name}", &record.name),
+        public_url,
+        tcp_port,
         tunnel_id: record.tunnel_id,
         candidates: cands,
         ephemeral_token: ephemeral,
@@ -922,6 +957,31 @@ async fn create_inner(
         note: notes.join("; "),
         credential: issued,
     })
+}
+
+/// The tunnel kind a create asks for: `None` for HTTP, else [`netbore_tokens::KIND_TCP`]
+/// or [`netbore_tokens::KIND_TLS`]. Checked before anything is claimed.
+fn tunnel_kind(
+    cfg: &crate::ControlConfig,
+    kind: Option<&str>,
+) -> Result<Option<&'static str>, ApiError> {
+    match kind {
+        None | Some("http") => Ok(None),
+        Some(netbore_tokens::KIND_TLS) => Ok(Some(netbore_tokens::KIND_TLS)),
+        Some(netbore_tokens::KIND_TCP) if cfg.tcp_ports.is_some() => {
+            Ok(Some(netbore_tokens::KIND_TCP))
+        }
+        Some(netbore_tokens::KIND_TCP) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::TcpDisabled,
+            "this control makes no TCP tunnels: its operator must give it a port range (--tcp-ports 20000-20999) and the edges the same one",
+        )),
+        Some(other) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::TunnelKindInvalid,
+            format!("'{other}' is not a tunnel kind; use \"http\", \"tcp\" or \"tls\""),
+        )),
+    }
 }
 
 /// Claims the tunnel's name in the store (the part of a create that holds anything).

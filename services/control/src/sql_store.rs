@@ -685,7 +685,93 @@ fn sqlite_file_url(url: &str, shown: &str) -> Result<String, ConfigError> {
     })
 }
 
+impl SqlStore {
+    /// One attempt of [`ControlStore::tcp_port`]; a unique violation means another
+    /// allocation took the port (or gave this tunnel one) meanwhile: try again.
+    async fn tcp_port_once(
+        pool: AnyPool,
+        tunnel_id: String,
+        range: netbore_tokens::PortRange,
+        now: u64,
+    ) -> Result<Option<u16>, sqlx::Error> {
+        let held: Option<i64> = sqlx::query("SELECT port FROM tcp_ports WHERE tunnel_id = $1")
+            .bind(tunnel_id.clone())
+            .fetch_optional(&pool)
+            .await?
+            .map(|r| r.try_get::<i64, _>(0))
+            .transpose()?;
+        if let Some(p) = held.and_then(|p| u16::try_from(p).ok())
+            && range.contains(p)
+        {
+            return Ok(Some(p));
+        }
+        // Outside the (changed) range, or none yet: free what this tunnel and gone
+        // tunnels hold, then take the lowest free port.
+        sqlx::query(
+            "DELETE FROM tcp_ports WHERE tunnel_id = $1 \
+             OR tunnel_id NOT IN (SELECT id FROM tunnels WHERE expires_at > $2)",
+        )
+        .bind(tunnel_id.clone())
+        .bind(db_now(now))
+        .execute(&pool)
+        .await?;
+        let taken: std::collections::HashSet<i64> =
+            sqlx::query("SELECT port FROM tcp_ports WHERE port >= $1 AND port <= $2")
+                .bind(i64::from(range.lo))
+                .bind(i64::from(range.hi))
+                .fetch_all(&pool)
+                .await?
+                .iter()
+                .map(|r| r.try_get::<i64, _>(0))
+                .collect::<Result<_, _>>()?;
+        let Some(port) = (range.lo..=range.hi).find(|p| !taken.contains(&i64::from(*p))) else {
+            return Ok(None);
+        };
+        sqlx::query("INSERT INTO tcp_ports (port, tunnel_id, created_at) VALUES ($1, $2, $3)")
+            .bind(i64::from(port))
+            .bind(tunnel_id)
+            .bind(db_now(now))
+            .execute(&pool)
+            .await?;
+        Ok(Some(port))
+    }
+}
+
 impl ControlStore for SqlStore {
+    fn tcp_port<'a>(
+        &'a self,
+        tunnel_id: &'a str,
+        range: netbore_tokens::PortRange,
+        now: u64,
+    ) -> StoreFuture<'a, Option<u16>> {
+        Box::pin(async move {
+            let pool = self.owned_pool().await?;
+            let mut last = String::new();
+            for _ in 0..CLAIM_ATTEMPTS {
+                let attempt = tokio::time::timeout(
+                    DB_CALL_TIMEOUT,
+                    SqlStore::tcp_port_once(pool.clone(), tunnel_id.to_owned(), range, now),
+                )
+                .await;
+                match attempt {
+                    Ok(Ok(p)) => return Ok(p),
+                    Ok(Err(e)) if lost_race(&e) => last = e.to_string(),
+                    Ok(Err(e)) => return Err(self.unavailable("allocating a TCP port", e)),
+                    Err(_) => {
+                        return Err(self.unavailable(
+                            "allocating a TCP port",
+                            format!("no answer within {} ms", DB_CALL_TIMEOUT.as_millis()),
+                        ));
+                    }
+                }
+            }
+            Err(self.unavailable(
+                "allocating a TCP port",
+                format!("lost {CLAIM_ATTEMPTS} races in a row ({last}); retry"),
+            ))
+        })
+    }
+
     fn claim_owned<'a>(
         &'a self,
         name: &'a str,

@@ -158,6 +158,15 @@ pub trait ControlStore: crate::accounts::AccountStore + Send + Sync + 'static {
     fn is_revoked<'a>(&'a self, tunnel_id: &'a str, now: u64) -> StoreFuture<'a, bool>;
     /// Fails while the store cannot serve (readiness probes ask this).
     fn ping(&self) -> StoreFuture<'_, ()>;
+    /// The public TCP port of `tunnel_id`: the one it holds when that is in `range`,
+    /// else the lowest port of `range` no live tunnel holds, now held by it (ports of
+    /// tunnels that are gone are free again). `None` when every port is held.
+    fn tcp_port<'a>(
+        &'a self,
+        tunnel_id: &'a str,
+        range: netbore_tokens::PortRange,
+        now: u64,
+    ) -> StoreFuture<'a, Option<u16>>;
     /// Stores a new credential with the SHA-256 (hex) of its secret. Fails on a prefix
     /// already used (odds about 2^-48; the caller may retry with a new secret) and on a
     /// tunnel that no longer exists.

@@ -288,7 +288,10 @@ where
         cluster: cluster_place,
         key: token_key,
     };
-    if let Some(other) = name_held_elsewhere(&edge, &grant.name, &grant.tunnel_id).await {
+    // HTTP tunnels are routed by name; TCP ones by port, TLS passthrough ones by SNI
+    // ([`crate::tcp`]).
+    let route_key = grant.route_key();
+    if let Some(other) = name_held_elsewhere(&edge, &route_key, &grant.tunnel_id).await {
         warn!(tunnel = %grant.tunnel_id, name = %grant.name, holder = %other, "agent refused: another tunnel holds the name");
         return refuse(
             &edge,
@@ -352,7 +355,7 @@ where
         .map(|c| (c.clone(), c.holder(&grant.tunnel_id, conn_id)));
     if let Some((cluster, holder)) = &lease {
         let ttl = edge.config().registry_refresh * crate::forward::LEASE_REFRESHES;
-        if let Err(e) = cluster.register(&grant.name, holder.clone(), ttl).await {
+        if let Err(e) = cluster.register(&route_key, holder.clone(), ttl).await {
             edge.metrics().registry_error();
             warn!(tunnel = %grant.tunnel_id, error = %e, "cannot register the tunnel");
             return refuse(
@@ -417,12 +420,12 @@ where
         peer: peer.to_string(),
         connected_at: crate::routes::unix_now(),
     };
-    if let Err(holder) = edge.routes().insert(&grant.name, route.clone()) {
+    if let Err(holder) = edge.routes().insert(&route_key, route.clone()) {
         // Another tunnel's agent took the name between the check above and now.
         warn!(tunnel = %grant.tunnel_id, name = %grant.name, holder = %holder, "agent refused: another tunnel holds the name");
         mux.close("the name is held by another tunnel with a live link");
         if let Some((cluster, holder)) = &lease {
-            cluster.unregister(&grant.name, holder).await;
+            cluster.unregister(&route_key, holder).await;
         }
         return Err("name held by another tunnel".into());
     }
@@ -441,11 +444,11 @@ where
             _ = mux.agent_status_changed() => edge.link_events().report_soon(),
         }
     }
-    edge.routes().remove(&grant.name, conn_id);
+    edge.routes().remove(&route_key, conn_id);
     edge.link_events()
         .record(&route, false, &mux.close_reason());
     if let Some((cluster, holder)) = &lease {
-        cluster.unregister(&grant.name, holder).await;
+        cluster.unregister(&route_key, holder).await;
     }
     edge.metrics().agent_disconnect();
     info!(tunnel = %grant.tunnel_id, name = %grant.name, session = %session_id, reason = %mux.close_reason(), "agent disconnected");

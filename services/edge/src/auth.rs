@@ -29,6 +29,23 @@ pub struct AgentGrant {
     /// The tunnel credential the token was issued for (its id, the `cred` claim), if
     /// any: revoking it closes this link.
     pub credential: Option<String>,
+    /// What the tunnel carries (the `kind` claim): `None` for HTTP, `tcp` or `tls`.
+    pub kind: Option<String>,
+    /// The public port of a `tcp` tunnel (the `port` claim).
+    pub port: Option<u16>,
+}
+
+impl AgentGrant {
+    /// The key the tunnel is routed by, here and in the registry: its name for HTTP,
+    /// [`crate::tcp::tcp_key`] of its port for TCP, [`crate::tcp::tls_key`] of its name
+    /// for TLS passthrough. The keys cannot collide: names hold no `:`.
+    pub fn route_key(&self) -> String {
+        match (self.kind.as_deref(), self.port) {
+            (Some(netbore_tokens::KIND_TCP), Some(port)) => crate::tcp::tcp_key(port),
+            (Some(netbore_tokens::KIND_TLS), _) => crate::tcp::tls_key(&self.name),
+            _ => self.name.clone(),
+        }
+    }
 }
 
 /// Why a token was refused.
@@ -67,6 +84,8 @@ fn grant(c: netbore_tokens::EphemeralClaims) -> AgentGrant {
         limits: c.limits,
         expires_at: c.exp,
         credential: c.cred,
+        kind: c.kind,
+        port: c.port,
     }
 }
 

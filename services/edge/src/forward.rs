@@ -188,7 +188,11 @@ impl Cluster {
 
     /// The holders of `name` other than this edge (and those in `via`), usable ones
     /// first; `Err` when the registry is unreachable and nothing cached is recent.
-    async fn holders(&self, name: &str, via: &[String]) -> Result<Vec<Holder>, RegistryError> {
+    pub(crate) async fn holders(
+        &self,
+        name: &str,
+        via: &[String],
+    ) -> Result<Vec<Holder>, RegistryError> {
         let cached = self.cache.lock().get(name).cloned();
         let list = match cached {
             Some((h, at)) if at.elapsed() < CACHE_FRESH => h,
@@ -270,6 +274,11 @@ impl Cluster {
         self.bad.lock().insert(h.addr.clone(), Instant::now());
         // Its leases may outlive it: look again next time.
         self.forget(netbore_registry::ALL);
+    }
+
+    /// The internal credential, for a forwarded raw TCP connection's request head.
+    pub(crate) fn secret_text(&self) -> &str {
+        self.secret.expose()
     }
 
     /// True when `value` is the internal credential (compared in constant time).
@@ -660,5 +669,9 @@ async fn internal(edge: Edge, cluster: Arc<Cluster>, req: Request<Incoming>) -> 
     let via: Vec<String> = text(VIA_HEADER)
         .map(|v| v.split(',').map(str::to_string).collect())
         .unwrap_or_default();
+    if crate::tcp::is_tcp_upgrade(&req) {
+        // A raw TCP or TLS passthrough connection: `host` is its route key.
+        return crate::tcp::internal(edge, req, host, client).await;
+    }
     crate::proxy::handle_with(edge, req, Some(host), view, via).await
 }

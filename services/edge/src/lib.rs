@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod routes;
 pub mod sniff;
+pub mod tcp;
 pub mod telemetry;
 pub mod tls;
 
@@ -72,6 +73,8 @@ struct Inner {
     agent_conns: Arc<conns::PerAddress>,
     /// Link events waiting for control's acknowledgement.
     link_events: control_link::LinkEvents,
+    /// Listeners of the TCP port range ([`tcp`]), served by [`run_with_internal`].
+    tcp_listeners: parking_lot::Mutex<Vec<tokio::net::TcpListener>>,
 }
 
 impl Edge {
@@ -98,6 +101,7 @@ impl Edge {
                 public_conns: Arc::new(conns::PerAddress::new(config.max_connections_per_address)),
                 agent_conns: Arc::new(conns::PerAddress::new(config.max_connections_per_address)),
                 link_events: Default::default(),
+                tcp_listeners: Default::default(),
                 config,
             }),
         }
@@ -253,6 +257,12 @@ impl Edge {
         hit.len()
     }
 
+    /// Gives the edge the listeners of its TCP port range (see [`tcp::bind_range`]);
+    /// [`run_with_internal`] serves them. Call before it.
+    pub fn add_tcp_listeners(&self, listeners: Vec<tokio::net::TcpListener>) {
+        self.inner.tcp_listeners.lock().extend(listeners);
+    }
+
     /// Revocations, per-token link caps and session seeds.
     pub fn gate(&self) -> &Arc<gate::Gate> {
         &self.inner.gate
@@ -361,6 +371,10 @@ pub async fn run_with_internal(
             )));
         }
     }
+    let tcp_tasks: Vec<_> = std::mem::take(&mut *edge.inner.tcp_listeners.lock())
+        .into_iter()
+        .map(|l| tokio::spawn(tcp::serve_tcp(edge.clone(), l, accept_stop.clone())))
+        .collect();
     let p = tokio::spawn(proxy::serve_public(
         edge.clone(),
         public,
@@ -394,6 +408,9 @@ pub async fn run_with_internal(
     maintain_stop.cancel();
     let _ = p.await;
     let _ = a.await;
+    for t in tcp_tasks {
+        let _ = t.await;
+    }
     if let Some(t) = internal_task {
         let _ = t.await;
     }

@@ -22,6 +22,14 @@ struct Args {
     /// Admin address for /livez and /readyz.
     #[arg(long, env = "NETBORE_ADMIN_ADDR", default_value = "0.0.0.0:9090")]
     admin_addr: SocketAddr,
+    /// Ports of TCP tunnels, LO-HI (e.g. 20000-20999): the edge listens on each and
+    /// relays a connection to the tunnel control gave that port. Give control the same
+    /// range. Without it, no TCP tunnels here.
+    #[arg(long, env = "NETBORE_TCP_PORTS")]
+    tcp_ports: Option<netbore_tokens::PortRange>,
+    /// Address the TCP tunnel ports listen on.
+    #[arg(long, env = "NETBORE_TCP_HOST", default_value = "0.0.0.0")]
+    tcp_host: std::net::IpAddr,
     /// Load balancer ranges whose X-Forwarded-For / X-Forwarded-Proto are believed
     /// (comma-separated CIDRs); others' are replaced.
     #[arg(long, env = "NETBORE_TRUSTED_PROXIES", value_delimiter = ',')]
@@ -221,6 +229,18 @@ async fn main() -> anyhow::Result<()> {
             Some(listener)
         }
     };
+    if let Some(range) = args.tcp_ports {
+        let listeners = netbore_edge::tcp::bind_range(args.tcp_host, range)
+            .await
+            .with_context(|| {
+                format!(
+                    "binding the TCP tunnel ports {range} on {} (--tcp-ports, --tcp-host)",
+                    args.tcp_host
+                )
+            })?;
+        tracing::info!(tcp_ports = %range, tcp_host = %args.tcp_host, "TCP tunnel ports listening");
+        edge.add_tcp_listeners(listeners);
+    }
     tracing::info!(public = %public.local_addr()?, agents = %agents.local_addr()?, admin = %admin.local_addr()?, domain = %args.domain, edge_id = %args.edge_id, "edge listening");
     let shutdown = CancellationToken::new();
     tokio::spawn(netbore_edge::telemetry::on_signal(shutdown.clone()));

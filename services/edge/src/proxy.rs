@@ -114,6 +114,27 @@ pub async fn serve_public(edge: Edge, listener: TcpListener, stop: CancellationT
                 match edge2.tls().map(|t| t.public_acceptor()) {
                     None => serve_conn(edge2, builder, tcp, peer, stop).await,
                     Some(acceptor) => {
+                        // The ClientHello is read first: an SNI naming a passthrough
+                        // tunnel gets the raw bytes relayed, never terminated here.
+                        let mut tcp = tcp;
+                        let (hello, sni) = match tokio::time::timeout(
+                            HANDSHAKE_TIMEOUT,
+                            crate::tcp::read_client_hello(&mut tcp),
+                        )
+                        .await
+                        {
+                            Ok(Ok(h)) => h,
+                            Ok(Err(e)) => return debug!(error = %e, "viewer TLS handshake failed"),
+                            Err(_) => return debug!("viewer TLS handshake timed out"),
+                        };
+                        if let Some(sni) = sni
+                            && let Some(key) = crate::tcp::passthrough_key(&edge2, &sni).await
+                        {
+                            let io = crate::tcp::Prefixed::new(hello, tcp);
+                            crate::tcp::relay(&edge2, &key, io, peer.ip(), Vec::new()).await;
+                            return;
+                        }
+                        let tcp = crate::tcp::Prefixed::new(hello, tcp);
                         match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                             Ok(Ok(tls)) => serve_conn(edge2, builder, tls, peer, stop).await,
                             Ok(Err(e)) => debug!(error = %e, "viewer TLS handshake failed"),

@@ -248,6 +248,22 @@ fn agent_http_flags_match_the_docs() {
 }
 
 #[test]
+fn agent_tcp_and_tls_flags_match_the_docs() {
+    check(
+        "netbore tcp and netbore tls",
+        "netbore",
+        &["tcp"],
+        &all_env(),
+    );
+    check(
+        "netbore tcp and netbore tls",
+        "netbore",
+        &["tls"],
+        &all_env(),
+    );
+}
+
+#[test]
 fn agent_dev_flags_match_the_docs() {
     check("netbore dev", "netbore", &["dev"], &all_env());
 }

@@ -223,21 +223,6 @@ fn config_check_prints_effective_settings_with_secrets_redacted() {
 }
 
 #[test]
-fn a_tcp_tunnel_is_refused_by_this_build_before_anything_starts() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(
-        dir.path(),
-        "[tunnels.web]\ntarget = \"3000\"\n[tunnels.db]\nkind = \"tcp\"\ntarget = \"5432\"\n",
-    );
-    let (code, _, err) = run(&["start", "--all", "--config", cfg.to_str().unwrap()], &[]);
-    assert_eq!(code, 2, "{err}");
-    assert!(
-        err.contains("tunnel 'db'") && err.contains("not supported by this build"),
-        "{err}"
-    );
-}
-
-#[test]
 fn the_config_file_is_found_through_netbore_config_and_the_config_dir() {
     let dir = tempfile::tempdir().unwrap();
     let xdg = dir.path().join("xdg");

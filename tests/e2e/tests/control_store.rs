@@ -137,6 +137,51 @@ async fn contract_a_tunnel_holds_one_name() {
 }
 
 #[tokio::test]
+async fn contract_a_tcp_port_is_kept_by_its_tunnel_and_freed_when_it_is_gone() {
+    let (stores, _pg) = stores().await;
+    let b = now_unix();
+    let range: netbore_tokens::PortRange = "20000-20001".parse().unwrap();
+    for (kind, s) in &stores {
+        let s = s.as_ref();
+        for (name, id) in [("a", "ta"), ("b", "tb"), ("c", "tc")] {
+            assert!(won(s, name, id, b, b + 100, false).await, "{kind}");
+        }
+        assert_eq!(
+            s.tcp_port("ta", range, b).await.unwrap(),
+            Some(20000),
+            "{kind}"
+        );
+        assert_eq!(
+            s.tcp_port("tb", range, b).await.unwrap(),
+            Some(20001),
+            "{kind}"
+        );
+        // Kept: asked again (a restart, a recreate), the same port.
+        assert_eq!(
+            s.tcp_port("ta", range, b + 1).await.unwrap(),
+            Some(20000),
+            "{kind}"
+        );
+        // Full: a third tunnel gets none.
+        assert_eq!(s.tcp_port("tc", range, b).await.unwrap(), None, "{kind}");
+        // A deleted tunnel's port is free again.
+        s.remove("ta").await.unwrap();
+        assert_eq!(
+            s.tcp_port("tc", range, b + 2).await.unwrap(),
+            Some(20000),
+            "{kind}"
+        );
+        // A narrower range moves a tunnel whose port fell outside it.
+        let narrow: netbore_tokens::PortRange = "20001-20002".parse().unwrap();
+        assert_eq!(
+            s.tcp_port("tc", narrow, b + 3).await.unwrap(),
+            Some(20002),
+            "{kind}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn contract_concurrent_claims_of_one_name_have_exactly_one_winner() {
     let (stores, _pg) = stores().await;
     let b = now_unix();
