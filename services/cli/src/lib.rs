@@ -2,4 +2,5 @@
 //! process (`netbore dev`, and the test kit). The agent itself is `netbore-agent`,
 //! which links no server.
 
+pub mod console;
 pub mod dev;
