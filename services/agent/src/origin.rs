@@ -388,6 +388,12 @@ impl Origin {
         if !target.starts_with('/') {
             return Err(format!("the path '{target}' must start with '/'"));
         }
+        // The body is sent whole: its length is set by hyper, never a stale one.
+        let headers: Vec<(String, Bytes)> = headers
+            .into_iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v))
+            .filter(|(k, _)| k != "content-length" && k != "transfer-encoding")
+            .collect();
         let mut rec = obs.begin(method, target, headers.clone(), Some(of));
         let base = &self.cfg.url;
         let uri = format!(
@@ -400,11 +406,6 @@ impl Origin {
         let mut builder = Request::builder().method(method).uri(uri);
         let use_h2 = self.cfg.http2;
         for (k, v) in &headers {
-            let k = k.to_ascii_lowercase();
-            // The body is sent whole: its length is set by hyper, never a stale one.
-            if k == "content-length" || k == "transfer-encoding" {
-                continue;
-            }
             if k == "host" && (use_h2 || self.cfg.host_header != HostHeader::Preserve) {
                 continue;
             }

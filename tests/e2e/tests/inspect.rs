@@ -435,9 +435,8 @@ async fn capture_keeps_its_caps_through_a_256_mib_upload_and_download() {
     });
 
     // Upload: a streamed body of SIZE bytes to the sink.
-    let (tx, rx) = tokio::sync::mpsc::channel::<
-        Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>,
-    >(4);
+    let (tx, rx) =
+        tokio::sync::mpsc::channel::<Result<http_body::Frame<bytes::Bytes>, std::io::Error>>(4);
     let body =
         http_body_util::StreamBody::new(futures_util::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|f| (f, rx))
@@ -732,8 +731,11 @@ async fn in_chromium_requests_appear_live_show_their_bodies_and_replay() {
     );
 
     // Edit and replay: the edit reaches the origin.
-    b.eval("[...document.querySelectorAll('tr.row')].find(tr => tr.textContent.includes('/echo') && !tr.textContent.includes('replay of')).click()").await;
-    b.wait("document.getElementById('edit')").await;
+    let orig = b
+        .eval("(() => { const tr = [...document.querySelectorAll('tr.row')].find(tr => tr.textContent.includes('/echo') && !tr.textContent.includes('replay of')); tr.click(); return Number(tr.dataset.id); })()")
+        .await;
+    // The detail of that request, not the one shown before.
+    b.wait(&format!("document.querySelector('#detail .meta') && document.querySelector('#detail .meta').textContent.startsWith('#{orig} ')")).await;
     b.eval(
         "document.getElementById('edit').click();
          document.getElementById('edit-body').value = '{\"order\":43}';
@@ -745,6 +747,15 @@ async fn in_chromium_requests_appear_live_show_their_bodies_and_replay() {
     let last = origin.seen().last().unwrap().clone();
     assert_eq!(last.target, "/echo?edited=yes");
     assert_eq!(last.header("authorization"), Some("Bearer s3cret-header"));
+    let meta = b
+        .eval("document.querySelector('#detail .meta').textContent")
+        .await;
+    assert!(
+        meta.as_str()
+            .unwrap()
+            .contains(&format!("replay of #{orig}")),
+        "{meta}"
+    );
     assert_eq!(
         b.eval("document.querySelectorAll('tr.row').length").await,
         json!(4)

@@ -951,6 +951,26 @@ pub fn classify(e: &(dyn std::error::Error + 'static)) -> (FailureCause, String)
         cur = err.source();
     }
     let chain = crate::origin::error_chain(e);
+    // The TLS error may sit inside an io::Error whose `source` skips it: read the text.
+    if let Some(i) = chain.find("invalid peer certificate: ") {
+        let rest = &chain[i + "invalid peer certificate: ".len()..];
+        let why = if rest.starts_with("UnknownIssuer") {
+            "signed by an unknown authority (self-signed or a private CA)".to_string()
+        } else if rest.starts_with("Expired") {
+            "expired".to_string()
+        } else if rest.starts_with("NotValidForName") {
+            "not valid for the origin's host name".to_string()
+        } else {
+            rest.to_string()
+        };
+        return (
+            FailureCause::CertificateRefused,
+            format!("the origin's certificate is not trusted: {why}"),
+        );
+    }
+    if chain.to_ascii_lowercase().contains("connection refused") {
+        return (FailureCause::ConnectionRefused, chain);
+    }
     if chain.contains("dns error") || chain.contains("failed to lookup") {
         return (FailureCause::Unreachable, chain);
     }
