@@ -91,10 +91,9 @@ async fn wait_entry(inspector: &str, pick: impl Fn(&Value) -> bool) -> Value {
         if let Some(e) = list["requests"]
             .as_array()
             .and_then(|a| a.iter().find(|e| pick(e)))
+            && e["state"] != "in_progress"
         {
-            if e["state"] != "in_progress" {
-                return e.clone();
-            }
+            return e.clone();
         }
         assert!(Instant::now() < deadline, "no such request in {list}");
         tokio::time::sleep(Duration::from_millis(50)).await;
