@@ -20,6 +20,7 @@
 //! with `credential_revoked` (no retry).
 
 pub mod access;
+pub mod inspect;
 pub mod link;
 pub mod metrics;
 pub mod origin;
@@ -120,6 +121,8 @@ pub enum AgentEvent {
         origin: String,
         /// Links to edges now up (this one included).
         links: usize,
+        /// The edges those links reach.
+        edges: Vec<String>,
     },
     /// A link dropped (or could not be made); retrying after `retry_in_ms`.
     Reconnecting {
@@ -129,6 +132,8 @@ pub enum AgentEvent {
         retry_in_ms: u64,
         /// Links to edges still up.
         links: usize,
+        /// The edges those links reach.
+        edges: Vec<String>,
     },
     /// The public URL changed (a quick tunnel whose recreate token was refused got a
     /// new name); the next `Live` carries the new URL. Never happens with `--name`.
@@ -250,22 +255,36 @@ pub async fn run_with_metrics(
     events: mpsc::UnboundedSender<AgentEvent>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
-    run_kind(cfg, None, metrics, events, shutdown).await
+    run_kind(cfg, None, metrics, None, events, shutdown).await
 }
 
-/// [`run_with_metrics`] for an HTTP tunnel (`raw` `None`) or a raw one
+/// Like [`run_with_metrics`], telling `observer` about every request (the console
+/// and the inspector, [`inspect`]).
+pub async fn run_observed(
+    cfg: AgentConfig,
+    metrics: Arc<AgentMetrics>,
+    observer: Option<Arc<inspect::Observer>>,
+    events: mpsc::UnboundedSender<AgentEvent>,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    run_kind(cfg, None, metrics, observer, events, shutdown).await
+}
+
+/// [`run_observed`] for an HTTP tunnel (`raw` `None`) or a raw one
 /// ([`tcp::run_tcp`]).
 pub(crate) async fn run_kind(
     cfg: AgentConfig,
     raw: Option<tcp::TcpKind>,
     metrics: Arc<AgentMetrics>,
+    observer: Option<Arc<inspect::Observer>>,
     events: mpsc::UnboundedSender<AgentEvent>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
     let origin = Origin::new(cfg.origin.clone())
         .map_err(|e| fatal("origin_config", e))?
         .with_metrics(metrics.clone())
-        .with_raw(raw);
+        .with_raw(raw)
+        .with_observer(observer);
     let tls = Arc::new(
         tls::client_config(cfg.edge_ca_file.as_deref(), cfg.edge_insecure)
             .map_err(|e| fatal("tls_config", e))?,
@@ -410,6 +429,15 @@ async fn probe_origin(ctx: Arc<Ctx>) {
         for m in links {
             m.send_agent_status(st.clone());
         }
+    }
+}
+
+impl Ctx {
+    /// The edges held now, sorted.
+    fn edges(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.held.lock().iter().cloned().collect();
+        v.sort();
+        v
     }
 }
 
@@ -593,6 +621,7 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
                     reason: e.to_string(),
                     retry_in_ms: delay.as_millis() as u64,
                     links: ctx.links.load(Ordering::Acquire),
+                    edges: ctx.edges(),
                 });
                 if sleep_or_stop(delay, &stop).await {
                     return;
@@ -711,6 +740,7 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
                 reason: last_err,
                 retry_in_ms: delay.as_millis() as u64,
                 links: ctx.links.load(Ordering::Acquire),
+                edges: ctx.edges(),
             });
             if sleep_or_stop(delay, &stop).await {
                 return;
@@ -762,6 +792,7 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
             edge_id: edge_id.clone(),
             origin: ctx.origin.url().to_string(),
             links,
+            edges: ctx.edges(),
         });
         let span = info_span!("link", session = %l.welcome.session_id, tunnel = %created.tunnel_id);
         tokio::spawn(
@@ -815,6 +846,7 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
                 reason: format!("edge {edge_id} is going away"),
                 retry_in_ms: 0,
                 links,
+                edges: ctx.edges(),
             });
             continue;
         }
@@ -827,6 +859,7 @@ async fn slot(ctx: Arc<Ctx>, index: usize) {
             reason: mux.close_reason(),
             retry_in_ms: delay.as_millis() as u64,
             links,
+            edges: ctx.edges(),
         });
         if sleep_or_stop(delay, &stop).await {
             return;

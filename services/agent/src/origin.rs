@@ -20,6 +20,7 @@ use netbore_mux::{IncomingStream, bridge};
 use netbore_protocol::{OriginState, ResetCode, ResponseHead};
 use tracing::{Instrument, debug};
 
+use crate::inspect::{Observer, Recording, TeeBody, classify, fix_for};
 use crate::metrics::{AgentMetrics, OriginErrorKind};
 
 type OriginBody = BoxBody<Bytes, std::io::Error>;
@@ -109,6 +110,7 @@ pub struct Origin {
     metrics: Arc<AgentMetrics>,
     /// A raw TCP or TLS passthrough tunnel's origin ([`crate::tcp`]), not HTTP.
     raw: Option<crate::tcp::TcpKind>,
+    observer: Option<Arc<Observer>>,
 }
 
 impl Origin {
@@ -146,6 +148,7 @@ impl Origin {
             cfg: Arc::new(cfg),
             metrics: Arc::default(),
             raw: None,
+            observer: None,
         })
     }
 
@@ -164,6 +167,12 @@ impl Origin {
     /// The raw tunnel kind, `None` for HTTP.
     pub fn raw(&self) -> Option<crate::tcp::TcpKind> {
         self.raw
+    }
+
+    /// Tells `observer` about every request (the console, the inspector).
+    pub fn with_observer(mut self, observer: Option<Arc<Observer>>) -> Origin {
+        self.observer = observer;
+        self
     }
 
     /// The origin's base URL.
@@ -205,6 +214,14 @@ impl Origin {
             mut sender,
             receiver,
         } = s;
+        let mut rec = self.observer.as_ref().map(|o| {
+            let hs = head
+                .headers
+                .iter()
+                .map(|h| (h.name.clone(), h.value.clone()))
+                .collect();
+            o.begin(&head.method, &head.target, hs, None)
+        });
         let upgrade = head.headers.iter().any(|h| h.name == "upgrade");
         let grpc = head
             .headers
@@ -262,7 +279,11 @@ impl Origin {
         let (body, keep_rx): (OriginBody, _) = if end_stream || upgrade {
             (Empty::new().map_err(|n| match n {}).boxed(), Some(receiver))
         } else {
-            (StreamBody::new(receiver).boxed(), None)
+            let b = StreamBody::new(receiver);
+            match &rec {
+                Some(r) => (r.request_body(b).boxed(), None),
+                None => (b.boxed(), None),
+            }
         };
         let req = match builder.body(body) {
             Ok(r) => r,
@@ -278,6 +299,11 @@ impl Origin {
         let resp = match tokio::time::timeout(self.cfg.timeout, client.request(req)).await {
             Err(_) => {
                 self.metrics.origin_error(OriginErrorKind::Timeout);
+                self.record_failure(
+                    rec.as_mut(),
+                    crate::inspect::FailureCause::TimedOut,
+                    format!("no response head within {:?}", self.cfg.timeout),
+                );
                 sender.reset(
                     ResetCode::OriginTimeout,
                     &format!("the origin did not answer within {:?}", self.cfg.timeout),
@@ -293,6 +319,8 @@ impl Origin {
                     ResetCode::OriginError
                 };
                 debug!(error = ?e, "origin request failed");
+                let (cause, message) = classify(&e);
+                self.record_failure(rec.as_mut(), cause, message);
                 sender.reset(
                     code,
                     &format!("origin {}: {}", self.cfg.url, error_chain(&e)),
@@ -302,6 +330,9 @@ impl Origin {
             Ok(Ok(r)) => r,
         };
         let status = resp.status().as_u16();
+        if let Some(r) = rec.as_mut() {
+            r.response(status, resp.headers());
+        }
         self.metrics.response(status);
         tracing::Span::current().record("http.response.status_code", status);
         if status == 101 && upgrade {
@@ -330,7 +361,7 @@ impl Origin {
         }
         drop(keep_rx);
         let headers = from_header_map(resp.headers());
-        let body = resp.into_body();
+        let body = TeeBody::new(resp.into_body(), rec.as_ref().map(|r| r.response_capture()));
         let end = http_body::Body::is_end_stream(&body);
         match sender.send_response(ResponseHead { status, headers }, end) {
             Err(netbore_mux::MuxError::TooLarge(why)) => {
@@ -347,7 +378,121 @@ impl Origin {
         if let PumpEnd::BodyFailed(e) = pump_body(body, &mut sender, ResetCode::OriginError).await {
             self.metrics.origin_error(OriginErrorKind::Error);
             debug!(error = %e, "origin response body failed");
+            if let Some(r) = rec.as_mut() {
+                r.failed(None, &format!("the origin's response body failed: {e}"), "");
+            }
         }
+    }
+
+    fn record_failure(
+        &self,
+        rec: Option<&mut Recording>,
+        cause: crate::inspect::FailureCause,
+        message: String,
+    ) {
+        if let Some(r) = rec {
+            let fix = fix_for(cause, &self.cfg.url.to_string(), self.cfg.timeout);
+            r.failed(Some(cause), &message, &fix);
+        }
+    }
+
+    /// Sends a request captured by the inspector (possibly edited) to the origin again,
+    /// directly (not through the tunnel), and files it as a replay of `of`. Returns the
+    /// new request's id once its response has ended.
+    pub async fn replay(
+        &self,
+        of: u64,
+        method: &str,
+        target: &str,
+        headers: Vec<(String, Bytes)>,
+        body: Bytes,
+    ) -> Result<u64, String> {
+        use http_body_util::Full;
+        let Some(obs) = &self.observer else {
+            return Err("the inspector is off".into());
+        };
+        if !target.starts_with('/') {
+            return Err(format!("the path '{target}' must start with '/'"));
+        }
+        // The body is sent whole: its length is set by hyper, never a stale one.
+        let headers: Vec<(String, Bytes)> = headers
+            .into_iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v))
+            .filter(|(k, _)| k != "content-length" && k != "transfer-encoding")
+            .collect();
+        let mut rec = obs.begin(method, target, headers.clone(), Some(of));
+        let base = &self.cfg.url;
+        let uri = format!(
+            "{}://{}{}{}",
+            base.scheme_str().unwrap_or("http"),
+            base.authority().map(|a| a.as_str()).unwrap_or(""),
+            base.path().trim_end_matches('/'),
+            target
+        );
+        let mut builder = Request::builder().method(method).uri(uri);
+        let use_h2 = self.cfg.http2;
+        for (k, v) in &headers {
+            if k == "host" && (use_h2 || self.cfg.host_header != HostHeader::Preserve) {
+                continue;
+            }
+            builder = builder.header(k.as_str(), v.as_ref());
+        }
+        match &self.cfg.host_header {
+            HostHeader::Preserve => {}
+            HostHeader::Rewrite => {
+                if !use_h2 && let Some(a) = base.authority() {
+                    builder = builder.header(header::HOST, a.as_str());
+                }
+            }
+            HostHeader::Fixed(v) => {
+                if let Ok(v) = HeaderValue::from_str(v) {
+                    builder = builder.header(header::HOST, v);
+                }
+            }
+        }
+        let body: OriginBody = rec
+            .request_body(Full::new(body).map_err(|n| match n {}))
+            .boxed();
+        let req = builder.body(body).map_err(|e| {
+            let m = format!("the edited request is not valid: {e}");
+            rec.failed(None, &m, "");
+            m
+        })?;
+        let client = if use_h2 { &self.h2 } else { &self.h1 };
+        let resp = match tokio::time::timeout(self.cfg.timeout, client.request(req)).await {
+            Err(_) => {
+                let m = format!("no response head within {:?}", self.cfg.timeout);
+                self.record_failure(
+                    Some(&mut rec),
+                    crate::inspect::FailureCause::TimedOut,
+                    m.clone(),
+                );
+                return Ok(rec.id());
+            }
+            Ok(Err(e)) => {
+                let (cause, message) = classify(&e);
+                self.record_failure(Some(&mut rec), cause, message);
+                return Ok(rec.id());
+            }
+            Ok(Ok(r)) => r,
+        };
+        rec.response(resp.status().as_u16(), resp.headers());
+        let mut body = rec.response_body(resp.into_body());
+        loop {
+            match tokio::time::timeout(self.cfg.timeout, body.frame()).await {
+                Ok(Some(Ok(_))) => {}
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    rec.failed(None, &format!("the origin's response body failed: {e}"), "");
+                    break;
+                }
+                Err(_) => {
+                    rec.failed(None, "the origin's response body stalled", "");
+                    break;
+                }
+            }
+        }
+        Ok(rec.id())
     }
 }
 
@@ -407,11 +552,13 @@ impl Origin {
         // A TCP or TLS passthrough origin speaks no HTTP: a connection that opens is
         // healthy.
         if self.raw.is_some() {
-            let addr = base.authority().map(|a| a.as_str()).unwrap_or("").to_string();
+            let addr = base
+                .authority()
+                .map(|a| a.as_str())
+                .unwrap_or("")
+                .to_string();
             let within = PROBE_TIMEOUT.min(self.cfg.timeout);
-            return match tokio::time::timeout(within, tokio::net::TcpStream::connect(&addr))
-                .await
-            {
+            return match tokio::time::timeout(within, tokio::net::TcpStream::connect(&addr)).await {
                 Err(_) => (
                     OriginState::TimedOut,
                     format!("connecting to {addr} got no answer within {within:?}"),
@@ -475,7 +622,7 @@ impl Origin {
             Ok(Err(e)) => {
                 let chain = error_chain(&e);
                 (
-                    classify(&chain, e.is_connect()),
+                    probe_state(&chain, e.is_connect()),
                     format!("HEAD {uri}: {chain}"),
                 )
             }
@@ -484,7 +631,7 @@ impl Origin {
 }
 
 /// The cause of a failed probe, from its error chain.
-fn classify(chain: &str, connect: bool) -> OriginState {
+fn probe_state(chain: &str, connect: bool) -> OriginState {
     let lower = chain.to_ascii_lowercase();
     if lower.contains("connection refused") {
         OriginState::ConnectionRefused
@@ -505,7 +652,7 @@ fn classify(chain: &str, connect: bool) -> OriginState {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(inner) = src {

@@ -75,7 +75,7 @@ pub async fn run_tcp(
     events: mpsc::UnboundedSender<AgentEvent>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
-    crate::run_kind(cfg, Some(kind), metrics, events, shutdown).await
+    crate::run_kind(cfg, Some(kind), metrics, None, events, shutdown).await
 }
 
 /// Serves one raw stream: connect to `origin` (within `timeout`), answer 200, bridge.

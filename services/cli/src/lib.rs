@@ -4,5 +4,6 @@
 //! no server.
 
 pub mod config;
+pub mod console;
 pub mod dev;
 pub mod start;

@@ -7,8 +7,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
+use netbore_agent::inspect::{ConsoleEvent, InspectConfig, Observer, Store};
 use netbore_agent::origin::{DEFAULT_ORIGIN_TIMEOUT, HostHeader, OriginConfig};
 use netbore_agent::{AgentConfig, AgentError, AgentEvent};
+use netbore_cli::console::Console;
+use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -255,6 +258,12 @@ impl RawArgs {
             admin_addr: self.admin_addr,
             health_path: netbore_agent::DEFAULT_HEALTH_PATH.into(),
             health_interval: netbore_agent::DEFAULT_HEALTH_INTERVAL.as_secs(),
+            // A raw tunnel carries no HTTP requests to show.
+            inspect: InspectArgs {
+                inspect_addr: ([127, 0, 0, 1], 4040).into(),
+                no_inspect: true,
+                inspect_show_secrets: false,
+            },
             access: AccessArgs {
                 access_file: None,
                 jwt_key: None,
@@ -433,6 +442,25 @@ struct Common {
     admin_addr: Option<std::net::SocketAddr>,
     #[command(flatten)]
     access: AccessArgs,
+    #[command(flatten)]
+    inspect: InspectArgs,
+}
+
+/// The local inspector (docs/inspect.md).
+#[derive(Args)]
+#[command(next_help_heading = "Inspector (see the traffic)")]
+struct InspectArgs {
+    /// Serve the inspector (a web page and JSON API of recent requests, with replay)
+    /// here; the next free port is taken when this one is in use.
+    #[arg(long, env = "NETBORE_INSPECT_ADDR", default_value = "127.0.0.1:4040")]
+    inspect_addr: std::net::SocketAddr,
+    /// No inspector: requests are printed, not kept.
+    #[arg(long, env = "NETBORE_NO_INSPECT")]
+    no_inspect: bool,
+    /// Show secrets (Authorization, cookies, token query parameters) in the inspector
+    /// and the console instead of redacting them.
+    #[arg(long)]
+    inspect_show_secrets: bool,
 }
 
 impl Common {
@@ -646,8 +674,57 @@ async fn main() -> ExitCode {
             }
         }
     }
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    // The console hears every request; the inspector keeps them (unless --no-inspect).
+    let (console_tx, mut console_rx) =
+        mpsc::channel::<ConsoleEvent>(netbore_agent::inspect::CONSOLE_QUEUE);
+    let show_secrets = common.inspect.inspect_show_secrets;
+    let store = (!common.inspect.no_inspect).then(|| {
+        Arc::new(Store::new(InspectConfig {
+            show_secrets,
+            ..InspectConfig::default()
+        }))
+    });
+    let observer = Arc::new(Observer::new(store.clone(), Some(console_tx), show_secrets));
+    let mut inspector_url = None;
+    if let Some(store) = &store {
+        let listener = match netbore_agent::inspect::server::bind(common.inspect.inspect_addr).await
+        {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!(
+                    "error: cannot serve the inspector on {}: {e}; give another --inspect-addr, or --no-inspect",
+                    common.inspect.inspect_addr
+                );
+                return ExitCode::FAILURE;
+            }
+        };
+        let addr = listener.local_addr().expect("bound");
+        let replayer = match netbore_agent::origin::Origin::new(cfg.origin.clone()) {
+            Ok(o) => o.with_observer(Some(observer.clone())),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let ins = netbore_agent::inspect::server::Inspector::new(store.clone(), replayer, addr);
+        tokio::spawn(netbore_agent::inspect::server::serve(
+            listener,
+            ins,
+            shutdown.clone(),
+        ));
+        tracing::info!(inspector = %addr, "inspector listening");
+        inspector_url = Some(format!("http://{addr}"));
+    }
+    let mut console = Console::new(cfg.origin.url.to_string(), inspector_url.clone());
+    let (tx, mut rx) = mpsc::unbounded_channel::<AgentEvent>();
     let json = common.json;
+    if let Some(u) = &inspector_url {
+        if json {
+            println!("{}", serde_json::json!({"event": "inspector", "url": u}));
+        } else if !console.tty {
+            eprintln!("inspector: {u}");
+        }
+    }
     let url_file = common.url_file.clone();
     let ready2 = ready.clone();
     let hint = (cfg.control_url == netbore_cli::config::DEFAULT_CONTROL_URL)
@@ -657,7 +734,28 @@ async fn main() -> ExitCode {
         // The URL last printed and written: a new one (a quick tunnel that lost its
         // name) is printed and written again, so neither keeps a dead URL.
         let mut shown: Option<String> = None;
-        while let Some(ev) = rx.recv().await {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let ev = tokio::select! {
+                ev = rx.recv() => match ev {
+                    Some(ev) => ev,
+                    None => break,
+                },
+                Some(c) = console_rx.recv() => {
+                    let mut out = std::io::stdout().lock();
+                    if json {
+                        let _ = writeln!(out, "{}", serde_json::to_string(&c).expect("serializable"));
+                    } else {
+                        console.console_event(&c, &mut out);
+                    }
+                    let _ = out.flush();
+                    continue;
+                }
+                _ = tick.tick(), if console.tty && !json => {
+                    console.draw(&mut std::io::stdout().lock());
+                    continue;
+                }
+            };
             let up = match &ev {
                 AgentEvent::Live { links, .. } | AgentEvent::Reconnecting { links, .. } => {
                     Some(*links > 0)
@@ -687,6 +785,20 @@ async fn main() -> ExitCode {
             let mut out = std::io::stdout().lock();
             if json {
                 let _ = writeln!(out, "{}", serde_json::to_string(&ev).expect("serializable"));
+            } else if console.tty {
+                console.agent_event(&ev, &mut out);
+                match &ev {
+                    AgentEvent::UrlChanged {
+                        old_url,
+                        url,
+                        reason,
+                        ..
+                    } => eprintln!(
+                        "warning: the public URL changed from {old_url} to {url} ({reason}); the old one no longer reaches this service"
+                    ),
+                    AgentEvent::Warning { message } => eprintln!("warning: {message}"),
+                    _ => {}
+                }
             } else {
                 match &ev {
                     AgentEvent::Live { url, origin, .. } if new_url.is_some() => {
@@ -711,9 +823,12 @@ async fn main() -> ExitCode {
                 shown = new_url;
             }
         }
+        console.finish(&mut std::io::stdout().lock());
     });
     let r = match raw_kind {
-        None => netbore_agent::run_with_metrics(cfg, metrics, tx, shutdown.clone()).await,
+        None => {
+            netbore_agent::run_observed(cfg, metrics, Some(observer), tx, shutdown.clone()).await
+        }
         Some(kind) => netbore_agent::tcp::run_tcp(cfg, kind, metrics, tx, shutdown.clone()).await,
     };
     shutdown.cancel();

@@ -519,7 +519,13 @@ async fn one_start_serves_two_http_tunnels_and_a_tcp_tunnel_from_a_config_file()
     .unwrap();
     let mut p = Proc::spawn(
         "netbore",
-        &["start", "--all", "--json", "--config", cfg.to_str().unwrap()],
+        &[
+            "start",
+            "--all",
+            "--json",
+            "--config",
+            cfg.to_str().unwrap(),
+        ],
         &[("RUST_LOG", "warn")],
     );
     let mut lives = std::collections::HashMap::new();
@@ -531,7 +537,10 @@ async fn one_start_serves_two_http_tunnels_and_a_tcp_tunnel_from_a_config_file()
     for (key, name) in [("web", "web-a"), ("api", "api-b")] {
         assert_eq!(lives[key]["name"], name, "{:?}", lives[key]);
         let host = format!("{name}.localhost");
-        assert!(v.serves(&host, Duration::from_secs(30)).await, "{key} serves");
+        assert!(
+            v.serves(&host, Duration::from_secs(30)).await,
+            "{key} serves"
+        );
     }
     let addr = at("127.0.0.1", port_of(&lives["db"]));
     reachable(addr, Duration::from_secs(20)).await.unwrap();

@@ -1,0 +1,763 @@
+//! Seeing the traffic with a real `netbore http`: its console (plain lines when not on a
+//! terminal, a named cause for an origin whose certificate is refused), its inspector's
+//! JSON API and page (in a real headless Chromium driven over the DevTools protocol),
+//! replay and edited replay, redaction, and what capture costs in memory.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use netbore_testkit::origin::Origin;
+use netbore_testkit::{Proc, Stack, Viewer, collect, empty, free_port, full};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn host_of(url: &str) -> String {
+    url.trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string()
+}
+
+/// A `netbore http` with `--json`, its inspector on a free port: the process, the
+/// inspector's URL, and the tunnel's host.
+async fn json_agent(
+    stack: &Stack,
+    origin: &str,
+    state: &std::path::Path,
+    extra: &[&str],
+) -> (Proc, String, String) {
+    let control = stack.control_url();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut args = vec![
+        "http",
+        origin,
+        "--control",
+        &control,
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--json",
+        "--inspect-addr",
+        &addr,
+    ];
+    args.extend_from_slice(extra);
+    let mut p = Proc::spawn("netbore", &args, &[("RUST_LOG", "warn")]);
+    let mut inspector = None;
+    let host = loop {
+        let v: Value = serde_json::from_str(&p.line(WAIT).await).unwrap();
+        match v["event"].as_str() {
+            Some("inspector") => inspector = Some(v["url"].as_str().unwrap().to_string()),
+            Some("live") => break host_of(v["url"].as_str().unwrap()),
+            _ => {}
+        }
+    };
+    let inspector =
+        inspector.expect("the inspector's address is printed before the tunnel is live");
+    assert_eq!(inspector, format!("http://{addr}"));
+    (p, inspector, host)
+}
+
+/// An HTTP call to the inspector: (status, JSON body).
+async fn api(method: &str, url: &str, body: Option<Value>) -> (u16, Value) {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let mut req = hyper::Request::builder().method(method).uri(url);
+    if body.is_some() {
+        req = req.header("content-type", "application/json");
+    }
+    let req = req
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.map(|b| b.to_string()).unwrap_or_default(),
+        )))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let bytes = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+/// Polls the inspector's list until `pick` finds an entry.
+async fn wait_entry(inspector: &str, pick: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, list) = api("GET", &format!("{inspector}/api/requests"), None).await;
+        if let Some(e) = list["requests"]
+            .as_array()
+            .and_then(|a| a.iter().find(|e| pick(e)))
+            && e["state"] != "in_progress"
+        {
+            return e.clone();
+        }
+        assert!(Instant::now() < deadline, "no such request in {list}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A request through the tunnel carrying a bearer token and a token query parameter.
+async fn send_secret_post(stack: &Stack, host: &str, path: &str, body: &str) -> String {
+    let v = Viewer::new(stack.public());
+    let mut req = v.request("POST", host, path, full(body.to_string()));
+    req.headers_mut()
+        .insert("authorization", "Bearer s3cret-header".parse().unwrap());
+    req.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    let got = collect(v.send(req).await).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    got.text()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_shows_what_the_origin_got_redacts_secrets_and_replays_with_edits() {
+    let stack = Stack::start().await;
+    let origin = Origin::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let (_agent, ins, host) = json_agent(&stack, &origin.url(), state.path(), &[]).await;
+
+    let echoed = send_secret_post(
+        &stack,
+        &host,
+        "/echo?token=s3cret-query&x=1",
+        r#"{"order":42}"#,
+    )
+    .await;
+    assert_eq!(echoed, r#"{"order":42}"#);
+    let e = wait_entry(&ins, |e| e["path"].as_str().unwrap().starts_with("/echo")).await;
+    assert_eq!(e["path"], "/echo?token=[redacted]&x=1");
+    assert_eq!(e["status"], 200);
+    let id = e["id"].as_u64().unwrap();
+
+    let (status, d) = api("GET", &format!("{ins}/api/requests/{id}"), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(d["request"]["body"]["kind"], "json");
+    assert_eq!(d["request"]["body"]["text"], "{\n  \"order\": 42\n}");
+    assert_eq!(d["response"]["body"]["size"], 12);
+    let shown = d.to_string();
+    assert!(!shown.contains("s3cret"), "a secret is shown: {shown}");
+    assert!(shown.contains("Bearer [redacted]"), "{shown}");
+
+    // Replay as is: the origin gets the original, secrets included; a new entry.
+    let before = origin.seen().len();
+    let (status, r) = api(
+        "POST",
+        &format!("{ins}/api/requests/{id}/replay"),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["replay_of"], id);
+    assert_eq!(r["status"], 200);
+    assert_eq!(r["response"]["body"]["text"], r#"{"order":42}"#);
+    let seen = origin.seen();
+    assert_eq!(seen.len(), before + 1);
+    let last = seen.last().unwrap();
+    assert_eq!(last.target, "/echo?token=s3cret-query&x=1");
+    assert_eq!(last.header("authorization"), Some("Bearer s3cret-header"));
+
+    // Edited: the edit reaches the origin; a redacted value sent back keeps the original.
+    let (status, r) = api(
+        "POST",
+        &format!("{ins}/api/requests/{id}/replay"),
+        Some(json!({
+            "method": "PUT",
+            "path": "/echo?token=[redacted]&edited=1",
+            "headers": [["authorization", "Bearer [redacted]"], ["content-type", "application/json"], ["x-edit", "yes"]],
+            "body": "{\"order\":43}",
+        })),
+    )
+    .await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["response"]["body"]["text"], r#"{"order":43}"#);
+    let last = origin.seen().last().unwrap().clone();
+    assert_eq!(last.method, "PUT");
+    assert_eq!(last.target, "/echo?token=s3cret-query&edited=1");
+    assert_eq!(last.header("x-edit"), Some("yes"));
+    assert_eq!(last.header("authorization"), Some("Bearer s3cret-header"));
+
+    // Bad input: named, JSON, and the inspector keeps serving.
+    let (status, r) = api("GET", &format!("{ins}/api/requests/999999"), None).await;
+    assert_eq!(
+        (status, r["error"]["code"].as_str()),
+        (404, Some("no_such_request"))
+    );
+    let (status, r) = api(
+        "POST",
+        &format!("{ins}/api/requests/{id}/replay"),
+        Some(json!({"verb": "GET"})),
+    )
+    .await;
+    assert_eq!(
+        (status, r["error"]["code"].as_str()),
+        (400, Some("bad_edit")),
+        "{r}"
+    );
+    let (status, list) = api("GET", &format!("{ins}/api/requests?method=PUT"), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(list["requests"].as_array().unwrap().len(), 1, "{list}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_show_only_with_inspect_show_secrets_and_no_inspect_serves_nothing() {
+    let stack = Stack::start().await;
+    let origin = Origin::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let (_agent, ins, host) = json_agent(
+        &stack,
+        &origin.url(),
+        state.path(),
+        &["--inspect-show-secrets"],
+    )
+    .await;
+    send_secret_post(&stack, &host, "/echo?token=s3cret-query", "{}").await;
+    let e = wait_entry(&ins, |e| e["path"].as_str().unwrap().starts_with("/echo")).await;
+    assert_eq!(e["path"], "/echo?token=s3cret-query");
+    let (_, d) = api("GET", &format!("{ins}/api/requests/{}", e["id"]), None).await;
+    assert!(d.to_string().contains("Bearer s3cret-header"), "{d}");
+
+    // --no-inspect: nothing listens where the inspector would.
+    let addr = format!("127.0.0.1:{}", free_port());
+    let control = stack.control_url();
+    let state2 = tempfile::tempdir().unwrap();
+    let mut p = Proc::spawn(
+        "netbore",
+        &[
+            "http",
+            &origin.url(),
+            "--control",
+            &control,
+            "--state-dir",
+            state2.path().to_str().unwrap(),
+            "--json",
+            "--no-inspect",
+            "--inspect-addr",
+            &addr,
+        ],
+        &[("RUST_LOG", "warn")],
+    );
+    let v: Value = serde_json::from_str(&p.line(WAIT).await).unwrap();
+    assert_eq!(
+        v["event"], "live",
+        "no inspector event with --no-inspect: {v}"
+    );
+    assert!(tokio::net::TcpStream::connect(&addr).await.is_err());
+}
+
+/// An https origin with a self-signed certificate (as in origin_tls.rs).
+async fn self_signed_origin() -> String {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let chain = vec![CertificateDer::from(ck.cert.der().to_vec())];
+    let key = PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from_static(b"secure")),
+                    ))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    format!("https://localhost:{port}")
+}
+
+/// A text-mode `netbore http` (stdout a pipe): the first line and the process.
+async fn text_agent(stack: &Stack, origin: &str, state: &std::path::Path) -> (Proc, String) {
+    let control = stack.control_url();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut p = Proc::spawn(
+        "netbore",
+        &[
+            "http",
+            origin,
+            "--control",
+            &control,
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--inspect-addr",
+            &addr,
+        ],
+        &[("RUST_LOG", "off")],
+    );
+    let first = p.line(WAIT).await;
+    assert!(first.contains(" -> "), "the URL line comes first: {first}");
+    (p, host_of(first.split_whitespace().next().unwrap()))
+}
+
+/// Lines the agent prints within `within` after the last one.
+async fn lines_for(p: &mut Proc, n: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        match tokio::time::timeout(WAIT, p.stdout.recv()).await {
+            Ok(Some(l)) => out.push(l),
+            _ => break,
+        }
+    }
+    // Anything else printed soon after (there should be nothing).
+    while let Ok(Some(l)) = tokio::time::timeout(Duration::from_millis(500), p.stdout.recv()).await
+    {
+        out.push(l);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plain_console_prints_a_line_per_request_and_names_a_refused_certificate() {
+    let stack = Stack::start().await;
+    let origin = Origin::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let (mut good, host) = text_agent(&stack, &origin.url(), state.path()).await;
+    let v = Viewer::new(stack.public());
+    assert_eq!(v.get(&host, "/hello").await.status, 200);
+    let echoed = collect(
+        v.send(v.request("POST", &host, "/echo", full("12345")))
+            .await,
+    )
+    .await;
+    assert_eq!(echoed.status, 200);
+    assert_eq!(v.get(&host, "/bytes/2048?token=abcdef").await.status, 200);
+    let lines = lines_for(&mut good, 3).await;
+    assert_eq!(lines.len(), 3, "one line per request: {lines:#?}");
+    assert!(
+        lines[0].contains("GET") && lines[0].contains("/hello 200 "),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[1].contains("POST")
+            && lines[1].contains("/echo 200 ")
+            && lines[1].contains("in 5 B out 5 B"),
+        "{}",
+        lines[1]
+    );
+    assert!(
+        lines[2].contains("/bytes/2048?token=[redacted] 200") && lines[2].contains("out 2.0 KiB"),
+        "{}",
+        lines[2]
+    );
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.contains("abcdef") || l.contains('\x1b')),
+        "{lines:#?}"
+    );
+
+    let bad_origin = self_signed_origin().await;
+    let state = tempfile::tempdir().unwrap();
+    let (mut bad, host) = text_agent(&stack, &bad_origin, state.path()).await;
+    for _ in 0..3 {
+        assert_eq!(v.get(&host, "/").await.status, 502);
+    }
+    let lines = lines_for(&mut bad, 4).await;
+    let causes: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.starts_with("origin error:"))
+        .collect();
+    assert_eq!(
+        causes.len(),
+        1,
+        "the cause once, not per request: {lines:#?}"
+    );
+    let c = causes[0];
+    assert!(
+        c.contains("certificate refused") && c.contains("unknown authority"),
+        "{c}"
+    );
+    assert!(
+        c.contains("--origin-ca") && c.contains("--origin-insecure"),
+        "{c}"
+    );
+    let requests = lines.iter().filter(|l| l.contains(" GET ")).count();
+    assert_eq!(requests, 3, "{lines:#?}");
+}
+
+/// Resident set of a process, bytes.
+fn rss(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = s
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_keeps_its_caps_through_a_256_mib_upload_and_download() {
+    const SIZE: u64 = 256 << 20;
+    let stack = Stack::start().await;
+    let origin = Origin::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let (agent, ins, host) = json_agent(&stack, &origin.url(), state.path(), &[]).await;
+    let pid = agent.child.id().unwrap();
+    let v = Viewer::new(stack.public());
+    // Warm: pools and buffers exist before the baseline.
+    assert_eq!(v.get(&host, "/bytes/1048576").await.status, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let base = rss(pid);
+    let peak = Arc::new(std::sync::atomic::AtomicU64::new(base));
+    let sampling = tokio::spawn({
+        let peak = peak.clone();
+        async move {
+            loop {
+                peak.fetch_max(rss(pid), std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+
+    // Upload: a streamed body of SIZE bytes to the sink.
+    let (tx, rx) =
+        tokio::sync::mpsc::channel::<Result<http_body::Frame<bytes::Bytes>, std::io::Error>>(4);
+    let body =
+        http_body_util::StreamBody::new(futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|f| (f, rx))
+        }));
+    let req = v.request("POST", &host, "/sink", http_body_util::BodyExt::boxed(body));
+    let sender = tokio::spawn(async move {
+        let chunk = bytes::Bytes::from(vec![7u8; 1 << 20]);
+        for _ in 0..(SIZE >> 20) {
+            if tx
+                .send(Ok(http_body::Frame::data(chunk.clone())))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let up = collect(v.send(req).await).await;
+    sender.await.unwrap();
+    assert_eq!(up.status, 200, "{}", up.text());
+
+    // Download: SIZE bytes, read as they come.
+    let resp = v
+        .send(v.request("GET", &host, &format!("/bytes/{SIZE}"), empty()))
+        .await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut got = 0u64;
+    while let Some(f) = http_body_util::BodyExt::frame(&mut body).await {
+        got += f.unwrap().into_data().map(|d| d.len() as u64).unwrap_or(0);
+    }
+    assert_eq!(got, SIZE);
+    sampling.abort();
+    let grew = peak
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .saturating_sub(base);
+
+    // Both were seen whole, and kept only up to the cap.
+    let up = wait_entry(&ins, |e| e["path"] == "/sink").await;
+    assert_eq!(up["bytes_in"], SIZE);
+    let down = wait_entry(&ins, |e| e["path"] == format!("/bytes/{SIZE}")).await;
+    assert_eq!(down["bytes_out"], SIZE);
+    assert_eq!(down["streamed"], true);
+    let (_, d) = api("GET", &format!("{ins}/api/requests/{}", down["id"]), None).await;
+    assert_eq!(d["response"]["body"]["captured"], 1 << 20);
+    assert_eq!(d["response"]["body"]["truncated"], true);
+    // The body cap (1 MiB per body, two bodies) plus 16 MiB.
+    let limit = (2 << 20) + (16 << 20);
+    eprintln!(
+        "agent RSS grew by {} KiB (limit {} KiB)",
+        grew / 1024,
+        limit / 1024
+    );
+    assert!(
+        grew < limit,
+        "agent RSS grew by {grew} bytes, more than {limit}"
+    );
+}
+
+/// Headless Chromium driven over the DevTools protocol (one WebSocket, one page).
+struct Browser {
+    child: tokio::process::Child,
+    ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    session: String,
+    next: u64,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    async fn launch() -> Browser {
+        use tokio::io::AsyncBufReadExt;
+        let chromium = [
+            "/usr/bin/chromium",
+            "/usr/bin/chromium-browser",
+            "/usr/bin/google-chrome",
+        ]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("no Chromium found: install it (Debian: apt-get install chromium)");
+        let profile = tempfile::tempdir().unwrap();
+        let mut child = tokio::process::Command::new(chromium)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--window-size=1400,900",
+                "--remote-debugging-port=0",
+                &format!("--user-data-dir={}", profile.path().display()),
+                "about:blank",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("chromium starts");
+        let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let ws_url = tokio::time::timeout(WAIT, async {
+            while let Ok(Some(l)) = lines.next_line().await {
+                if let Some(u) = l.strip_prefix("DevTools listening on ") {
+                    return u.trim().to_string();
+                }
+            }
+            panic!("chromium exited before listening for DevTools")
+        })
+        .await
+        .expect("chromium's DevTools address within the limit");
+        // Keep draining its stderr so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let (ws, _) = tokio_tungstenite::connect_async(ws_url.as_str())
+            .await
+            .unwrap();
+        let mut b = Browser {
+            child,
+            ws,
+            session: String::new(),
+            next: 0,
+            _profile: profile,
+        };
+        let t = b
+            .call("Target.createTarget", json!({"url": "about:blank"}))
+            .await;
+        let target = t["targetId"].as_str().unwrap().to_string();
+        let a = b
+            .call(
+                "Target.attachToTarget",
+                json!({"targetId": target, "flatten": true}),
+            )
+            .await;
+        b.session = a["sessionId"].as_str().unwrap().to_string();
+        b
+    }
+
+    async fn call(&mut self, method: &str, params: Value) -> Value {
+        self.next += 1;
+        let id = self.next;
+        let mut msg = json!({"id": id, "method": method, "params": params});
+        if !self.session.is_empty() {
+            msg["sessionId"] = json!(self.session);
+        }
+        self.ws.send(Message::text(msg.to_string())).await.unwrap();
+        tokio::time::timeout(WAIT, async {
+            while let Some(m) = self.ws.next().await {
+                if let Ok(Message::Text(t)) = m {
+                    let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                    if v["id"] == id {
+                        assert!(v.get("error").is_none(), "{method}: {v}");
+                        return v["result"].clone();
+                    }
+                }
+            }
+            panic!("DevTools connection closed")
+        })
+        .await
+        .expect("DevTools answers within the limit")
+    }
+
+    async fn goto(&mut self, url: &str) {
+        self.call("Page.navigate", json!({"url": url})).await;
+    }
+
+    /// Evaluates `expr` in the page (promises awaited), its value.
+    async fn eval(&mut self, expr: &str) -> Value {
+        let r = self
+            .call(
+                "Runtime.evaluate",
+                json!({"expression": expr, "returnByValue": true, "awaitPromise": true}),
+            )
+            .await;
+        assert!(r.get("exceptionDetails").is_none(), "{expr}: {r}");
+        r["result"]["value"].clone()
+    }
+
+    /// Waits until `expr` is truthy; its value.
+    async fn wait(&mut self, expr: &str) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let v = self.eval(expr).await;
+            if !(v.is_null() || v == json!(false) || v == json!("") || v == json!(0)) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "never true in the page: {expr}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn screenshot(&mut self, name: &str) {
+        use base64::Engine;
+        let r = self
+            .call("Page.captureScreenshot", json!({"format": "png"}))
+            .await;
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(r["data"].as_str().unwrap())
+            .unwrap();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/img");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(name), png).unwrap();
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_chromium_requests_appear_live_show_their_bodies_and_replay() {
+    let stack = Stack::start().await;
+    let origin = Origin::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let (_agent, ins, host) = json_agent(&stack, &origin.url(), state.path(), &[]).await;
+    let mut b = Browser::launch().await;
+    b.goto(&format!("{ins}/")).await;
+    b.wait(
+        "document.getElementById('live') && document.getElementById('live').textContent === 'live'",
+    )
+    .await;
+    // Set on this page load: still there later means the page never reloaded.
+    b.eval("window.__sameLoad = true").await;
+
+    let v = Viewer::new(stack.public());
+    assert_eq!(v.get(&host, "/hello").await.status, 200);
+    send_secret_post(
+        &stack,
+        &host,
+        "/echo?token=s3cret-query&x=1",
+        r#"{"order":42,"items":["tea"]}"#,
+    )
+    .await;
+    b.wait("[...document.querySelectorAll('td.path')].some(td => td.textContent.startsWith('/echo?token=[redacted]&x=1'))").await;
+    assert_eq!(
+        b.eval("window.__sameLoad === true").await,
+        json!(true),
+        "the page reloaded"
+    );
+    assert_eq!(
+        b.eval("document.querySelectorAll('tr.row').length").await,
+        json!(2)
+    );
+
+    // The detail shows the body the origin received (and echoed), pretty-printed.
+    b.eval("[...document.querySelectorAll('tr.row')].find(tr => tr.textContent.includes('/echo')).click()").await;
+    let req_body = b
+        .wait("document.getElementById('request-body') && document.getElementById('request-body').innerText")
+        .await;
+    assert!(
+        req_body.as_str().unwrap().contains("\"order\": 42"),
+        "{req_body}"
+    );
+    let resp_body = b
+        .eval("document.getElementById('response-body').innerText")
+        .await;
+    assert!(
+        resp_body
+            .as_str()
+            .unwrap()
+            .contains(r#"{"order":42,"items":["tea"]}"#),
+        "{resp_body}"
+    );
+    let detail = b.eval("document.getElementById('detail').innerText").await;
+    let detail = detail.as_str().unwrap();
+    assert!(detail.contains("Bearer [redacted]"), "{detail}");
+    assert!(detail.contains("token=[redacted]"), "{detail}");
+    assert!(!detail.contains("s3cret"), "a secret shows: {detail}");
+    b.screenshot("inspector-detail.png").await;
+
+    // Replay: a new entry, marked as a replay, with the origin's answer.
+    let seen = origin.seen().len();
+    b.eval("document.getElementById('replay').click()").await;
+    b.wait("[...document.querySelectorAll('tr.row')].some(tr => tr.textContent.includes('replay of #'))").await;
+    b.wait("document.querySelector('#detail .meta') && document.querySelector('#detail .meta').textContent.includes('replay of #') && document.getElementById('response-body')").await;
+    let replayed = b
+        .eval("document.getElementById('response-body').innerText")
+        .await;
+    assert!(
+        replayed
+            .as_str()
+            .unwrap()
+            .contains(r#"{"order":42,"items":["tea"]}"#),
+        "{replayed}"
+    );
+    assert_eq!(
+        origin.seen().len(),
+        seen + 1,
+        "the replay reached the origin"
+    );
+
+    // Edit and replay: the edit reaches the origin.
+    let orig = b
+        .eval("(() => { const tr = [...document.querySelectorAll('tr.row')].find(tr => tr.textContent.includes('/echo') && !tr.textContent.includes('replay of')); tr.click(); return Number(tr.dataset.id); })()")
+        .await;
+    // The detail of that request, not the one shown before.
+    b.wait(&format!("document.querySelector('#detail .meta') && document.querySelector('#detail .meta').textContent.startsWith('#{orig} ')")).await;
+    b.eval(
+        "document.getElementById('edit').click();
+         document.getElementById('edit-body').value = '{\"order\":43}';
+         document.getElementById('edit-path').value = '/echo?edited=yes';
+         document.getElementById('send-edit').click(); true",
+    )
+    .await;
+    b.wait("document.getElementById('response-body') && document.getElementById('response-body').innerText.includes('{\"order\":43}')").await;
+    let last = origin.seen().last().unwrap().clone();
+    assert_eq!(last.target, "/echo?edited=yes");
+    assert_eq!(last.header("authorization"), Some("Bearer s3cret-header"));
+    let meta = b
+        .eval("document.querySelector('#detail .meta').textContent")
+        .await;
+    assert!(
+        meta.as_str()
+            .unwrap()
+            .contains(&format!("replay of #{orig}")),
+        "{meta}"
+    );
+    assert_eq!(
+        b.eval("document.querySelectorAll('tr.row').length").await,
+        json!(4)
+    );
+    b.screenshot("inspector-replay.png").await;
+}
