@@ -253,7 +253,8 @@ async fn a_request_forwarded_between_edges_stays_one_trace() {
     let holder = live["edge_id"].as_str().unwrap().to_string();
     let other = edges.iter().find(|e| e.id != holder).unwrap();
     let host = format!("{}.localhost", live["name"].as_str().unwrap());
-    let v = Viewer::new(([127, 0, 0, 1], other.public).into());
+    // The other edge may still be starting: wait until it listens.
+    let v = other.viewer().await;
     // Until the holder's lease is in Redis the other edge does not know the tunnel.
     eventually(Duration::from_secs(20), || async {
         (v.get(&host, "/hello").await.status == 200).then_some(())
