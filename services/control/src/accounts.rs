@@ -202,14 +202,13 @@ pub trait AccountStore {
     /// Frees the enrolment after its first request failed.
     fn enroll_abandon<'a>(&'a self, owner: &'a str, external_id: &'a str) -> StoreFuture<'a, ()>;
     /// Takes the enrolment over for a new creation when it still says `seen` (its
-    /// tunnel deleted, or its creator gone since `seen_at`): true for the one caller
+    /// tunnel deleted, or its creator gone since it took the row at `seen.1`): true for the one caller
     /// that wins; it then creates as for [`Enrollment::First`].
     fn enroll_retake<'a>(
         &'a self,
         owner: &'a str,
         external_id: &'a str,
-        seen: &'a str,
-        seen_at: u64,
+        seen: (&'a str, u64),
         labels: &'a str,
         policy: &'a str,
         now: u64,
@@ -563,8 +562,7 @@ impl AccountStore for SqlStore {
         &'a self,
         owner: &'a str,
         external_id: &'a str,
-        seen: &'a str,
-        seen_at: u64,
+        (seen, seen_at): (&'a str, u64),
         labels: &'a str,
         policy: &'a str,
         now: u64,

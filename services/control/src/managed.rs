@@ -185,8 +185,7 @@ pub async fn enroll(
                         .enroll_retake(
                             &owner,
                             &req.external_id,
-                            &tunnel_id,
-                            created_at,
+                            (&tunnel_id, created_at),
                             &labels,
                             &policy,
                             now,
@@ -200,8 +199,7 @@ pub async fn enroll(
                         .enroll_retake(
                             &owner,
                             &req.external_id,
-                            "",
-                            created_at,
+                            ("", created_at),
                             &labels,
                             &policy,
                             now,

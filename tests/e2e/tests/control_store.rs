@@ -788,19 +788,19 @@ async fn contract_an_enrolment_has_one_creator_and_is_retaken_only_as_seen() {
         );
         // A retake wins once, and only against what was seen.
         assert!(
-            !s.enroll_retake("acme", "vm-1", "tun_0", b, "{}", "{}", b + 1)
+            !s.enroll_retake("acme", "vm-1", ("tun_0", b), "{}", "{}", b + 1)
                 .await
                 .unwrap(),
             "{kind}"
         );
         assert!(
-            s.enroll_retake("acme", "vm-1", "tun_1", b, "{}", "{}", b + 1)
+            s.enroll_retake("acme", "vm-1", ("tun_1", b), "{}", "{}", b + 1)
                 .await
                 .unwrap(),
             "{kind}"
         );
         assert!(
-            !s.enroll_retake("acme", "vm-1", "tun_1", b, "{}", "{}", b + 1)
+            !s.enroll_retake("acme", "vm-1", ("tun_1", b), "{}", "{}", b + 1)
                 .await
                 .unwrap(),
             "{kind}"

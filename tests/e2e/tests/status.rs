@@ -540,7 +540,7 @@ async fn a_resent_link_event_is_written_once() {
         .record_link_events("e1", &[ev.clone(), ev.clone()])
         .await;
     assert_eq!(acked.len(), 2, "both acknowledged");
-    let acked = control.record_link_events("e1", &[ev.clone()]).await;
+    let acked = control.record_link_events("e1", std::slice::from_ref(&ev)).await;
     assert_eq!(acked, vec![ev.event_id.clone()]);
     assert_eq!(audit_count(&pg, "tun_resent", "agent.link"), 1);
     // A malformed id is acknowledged (dropped), never written.
