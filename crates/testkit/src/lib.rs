@@ -420,10 +420,14 @@ pub struct Proc {
 
 impl Proc {
     /// The next JSON event of kind `event` a `netbore … --json` process prints (other
-    /// lines are skipped; bounded: 200 lines, each within 45 s).
+    /// lines are skipped), within 2 minutes: an agent that keeps reporting
+    /// `reconnecting` cannot hold a test forever.
     pub async fn next_event(&mut self, event: &str) -> serde_json::Value {
-        for _ in 0..200 {
-            let line = self.line(Duration::from_secs(45)).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        for _ in 0..1000 {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            assert!(!left.is_zero(), "no {event} event within 120 s");
+            let line = self.line(left.min(Duration::from_secs(45))).await;
             let ev: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
             if ev["event"] == event {
                 return ev;
@@ -523,30 +527,43 @@ impl Proc {
 /// until this test process exits keeps every other test process (nextest runs one per
 /// test) from picking it too.
 pub fn free_port() -> u16 {
+    free_ports(1, &["127.0.0.1"])
+}
+
+/// The first of `n` consecutive ports free on every address of `hosts`, each held as
+/// [`free_port`] holds one (so no other test, and no later [`free_port`] of this one,
+/// picks any of them): a port range for a binary that listens on several.
+pub fn free_ports(n: u16, hosts: &[&str]) -> u16 {
     use std::sync::Mutex;
     static HELD: Mutex<Vec<std::fs::File>> = Mutex::new(Vec::new());
     let (lo, hi) = test_port_range();
     let dir = std::env::temp_dir().join("netbore-test-ports");
     let _ = std::fs::create_dir_all(&dir);
-    for _ in 0..10_000 {
-        let port = lo + (rand::random::<u32>() % u32::from(hi - lo)) as u16;
-        let Ok(lock) = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(dir.join(format!("{port}.lock")))
-        else {
-            continue;
-        };
-        if lock.try_lock().is_err() {
-            continue;
+    'pick: for _ in 0..10_000 {
+        let first = lo + (rand::random::<u32>() % u32::from(hi - lo - n)) as u16;
+        let mut locks = Vec::new();
+        for port in first..first + n {
+            let Ok(lock) = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(dir.join(format!("{port}.lock")))
+            else {
+                continue 'pick;
+            };
+            if lock.try_lock().is_err()
+                || !hosts
+                    .iter()
+                    .all(|h| std::net::TcpListener::bind((*h, port)).is_ok())
+            {
+                continue 'pick;
+            }
+            locks.push(lock);
         }
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            HELD.lock().unwrap_or_else(|e| e.into_inner()).push(lock);
-            return port;
-        }
+        HELD.lock().unwrap_or_else(|e| e.into_inner()).extend(locks);
+        return first;
     }
-    panic!("no free loopback port in {lo}..{hi} after 10,000 tries");
+    panic!("no {n} free loopback ports in {lo}..{hi} after 10,000 tries");
 }
 
 /// Ports [`free_port`] picks from: below the kernel's ephemeral range

@@ -44,7 +44,13 @@ async fn json_agent(
     args.extend_from_slice(extra);
     let mut p = Proc::spawn("netbore", &args, &[("RUST_LOG", "warn")]);
     let mut inspector = None;
+    // Bounded: an agent that only ever reports `reconnecting` fails the test in 2 min.
+    let deadline = Instant::now() + Duration::from_secs(120);
     let host = loop {
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not go live within 120 s"
+        );
         let v: Value = serde_json::from_str(&p.line(WAIT).await).unwrap();
         match v["event"].as_str() {
             Some("inspector") => inspector = Some(v["url"].as_str().unwrap().to_string()),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use netbore_testkit::redis::RedisServer;
-use netbore_testkit::{ControlProc, EdgeProc, Proc, free_port};
+use netbore_testkit::{ControlProc, EdgeProc, Proc};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -120,20 +120,10 @@ async fn reachable(addr: SocketAddr, within: Duration) -> Result<(), String> {
     }
 }
 
-/// Two adjacent ports free on 127.0.0.1 and 127.0.0.2: a TCP range of two.
+/// Two adjacent ports free on 127.0.0.1 and 127.0.0.2, held for this test (no later
+/// `free_port` gives one to control or an edge): a TCP range of two.
 fn free_pair() -> u16 {
-    for _ in 0..200 {
-        let p = free_port();
-        if p < u16::MAX
-            && ["127.0.0.1", "127.0.0.2"].iter().all(|h| {
-                std::net::TcpListener::bind((*h, p)).is_ok()
-                    && std::net::TcpListener::bind((*h, p + 1)).is_ok()
-            })
-        {
-            return p;
-        }
-    }
-    panic!("no two adjacent free ports");
+    netbore_testkit::free_ports(2, &["127.0.0.1", "127.0.0.2"])
 }
 
 fn tcp_agent(control: &ControlProc, origin: u16, state: &std::path::Path, kind: &str) -> Proc {
@@ -156,12 +146,7 @@ fn tcp_agent(control: &ControlProc, origin: u16, state: &std::path::Path, kind: 
 
 /// The agent's next `live` event.
 async fn live(agent: &mut Proc) -> Value {
-    loop {
-        let v: Value = serde_json::from_str(&agent.line(Duration::from_secs(60)).await).unwrap();
-        if v["event"] == "live" {
-            return v;
-        }
-    }
+    agent.next_event("live").await
 }
 
 /// The public port in a `tcp://NAME.DOMAIN:PORT` URL.
