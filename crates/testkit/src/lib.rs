@@ -850,3 +850,43 @@ pub fn grpcurl(args: &[&str]) -> (bool, String) {
         ),
     )
 }
+
+/// A plain HTTP/1.1 client for JSON calls ([`json_call`]).
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// A client for [`json_call`].
+pub fn json_client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>()
+}
+
+/// A JSON call to `base`+`path` with an optional bearer: (status, body as JSON, or
+/// as a JSON string when it is not JSON).
+pub async fn json_call(
+    c: &HttpClient,
+    base: &str,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(format!("{base}{path}"))
+        .header("content-type", "application/json");
+    if let Some(b) = bearer {
+        req = req.header("authorization", format!("Bearer {b}"));
+    }
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let resp = c
+        .request(req.body(Full::new(Bytes::from(body))).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::String(
+            String::from_utf8_lossy(&bytes).into_owned(),
+        )),
+    )
+}

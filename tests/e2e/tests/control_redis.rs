@@ -7,11 +7,6 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use netbore_control::api::{CreateTunnelRequest, DeleteTunnelRequest};
 use netbore_control::redis_store::RedisLive;
 use netbore_control::sql_store::SqlStore;
@@ -20,6 +15,7 @@ use netbore_testkit::origin::Origin;
 use netbore_testkit::postgres::PostgresServer;
 use netbore_testkit::redis::RedisServer;
 use netbore_testkit::{ControlProc, Proc, Viewer, eventually, free_port};
+use netbore_testkit::{HttpClient, json_call as call, json_client as client};
 use netbore_tokens::{KeySet, Secret, now_unix};
 use serde_json::{Value, json};
 
@@ -236,41 +232,6 @@ async fn a_hung_redis_is_an_error_within_seconds_not_a_hang() {
 
 // ---------------------------------------------------------------------------------------
 // Real control processes.
-
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
-
-fn client() -> HttpClient {
-    Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>()
-}
-
-async fn call(
-    c: &HttpClient,
-    base: &str,
-    method: &str,
-    path: &str,
-    bearer: Option<&str>,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut req = http::Request::builder()
-        .method(method)
-        .uri(format!("{base}{path}"))
-        .header("content-type", "application/json");
-    if let Some(b) = bearer {
-        req = req.header("authorization", format!("Bearer {b}"));
-    }
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let resp = c
-        .request(req.body(Full::new(Bytes::from(body))).unwrap())
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (
-        status,
-        serde_json::from_slice(&bytes)
-            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned())),
-    )
-}
 
 /// A signing key both replicas load, as replicas of one deployment do.
 fn signing_key(dir: &std::path::Path) -> String {

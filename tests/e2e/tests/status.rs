@@ -11,56 +11,17 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use netbore_testkit::grpcurl;
 use netbore_testkit::origin::Origin;
 use netbore_testkit::postgres::PostgresServer;
 use netbore_testkit::redis::RedisServer;
 use netbore_testkit::{ControlProc, EdgeProc, Proc, eventually, free_port, http_get};
+use netbore_testkit::{HttpClient, json_call as call, json_client as client};
 use serde_json::{Value, json};
 
 const BOOT: &str = "test-bootstrap-credential";
 /// The agents here probe their origin every second.
 const PROBE: Duration = Duration::from_secs(1);
-
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
-
-fn client() -> HttpClient {
-    Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>()
-}
-
-async fn call(
-    c: &HttpClient,
-    base: &str,
-    method: &str,
-    path: &str,
-    bearer: Option<&str>,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut req = http::Request::builder()
-        .method(method)
-        .uri(format!("{base}{path}"))
-        .header("content-type", "application/json");
-    if let Some(b) = bearer {
-        req = req.header("authorization", format!("Bearer {b}"));
-    }
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let resp = c
-        .request(req.body(Full::new(Bytes::from(body))).unwrap())
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (
-        status,
-        serde_json::from_slice(&bytes)
-            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned())),
-    )
-}
 
 /// A management token with tunnels:read and tunnels:write, from the bootstrap credential.
 async fn token(c: &HttpClient, base: &str) -> String {
