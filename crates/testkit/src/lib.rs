@@ -890,3 +890,20 @@ pub async fn json_call(
         )),
     )
 }
+
+/// `netbore http TARGET --control CONTROL --state-dir STATE --json EXTRA…`, logging at
+/// `warn`: an agent process whose events a test reads ([`Proc::next_event`]).
+pub fn json_agent(control: &str, target: &str, state: &std::path::Path, extra: &[&str]) -> Proc {
+    let state = state.to_str().expect("a UTF-8 state dir");
+    let mut args = vec![
+        "http",
+        target,
+        "--control",
+        control,
+        "--state-dir",
+        state,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    Proc::spawn("netbore", &args, &[("RUST_LOG", "warn")])
+}

@@ -33,18 +33,7 @@ const REVOKED_WITHIN: Duration = Duration::from_secs(5);
 
 /// `netbore http ORIGIN --control CONTROL --state-dir STATE --json EXTRA…`.
 fn agent(control: &str, origin: &Origin, state: &Path, extra: &[&str]) -> Proc {
-    let target = origin.url();
-    let mut args = vec![
-        "http",
-        target.as_str(),
-        "--control",
-        control,
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    Proc::spawn("netbore", &args, &[("RUST_LOG", "warn")])
+    netbore_testkit::json_agent(control, &origin.url(), state, extra)
 }
 
 /// `http://NAME.localhost:PORT` → `NAME.localhost:PORT`.

@@ -62,22 +62,11 @@ fn enrol(external_id: &str, name: Option<&str>) -> EnrollRequest {
     }
 }
 
-/// `netbore http ORIGIN --control CONTROL --state-dir STATE --json EXTRA…`.
+/// `netbore http ORIGIN --control CONTROL --state-dir STATE --json --connections 1 EXTRA…`.
 fn agent(control: &str, origin: &Origin, state: &Path, extra: &[&str]) -> Proc {
-    let target = origin.url();
-    let mut args = vec![
-        "http",
-        target.as_str(),
-        "--control",
-        control,
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--json",
-        "--connections",
-        "1",
-    ];
+    let mut args = vec!["--connections", "1"];
     args.extend_from_slice(extra);
-    Proc::spawn("netbore", &args, &[("RUST_LOG", "warn")])
+    netbore_testkit::json_agent(control, &origin.url(), state, &args)
 }
 
 fn host_of(url: &Value) -> String {
