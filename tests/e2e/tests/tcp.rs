@@ -380,6 +380,14 @@ async fn tls_passes_through_by_sni_to_the_origins_own_certificate() {
             edge_ca.to_str().unwrap(),
         ],
     );
+    // The agent reads the edge's CA at start: wait until the edge has written it.
+    let ca = edge_ca.clone();
+    netbore_testkit::eventually(Duration::from_secs(30), || {
+        let ca = ca.clone();
+        async move { ca.exists().then_some(()) }
+    })
+    .await
+    .expect("the edge writes its self-signed CA within 30 s");
     let (origin, origin_ca) = tls_echo_origin(&host).await;
     let state = tempfile::tempdir().unwrap();
     let mut agent = Proc::spawn(
