@@ -473,6 +473,16 @@ impl Proc {
                 ),
             );
         }
+        // A control the test gave no database keeps it in memory, never in the default
+        // /var/lib/netbore/control.db shared by every run on the machine.
+        let asks_help = args.iter().any(|a| *a == "--help" || *a == "-h" || *a == "--version");
+        if bin == "netbore-control"
+            && !asks_help
+            && !has("NETBORE_DATABASE_URL")
+            && !args.iter().any(|a| a.starts_with("--database-url"))
+        {
+            cmd.args(["--database-url", "sqlite::memory:"]);
+        }
         if bin == "netbore-edge" && !has("NETBORE_EDGE_TOKEN") {
             cmd.env("NETBORE_EDGE_TOKEN", TEST_EDGE_TOKEN);
         }
