@@ -117,7 +117,8 @@ struct Args {
     /// (NETBORE_DATABASE_PASSWORD also works).
     #[arg(long, env = "NETBORE_DATABASE_PASSWORD_FILE")]
     database_password_file: Option<PathBuf>,
-    /// Admin address serving /metrics (Prometheus text) and /livez; off unless given.
+    /// Admin address serving /metrics (Prometheus text), /livez and, unless
+    /// --dashboard-addr is given, the operator dashboard (/dashboard/); off unless given.
     /// Keep it off the network the REST port is exposed on.
     #[arg(long, env = "NETBORE_ADMIN_ADDR")]
     admin_addr: Option<SocketAddr>,
