@@ -657,9 +657,9 @@ async fn login(
     )
 }
 
-/// Checks a POST's CSRF token against the session's: the page saying why when it
-/// does not match.
-fn check_csrf(c: &Caller, body: &Result<Bytes, BytesRejection>) -> Result<(), Response> {
+/// Checks a POST's CSRF token against the session's: `None` when it matches, else
+/// the page saying why.
+fn check_csrf(c: &Caller, body: &Result<Bytes, BytesRejection>) -> Option<Response> {
     let refuse = |m: &str| {
         let e = ApiError::new(
             StatusCode::FORBIDDEN,
@@ -669,14 +669,14 @@ fn check_csrf(c: &Caller, body: &Result<Bytes, BytesRejection>) -> Result<(), Re
         error_page(Some(&c.chrome()), &e)
     };
     let Ok(body) = body else {
-        return Err(refuse(&format!(
+        return Some(refuse(&format!(
             "the form is larger than {MAX_FORM_BODY} bytes or unreadable; reload the page and retry"
         )));
     };
     let f = form_fields(body);
     match f.get("csrf") {
-        Some(t) if tokens_equal(t, &c.csrf) => Ok(()),
-        _ => Err(refuse(
+        Some(t) if tokens_equal(t, &c.csrf) => None,
+        _ => Some(refuse(
             "the form's CSRF token is missing or not this session's (a stale page, or a form from another site); reload the page and retry",
         )),
     }
@@ -693,7 +693,7 @@ async fn logout(
         Ok(c) => c,
         Err(r) => return r,
     };
-    if let Err(r) = check_csrf(&c, &body) {
+    if let Some(r) = check_csrf(&c, &body) {
         return r;
     }
     d.sessions.close(&c.session);
@@ -1067,7 +1067,7 @@ async fn set_disabled(
         Ok(c) => c,
         Err(r) => return r,
     };
-    if let Err(r) = check_csrf(&c, &body) {
+    if let Some(r) = check_csrf(&c, &body) {
         return r;
     }
     match crate::managed::set_disabled(&d.control, Some(c.bearer.clone()), &tunnel, disable).await {
@@ -1200,18 +1200,24 @@ mod tests {
         );
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn sessions_end_after_their_lifetime() {
+    #[test]
+    fn sessions_end_after_their_lifetime() {
+        // The clock is a parameter: no waiting.
+        let t0 = Instant::now();
         let s = Sessions::default();
-        let (id, csrf) = s.open("key_1", Instant::now());
+        let (id, csrf) = s.open("key_1", t0);
         assert_ne!(id, csrf);
-        assert_eq!(s.get(&id, Instant::now()).unwrap().key_id, "key_1");
-        assert!(s.get("forged", Instant::now()).is_none());
-        tokio::time::advance(SESSION_TTL - Duration::from_secs(1)).await;
-        assert!(s.get(&id, Instant::now()).is_some());
-        tokio::time::advance(Duration::from_secs(2)).await;
-        assert!(s.get(&id, Instant::now()).is_none());
+        assert_eq!(s.get(&id, t0).unwrap().key_id, "key_1");
+        assert!(s.get("forged", t0).is_none());
+        assert!(
+            s.get(&id, t0 + SESSION_TTL - Duration::from_secs(1))
+                .is_some()
+        );
+        assert!(s.get(&id, t0 + SESSION_TTL).is_none());
         assert!(s.is_empty(), "an ended session is dropped");
+        s.open("key_2", t0);
+        s.close(&s.open("key_3", t0).0);
+        assert_eq!(s.len(), 1, "a closed session is gone");
     }
 
     async fn get(app: Router, uri: &str, headers: &[(&str, &str)]) -> (StatusCode, HeaderMap) {
