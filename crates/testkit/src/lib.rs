@@ -10,9 +10,11 @@
 //! - [`postgres::PostgresServer`]: a real PostgreSQL (Debian's binaries) child process.
 //! - [`otlp::Collector`]: an OTLP/gRPC trace receiver that keeps what it gets.
 //! - [`EdgeProc`]: a real `netbore-edge` linked to a [`ControlProc`].
+//! - [`browser::Browser`]: a real headless Chromium a test drives over DevTools.
 //!
 //! Everything stops when dropped, so a failing test leaves nothing behind.
 
+pub mod browser;
 pub mod origin;
 pub mod otlp;
 pub mod postgres;

@@ -23,6 +23,7 @@
 pub mod accounts;
 pub mod api_keys;
 pub mod audit;
+pub mod dashboard;
 /// The REST client (from `netbore-api`).
 pub use netbore_api::client;
 /// The REST API's JSON types (from `netbore-api`, which clients link instead of control).

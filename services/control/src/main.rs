@@ -117,10 +117,16 @@ struct Args {
     /// (NETBORE_DATABASE_PASSWORD also works).
     #[arg(long, env = "NETBORE_DATABASE_PASSWORD_FILE")]
     database_password_file: Option<PathBuf>,
-    /// Admin address serving /metrics (Prometheus text) and /livez; off unless given.
+    /// Admin address serving /metrics (Prometheus text), /livez and, unless
+    /// --dashboard-addr is given, the operator dashboard (/dashboard/); off unless given.
     /// Keep it off the network the REST port is exposed on.
     #[arg(long, env = "NETBORE_ADMIN_ADDR")]
     admin_addr: Option<SocketAddr>,
+    /// Serve the operator dashboard (/dashboard/, log in with an API key that has
+    /// tunnels:read) on this address instead of on the admin listener (--admin-addr).
+    /// Without either, no dashboard.
+    #[arg(long, env = "NETBORE_DASHBOARD_ADDR")]
+    dashboard_addr: Option<SocketAddr>,
     /// An edge credential control accepts on EdgeService, as PATTERN=sha256:HEX: the
     /// SHA-256 of the edge's token, bound to an edge id, an id prefix ending in '*', or
     /// '*' (repeatable; ';'-separated in the environment). Without any, every edge call
@@ -282,7 +288,21 @@ async fn main() -> anyhow::Result<()> {
             let l = tokio::net::TcpListener::bind(a)
                 .await
                 .with_context(|| format!("binding the admin listener (--admin-addr) on {a}"))?;
-            tracing::info!(addr = %l.local_addr()?, "admin (/metrics) listening");
+            if args.dashboard_addr.is_none() {
+                tracing::info!(addr = %l.local_addr()?, "admin (/metrics, /dashboard/) listening");
+            } else {
+                tracing::info!(addr = %l.local_addr()?, "admin (/metrics) listening");
+            }
+            Some(l)
+        }
+        None => None,
+    };
+    let dashboard = match args.dashboard_addr {
+        Some(a) => {
+            let l = tokio::net::TcpListener::bind(a).await.with_context(|| {
+                format!("binding the dashboard listener (--dashboard-addr) on {a}")
+            })?;
+            tracing::info!(addr = %l.local_addr()?, "dashboard (/dashboard/) listening");
             Some(l)
         }
         None => None,
@@ -301,12 +321,29 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     // The admin port outlives the drain, so the last counts can still be scraped.
     let admin_stop = CancellationToken::new();
-    if let Some(l) = admin {
-        tokio::spawn(netbore_control::metrics::serve_admin(
-            l,
-            control.clone(),
-            admin_stop.clone(),
-        ));
+    match (admin, dashboard) {
+        (Some(l), None) => {
+            tokio::spawn(netbore_control::dashboard::serve(
+                l,
+                netbore_control::dashboard::admin_router(control.clone()),
+                admin_stop.clone(),
+            ));
+        }
+        (admin, Some(d)) => {
+            if let Some(l) = admin {
+                tokio::spawn(netbore_control::metrics::serve_admin(
+                    l,
+                    control.clone(),
+                    admin_stop.clone(),
+                ));
+            }
+            tokio::spawn(netbore_control::dashboard::serve(
+                d,
+                netbore_control::dashboard::standalone_router(control.clone()),
+                shutdown.clone(),
+            ));
+        }
+        (None, None) => {}
     }
     let mut rest_task = tokio::spawn(netbore_control::serve_rest(
         rest,
