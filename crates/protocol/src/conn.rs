@@ -392,6 +392,17 @@ impl Connection {
         self.tick(now);
         self.check_open()?;
         self.heard(now);
+        self.apply(frame)?;
+        // Whatever the peer made us queue (pongs, refusals, credit for data nobody
+        // reads) is bounded: a peer that keeps it growing is not reading.
+        if self.transmit.len() > MAX_QUEUED_FRAMES {
+            let queued = self.transmit.len();
+            return Err(self.fail(ConnectionError::PeerNotReading { queued }));
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, frame: Frame) -> Result<(), ConnectionError> {
         let role = self.cfg.role;
         let frame_len = frame.encoded_len();
         let wrong = |frame: FrameType| ConnectionError::WrongSender {
