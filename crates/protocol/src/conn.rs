@@ -307,6 +307,8 @@ pub struct Connection {
     going_away: bool,
     closed: Option<ConnectionError>,
     transmit: VecDeque<Frame>,
+    /// Encoded bytes of the frames in `transmit`.
+    transmit_bytes: usize,
     events: VecDeque<Event>,
     /// The latest time the driver gave.
     now: Duration,
@@ -333,6 +335,7 @@ impl Connection {
             going_away: false,
             closed: None,
             transmit: VecDeque::new(),
+            transmit_bytes: 0,
             events: VecDeque::new(),
             now,
             last_heard: now,
@@ -591,6 +594,7 @@ impl Connection {
     /// are still returned, so a driver may flush them (a go-away, the last resets).
     pub fn poll_transmit(&mut self) -> Option<Frame> {
         let frame = self.transmit.pop_front()?;
+        self.transmit_bytes -= frame.encoded_len();
         if let Frame::RequestHead { stream_id, .. } = &frame
             && let Some(s) = self.streams.get_mut(stream_id)
         {
@@ -616,6 +620,11 @@ impl Connection {
     /// Frames waiting to be written.
     pub fn queued_frames(&self) -> usize {
         self.transmit.len()
+    }
+
+    /// Encoded bytes of the frames waiting to be written.
+    pub fn queued_bytes(&self) -> usize {
+        self.transmit_bytes
     }
 
     /// The next event, in order.
@@ -836,6 +845,7 @@ impl Connection {
                 }
                 f => f.stream_id() != stream_id,
             });
+            self.transmit_bytes = self.transmit.iter().map(Frame::encoded_len).sum();
             let _ = self.conn_send.grant(refund.min(u32::MAX as usize) as u32);
             self.bytes_out -= refund as u64;
             return;
@@ -1044,6 +1054,7 @@ impl Connection {
     /// Queues a frame we decided to send; sending counts as activity for the heartbeat.
     fn queue(&mut self, frame: Frame) {
         self.last_sent = self.now;
+        self.transmit_bytes += frame.encoded_len();
         self.transmit.push_back(frame);
     }
 
@@ -1055,6 +1066,7 @@ impl Connection {
             return Err(self.fail(ConnectionError::PeerNotReading { queued }));
         }
         // A reply is not our own activity: the heartbeat still pings an idle peer.
+        self.transmit_bytes += frame.encoded_len();
         self.transmit.push_back(frame);
         Ok(())
     }
