@@ -205,8 +205,8 @@ impl Gate {
 
 /// The clock [`fair::FairOpen`] is driven with: Tokio's, so a paused test clock
 /// drives it too.
-fn gate_now() -> std::time::Instant {
-    tokio::time::Instant::now().into_std()
+fn gate_now() -> tokio::time::Instant {
+    tokio::time::Instant::now()
 }
 
 /// A request head admitted or waiting on the gate; dropped before its stream opened
@@ -679,7 +679,7 @@ impl Mux {
                 let next = sh.inner.lock().gate.fair.next_expiry();
                 let aged = async {
                     match next {
-                        Some(at) => tokio::time::sleep_until(at.into()).await,
+                        Some(at) => tokio::time::sleep_until(at).await,
                         None => std::future::pending().await,
                     }
                 };
