@@ -519,7 +519,10 @@ proptest! {
             let k = which.index(n_streams);
             match op {
                 0 => {
-                    // The origin produces n more bytes; the agent sends what it may.
+                    // The origin produces more bytes (at most a few windows' worth, so
+                    // the run ends in a bounded number of rounds); the agent sends
+                    // what it may.
+                    let n = n % (8 * stream_window.min(conn_window) as usize + 1);
                     let f = &mut flows[k];
                     let more: Vec<u8> = (offset..offset + n).map(|i| (i % 251) as u8).collect();
                     offset += n;
