@@ -24,7 +24,10 @@
 //! that needs the time is given it). [`crate::Mux::open_fair`] drives it.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// Tokio's instant, so a paused test clock drives the gate too.
+use tokio::time::Instant;
 
 /// Bytes of unanswered request heads one link carries before new heads wait their
 /// turn: hundreds of ordinary heads (a few hundred bytes each), or four of the largest

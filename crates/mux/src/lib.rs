@@ -5,12 +5,15 @@
 //! [`Incoming`]. Each stream is a [`StreamSender`] and a [`StreamReceiver`], usable from
 //! different tasks.
 //!
-//! Three tasks serve a connection: a reader that decodes frames and routes them to
-//! streams, a writer that batches queued frames into as few WebSocket messages as it can
-//! (one write per burst, not per frame), and a heartbeat. Memory is bounded by the
-//! protocol's credit windows: a sender waits for credit before queuing data, and a
-//! receiver returns credit only for bytes its consumer has taken, so a slow viewer or
-//! origin never makes either side buffer more than a window.
+//! The protocol itself (stream table, id order, limits, go-away, heartbeat, both credit
+//! windows) is [`netbore_protocol::conn::Connection`], a state machine without sockets
+//! or clocks. One **driver task** per link owns the socket and the timer: it feeds the
+//! connection what it reads, acts on its events, runs its timeout on Tokio's clock (so a
+//! paused test clock drives it), and batches the frames it polls into as few WebSocket
+//! messages as it can. Stream handles reach the connection through one lock and wake
+//! the driver through one `Notify`; a sender waiting for credit parks its waker until
+//! the connection reports the stream writable. Memory is bounded by the protocol's
+//! credit windows: a receiver returns credit only for bytes its consumer has taken.
 //!
 //! Dropping a [`StreamSender`] that has not finished, or a [`StreamReceiver`] before the
 //! peer finished, resets the stream: a forgotten stream frees itself.
@@ -19,28 +22,29 @@ pub mod body;
 pub mod fair;
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
-use netbore_protocol::{
-    AgentStatus, Frame, GoAway, Header, Limits, RecvWindow, RequestHead, ResetCode, ResponseHead,
-    StreamEvent, StreamState, decode, encode,
+use netbore_protocol::conn::{
+    Config as ConnConfig, Connection, ConnectionError, Event as ConnEvent, OpError, Refusal,
 };
+use netbore_protocol::{AgentStatus, Header, Limits, RequestHead, ResetCode, ResponseHead};
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Notify, mpsc};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-/// Largest data payload put in one frame. Big enough that bulk transfer is not
-/// dominated by per-frame cost, small enough that streams interleave fairly.
-pub const MAX_DATA_CHUNK: usize = 64 * 1024;
+pub use netbore_protocol::conn::{
+    HEARTBEAT_MISSES, MAX_DATA_CHUNK, MAX_LINK_HEAD_BYTES, MAX_QUEUED_FRAMES, STREAM_ID_RETIRE,
+};
 
 /// The writer stops adding frames to one WebSocket message beyond this many bytes.
 pub const MAX_BATCH_BYTES: usize = 256 * 1024;
@@ -50,33 +54,10 @@ pub const MAX_BATCH_BYTES: usize = 256 * 1024;
 /// write. Bulk data is written at once: there the wait only adds delay.
 pub const CORK_BELOW: usize = 16 * 1024;
 
-/// The edge stops opening streams on a connection at this id and sends go-away, so
-/// ids never wrap (the agent reconnects long before 2^32).
-pub const STREAM_ID_RETIRE: u32 = 1 << 31;
-
-/// Frames queued for the writer beyond which the peer is taken to have stopped
-/// reading and the connection is closed (data is bounded by the windows and heads by
-/// [`MAX_LINK_HEAD_BYTES`]; this bounds the small control frames too, e.g. pongs owed
-/// to a peer that pings without reading).
-pub const MAX_QUEUED_FRAMES: usize = 65_536;
-
-/// Bytes of heads (request heads on the edge, response heads on the agent) that the
-/// open streams of one connection may hold, counting the heads the peer sent us too.
-/// Heads are not covered by the credit windows and HTTP/2 header compression lets a
-/// viewer turn a few bytes into a 64 KiB head, so without this a flood of requests
-/// queues without bound. A new stream beyond it is refused at once (the edge answers
-/// 503 `tunnel_busy`; the agent resets a stream the edge opens beyond it with
-/// `REFUSED`). 16 MiB holds 256 heads of 64 KiB, or thousands of ordinary ones.
-pub const MAX_LINK_HEAD_BYTES: usize = 16 * 1024 * 1024;
-
 /// Default longest time one write to the peer may make no progress before the peer is
 /// taken to have stopped reading and the connection is closed. A write is at most one
 /// batch ([`MAX_BATCH_BYTES`] plus a frame), so this allows links down to ~10 KB/s.
 pub const DEFAULT_WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Missing this many heartbeat intervals without hearing anything from the peer means
-/// the link is dead.
-pub const HEARTBEAT_MISSES: u32 = 3;
 
 /// Bytes tungstenite allocates up front per connection for reading. A trade between
 /// memory per idle tunnel and read syscalls under bulk load.
@@ -159,69 +140,47 @@ pub enum Event {
     Reset(ResetCode, String),
 }
 
-/// Per-stream state shared between the reader and the stream's two handles.
-struct StreamCtl {
-    id: u32,
-    /// Send credit in bytes. Closed when the stream is reset.
-    send_credit: Semaphore,
-    recv_window: Mutex<RecvWindow>,
-    reset: AtomicBool,
-    /// The receiver was dropped before the peer finished; reset once we finish too.
-    recv_dropped: AtomicBool,
-    /// The stream was reset before its head was written: the writer dropped the head,
-    /// so it drops every later frame of the stream too (the peer never heard of it).
-    unsent: AtomicBool,
-    /// Bytes of heads this stream holds against [`MAX_LINK_HEAD_BYTES`].
-    head_bytes: std::sync::atomic::AtomicUsize,
-    /// Its ticket in the link's [`fair::FairOpen`] until the response head arrives or
-    /// the stream ends (0: none, or already answered).
-    pipe_ticket: AtomicU64,
-}
-
-/// A frame waiting for the writer, with the stream it belongs to (when it has one) so
-/// frames of a stream abandoned before its head left are dropped, not sent.
-struct Out {
-    frame: Frame,
-    ctl: Option<Arc<StreamCtl>>,
-    len: usize,
-}
-
-struct Entry {
+/// The driver's view of one open stream: where its events go and who waits on it.
+struct Slot {
     tx: mpsc::UnboundedSender<Event>,
-    ctl: Arc<StreamCtl>,
-    state: StreamState,
+    /// A sender parked for credit.
+    send_waker: Option<Waker>,
+    /// Our half is finished (sent its end, trailers, or an end-stream head).
     local_done: bool,
+    /// Its ticket in the link's [`fair::FairOpen`] until the response head arrives or
+    /// the stream ends (0: none).
+    ticket: fair::Ticket,
+}
+
+/// Everything about the link behind its one lock.
+struct Inner {
+    conn: Connection,
+    slots: HashMap<u32, Slot>,
+    /// Streams the edge opens, handed to the agent's [`Incoming`].
+    accept: Option<mpsc::UnboundedSender<IncomingStream>>,
+    close_reason: Option<String>,
+    /// Admission of request heads, fair between clients ([`Mux::open_fair`]).
+    gate: Gate,
+    /// Bytes of request heads waiting at the gate (counted against
+    /// [`MAX_LINK_HEAD_BYTES`] with the open streams' heads).
+    waiting_head_bytes: usize,
+    peak_queued_bytes: usize,
+    /// The agent's last AGENT_STATUS (edge side), with the Unix time it arrived.
+    agent_status: Option<(AgentStatus, u64)>,
+    writer_done: bool,
 }
 
 struct Shared {
     cfg: MuxConfig,
-    out: mpsc::UnboundedSender<Out>,
-    streams: Mutex<HashMap<u32, Entry>>,
-    next_id: AtomicU32,
-    last_remote_id: AtomicU32,
-    conn_credit: Semaphore,
-    conn_recv: Mutex<RecvWindow>,
+    /// The link's epoch on Tokio's clock; the connection's `now` is the time since.
+    start: tokio::time::Instant,
+    inner: Mutex<Inner>,
+    /// Wakes the driver: frames to write, or the link closed.
+    wake: Notify,
     cancel: CancellationToken,
-    close_reason: Mutex<Option<String>>,
-    going_away: AtomicBool,
     going_away_notify: Notify,
     idle_notify: Notify,
-    started: Instant,
-    last_heard_ms: AtomicU64,
-    bytes_in: AtomicU64,
-    bytes_out: AtomicU64,
-    queued: std::sync::atomic::AtomicUsize,
-    /// Encoded bytes waiting for the writer, and the most there ever were.
-    queued_bytes: std::sync::atomic::AtomicUsize,
-    peak_queued_bytes: std::sync::atomic::AtomicUsize,
-    /// Bytes of heads held by open streams (see [`MAX_LINK_HEAD_BYTES`]).
-    head_bytes: std::sync::atomic::AtomicUsize,
-    writer_done: AtomicBool,
     writer_done_notify: Notify,
-    /// Admission of request heads, fair between clients ([`Mux::open_fair`]).
-    gate: Mutex<Gate>,
-    /// The agent's last AGENT_STATUS (edge side), with the Unix time it arrived.
-    agent_status: Mutex<Option<(AgentStatus, u64)>>,
     /// Woken when the agent's origin turns healthy or unhealthy (or first reports).
     agent_status_changed: Notify,
 }
@@ -246,8 +205,8 @@ impl Gate {
 
 /// The clock [`fair::FairOpen`] is driven with: Tokio's, so a paused test clock
 /// drives it too.
-fn gate_now() -> Instant {
-    tokio::time::Instant::now().into_std()
+fn gate_now() -> tokio::time::Instant {
+    tokio::time::Instant::now()
 }
 
 /// A request head admitted or waiting on the gate; dropped before its stream opened
@@ -265,13 +224,11 @@ impl Drop for Admission {
         if self.opened {
             return;
         }
-        {
-            let mut g = self.shared.gate.lock();
-            g.waiters.remove(&self.ticket);
-            let admitted = g.fair.cancel(self.ticket, gate_now());
-            g.wake(admitted);
-        }
-        self.shared.release_head_bytes(self.head_bytes);
+        let mut inner = self.shared.inner.lock();
+        inner.gate.waiters.remove(&self.ticket);
+        let admitted = inner.gate.fair.cancel(self.ticket, gate_now());
+        inner.gate.wake(admitted);
+        inner.waiting_head_bytes -= self.head_bytes;
     }
 }
 
@@ -303,7 +260,7 @@ impl Greeting {
 
 /// Streams the edge opens, as the agent receives them.
 pub struct Incoming {
-    rx: mpsc::Receiver<IncomingStream>,
+    rx: mpsc::UnboundedReceiver<IncomingStream>,
 }
 
 impl Incoming {
@@ -323,6 +280,252 @@ pub struct IncomingStream {
     pub sender: StreamSender,
     /// Receives the request body.
     pub receiver: StreamReceiver,
+}
+
+fn refused(r: Refusal) -> MuxError {
+    MuxError::Refused(match r {
+        Refusal::TooManyStreams(_) => "too many concurrent streams",
+        Refusal::GoingAway => "the connection is going away",
+        Refusal::HeadBytes => "the connection holds its limit of head bytes",
+    })
+}
+
+fn stream_gone() -> MuxError {
+    MuxError::Reset {
+        code: ResetCode::Cancel,
+        message: "stream was reset or its connection closed".into(),
+    }
+}
+
+impl Shared {
+    fn now(&self) -> Duration {
+        tokio::time::Instant::now().saturating_duration_since(self.start)
+    }
+
+    fn closed_error(&self, inner: &Inner) -> MuxError {
+        MuxError::Closed(inner.close_reason.clone().unwrap_or_default())
+    }
+
+    /// Maps a connection error for a stream operation.
+    fn op_error(&self, inner: &Inner, e: OpError) -> MuxError {
+        match e {
+            OpError::Closed(_) => self.closed_error(inner),
+            OpError::UnknownStream(_) => stream_gone(),
+            OpError::Refused(r) => refused(r),
+            OpError::WrongRole { .. } | OpError::Misuse(_) => MuxError::Misuse(e.to_string()),
+            OpError::TooLarge(m) => MuxError::TooLarge(m),
+        }
+    }
+
+    /// Acts on everything the connection reported, under the lock, then wakes the
+    /// driver if frames are waiting.
+    fn after(self: &Arc<Self>, inner: &mut Inner) {
+        while let Some(ev) = inner.conn.poll() {
+            self.on_event(inner, ev);
+        }
+        let q = inner.conn.queued_bytes();
+        inner.peak_queued_bytes = inner.peak_queued_bytes.max(q);
+        if inner.conn.queued_frames() > 0 || inner.conn.is_closed() {
+            self.wake.notify_one();
+        }
+        // Forget slots whose stream the connection forgot (finished both ways).
+        if inner.slots.len() != inner.conn.open_streams() {
+            let gone: Vec<u32> = inner
+                .slots
+                .keys()
+                .copied()
+                .filter(|id| !inner.conn.is_open(*id))
+                .collect();
+            for id in gone {
+                self.forget(inner, id);
+            }
+        }
+    }
+
+    fn forget(&self, inner: &mut Inner, id: u32) {
+        if let Some(mut slot) = inner.slots.remove(&id) {
+            if let Some(w) = slot.send_waker.take() {
+                w.wake();
+            }
+            self.answered(inner, slot.ticket);
+        }
+        if inner.slots.is_empty() {
+            self.idle_notify.notify_waiters();
+        }
+    }
+
+    /// A stream's head was answered (or the stream ended): its bytes leave the gate's
+    /// pipe, and the next waiting heads go.
+    fn answered(&self, inner: &mut Inner, ticket: fair::Ticket) {
+        if ticket != 0 {
+            let admitted = inner.gate.fair.answered(ticket, gate_now());
+            inner.gate.wake(admitted);
+        }
+    }
+
+    fn on_event(self: &Arc<Self>, inner: &mut Inner, ev: ConnEvent) {
+        match ev {
+            ConnEvent::Opened {
+                stream_id,
+                head,
+                end_stream,
+            } => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                inner.slots.insert(
+                    stream_id,
+                    Slot {
+                        tx,
+                        send_waker: None,
+                        local_done: false,
+                        ticket: 0,
+                    },
+                );
+                let (sender, receiver) = handles(self.clone(), stream_id, rx);
+                let incoming = IncomingStream {
+                    head,
+                    end_stream,
+                    sender,
+                    receiver,
+                };
+                let refused = match inner.accept.as_ref() {
+                    Some(a) => a.send(incoming).err().map(|e| e.0),
+                    None => Some(incoming),
+                };
+                if let Some(mut incoming) = refused {
+                    // Dropped under the lock: the handles must not take it again.
+                    incoming.sender.done = true;
+                    incoming.receiver.finished = true;
+                    drop(incoming);
+                    inner.conn.close("agent stopped accepting streams");
+                }
+            }
+            ConnEvent::Head { stream_id, head } => {
+                if let Some(slot) = inner.slots.get_mut(&stream_id) {
+                    let _ = slot.tx.send(Event::Head(head));
+                    let ticket = std::mem::take(&mut slot.ticket);
+                    self.answered(inner, ticket);
+                }
+            }
+            ConnEvent::Data { stream_id, data } => {
+                let n = data.len();
+                let delivered = inner
+                    .slots
+                    .get(&stream_id)
+                    .is_some_and(|s| s.tx.send(Event::Data(data)).is_ok());
+                if !delivered {
+                    let now = self.now();
+                    inner.conn.consumed(now, stream_id, n);
+                }
+            }
+            ConnEvent::Trailers { stream_id, headers } => {
+                if let Some(slot) = inner.slots.get(&stream_id) {
+                    let _ = slot.tx.send(Event::Trailers(headers));
+                }
+            }
+            ConnEvent::End { stream_id } => {
+                if let Some(slot) = inner.slots.get(&stream_id) {
+                    let _ = slot.tx.send(Event::End);
+                }
+            }
+            ConnEvent::Reset {
+                stream_id,
+                code,
+                message,
+            } => {
+                if let Some(slot) = inner.slots.get(&stream_id) {
+                    let _ = slot.tx.send(Event::Reset(code, message));
+                }
+                self.forget(inner, stream_id);
+            }
+            ConnEvent::Writable { stream_id } => {
+                if let Some(w) = inner
+                    .slots
+                    .get_mut(&stream_id)
+                    .and_then(|s| s.send_waker.take())
+                {
+                    w.wake();
+                }
+            }
+            ConnEvent::GoAway(g) => {
+                debug!(session = %self.cfg.label, message = %g.message, "edge is going away");
+                self.going_away_notify.notify_waiters();
+            }
+            ConnEvent::AgentStatus => {
+                let Some(a) = inner.conn.agent_status().cloned() else {
+                    return;
+                };
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or_default();
+                let healthy = a.origin.is_healthy();
+                let before = inner
+                    .agent_status
+                    .replace((a, now))
+                    .map(|(b, _)| b.origin.is_healthy());
+                if before != Some(healthy) {
+                    self.agent_status_changed.notify_one();
+                }
+            }
+            ConnEvent::Closed(e) => {
+                let reason = match &e {
+                    ConnectionError::HeartbeatTimeout { .. } => {
+                        warn!(session = %self.cfg.label, "no heartbeat from the peer; closing the tunnel connection");
+                        "heartbeat timeout: the peer stopped answering".to_string()
+                    }
+                    ConnectionError::Closed(r) => r.clone(),
+                    other => {
+                        warn!(session = %self.cfg.label, reason = %other, "closing tunnel connection");
+                        other.to_string()
+                    }
+                };
+                if inner.close_reason.is_none() {
+                    inner.close_reason = Some(reason);
+                }
+                let ids: Vec<u32> = inner.slots.keys().copied().collect();
+                for id in ids {
+                    self.forget(inner, id);
+                }
+                inner.accept = None;
+                for (_, w) in inner.gate.waiters.drain() {
+                    drop(w);
+                }
+                self.cancel.cancel();
+                self.going_away_notify.notify_waiters();
+                self.idle_notify.notify_waiters();
+                self.wake.notify_one();
+            }
+        }
+    }
+
+    fn close(self: &Arc<Self>, reason: &str) {
+        let mut inner = self.inner.lock();
+        inner.conn.close(reason);
+        self.after(&mut inner);
+        drop(inner);
+        self.cancel.cancel();
+        self.wake.notify_one();
+    }
+}
+
+fn handles(
+    shared: Arc<Shared>,
+    id: u32,
+    rx: mpsc::UnboundedReceiver<Event>,
+) -> (StreamSender, StreamReceiver) {
+    (
+        StreamSender {
+            shared: shared.clone(),
+            id,
+            done: false,
+        },
+        StreamReceiver {
+            shared,
+            id,
+            rx,
+            finished: false,
+        },
+    )
 }
 
 impl Mux {
@@ -367,50 +570,43 @@ impl Mux {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (out_tx, out_rx) = mpsc::unbounded_channel();
-        let limits = cfg.limits;
-        let role = cfg.role;
-        let shared = Arc::new(Shared {
-            out: out_tx,
-            streams: Mutex::new(HashMap::new()),
-            next_id: AtomicU32::new(1),
-            last_remote_id: AtomicU32::new(0),
-            conn_credit: Semaphore::new(limits.connection_window as usize),
-            conn_recv: Mutex::new(RecvWindow::new(limits.connection_window)),
-            cancel,
-            close_reason: Mutex::new(None),
-            going_away: AtomicBool::new(false),
-            going_away_notify: Notify::new(),
-            agent_status: Mutex::new(None),
-            agent_status_changed: Notify::new(),
-            idle_notify: Notify::new(),
-            started: Instant::now(),
-            last_heard_ms: AtomicU64::new(0),
-            bytes_in: AtomicU64::new(0),
-            bytes_out: AtomicU64::new(0),
-            queued: std::sync::atomic::AtomicUsize::new(0),
-            queued_bytes: std::sync::atomic::AtomicUsize::new(0),
-            peak_queued_bytes: std::sync::atomic::AtomicUsize::new(0),
-            head_bytes: std::sync::atomic::AtomicUsize::new(0),
-            writer_done: AtomicBool::new(false),
-            writer_done_notify: Notify::new(),
-            gate: Mutex::new(Gate::default()),
-            cfg,
-        });
-        let (accept_tx, incoming) = if role == Role::Agent {
-            let (tx, rx) = mpsc::channel(limits.max_concurrent_streams.max(1) as usize);
+        let role = match cfg.role {
+            Role::Edge => netbore_protocol::conn::Role::Edge,
+            Role::Agent => netbore_protocol::conn::Role::Agent,
+        };
+        let conn = Connection::new(
+            ConnConfig::new(role, cfg.limits, cfg.heartbeat_interval),
+            Duration::ZERO,
+        );
+        let (accept, incoming) = if cfg.role == Role::Agent {
+            let (tx, rx) = mpsc::unbounded_channel();
             (Some(tx), Some(Incoming { rx }))
         } else {
             (None, None)
         };
-        let (sink, stream) = ws.split();
-        let mux = Mux {
-            shared: shared.clone(),
-        };
-        tokio::spawn(writer(shared.clone(), sink, out_rx, greeting));
-        tokio::spawn(reader(shared.clone(), stream, accept_tx));
-        tokio::spawn(heartbeat(shared));
-        (mux, incoming)
+        let shared = Arc::new(Shared {
+            start: tokio::time::Instant::now(),
+            inner: Mutex::new(Inner {
+                conn,
+                slots: HashMap::new(),
+                accept,
+                close_reason: None,
+                gate: Gate::default(),
+                waiting_head_bytes: 0,
+                peak_queued_bytes: 0,
+                agent_status: None,
+                writer_done: false,
+            }),
+            wake: Notify::new(),
+            cancel,
+            going_away_notify: Notify::new(),
+            idle_notify: Notify::new(),
+            writer_done_notify: Notify::new(),
+            agent_status_changed: Notify::new(),
+            cfg,
+        });
+        tokio::spawn(drive(shared.clone(), ws, greeting));
+        (Mux { shared }, incoming)
     }
 
     /// Opens a stream carrying `head` (edge side). Returns immediately; the request
@@ -420,7 +616,7 @@ impl Mux {
         head: RequestHead,
         end_stream: bool,
     ) -> Result<(StreamSender, StreamReceiver), MuxError> {
-        self.open_inner(head, end_stream, None)
+        self.open_inner(head, end_stream, 0)
     }
 
     /// Like [`Mux::open`], but the stream opens only when the link's fair order
@@ -436,36 +632,54 @@ impl Mux {
         class: fair::Class,
     ) -> Result<(StreamSender, StreamReceiver), MuxError> {
         let sh = &self.shared;
-        let (head, head_len) = self.check_head(head, end_stream)?;
-        if !sh.take_head_bytes(head_len) {
-            return Err(MuxError::Refused(
-                "the connection holds its limit of request head bytes",
-            ));
-        }
+        let probe = netbore_protocol::Frame::RequestHead {
+            stream_id: 1,
+            head,
+            end_stream,
+        };
+        netbore_protocol::frame::check_encodable(&probe, sh.cfg.limits.max_frame_len as usize)
+            .map_err(MuxError::TooLarge)?;
+        let head_len = probe.encoded_len();
+        let netbore_protocol::Frame::RequestHead { head, .. } = probe else {
+            unreachable!("built above")
+        };
         let mut admission = Admission {
             shared: sh.clone(),
             ticket: 0,
-            head_bytes: head_len,
+            head_bytes: 0,
             opened: false,
         };
         let waiting = {
-            let mut g = sh.gate.lock();
-            let (ticket, admitted) = g.fair.arrive(class, head_len, gate_now());
+            let mut inner = sh.inner.lock();
+            if inner.conn.is_closed() {
+                return Err(sh.closed_error(&inner));
+            }
+            if inner.conn.is_going_away() {
+                return Err(refused(Refusal::GoingAway));
+            }
+            if inner.conn.head_bytes() + inner.waiting_head_bytes + head_len > MAX_LINK_HEAD_BYTES {
+                return Err(MuxError::Refused(
+                    "the connection holds its limit of request head bytes",
+                ));
+            }
+            inner.waiting_head_bytes += head_len;
+            admission.head_bytes = head_len;
+            let (ticket, admitted) = inner.gate.fair.arrive(class, head_len, gate_now());
             admission.ticket = ticket;
             let now = admitted.contains(&ticket);
-            g.wake(admitted);
+            inner.gate.wake(admitted);
             (!now).then(|| {
                 let (tx, rx) = tokio::sync::oneshot::channel();
-                g.waiters.insert(ticket, tx);
+                inner.gate.waiters.insert(ticket, tx);
                 rx
             })
         };
         if let Some(mut rx) = waiting {
             loop {
-                let next = sh.gate.lock().fair.next_expiry();
+                let next = sh.inner.lock().gate.fair.next_expiry();
                 let aged = async {
                     match next {
-                        Some(at) => tokio::time::sleep_until(at.into()).await,
+                        Some(at) => tokio::time::sleep_until(at).await,
                         None => std::future::pending().await,
                     }
                 };
@@ -475,161 +689,82 @@ impl Mux {
                         Err(_) => return Err(MuxError::Closed(self.close_reason())),
                     },
                     _ = aged => {
-                        let mut g = sh.gate.lock();
-                        let admitted = g.fair.expire(gate_now());
-                        g.wake(admitted);
+                        let mut inner = sh.inner.lock();
+                        let admitted = inner.gate.fair.expire(gate_now());
+                        inner.gate.wake(admitted);
                     }
                     _ = sh.cancel.cancelled() => return Err(MuxError::Closed(self.close_reason())),
                 }
             }
         }
-        let opened = self.open_inner(head, end_stream, Some((admission.ticket, head_len)))?;
-        // The stream holds the ticket and the head bytes now.
-        admission.opened = true;
-        Ok(opened)
+        // The stream takes over the ticket; its head bytes move to the connection.
+        {
+            let mut inner = sh.inner.lock();
+            inner.waiting_head_bytes -= admission.head_bytes;
+        }
+        admission.head_bytes = 0;
+        let opened = self.open_inner(head, end_stream, admission.ticket);
+        admission.opened = opened.is_ok();
+        opened
     }
 
-    /// Checks that a stream can be opened with `head`; returns it with its encoded size.
-    fn check_head(
-        &self,
-        head: RequestHead,
-        end_stream: bool,
-    ) -> Result<(RequestHead, usize), MuxError> {
-        let sh = &self.shared;
-        if sh.cancel.is_cancelled() {
-            return Err(MuxError::Closed(self.close_reason()));
-        }
-        if sh.going_away.load(Ordering::Acquire) {
-            return Err(MuxError::Refused("the connection is going away"));
-        }
-        let probe = Frame::RequestHead {
-            stream_id: 1,
-            head,
-            end_stream,
-        };
-        netbore_protocol::frame::check_encodable(&probe, sh.cfg.limits.max_frame_len as usize)
-            .map_err(MuxError::TooLarge)?;
-        let probe_len = probe.encoded_len();
-        let Frame::RequestHead { head, .. } = probe else {
-            unreachable!("built above")
-        };
-        Ok((head, probe_len))
-    }
-
-    /// Opens a stream; `admitted` is its ticket and the head bytes already taken when
-    /// it came through [`Mux::open_fair`] (on an error the caller still owns both).
     fn open_inner(
         &self,
         head: RequestHead,
         end_stream: bool,
-        admitted: Option<(fair::Ticket, usize)>,
+        ticket: fair::Ticket,
     ) -> Result<(StreamSender, StreamReceiver), MuxError> {
         let sh = &self.shared;
-        let (head, probe_len) = match admitted {
-            Some((_, len)) => {
-                // It may have waited: the connection can have closed meanwhile.
-                if sh.cancel.is_cancelled() {
-                    return Err(MuxError::Closed(self.close_reason()));
-                }
-                if sh.going_away.load(Ordering::Acquire) {
-                    return Err(MuxError::Refused("the connection is going away"));
-                }
-                (head, len)
-            }
-            None => self.check_head(head, end_stream)?,
-        };
-        let prepaid = admitted.is_some();
-        let ticket = admitted.map_or(0, |(t, _)| t);
-        let mut state = StreamState::new();
-        state
-            .on_send(StreamEvent::Head { end_stream })
-            .map_err(|e| MuxError::Misuse(e.to_string()))?;
-        let head_len = probe_len;
         let (tx, rx) = mpsc::unbounded_channel();
-        // The id is taken and the head queued under one lock, so heads reach the wire
-        // in id order (the agent refuses an id that is not above the last one).
-        let ctl = {
-            let mut streams = sh.streams.lock();
-            if streams.len() >= sh.cfg.limits.max_concurrent_streams as usize {
-                return Err(MuxError::Refused("too many concurrent streams"));
+        {
+            let mut inner = sh.inner.lock();
+            if inner.conn.is_closed() {
+                return Err(sh.closed_error(&inner));
             }
-            if !prepaid && !sh.take_head_bytes(head_len) {
-                return Err(MuxError::Refused(
-                    "the connection holds its limit of request head bytes",
-                ));
-            }
-            let id = sh.next_id.fetch_add(1, Ordering::Relaxed);
-            if id >= STREAM_ID_RETIRE {
-                drop(streams);
-                if !prepaid {
-                    sh.release_head_bytes(head_len);
+            let now = sh.now();
+            let id = match inner.conn.open(now, head, end_stream) {
+                Ok(id) => id,
+                Err(OpError::Refused(Refusal::HeadBytes)) => {
+                    return Err(MuxError::Refused(
+                        "the connection holds its limit of request head bytes",
+                    ));
                 }
-                // Ids are running out: move the agent to a fresh connection first.
-                self.go_away("stream ids exhausted; reconnect");
-                return Err(MuxError::Refused("the connection is going away"));
-            }
-            let ctl = new_ctl(id, &sh.cfg.limits, head_len);
-            ctl.pipe_ticket.store(ticket, Ordering::Release);
-            streams.insert(
+                Err(e) => {
+                    let err = sh.op_error(&inner, e);
+                    sh.after(&mut inner);
+                    return Err(err);
+                }
+            };
+            inner.slots.insert(
                 id,
-                Entry {
+                Slot {
                     tx,
-                    ctl: ctl.clone(),
-                    state,
+                    send_waker: None,
                     local_done: end_stream,
+                    ticket,
                 },
             );
-            if let Err(e) = sh.send_for(
-                Frame::RequestHead {
-                    stream_id: id,
-                    head,
-                    end_stream,
-                },
-                &ctl,
-            ) {
-                streams.remove(&id);
-                if !prepaid {
-                    sh.release_head_bytes(head_len);
-                }
-                return Err(e);
-            }
-            ctl
-        };
-        Ok(self.handles(ctl, rx, state))
-    }
-
-    fn handles(
-        &self,
-        ctl: Arc<StreamCtl>,
-        rx: mpsc::UnboundedReceiver<Event>,
-        state: StreamState,
-    ) -> (StreamSender, StreamReceiver) {
-        (
-            StreamSender {
-                shared: self.shared.clone(),
-                ctl: ctl.clone(),
-                state,
-            },
-            StreamReceiver {
-                shared: self.shared.clone(),
-                ctl,
-                rx,
-                finished: false,
-            },
-        )
+            sh.after(&mut inner);
+            drop(inner);
+            let (mut s, r) = handles(sh.clone(), id, rx);
+            s.done = end_stream;
+            Ok((s, r))
+        }
     }
 
     /// Tells the agent this edge is leaving (edge side). No new streams are opened
     /// here afterwards; open ones run to completion.
     pub fn go_away(&self, message: &str) {
         let sh = &self.shared;
-        if !sh.going_away.swap(true, Ordering::AcqRel) {
-            let _ = sh.send(Frame::GoAway(GoAway {
-                last_stream_id: sh.next_id.load(Ordering::Relaxed).saturating_sub(1),
-                message: message.to_string(),
-            }));
-            sh.going_away_notify.notify_waiters();
+        let mut inner = sh.inner.lock();
+        if inner.conn.is_going_away() {
+            return;
         }
+        let now = sh.now();
+        inner.conn.go_away(now, message);
+        sh.after(&mut inner);
+        drop(inner);
+        sh.going_away_notify.notify_waiters();
     }
 
     /// Tells the edge how the agent's origin is (agent side). Send only when the
@@ -644,13 +779,17 @@ impl Mux {
             }
             status.message.truncate(cut);
         }
-        let _ = self.shared.send(Frame::AgentStatus(status));
+        let sh = &self.shared;
+        let mut inner = sh.inner.lock();
+        let now = sh.now();
+        let _ = inner.conn.send_agent_status(now, status);
+        sh.after(&mut inner);
     }
 
     /// The agent's last AGENT_STATUS and the Unix time it arrived (edge side); `None`
     /// until one arrives (older agents never send one).
     pub fn agent_status(&self) -> Option<(AgentStatus, u64)> {
-        self.shared.agent_status.lock().clone()
+        self.shared.inner.lock().agent_status.clone()
     }
 
     /// Resolves when the agent's origin turned healthy or unhealthy, or reported for
@@ -661,7 +800,7 @@ impl Mux {
 
     /// True once either side announced go-away.
     pub fn is_going_away(&self) -> bool {
-        self.shared.going_away.load(Ordering::Acquire)
+        self.shared.inner.lock().conn.is_going_away()
     }
 
     /// Resolves when the peer (or we) announced go-away, or the connection closed.
@@ -669,7 +808,7 @@ impl Mux {
         let sh = &self.shared;
         loop {
             let notified = sh.going_away_notify.notified();
-            if sh.going_away.load(Ordering::Acquire) || sh.cancel.is_cancelled() {
+            if self.is_going_away() || sh.cancel.is_cancelled() {
                 return;
             }
             tokio::select! {
@@ -693,7 +832,7 @@ impl Mux {
         let _ = tokio::time::timeout(within, async {
             loop {
                 let notified = sh.writer_done_notify.notified();
-                if sh.writer_done.load(Ordering::Acquire) {
+                if sh.inner.lock().writer_done {
                     return;
                 }
                 notified.await;
@@ -714,12 +853,17 @@ impl Mux {
 
     /// Why the connection closed (empty while open).
     pub fn close_reason(&self) -> String {
-        self.shared.close_reason.lock().clone().unwrap_or_default()
+        self.shared
+            .inner
+            .lock()
+            .close_reason
+            .clone()
+            .unwrap_or_default()
     }
 
     /// Streams currently open on this connection.
     pub fn open_streams(&self) -> usize {
-        self.shared.streams.lock().len()
+        self.shared.inner.lock().slots.len()
     }
 
     /// Resolves when no stream is open (for draining).
@@ -735,10 +879,7 @@ impl Mux {
 
     /// Payload bytes received and sent so far.
     pub fn bytes(&self) -> (u64, u64) {
-        (
-            self.shared.bytes_in.load(Ordering::Relaxed),
-            self.shared.bytes_out.load(Ordering::Relaxed),
-        )
+        self.shared.inner.lock().conn.bytes()
     }
 
     /// The label given in the config (the session id).
@@ -749,374 +890,156 @@ impl Mux {
     /// Encoded bytes waiting to be written to the peer now, and the most there have
     /// ever been on this connection.
     pub fn queued_bytes(&self) -> (usize, usize) {
-        (
-            self.shared.queued_bytes.load(Ordering::Relaxed),
-            self.shared.peak_queued_bytes.load(Ordering::Relaxed),
-        )
+        let inner = self.shared.inner.lock();
+        (inner.conn.queued_bytes(), inner.peak_queued_bytes)
     }
 
     /// Request heads waiting for their turn in [`Mux::open_fair`].
     pub fn waiting_heads(&self) -> usize {
-        self.shared.gate.lock().fair.waiting()
+        self.shared.inner.lock().gate.fair.waiting()
     }
 
-    /// Bytes of heads held by this connection's open streams (at most
-    /// [`MAX_LINK_HEAD_BYTES`]).
+    /// Bytes of heads held by this connection's open streams and waiting heads (at
+    /// most [`MAX_LINK_HEAD_BYTES`]).
     pub fn head_bytes(&self) -> usize {
-        self.shared.head_bytes.load(Ordering::Relaxed)
-    }
-}
-
-fn new_ctl(id: u32, limits: &Limits, head_bytes: usize) -> Arc<StreamCtl> {
-    Arc::new(StreamCtl {
-        id,
-        send_credit: Semaphore::new(limits.initial_stream_window as usize),
-        recv_window: Mutex::new(RecvWindow::new(limits.initial_stream_window)),
-        reset: AtomicBool::new(false),
-        recv_dropped: AtomicBool::new(false),
-        unsent: AtomicBool::new(false),
-        head_bytes: std::sync::atomic::AtomicUsize::new(head_bytes),
-        pipe_ticket: AtomicU64::new(0),
-    })
-}
-
-impl Shared {
-    fn send(&self, frame: Frame) -> Result<(), MuxError> {
-        self.enqueue(frame, None)
-    }
-
-    /// Queues a frame of the stream `ctl`.
-    fn send_for(&self, frame: Frame, ctl: &Arc<StreamCtl>) -> Result<(), MuxError> {
-        self.enqueue(frame, Some(ctl.clone()))
-    }
-
-    fn enqueue(&self, frame: Frame, ctl: Option<Arc<StreamCtl>>) -> Result<(), MuxError> {
-        let closed = || MuxError::Closed(self.close_reason.lock().clone().unwrap_or_default());
-        if self.queued.load(Ordering::Relaxed) >= MAX_QUEUED_FRAMES {
-            // Closing here could take the streams lock a caller holds: only mark the
-            // connection closed; the reader's exit resets the streams.
-            self.mark_closed("the peer stopped reading: too many frames queued for it");
-            return Err(closed());
-        }
-        let len = frame.encoded_len();
-        self.queued.fetch_add(1, Ordering::Relaxed);
-        let now = self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len;
-        self.peak_queued_bytes.fetch_max(now, Ordering::Relaxed);
-        self.out.send(Out { frame, ctl, len }).map_err(|_| {
-            self.queued.fetch_sub(1, Ordering::Relaxed);
-            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-            closed()
-        })
-    }
-
-    /// Takes `n` bytes of the head budget, or returns false when it is spent.
-    fn take_head_bytes(&self, n: usize) -> bool {
-        self.head_bytes
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
-                (held + n <= MAX_LINK_HEAD_BYTES).then_some(held + n)
-            })
-            .is_ok()
-    }
-
-    fn release_head_bytes(&self, n: usize) {
-        self.head_bytes.fetch_sub(n, Ordering::AcqRel);
-    }
-
-    /// Forgets a stream: releases what it held.
-    fn forget(&self, e: &Entry) {
-        self.release_head_bytes(e.ctl.head_bytes.swap(0, Ordering::AcqRel));
-        self.answered(&e.ctl);
-    }
-
-    /// The stream's head was answered (or the stream ended): its bytes leave the
-    /// gate's pipe, and the next waiting heads go.
-    fn answered(&self, ctl: &StreamCtl) {
-        let ticket = ctl.pipe_ticket.swap(0, Ordering::AcqRel);
-        if ticket != 0 {
-            let mut g = self.gate.lock();
-            let admitted = g.fair.answered(ticket, gate_now());
-            g.wake(admitted);
-        }
-    }
-
-    /// Records why and cancels, without touching the streams (see [`Shared::close`]).
-    fn mark_closed(&self, reason: &str) {
-        {
-            let mut r = self.close_reason.lock();
-            if r.is_none() {
-                *r = Some(reason.to_string());
-            }
-        }
-        self.cancel.cancel();
-    }
-
-    fn close(&self, reason: &str) {
-        {
-            let mut r = self.close_reason.lock();
-            if r.is_none() {
-                *r = Some(reason.to_string());
-            }
-        }
-        self.cancel.cancel();
-        let drained: Vec<Entry> = self.streams.lock().drain().map(|(_, e)| e).collect();
-        for e in drained {
-            e.ctl.reset.store(true, Ordering::Release);
-            self.forget(&e);
-            e.ctl.send_credit.close();
-            let _ = e.tx.send(Event::Reset(
-                ResetCode::Cancel,
-                format!("tunnel connection closed: {reason}"),
-            ));
-        }
-        self.conn_credit.close();
-        self.going_away_notify.notify_waiters();
-        self.idle_notify.notify_waiters();
-    }
-
-    /// Marks our half done; forgets the stream when both halves are.
-    fn local_done(&self, id: u32) {
-        let mut streams = self.streams.lock();
-        if let Some(e) = streams.get_mut(&id) {
-            e.local_done = true;
-            if e.state.remote() == netbore_protocol::stream::Half::Closed {
-                if let Some(e) = streams.remove(&id) {
-                    self.forget(&e);
-                }
-                if streams.is_empty() {
-                    self.idle_notify.notify_waiters();
-                }
-            } else if e.ctl.recv_dropped.load(Ordering::Acquire) {
-                drop(streams);
-                self.reset_stream(id, ResetCode::Cancel, "nobody reads the rest of the stream");
-            }
-        }
-    }
-
-    fn is_local_done(&self, id: u32) -> bool {
-        self.streams.lock().get(&id).is_none_or(|e| e.local_done)
-    }
-
-    /// Resets a stream from our side: tells the peer, fails our handles.
-    fn reset_stream(&self, id: u32, code: ResetCode, message: &str) {
-        let entry = self.streams.lock().remove(&id);
-        let frame = Frame::Reset {
-            stream_id: id,
-            code,
-            message: message.to_string(),
-        };
-        if let Some(e) = entry {
-            e.ctl.reset.store(true, Ordering::Release);
-            self.forget(&e);
-            e.ctl.send_credit.close();
-            let _ = e.tx.send(Event::Reset(code, message.to_string()));
-            if self.streams.lock().is_empty() {
-                self.idle_notify.notify_waiters();
-            }
-            let _ = self.send_for(frame, &e.ctl);
-        } else {
-            let _ = self.send(frame);
-        }
-    }
-
-    fn credit_connection(&self, n: usize) {
-        if n == 0 {
-            return;
-        }
-        let inc = self.conn_recv.lock().on_consumed(n);
-        if let Some(increment) = inc {
-            let _ = self.send(Frame::WindowUpdate {
-                stream_id: 0,
-                increment,
-            });
-        }
-    }
-
-    fn heard(&self) {
-        self.last_heard_ms
-            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        let inner = self.shared.inner.lock();
+        inner.conn.head_bytes() + inner.waiting_head_bytes
     }
 }
 
 /// Sends one direction of a stream.
 pub struct StreamSender {
     shared: Arc<Shared>,
-    ctl: Arc<StreamCtl>,
-    state: StreamState,
+    id: u32,
+    /// Our half is finished or the stream was reset by us.
+    done: bool,
 }
 
 impl StreamSender {
     /// The stream id.
     pub fn id(&self) -> u32 {
-        self.ctl.id
+        self.id
     }
 
-    fn check(&mut self, ev: StreamEvent) -> Result<(), MuxError> {
-        if self.ctl.reset.load(Ordering::Acquire) {
-            return Err(MuxError::Reset {
-                code: ResetCode::Cancel,
-                message: "stream was reset".into(),
-            });
-        }
-        self.state
-            .on_send(ev)
-            .map_err(|e| MuxError::Misuse(e.to_string()))
-    }
-
-    fn after_send(&mut self) {
-        if self.state.local() == netbore_protocol::stream::Half::Closed {
-            self.shared.local_done(self.ctl.id);
-        }
+    /// Runs `op` on the connection under the lock, then acts on what it reported.
+    fn with<T>(
+        &mut self,
+        op: impl FnOnce(&mut Connection, Duration, u32) -> Result<T, OpError>,
+    ) -> Result<T, MuxError> {
+        let sh = &self.shared;
+        let mut inner = sh.inner.lock();
+        let now = sh.now();
+        let r = op(&mut inner.conn, now, self.id);
+        let r = r.map_err(|e| sh.op_error(&inner, e));
+        sh.after(&mut inner);
+        r
     }
 
     /// Sends the response head (agent side).
     pub fn send_response(&mut self, head: ResponseHead, end_stream: bool) -> Result<(), MuxError> {
-        let frame = Frame::ResponseHead {
-            stream_id: self.ctl.id,
-            head,
-            end_stream,
-        };
-        netbore_protocol::frame::check_encodable(
-            &frame,
-            self.shared.cfg.limits.max_frame_len as usize,
-        )
-        .map_err(MuxError::TooLarge)?;
-        self.check(StreamEvent::Head { end_stream })?;
-        let len = frame.encoded_len();
-        if !self.shared.take_head_bytes(len) {
-            // The caller resets the stream, as for any failed send.
-            return Err(MuxError::Refused(
-                "the connection holds its limit of head bytes",
-            ));
+        self.with(|c, now, id| c.send_response(now, id, head, end_stream))?;
+        if end_stream {
+            self.mark_done();
         }
-        self.ctl.head_bytes.fetch_add(len, Ordering::AcqRel);
-        if self.ctl.reset.load(Ordering::Acquire) {
-            // Reset meanwhile: its entry may already be forgotten, so release here
-            // (the swap makes sure the bytes are released once).
-            self.shared
-                .release_head_bytes(self.ctl.head_bytes.swap(0, Ordering::AcqRel));
+        Ok(())
+    }
+
+    fn mark_done(&mut self) {
+        self.done = true;
+        if let Some(slot) = self.shared.inner.lock().slots.get_mut(&self.id) {
+            slot.local_done = true;
         }
-        self.shared.send_for(frame, &self.ctl)?;
-        self.after_send();
+    }
+
+    /// Sends `data`, waiting for credit as needed; with `end`, the last frame ends our
+    /// half.
+    async fn send(&mut self, mut data: Bytes, end: bool) -> Result<(), MuxError> {
+        std::future::poll_fn(|cx| {
+            let sh = &self.shared;
+            let mut inner = sh.inner.lock();
+            let now = sh.now();
+            match inner.conn.send_data(now, self.id, &mut data, end) {
+                Ok(_) if data.is_empty() => {
+                    sh.after(&mut inner);
+                    Poll::Ready(Ok(()))
+                }
+                Ok(_) => {
+                    if let Some(slot) = inner.slots.get_mut(&self.id) {
+                        slot.send_waker = Some(cx.waker().clone());
+                    }
+                    sh.after(&mut inner);
+                    Poll::Pending
+                }
+                Err(e) => {
+                    let err = sh.op_error(&inner, e);
+                    sh.after(&mut inner);
+                    Poll::Ready(Err(err))
+                }
+            }
+        })
+        .await?;
+        if end {
+            self.mark_done();
+        }
         Ok(())
     }
 
     /// Sends body bytes, waiting for credit as needed, split into frames of at most
     /// [`MAX_DATA_CHUNK`] bytes.
-    pub async fn send_data(&mut self, mut data: Bytes) -> Result<(), MuxError> {
-        if self.state.local() != netbore_protocol::stream::Half::Body {
-            self.check(StreamEvent::Data { end_stream: false })?;
+    pub async fn send_data(&mut self, data: Bytes) -> Result<(), MuxError> {
+        if data.is_empty() {
+            // Nothing to send, but the stream must still be open for a body.
+            return self
+                .with(|c, now, id| c.send_data(now, id, &mut Bytes::new(), false).map(|_| ()));
         }
-        while !data.is_empty() {
-            let want = data.len().min(MAX_DATA_CHUNK);
-            let n = self.acquire_credit(want).await?;
-            let chunk = data.split_to(n);
-            self.shared.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-            self.shared.send_for(
-                Frame::Data {
-                    stream_id: self.ctl.id,
-                    data: chunk,
-                    end_stream: false,
-                },
-                &self.ctl,
-            )?;
-        }
-        Ok(())
+        self.send(data, false).await
     }
 
     /// Sends the last body bytes and ends our half in the same frame, saving the
     /// separate empty end-of-stream frame (and often a WebSocket message) per response.
-    pub async fn send_data_and_finish(&mut self, mut data: Bytes) -> Result<(), MuxError> {
-        if data.is_empty() {
-            return self.finish();
-        }
-        if self.state.local() != netbore_protocol::stream::Half::Body {
-            self.check(StreamEvent::Data { end_stream: false })?;
-        }
-        while !data.is_empty() {
-            let want = data.len().min(MAX_DATA_CHUNK);
-            let n = self.acquire_credit(want).await?;
-            let chunk = data.split_to(n);
-            let end_stream = data.is_empty();
-            if end_stream {
-                self.check(StreamEvent::Data { end_stream: true })?;
-            }
-            self.shared.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-            self.shared.send_for(
-                Frame::Data {
-                    stream_id: self.ctl.id,
-                    data: chunk,
-                    end_stream,
-                },
-                &self.ctl,
-            )?;
-        }
-        self.after_send();
-        Ok(())
-    }
-
-    /// Takes between 1 and `want` bytes of both stream and connection credit.
-    async fn acquire_credit(&self, want: usize) -> Result<usize, MuxError> {
-        let closed = || MuxError::Reset {
-            code: ResetCode::Cancel,
-            message: "stream was reset or its connection closed".into(),
-        };
-        let n = take_some(&self.ctl.send_credit, want)
-            .await
-            .ok_or_else(closed)?;
-        let m = take_some(&self.shared.conn_credit, n)
-            .await
-            .ok_or_else(closed)?;
-        if m < n {
-            self.ctl.send_credit.add_permits(n - m);
-        }
-        Ok(m)
+    pub async fn send_data_and_finish(&mut self, data: Bytes) -> Result<(), MuxError> {
+        self.send(data, true).await
     }
 
     /// Ends our half with trailers.
     pub fn send_trailers(&mut self, headers: Vec<Header>) -> Result<(), MuxError> {
-        let frame = Frame::Trailers {
-            stream_id: self.ctl.id,
-            headers,
-        };
-        netbore_protocol::frame::check_encodable(
-            &frame,
-            self.shared.cfg.limits.max_frame_len as usize,
-        )
-        .map_err(MuxError::TooLarge)?;
-        self.check(StreamEvent::Trailers)?;
-        self.shared.send_for(frame, &self.ctl)?;
-        self.after_send();
+        self.with(|c, now, id| c.send_trailers(now, id, headers))?;
+        self.mark_done();
         Ok(())
     }
 
     /// Ends our half cleanly.
     pub fn finish(&mut self) -> Result<(), MuxError> {
-        self.check(StreamEvent::Data { end_stream: true })?;
-        self.shared.send_for(
-            Frame::Data {
-                stream_id: self.ctl.id,
-                data: Bytes::new(),
-                end_stream: true,
-            },
-            &self.ctl,
-        )?;
-        self.after_send();
+        self.with(|c, now, id| c.finish(now, id))?;
+        self.mark_done();
         Ok(())
     }
 
     /// Abandons the stream in both directions.
     pub fn reset(&mut self, code: ResetCode, message: &str) {
-        if !self.ctl.reset.load(Ordering::Acquire) && !self.state.is_closed() {
-            let _ = self.state.on_send(StreamEvent::Reset);
-            self.shared.reset_stream(self.ctl.id, code, message);
-        }
+        self.done = true;
+        reset_stream(&self.shared, self.id, code, message);
     }
 
     /// True once our half is finished or the stream was reset.
     pub fn is_done(&self) -> bool {
-        self.state.local() == netbore_protocol::stream::Half::Closed
-            || self.ctl.reset.load(Ordering::Acquire)
+        self.done || !self.shared.inner.lock().slots.contains_key(&self.id)
     }
+}
+
+/// Resets a stream from our side: tells the peer, fails our handles.
+fn reset_stream(sh: &Arc<Shared>, id: u32, code: ResetCode, message: &str) {
+    let mut inner = sh.inner.lock();
+    if !inner.conn.is_open(id) {
+        return;
+    }
+    let now = sh.now();
+    inner.conn.reset(now, id, code, message);
+    if let Some(slot) = inner.slots.get(&id) {
+        let _ = slot.tx.send(Event::Reset(code, message.to_string()));
+    }
+    sh.forget(&mut inner, id);
+    sh.after(&mut inner);
 }
 
 impl Drop for StreamSender {
@@ -1130,23 +1053,10 @@ impl Drop for StreamSender {
     }
 }
 
-async fn take_some(sem: &Semaphore, want: usize) -> Option<usize> {
-    let first = sem.acquire().await.ok()?;
-    first.forget();
-    let extra = (want - 1).min(sem.available_permits());
-    if extra > 0
-        && let Ok(p) = sem.try_acquire_many(extra as u32)
-    {
-        p.forget();
-        return Some(1 + extra);
-    }
-    Some(1)
-}
-
 /// Receives one direction of a stream.
 pub struct StreamReceiver {
     shared: Arc<Shared>,
-    ctl: Arc<StreamCtl>,
+    id: u32,
     rx: mpsc::UnboundedReceiver<Event>,
     finished: bool,
 }
@@ -1154,7 +1064,7 @@ pub struct StreamReceiver {
 impl StreamReceiver {
     /// The stream id.
     pub fn id(&self) -> u32 {
-        self.ctl.id
+        self.id
     }
 
     /// The next event, or `None` after the last one. Receiving data returns its credit
@@ -1181,7 +1091,14 @@ impl StreamReceiver {
                 self.finished = true;
                 Poll::Ready(Some(Event::Reset(
                     ResetCode::Cancel,
-                    "tunnel connection closed".into(),
+                    format!("tunnel connection closed: {}", {
+                        self.shared
+                            .inner
+                            .lock()
+                            .close_reason
+                            .clone()
+                            .unwrap_or_default()
+                    }),
                 )))
             }
             Poll::Pending => Poll::Pending,
@@ -1190,30 +1107,22 @@ impl StreamReceiver {
 
     /// Abandons the stream in both directions (e.g. the viewer stopped waiting).
     pub fn reset(&mut self, code: ResetCode, message: &str) {
-        if !self.ctl.reset.load(Ordering::Acquire) {
-            self.finished = true;
-            self.shared.reset_stream(self.ctl.id, code, message);
-        }
+        self.finished = true;
+        reset_stream(&self.shared, self.id, code, message);
     }
 
     fn consumed(&self, n: usize) {
-        let inc = self.ctl.recv_window.lock().on_consumed(n);
-        if let Some(increment) = inc {
-            let _ = self.shared.send_for(
-                Frame::WindowUpdate {
-                    stream_id: self.ctl.id,
-                    increment,
-                },
-                &self.ctl,
-            );
-        }
-        self.shared.credit_connection(n);
+        let sh = &self.shared;
+        let mut inner = sh.inner.lock();
+        let now = sh.now();
+        inner.conn.consumed(now, self.id, n);
+        sh.after(&mut inner);
     }
 }
 
 impl Drop for StreamReceiver {
     fn drop(&mut self) {
-        // Return the connection credit held by data nobody will read.
+        // Return the credit held by data nobody will read.
         let mut unread = 0;
         while let Ok(ev) = self.rx.try_recv() {
             match ev {
@@ -1222,521 +1131,221 @@ impl Drop for StreamReceiver {
                 Event::Head(_) => {}
             }
         }
-        self.shared.credit_connection(unread);
-        if !self.finished && !self.ctl.reset.load(Ordering::Acquire) {
-            // While we are still answering, only stop reading: the reply may go on (an
-            // origin that answers before reading the whole upload). Reset once both
-            // halves are of no more use.
-            self.ctl.recv_dropped.store(true, Ordering::Release);
-            if !self.shared.is_local_done(self.ctl.id) {
-                return;
-            }
-            self.shared.reset_stream(
-                self.ctl.id,
-                ResetCode::Cancel,
-                "receiver dropped before the end of the stream",
-            );
+        if self.finished && unread == 0 {
+            return;
         }
+        let sh = &self.shared;
+        let mut inner = sh.inner.lock();
+        let now = sh.now();
+        if unread > 0 {
+            inner.conn.consumed(now, self.id, unread);
+        }
+        if !self.finished && inner.conn.is_open(self.id) {
+            // While we are still answering, only stop reading: the reply may go on (an
+            // origin that answers before reading the whole upload). The connection
+            // resets once both halves are of no more use.
+            let local_done = inner.slots.get(&self.id).is_none_or(|s| s.local_done);
+            if local_done {
+                inner.conn.reset(
+                    now,
+                    self.id,
+                    ResetCode::Cancel,
+                    "receiver dropped before the end of the stream",
+                );
+                sh.forget(&mut inner, self.id);
+            } else {
+                inner.conn.stop_reading(now, self.id);
+            }
+        }
+        sh.after(&mut inner);
     }
 }
 
-async fn writer<S>(
+type WsSink<S> = futures_util::stream::SplitSink<WebSocketStream<S>, Message>;
+type Write<S> = Pin<Box<dyn Future<Output = (WsSink<S>, Result<(), String>)> + Send>>;
+
+/// One write of `msg`, bounded by the stall timeout; gives the sink back.
+fn write<S>(mut sink: WsSink<S>, msg: Message, stall: Duration) -> Write<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    Box::pin(async move {
+        let r = match tokio::time::timeout(stall, sink.send(msg)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("write failed: {e}")),
+            Err(_) => Err(format!(
+                "the peer stopped reading: a write made no progress for {stall:?}"
+            )),
+        };
+        (sink, r)
+    })
+}
+
+/// The frames waiting, as one message of at most about [`MAX_BATCH_BYTES`]. A small
+/// batch waits one turn of the scheduler first, so frames queued right behind it
+/// (a response's data behind its head) share its write.
+async fn next_batch(shared: &Shared, buf: &mut BytesMut) -> Option<Message> {
+    if shared.inner.lock().conn.transmit_into(buf, MAX_BATCH_BYTES) == 0 {
+        return None;
+    }
+    if buf.len() < CORK_BELOW {
+        tokio::task::yield_now().await;
+        shared.inner.lock().conn.transmit_into(buf, MAX_BATCH_BYTES);
+    }
+    let msg = Message::Binary(buf.split().freeze());
+    if buf.capacity() > 4 * MAX_BATCH_BYTES {
+        *buf = BytesMut::with_capacity(16 * 1024);
+    }
+    Some(msg)
+}
+
+/// The one task that owns a link's socket: it reads, writes and runs the
+/// connection's timer, so the state machine sees events in one order.
+async fn drive<S>(
     shared: Arc<Shared>,
-    mut sink: futures_util::stream::SplitSink<WebSocketStream<S>, Message>,
-    mut rx: mpsc::UnboundedReceiver<Out>,
-    greeting: Option<(String, tokio::sync::oneshot::Receiver<()>)>,
+    ws: WebSocketStream<S>,
+    mut greeting: Option<(String, tokio::sync::oneshot::Receiver<()>)>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let stall = shared.cfg.write_stall_timeout;
-    if let Some((text, gate)) = greeting {
-        let released = tokio::select! {
-            r = gate => r.is_ok(),
-            _ = shared.cancel.cancelled() => false,
-        };
-        if !released {
-            shared.close("greeting withheld");
-            let _ = sink.close().await;
-            return;
-        }
-        if let Err(e) = sink.send(Message::text(text)).await {
-            shared.close(&format!("write failed: {e}"));
-            return;
-        }
-    }
+    let (sink, mut stream) = ws.split();
+    let mut sink = Some(sink);
+    let mut writing: Option<Write<S>> = None;
     let mut buf = BytesMut::with_capacity(16 * 1024);
     loop {
-        let first = tokio::select! {
+        // Start a write when the socket is free; nothing goes before the greeting.
+        if writing.is_none()
+            && greeting.is_none()
+            && let Some(s) = sink.take()
+        {
+            match next_batch(&shared, &mut buf).await {
+                Some(msg) => writing = Some(write(s, msg, stall)),
+                None => sink = Some(s),
+            }
+        }
+        let deadline = shared
+            .inner
+            .lock()
+            .conn
+            .poll_timeout()
+            .map(|t| shared.start + t);
+        tokio::select! {
             biased;
-            f = rx.recv() => f,
-            _ = shared.cancel.cancelled() => None,
-        };
-        let Some(first) = first else { break };
-        put(&shared, first, &mut buf);
-        drain_into(&shared, &mut rx, &mut buf);
-        if buf.len() < CORK_BELOW {
-            // Let the tasks that are about to queue more run first (a response's data
-            // right behind its head, other streams' frames), so that one write carries
-            // them all instead of one write per tiny frame.
-            tokio::task::yield_now().await;
-            drain_into(&shared, &mut rx, &mut buf);
-        }
-        if buf.is_empty() {
-            continue; // every frame belonged to abandoned streams
-        }
-        let msg = Message::Binary(buf.split().freeze());
-        match tokio::time::timeout(stall, sink.send(msg)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                shared.close(&format!("write failed: {e}"));
+            _ = shared.cancel.cancelled() => {
+                shared.close("closed locally");
                 break;
             }
-            Err(_) => {
-                warn!(session = %shared.cfg.label, ?stall, "the peer stopped reading; closing the tunnel connection");
-                shared.close(&format!(
-                    "the peer stopped reading: a write made no progress for {stall:?}"
-                ));
-                break;
+            released = async { (&mut greeting.as_mut().expect("guarded").1).await }, if greeting.is_some() => {
+                let (text, _) = greeting.take().expect("guarded");
+                if released.is_err() {
+                    shared.close("greeting withheld");
+                    break;
+                }
+                let s = sink.take().expect("no write before the greeting");
+                writing = Some(write(s, Message::text(text), stall));
+            }
+            done = async { writing.as_mut().expect("guarded").await }, if writing.is_some() => {
+                writing = None;
+                let (s, r) = done;
+                sink = Some(s);
+                if let Err(reason) = r {
+                    if reason.starts_with("the peer stopped reading") {
+                        warn!(session = %shared.cfg.label, ?stall, "the peer stopped reading; closing the tunnel connection");
+                    }
+                    shared.close(&reason);
+                    break;
+                }
+            }
+            msg = stream.next() => {
+                let reason = match msg {
+                    None | Some(Ok(Message::Close(_))) => Some("peer closed the connection".to_string()),
+                    Some(Err(e)) => Some(format!("read failed: {e}")),
+                    Some(Ok(Message::Text(_))) => Some("protocol error: text message after the handshake".to_string()),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {
+                        let now = shared.now();
+                        shared.inner.lock().conn.heard(now);
+                        None
+                    }
+                    Some(Ok(Message::Binary(data))) => {
+                        let mut inner = shared.inner.lock();
+                        let now = shared.now();
+                        let r = inner.conn.handle_message(now, data);
+                        shared.after(&mut inner);
+                        r.err().map(|e| e.to_string())
+                    }
+                };
+                if let Some(reason) = reason {
+                    shared.close(&reason);
+                    break;
+                }
+            }
+            _ = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let mut inner = shared.inner.lock();
+                let now = shared.now();
+                inner.conn.handle_timeout(now);
+                shared.after(&mut inner);
+                if inner.conn.is_closed() {
+                    break;
+                }
+            }
+            _ = shared.wake.notified() => {
+                if shared.inner.lock().conn.is_closed() {
+                    break;
+                }
             }
         }
-        if buf.capacity() > 4 * MAX_BATCH_BYTES {
-            buf = BytesMut::with_capacity(16 * 1024);
-        }
     }
-    // Flush what is queued (a go-away or resets) then close politely, unless the peer
-    // has stopped reading.
-    while let Ok(out) = rx.try_recv() {
-        put(&shared, out, &mut buf);
+    debug!(session = %shared.cfg.label, reason = %{ shared.inner.lock().close_reason.clone().unwrap_or_default() }, "tunnel connection driver finished");
+    // A peer that broke the protocol (or stopped reading, or went silent) gets no
+    // more writes: drop the socket at once.
+    let peer_fault = matches!(
+        shared.inner.lock().conn.close_reason(),
+        Some(e) if !matches!(e, ConnectionError::Closed(_))
+    );
+    if peer_fault {
+        drop(writing.take());
+        drop(sink.take());
+        drop(stream);
     }
+    // Otherwise flush what is queued (a go-away, the last resets) then close politely,
+    // unless the peer has stopped reading.
     let _ = tokio::time::timeout(stall, async {
-        if !buf.is_empty() {
-            let _ = sink.send(Message::Binary(buf.split().freeze())).await;
+        if let Some(w) = writing.take() {
+            let (s, r) = w.await;
+            if r.is_err() {
+                return;
+            }
+            sink = Some(s);
         }
-        let _ = sink.close().await;
+        let Some(mut s) = sink.take() else { return };
+        if greeting.is_none() {
+            loop {
+                let mut buf = BytesMut::new();
+                if shared
+                    .inner
+                    .lock()
+                    .conn
+                    .transmit_into(&mut buf, MAX_BATCH_BYTES)
+                    == 0
+                {
+                    break;
+                }
+                if s.send(Message::Binary(buf.freeze())).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let _ = s.close().await;
     })
     .await;
-    shared.writer_done.store(true, Ordering::Release);
+    shared.inner.lock().writer_done = true;
     shared.writer_done_notify.notify_waiters();
-}
-
-/// Encodes one queued frame into `buf`, unless its stream was abandoned before its
-/// head was written: then neither the head nor anything after it is sent (the peer
-/// never hears of the stream), and the connection credit its data took comes back.
-fn put(shared: &Shared, out: Out, buf: &mut BytesMut) {
-    shared.queued.fetch_sub(1, Ordering::Relaxed);
-    shared.queued_bytes.fetch_sub(out.len, Ordering::Relaxed);
-    if let Some(ctl) = &out.ctl {
-        let is_head = matches!(
-            out.frame,
-            Frame::RequestHead { .. } | Frame::ResponseHead { .. }
-        );
-        if is_head && ctl.reset.load(Ordering::Acquire) {
-            ctl.unsent.store(true, Ordering::Release);
-        }
-        if ctl.unsent.load(Ordering::Acquire) {
-            if let Frame::Data { data, .. } = &out.frame
-                && !data.is_empty()
-            {
-                shared.conn_credit.add_permits(data.len());
-            }
-            return;
-        }
-    }
-    encode(&out.frame, buf);
-}
-
-/// Encodes queued frames into `buf` until the queue is empty or the batch is full.
-fn drain_into(shared: &Shared, rx: &mut mpsc::UnboundedReceiver<Out>, buf: &mut BytesMut) {
-    while buf.len() < MAX_BATCH_BYTES {
-        match rx.try_recv() {
-            Ok(out) => put(shared, out, buf),
-            Err(_) => break,
-        }
-    }
-}
-
-async fn reader<S>(
-    shared: Arc<Shared>,
-    mut stream: futures_util::stream::SplitStream<WebSocketStream<S>>,
-    accept: Option<mpsc::Sender<IncomingStream>>,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let max_len = shared.cfg.limits.max_frame_len as usize;
-    let reason = loop {
-        let msg = tokio::select! {
-            m = stream.next() => m,
-            _ = shared.cancel.cancelled() => break "closed locally".to_string(),
-        };
-        let msg = match msg {
-            None => break "peer closed the connection".to_string(),
-            Some(Err(e)) => break format!("read failed: {e}"),
-            Some(Ok(m)) => m,
-        };
-        shared.heard();
-        let data = match msg {
-            Message::Binary(b) => b,
-            Message::Close(_) => break "peer closed the connection".to_string(),
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
-            Message::Text(_) => break "protocol error: text message after the handshake".into(),
-        };
-        // Decoded in place: data payloads share the message's allocation (turning it
-        // into a `BytesMut` would copy the whole message, as tungstenite still holds
-        // the rest of its read buffer).
-        let mut buf: Bytes = data;
-        let mut fatal = None;
-        loop {
-            match decode(&mut buf, max_len) {
-                Ok(Some(frame)) => {
-                    if let Err(e) = dispatch(&shared, frame, accept.as_ref()).await {
-                        fatal = Some(e);
-                        break;
-                    }
-                }
-                Ok(None) => {
-                    if !buf.is_empty() {
-                        fatal = Some(format!(
-                            "protocol error: {} bytes of a partial frame at the end of a message",
-                            buf.len()
-                        ));
-                    }
-                    break;
-                }
-                Err(
-                    e @ netbore_protocol::DecodeError::TooManyHeaders {
-                        frame,
-                        stream_id,
-                        frame_len,
-                        ..
-                    },
-                ) => {
-                    // The frame is whole: skip it and refuse its stream alone.
-                    buf.advance(frame_len);
-                    if let Err(reason) = refuse_oversized(&shared, frame, stream_id, &e) {
-                        fatal = Some(reason);
-                        break;
-                    }
-                }
-                Err(e) => {
-                    fatal = Some(format!("protocol error: {e}"));
-                    break;
-                }
-            }
-        }
-        if let Some(reason) = fatal {
-            warn!(session = %shared.cfg.label, %reason, "closing tunnel connection");
-            break reason;
-        }
-    };
-    debug!(session = %shared.cfg.label, %reason, "tunnel connection reader finished");
-    shared.close(&reason);
-}
-
-/// Refuses the stream of a head or trailer block that had too many fields
-/// ([`netbore_protocol::MAX_HEADER_FIELDS`]); an error is a connection-level violation.
-fn refuse_oversized(
-    shared: &Arc<Shared>,
-    frame: netbore_protocol::FrameType,
-    stream_id: u32,
-    e: &netbore_protocol::DecodeError,
-) -> Result<(), String> {
-    use netbore_protocol::FrameType;
-    let message = e.to_string();
-    warn!(session = %shared.cfg.label, %message, "refusing a stream");
-    match frame {
-        FrameType::RequestHead => {
-            if shared.cfg.role != Role::Agent {
-                return Err("protocol error: the agent sent a request head".into());
-            }
-            if stream_id <= shared.last_remote_id.swap(stream_id, Ordering::AcqRel) {
-                return Err(format!(
-                    "protocol error: stream id {stream_id} is not above the last one"
-                ));
-            }
-            // The stream never opened here: only the peer needs to hear of it.
-            let _ = shared.send(Frame::Reset {
-                stream_id,
-                code: ResetCode::TooLarge,
-                message,
-            });
-        }
-        _ => shared.reset_stream(stream_id, ResetCode::TooLarge, &message),
-    }
-    Ok(())
-}
-
-/// Routes one frame; an error is a connection-level protocol violation.
-async fn dispatch(
-    shared: &Arc<Shared>,
-    frame: Frame,
-    accept: Option<&mpsc::Sender<IncomingStream>>,
-) -> Result<(), String> {
-    let frame_len = frame.encoded_len();
-    match frame {
-        Frame::RequestHead {
-            stream_id,
-            head,
-            end_stream,
-        } => {
-            let Some(accept) = accept else {
-                return Err("protocol error: the agent sent a request head".into());
-            };
-            if stream_id <= shared.last_remote_id.swap(stream_id, Ordering::AcqRel) {
-                return Err(format!(
-                    "protocol error: stream id {stream_id} is not above the last one"
-                ));
-            }
-            let (tx, rx) = mpsc::unbounded_channel();
-            let ctl = new_ctl(stream_id, &shared.cfg.limits, frame_len);
-            let mut state = StreamState::new();
-            let _ = state.on_recv(StreamEvent::Head { end_stream });
-            {
-                let mut streams = shared.streams.lock();
-                let refusal = if streams.len() >= shared.cfg.limits.max_concurrent_streams as usize
-                {
-                    Some("agent is at its concurrent stream limit")
-                } else if !shared.take_head_bytes(frame_len) {
-                    Some("agent holds its limit of request head bytes on this connection")
-                } else {
-                    None
-                };
-                if let Some(message) = refusal {
-                    drop(streams);
-                    let _ = shared.send(Frame::Reset {
-                        stream_id,
-                        code: ResetCode::Refused,
-                        message: message.into(),
-                    });
-                    return Ok(());
-                }
-                streams.insert(
-                    stream_id,
-                    Entry {
-                        tx: tx.clone(),
-                        ctl: ctl.clone(),
-                        state,
-                        local_done: false,
-                    },
-                );
-            }
-            if end_stream {
-                let _ = tx.send(Event::End);
-            }
-            let mux = Mux {
-                shared: shared.clone(),
-            };
-            let mut local = StreamState::new();
-            let _ = local.on_recv(StreamEvent::Head { end_stream });
-            let (sender, receiver) = mux.handles(ctl, rx, local);
-            let incoming = IncomingStream {
-                head,
-                end_stream,
-                sender,
-                receiver,
-            };
-            if accept.send(incoming).await.is_err() {
-                return Err("agent stopped accepting streams".into());
-            }
-        }
-        Frame::ResponseHead {
-            stream_id,
-            head,
-            end_stream,
-        } => {
-            if accept.is_some() {
-                return Err("protocol error: the edge sent a response head".into());
-            }
-            on_stream_frame(
-                shared,
-                stream_id,
-                StreamEvent::Head { end_stream },
-                Some(Event::Head(head)),
-                0,
-            );
-        }
-        Frame::Data {
-            stream_id,
-            data,
-            end_stream,
-        } => {
-            let len = data.len();
-            if let Err(e) = shared.conn_recv.lock().on_data(len) {
-                return Err(format!("flow control error on the connection: {e}"));
-            }
-            shared.bytes_in.fetch_add(len as u64, Ordering::Relaxed);
-            let ev = if len > 0 {
-                Some(Event::Data(data))
-            } else {
-                None
-            };
-            on_stream_frame(shared, stream_id, StreamEvent::Data { end_stream }, ev, len);
-        }
-        Frame::Trailers { stream_id, headers } => {
-            on_stream_frame(
-                shared,
-                stream_id,
-                StreamEvent::Trailers,
-                Some(Event::Trailers(headers)),
-                0,
-            );
-        }
-        Frame::Reset {
-            stream_id,
-            code,
-            message,
-        } => {
-            let entry = shared.streams.lock().remove(&stream_id);
-            if let Some(e) = entry {
-                e.ctl.reset.store(true, Ordering::Release);
-                shared.forget(&e);
-                e.ctl.send_credit.close();
-                let _ = e.tx.send(Event::Reset(code, message));
-                if shared.streams.lock().is_empty() {
-                    shared.idle_notify.notify_waiters();
-                }
-            }
-        }
-        Frame::WindowUpdate {
-            stream_id,
-            increment,
-        } => {
-            if stream_id == 0 {
-                if shared.conn_credit.available_permits() + increment as usize
-                    > netbore_protocol::flow::MAX_WINDOW as usize
-                {
-                    return Err("flow control error: connection window overflow".into());
-                }
-                shared.conn_credit.add_permits(increment as usize);
-            } else {
-                let ctl = shared.streams.lock().get(&stream_id).map(|e| e.ctl.clone());
-                if let Some(ctl) = ctl {
-                    if ctl.send_credit.available_permits() + increment as usize
-                        > netbore_protocol::flow::MAX_WINDOW as usize
-                    {
-                        shared.reset_stream(
-                            stream_id,
-                            ResetCode::FlowControl,
-                            "window update overflows the stream window",
-                        );
-                    } else {
-                        ctl.send_credit.add_permits(increment as usize);
-                    }
-                }
-            }
-        }
-        Frame::Ping { payload } => {
-            if shared.queued.load(Ordering::Relaxed) > MAX_QUEUED_FRAMES {
-                return Err("the peer sends but does not read; closing".into());
-            }
-            let _ = shared.send(Frame::Pong { payload });
-        }
-        Frame::Pong { .. } => {}
-        Frame::GoAway(g) => {
-            if accept.is_none() {
-                return Err("protocol error: the agent sent go-away".into());
-            }
-            debug!(session = %shared.cfg.label, message = %g.message, "edge is going away");
-            shared.going_away.store(true, Ordering::Release);
-            shared.going_away_notify.notify_waiters();
-        }
-        Frame::AgentStatus(a) => {
-            if accept.is_some() {
-                return Err("protocol error: the edge sent agent status".into());
-            }
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or_default();
-            let healthy = a.origin.is_healthy();
-            let before = shared
-                .agent_status
-                .lock()
-                .replace((a, now))
-                .map(|(b, _)| b.origin.is_healthy());
-            if before != Some(healthy) {
-                shared.agent_status_changed.notify_one();
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Applies a stream-level frame from the peer. Frames for unknown streams (already
-/// reset by us, say) are dropped, returning their connection credit.
-fn on_stream_frame(
-    shared: &Arc<Shared>,
-    stream_id: u32,
-    ev: StreamEvent,
-    payload: Option<Event>,
-    data_len: usize,
-) {
-    let mut violation = None;
-    let mut delivered = false;
-    let is_head = matches!(payload, Some(Event::Head(_)));
-    let mut answered = None;
-    {
-        let mut streams = shared.streams.lock();
-        if let Some(e) = streams.get_mut(&stream_id) {
-            if is_head {
-                answered = Some(e.ctl.clone());
-            }
-            if data_len > 0
-                && let Err(err) = e.ctl.recv_window.lock().on_data(data_len)
-            {
-                violation = Some((ResetCode::FlowControl, err.to_string()));
-            } else if let Err(err) = e.state.on_recv(ev) {
-                violation = Some((ResetCode::Protocol, err.to_string()));
-            } else {
-                let ended = e.state.remote() == netbore_protocol::stream::Half::Closed;
-                if let Some(p) = payload {
-                    delivered = e.tx.send(p).is_ok();
-                }
-                if ended {
-                    let _ = e.tx.send(Event::End);
-                    if e.local_done {
-                        if let Some(e) = streams.remove(&stream_id) {
-                            shared.forget(&e);
-                        }
-                        if streams.is_empty() {
-                            shared.idle_notify.notify_waiters();
-                        }
-                    }
-                }
-            }
-        }
-    }
-    if !delivered {
-        shared.credit_connection(data_len);
-    }
-    if let Some(ctl) = answered {
-        shared.answered(&ctl);
-    }
-    if let Some((code, msg)) = violation {
-        shared.reset_stream(stream_id, code, &msg);
-    }
-}
-
-async fn heartbeat(shared: Arc<Shared>) {
-    let interval = shared.cfg.heartbeat_interval;
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    let mut n = 0u64;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shared.cancel.cancelled() => return,
-        }
-        let now = shared.started.elapsed().as_millis() as u64;
-        let heard = shared.last_heard_ms.load(Ordering::Relaxed);
-        if now.saturating_sub(heard) > interval.as_millis() as u64 * u64::from(HEARTBEAT_MISSES) {
-            warn!(session = %shared.cfg.label, "no heartbeat from the peer; closing the tunnel connection");
-            shared.close("heartbeat timeout: the peer stopped answering");
-            return;
-        }
-        n += 1;
-        let _ = shared.send(Frame::Ping { payload: n });
-    }
 }
 
 /// Size of each read from an upgraded connection.

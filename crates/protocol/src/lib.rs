@@ -7,15 +7,21 @@
 //! machine ([`stream`]) and by credit windows ([`flow`]) that bound how much either
 //! side may buffer.
 //!
+//! [`conn::Connection`] puts these together for one link: the stream table, id order,
+//! the concurrency limit, go-away, the heartbeat deadline and both credit windows, fed
+//! frames and the current time and polled for frames, events and its next timeout.
+//!
 //! Everything here is plain data: feed it bytes, get frames back. The multiplexer in
 //! `netbore-mux` owns the socket; tests and fuzzers drive this crate directly.
 //! The normative description is `docs/protocol.md`.
 
+pub mod conn;
 pub mod flow;
 pub mod frame;
 pub mod handshake;
 pub mod stream;
 
+pub use conn::{Connection, ConnectionError};
 pub use flow::{FlowError, RecvWindow, SendWindow};
 pub use frame::{
     AgentStatus, DecodeBuf, DecodeError, Frame, FrameType, GoAway, Header, MAX_HEADER_FIELDS,
