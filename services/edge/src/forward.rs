@@ -83,7 +83,8 @@ pub struct Cluster {
     /// The internal address other edges forward to.
     addr: String,
     secret: Secret,
-    cache: Mutex<HashMap<String, (Vec<Holder>, Instant)>>,
+    /// Holders per name, shared with the lookups that read them (never copied).
+    cache: Mutex<HashMap<String, (Arc<[Holder]>, Instant)>>,
     bad: Mutex<HashMap<String, Instant>>,
     h2: Client<HttpConnector, Body>,
     h1: Client<HttpConnector, Body>,
@@ -192,7 +193,7 @@ impl Cluster {
         &self,
         name: &str,
         via: &[String],
-    ) -> Result<Vec<Holder>, RegistryError> {
+    ) -> Result<Holders, RegistryError> {
         let cached = self.cache.lock().get(name).cloned();
         let list = match cached {
             Some((h, at)) if at.elapsed() < CACHE_FRESH => h,
@@ -210,10 +211,11 @@ impl Cluster {
                         }) =>
                 {
                     self.mark(true);
-                    cached.map(|(c, _)| c).unwrap_or_default()
+                    cached.map_or_else(|| Arc::from(Vec::new()), |(c, _)| c)
                 }
                 Ok(h) => {
                     self.mark(true);
+                    let h: Arc<[Holder]> = h.into();
                     let mut c = self.cache.lock();
                     if c.len() >= CACHE_MAX_NAMES {
                         c.clear();
@@ -233,14 +235,11 @@ impl Cluster {
                 }
             },
         };
-        let bad = {
-            let mut b = self.bad.lock();
-            b.retain(|_, t| t.elapsed() < BAD_HOLDER_PAUSE);
-            b.clone()
-        };
-        let mut v: Vec<Holder> = list
-            .into_iter()
-            .filter(|h| h.edge_id != self.edge_id && !via.contains(&h.edge_id))
+        let mut v: Vec<usize> = (0..list.len())
+            .filter(|&i| {
+                let h = &list[i];
+                h.edge_id != self.edge_id && !via.contains(&h.edge_id)
+            })
             .collect();
         // Spread load over holders; known-bad ones last.
         let offset = rand::random::<u32>() as usize;
@@ -248,8 +247,15 @@ impl Cluster {
             let n = v.len();
             v.rotate_left(offset % n);
         }
-        v.sort_by_key(|h| bad.contains_key(&h.addr));
-        Ok(v)
+        // Looked up under the lock (a handful of holders), never copied out: the map
+        // is read on every forwarded request. Its pauses expire as they are read.
+        let mut b = self.bad.lock();
+        if !b.is_empty() {
+            b.retain(|_, t| t.elapsed() < BAD_HOLDER_PAUSE);
+            v.sort_by_key(|&i| b.contains_key(&list[i].addr));
+        }
+        drop(b);
+        Ok(Holders { list, order: v })
     }
 
     /// Makes cached lookups of `name` ([`netbore_registry::ALL`]: of every name) stale:
@@ -290,6 +296,25 @@ impl Cluster {
             )
             .is_ok()
         })
+    }
+}
+
+/// The holders of a name in the order to try them: indexes into the cached list, so a
+/// lookup copies no holder.
+pub(crate) struct Holders {
+    list: Arc<[Holder]>,
+    order: Vec<usize>,
+}
+
+impl Holders {
+    /// True when no other edge holds the name.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    /// The holders, usable ones first.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Holder> {
+        self.order.iter().map(|&i| &self.list[i])
     }
 }
 
@@ -413,7 +438,7 @@ pub async fn forward(
         crate::proxy::guard_body(body, cfg.max_body_bytes, cfg.body_idle_timeout).boxed()
     });
 
-    for h in &holders {
+    for h in holders.iter() {
         let Some(b) = body.take() else { break };
         let mut out = Request::builder().method(parts.method.clone()).uri(format!(
             "http://{}{}",

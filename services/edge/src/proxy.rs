@@ -603,8 +603,13 @@ async fn proxy(
         return ViewerError::BodyTooLarge.response(json);
     }
     let request_origin = req.headers().get(header::ORIGIN).cloned();
-    let mut head = request_head(req, &host, &view, upgrade, &admitted, !access.is_public());
-    crate::telemetry::forward_trace_context(&tracing::Span::current(), &mut head);
+    let strip_session = !access.is_public();
+    let build_head = |req: Parts<'_>| {
+        let mut head = request_head(req, &host, &view, upgrade, &admitted, strip_session);
+        crate::telemetry::forward_trace_context(&tracing::Span::current(), &mut head);
+        head
+    };
+    let head = build_head(Parts::of(req));
     let body_empty = http_body::Body::is_end_stream(req.body());
     let end_stream = body_empty && !upgrade;
     // Held until the response head is here: what a flood of large heads could pile up.
@@ -618,8 +623,12 @@ async fn proxy(
     let Some(req) = pending.take() else {
         return ViewerError::TunnelLost.response(json);
     };
-    let mut body = (!upgrade && !end_stream)
-        .then(|| guard_body(req.into_body(), max_body, cfg.body_idle_timeout));
+    // The head stays here without its body: the rare second open below rebuilds the
+    // request head from it rather than every request cloning the one it sends.
+    let (parts, incoming) = req.into_parts();
+    let shell = Request::from_parts(parts, ());
+    let mut body =
+        (!upgrade && !end_stream).then(|| guard_body(incoming, max_body, cfg.body_idle_timeout));
     // A chunked body's framing is checked (sniff.rs) as it arrives: wait for its first
     // chunk, so a malformed one is refused before the head goes anywhere.
     let mut first_frame = None;
@@ -639,6 +648,7 @@ async fn proxy(
     // A connection can close between the lookup and the open; try the next one once.
     let mut opened = None;
     let mut first = Some(route);
+    let mut head = Some(head);
     for _ in 0..2 {
         let route = match first.take() {
             Some(r) => r,
@@ -651,7 +661,10 @@ async fn proxy(
         // Opened in the link's fair order between client addresses: a client with
         // nothing in flight goes at once, whatever another client has queued.
         let class = crate::fair::client_class(view.client);
-        match route.mux.open_fair(head.clone(), end_stream, class).await {
+        // Owned, not cloned: a failed open consumed the head, and the retry (a
+        // connection that closed in between) builds it again.
+        let head = head.take().unwrap_or_else(|| build_head(Parts::of(&shell)));
+        match route.mux.open_fair(head, end_stream, class).await {
             Ok(s) => {
                 opened = Some((s, route.tunnel_id.clone()));
                 break;
@@ -669,6 +682,7 @@ async fn proxy(
             Err(_) => continue,
         }
     }
+    drop(shell);
     let Some(((tx, mut rx), tunnel_id)) = opened else {
         return ViewerError::TunnelLost.response(json);
     };
@@ -1055,15 +1069,33 @@ fn client_view(cfg: &crate::EdgeConfig, h: &HeaderMap, peer: SocketAddr) -> Clie
     ClientView { xff, client, proto }
 }
 
+/// The parts of a request its forwarded head is built from, whatever its body.
+#[derive(Clone, Copy)]
+struct Parts<'a> {
+    method: &'a http::Method,
+    uri: &'a http::Uri,
+    headers: &'a HeaderMap,
+}
+
+impl<'a> Parts<'a> {
+    fn of<B>(req: &'a Request<B>) -> Parts<'a> {
+        Parts {
+            method: req.method(),
+            uri: req.uri(),
+            headers: req.headers(),
+        }
+    }
+}
+
 fn request_head(
-    req: &Request<Incoming>,
+    req: Parts<'_>,
     host: &str,
     view: &ClientView,
     upgrade: bool,
     admitted: &Admitted,
     strip_session: bool,
 ) -> RequestHead {
-    let h = req.headers();
+    let h = req.headers;
     let nominated = connection_tokens(h);
     let mut headers = Vec::with_capacity(h.len() + 6 + admitted.add.len());
     for (name, value) in h {
@@ -1102,7 +1134,7 @@ fn request_head(
     }
     if !h.contains_key(header::HOST) {
         // HTTP/2 carries the host in :authority; origins speaking HTTP/1.1 need Host.
-        if let Some(a) = req.uri().authority() {
+        if let Some(a) = req.uri.authority() {
             headers.push(Header::new(
                 "host",
                 Bytes::copy_from_slice(a.as_str().as_bytes()),
@@ -1134,13 +1166,13 @@ fn request_head(
         headers.push(Header::new(k.as_str(), Bytes::from(v.clone())));
     }
     let target = admitted.target.clone().unwrap_or_else(|| {
-        req.uri()
+        req.uri
             .path_and_query()
             .map(|p| p.as_str().to_string())
             .unwrap_or_else(|| "/".into())
     });
     RequestHead {
-        method: req.method().as_str().to_string(),
+        method: req.method.as_str().to_string(),
         target,
         headers,
     }
