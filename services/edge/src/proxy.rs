@@ -111,7 +111,11 @@ pub async fn serve_public(edge: Edge, listener: TcpListener, stop: CancellationT
         edge.tracker().spawn(
             async move {
                 let _slot = slot;
-                match edge2.tls().map(|t| t.public_acceptor()) {
+                match edge2
+                    .tls()
+                    .filter(|t| t.serves_public())
+                    .map(|t| t.public_acceptor())
+                {
                     None => serve_conn(edge2, builder, tcp, peer, stop).await,
                     Some(acceptor) => {
                         // The ClientHello is read first: an SNI naming a passthrough
