@@ -34,6 +34,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::Edge;
 use crate::errors::{Body, ViewerError, error_response};
+use crate::phases::{self, ProxyError};
 
 /// The shared credential every forwarded request carries.
 pub const AUTH_HEADER: &str = "x-netbore-internal-auth";
@@ -388,27 +389,21 @@ pub struct Forwarded<'a> {
 
 /// Forwards the request in `pending` to an edge holding the tunnel; `fallback` is what
 /// the viewer gets when no edge holds it (the request then stays in `pending`).
-pub async fn forward(
+pub(crate) async fn forward(
     edge: &Edge,
     cluster: &Cluster,
     pending: &mut Option<Request<Incoming>>,
     f: Forwarded<'_>,
     fallback: ViewerError,
-    json: bool,
-) -> Response<Body> {
+) -> Result<Response<Body>, ProxyError> {
     if f.via.len() + 1 > MAX_HOPS {
-        return fallback.response(json);
+        return Err(fallback.into());
     }
     let holders = match cluster.holders(f.name, &f.via).await {
         Ok(h) => h,
         Err(e) => {
             warn!(error = %e, tunnel = %f.name, "cannot look up a tunnel held elsewhere");
-            return error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "registry_unavailable",
-                "The edge cannot find which edge holds this tunnel right now (its registry is unreachable). Retry shortly.",
-                json,
-            );
+            return Err(ViewerError::RegistryUnavailable.into());
         }
     };
     if holders.is_empty() {
@@ -417,13 +412,13 @@ pub async fn forward(
         if fallback == ViewerError::TunnelNotFound
             && cluster.registry.known(f.name).await.unwrap_or(false)
         {
-            return ViewerError::TunnelOffline.response(json);
+            return Err(ViewerError::TunnelOffline.into());
         }
-        return fallback.response(json);
+        return Err(fallback.into());
     }
     // Taken only now: until here the caller may still read an unread body away.
     let Some(mut req) = pending.take() else {
-        return fallback.response(json);
+        return Err(fallback.into());
     };
     let mut via = f.via.clone();
     via.push(cluster.edge_id.clone());
@@ -432,11 +427,13 @@ pub async fn forward(
     let (parts, body) = req.into_parts();
     let cfg = edge.config();
     let body_empty = http_body::Body::is_end_stream(&body);
-    let mut body: Option<Body> = Some(if body_empty {
-        http_body_util::Empty::new().map_err(|n| match n {}).boxed()
-    } else {
-        crate::proxy::guard_body(body, cfg.max_body_bytes, cfg.body_idle_timeout).boxed()
-    });
+    // The holder applies the tunnel's own limit; the edge's bounds the hop.
+    let mut body: Option<Body> = Some(
+        match phases::request_body(body, !body_empty, cfg.max_body_bytes, cfg.body_idle_timeout) {
+            Some(b) => b.boxed(),
+            None => http_body_util::Empty::new().map_err(|n| match n {}).boxed(),
+        },
+    );
 
     for h in holders.iter() {
         let Some(b) = body.take() else { break };
@@ -473,7 +470,7 @@ pub async fn forward(
             Ok(r) => r,
             Err(e) => {
                 debug!(error = %e, "cannot build the forwarded request");
-                return ViewerError::BadHost.response(json);
+                return Err(ViewerError::BadHost.into());
             }
         };
         let client = if f.upgrade { &cluster.h1 } else { &cluster.h2 };
@@ -483,18 +480,18 @@ pub async fn forward(
             Err(_) => {
                 warn!(holder = %h.edge_id, ?head_within, "holder sent no response head in time; trying others first for a while");
                 cluster.mark_bad(h);
-                return ViewerError::OriginTimeout.response(json);
+                return Err(ViewerError::OriginTimeout.into());
             }
         };
         match answer {
             Ok(resp) => {
                 edge.metrics().forwarded();
-                return relay(edge, resp, on_upgrade).await;
+                return Ok(relay(edge, resp, on_upgrade));
             }
             Err(e) if stalled(&e) => {
                 warn!(holder = %h.edge_id, "holder stopped answering pings; trying others first for a while");
                 cluster.mark_bad(h);
-                return ViewerError::TunnelLost.response(json);
+                return Err(ViewerError::TunnelLost.into());
             }
             Err(e) if e.is_connect() && body_empty => {
                 debug!(error = %e, holder = %h.edge_id, "holder unreachable; trying the next");
@@ -506,11 +503,11 @@ pub async fn forward(
                 if e.is_connect() {
                     cluster.mark_bad(h);
                 }
-                return ViewerError::TunnelLost.response(json);
+                return Err(ViewerError::TunnelLost.into());
             }
         }
     }
-    ViewerError::TunnelLost.response(json)
+    Err(ViewerError::TunnelLost.into())
 }
 
 /// True when a hop failed because the holder stopped answering (its HTTP/2 keep-alive
@@ -534,7 +531,7 @@ fn stalled(e: &hyper_util::client::legacy::Error) -> bool {
 /// The holder's response for the viewer; a 101 joins the two upgraded connections,
 /// under the edge's task tracker, so a drain of this (forwarding) edge waits for the
 /// session within its grace as it does for one through a local agent.
-async fn relay(
+fn relay(
     edge: &Edge,
     resp: Response<Incoming>,
     on_upgrade: Option<hyper::upgrade::OnUpgrade>,
@@ -544,16 +541,18 @@ async fn relay(
     {
         let (parts, body) = resp.into_parts();
         let inner = hyper::upgrade::on(Response::from_parts(parts.clone(), body));
-        edge.tracker().spawn(
-            async move {
-                let (Ok(v), Ok(i)) = (viewer.await, inner.await) else {
+        phases::join_upgrade(
+            edge,
+            viewer,
+            inner,
+            |mut v, inner| async move {
+                let Ok(i) = inner.await else {
                     debug!("an upgrade through another edge failed");
                     return;
                 };
-                let (mut v, mut i) = (TokioIo::new(v), TokioIo::new(i));
-                let _ = tokio::io::copy_bidirectional(&mut v, &mut i).await;
-            }
-            .in_current_span(),
+                let _ = tokio::io::copy_bidirectional(&mut v, &mut TokioIo::new(i)).await;
+            },
+            |_, _| debug!("an upgrade through another edge failed"),
         );
         let mut out = Response::new(http_body_util::Empty::new().map_err(|n| match n {}).boxed());
         *out.status_mut() = parts.status;

@@ -353,6 +353,8 @@ mod tests {
             V::ClientOverloaded,
             V::BadChunkedEncoding,
             V::TunnelDisabled,
+            V::HeadTooLarge,
+            V::RegistryUnavailable,
         ];
         for v in all {
             assert!(
@@ -361,7 +363,7 @@ mod tests {
                 v.code()
             );
         }
-        // The rest are codes of access policies, forwarding and oversized heads.
-        assert_eq!(all.len() + 18, ERROR_CODES.len());
+        // The rest are codes of access policies and of the internal listener.
+        assert_eq!(all.len() + 16, ERROR_CODES.len());
     }
 }
