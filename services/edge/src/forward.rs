@@ -77,6 +77,9 @@ pub const HOP_PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// this is their only bound.)
 pub const HOP_HEAD_MARGIN: Duration = Duration::from_secs(5);
 
+/// A cached lookup: the holders of a name and when they were read.
+type CachedHolders = (Arc<[Holder]>, Instant);
+
 /// This edge's part in a cluster of edges sharing a registry.
 pub struct Cluster {
     registry: Arc<dyn LiveRegistry>,
@@ -85,7 +88,7 @@ pub struct Cluster {
     addr: String,
     secret: Secret,
     /// Holders per name, shared with the lookups that read them (never copied).
-    cache: Mutex<HashMap<String, (Arc<[Holder]>, Instant)>>,
+    cache: Mutex<HashMap<String, CachedHolders>>,
     bad: Mutex<HashMap<String, Instant>>,
     h2: Client<HttpConnector, Body>,
     h1: Client<HttpConnector, Body>,
