@@ -13,6 +13,7 @@
 //! ```
 
 pub mod admin;
+pub mod log_queue;
 pub mod memory;
 pub mod prom;
 pub mod trace_context;
@@ -24,6 +25,7 @@ use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::Layer;
+use tracing_subscriber::filter::{FilterExt, filter_fn};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -72,6 +74,8 @@ impl Telemetry {
     /// Exports the spans still queued (bounded by [`FLUSH_ON_EXIT`]) and stops the
     /// exporter. Does nothing when trace export is off.
     pub async fn shutdown(self) {
+        // Access lines still queued are written first (bounded like the spans).
+        let _ = tokio::task::spawn_blocking(|| log_queue::flush(FLUSH_ON_EXIT)).await;
         let Some(p) = self.provider else { return };
         // The SDK blocks while it exports; keep that off the async workers.
         let done = tokio::task::spawn_blocking(move || p.shutdown_with_timeout(FLUSH_ON_EXIT));
@@ -158,15 +162,31 @@ pub fn init(service: &str, json: bool) -> Result<Telemetry, TelemetryError> {
             )
         }
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let env_filter = || {
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+    };
+    // Access lines go through a bounded queue to a writer thread (log_queue.rs), so a
+    // slow stderr never blocks a request; every other line is written at once.
+    let is_access = |m: &tracing::Metadata<'_>| m.target() == log_queue::ACCESS_TARGET;
+    let others = env_filter().and(filter_fn(move |m| !is_access(m)));
+    let access = env_filter().and(filter_fn(is_access));
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(colour_logs());
-    let fmt = if json {
-        fmt.json().with_filter(filter).boxed()
+    let access_fmt = tracing_subscriber::fmt::layer()
+        .with_writer(log_queue::AccessWriter)
+        .with_ansi(colour_logs());
+    let (fmt, access_fmt) = if json {
+        (
+            fmt.json().with_filter(others).boxed(),
+            access_fmt.json().with_filter(access).boxed(),
+        )
     } else {
-        fmt.with_filter(filter).boxed()
+        (
+            fmt.with_filter(others).boxed(),
+            access_fmt.with_filter(access).boxed(),
+        )
     };
     // Spans are exported at `info` whatever RUST_LOG says, so quieter logs do not cost
     // the traces.
@@ -177,6 +197,7 @@ pub fn init(service: &str, json: bool) -> Result<Telemetry, TelemetryError> {
     });
     let installed = tracing_subscriber::registry()
         .with(fmt)
+        .with(access_fmt)
         .with(otel)
         .try_init()
         .is_ok();

@@ -64,6 +64,25 @@ pub enum ViewerError {
     BadChunkedEncoding,
     /// The tunnel is disabled by its owner (403).
     TunnelDisabled,
+    /// The request head is too large for the tunnel's wire format or frame limit (431).
+    HeadTooLarge,
+    /// The registry that says which edge holds a tunnel is unreachable (503).
+    RegistryUnavailable,
+}
+
+/// Who caused an error, in the manner of pingora's `ErrorSource`: it decides whose
+/// fault the status says (4xx for the viewer's, 5xx for the rest) and what operators
+/// look at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorSource {
+    /// The viewer's request (framing, host, size, pace, its share of the limits).
+    Viewer,
+    /// This edge (its limits for everyone, its registry, a tunnel switched off).
+    Edge,
+    /// The agent or the link to it (offline, busy, lost).
+    Agent,
+    /// The service behind the agent.
+    Origin,
 }
 
 impl ViewerError {
@@ -92,6 +111,39 @@ impl ViewerError {
             | ViewerError::ClientOverloaded => StatusCode::TOO_MANY_REQUESTS,
             ViewerError::ResponseHeadTooLarge => StatusCode::BAD_GATEWAY,
             ViewerError::TunnelDisabled => StatusCode::FORBIDDEN,
+            ViewerError::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ViewerError::RegistryUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// Who caused it.
+    pub fn source(self) -> ErrorSource {
+        match self {
+            ViewerError::TunnelNotFound
+            | ViewerError::BadHost
+            | ViewerError::MissingHost
+            | ViewerError::DuplicateHost
+            | ViewerError::AmbiguousLength
+            | ViewerError::BadTransferEncoding
+            | ViewerError::HostMismatch
+            | ViewerError::UrlTooLong
+            | ViewerError::BodyTooLarge
+            | ViewerError::BodyTimeout
+            | ViewerError::AuthorityMismatch
+            | ViewerError::ClientBusy
+            | ViewerError::ClientOverloaded
+            | ViewerError::BadChunkedEncoding
+            | ViewerError::HeadTooLarge => ErrorSource::Viewer,
+            ViewerError::TunnelOverloaded
+            | ViewerError::TunnelDisabled
+            | ViewerError::RegistryUnavailable => ErrorSource::Edge,
+            ViewerError::TunnelOffline | ViewerError::TunnelBusy | ViewerError::TunnelLost => {
+                ErrorSource::Agent
+            }
+            ViewerError::OriginUnreachable
+            | ViewerError::OriginTimeout
+            | ViewerError::OriginError
+            | ViewerError::ResponseHeadTooLarge => ErrorSource::Origin,
         }
     }
 
@@ -121,6 +173,8 @@ impl ViewerError {
             ViewerError::ClientOverloaded => "client_overloaded",
             ViewerError::BadChunkedEncoding => "bad_chunked_encoding",
             ViewerError::TunnelDisabled => "tunnel_disabled",
+            ViewerError::HeadTooLarge => "head_too_large",
+            ViewerError::RegistryUnavailable => "registry_unavailable",
         }
     }
 
@@ -189,6 +243,12 @@ impl ViewerError {
             }
             ViewerError::TunnelDisabled => {
                 "This tunnel is disabled by its owner. It is served again once they enable it."
+            }
+            ViewerError::HeadTooLarge => {
+                "The request's head is too large to forward; send fewer or smaller headers."
+            }
+            ViewerError::RegistryUnavailable => {
+                "The edge cannot find which edge holds this tunnel right now (its registry is unreachable). Retry shortly."
             }
         }
     }

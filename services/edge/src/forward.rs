@@ -34,6 +34,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::Edge;
 use crate::errors::{Body, ViewerError, error_response};
+use crate::phases::{self, ProxyError};
 
 /// The shared credential every forwarded request carries.
 pub const AUTH_HEADER: &str = "x-netbore-internal-auth";
@@ -76,6 +77,9 @@ pub const HOP_PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// this is their only bound.)
 pub const HOP_HEAD_MARGIN: Duration = Duration::from_secs(5);
 
+/// A cached lookup: the holders of a name and when they were read.
+type CachedHolders = (Arc<[Holder]>, Instant);
+
 /// This edge's part in a cluster of edges sharing a registry.
 pub struct Cluster {
     registry: Arc<dyn LiveRegistry>,
@@ -83,7 +87,8 @@ pub struct Cluster {
     /// The internal address other edges forward to.
     addr: String,
     secret: Secret,
-    cache: Mutex<HashMap<String, (Vec<Holder>, Instant)>>,
+    /// Holders per name, shared with the lookups that read them (never copied).
+    cache: Mutex<HashMap<String, CachedHolders>>,
     bad: Mutex<HashMap<String, Instant>>,
     h2: Client<HttpConnector, Body>,
     h1: Client<HttpConnector, Body>,
@@ -192,7 +197,7 @@ impl Cluster {
         &self,
         name: &str,
         via: &[String],
-    ) -> Result<Vec<Holder>, RegistryError> {
+    ) -> Result<Holders, RegistryError> {
         let cached = self.cache.lock().get(name).cloned();
         let list = match cached {
             Some((h, at)) if at.elapsed() < CACHE_FRESH => h,
@@ -210,10 +215,11 @@ impl Cluster {
                         }) =>
                 {
                     self.mark(true);
-                    cached.map(|(c, _)| c).unwrap_or_default()
+                    cached.map_or_else(|| Arc::from(Vec::new()), |(c, _)| c)
                 }
                 Ok(h) => {
                     self.mark(true);
+                    let h: Arc<[Holder]> = h.into();
                     let mut c = self.cache.lock();
                     if c.len() >= CACHE_MAX_NAMES {
                         c.clear();
@@ -233,14 +239,11 @@ impl Cluster {
                 }
             },
         };
-        let bad = {
-            let mut b = self.bad.lock();
-            b.retain(|_, t| t.elapsed() < BAD_HOLDER_PAUSE);
-            b.clone()
-        };
-        let mut v: Vec<Holder> = list
-            .into_iter()
-            .filter(|h| h.edge_id != self.edge_id && !via.contains(&h.edge_id))
+        let mut v: Vec<usize> = (0..list.len())
+            .filter(|&i| {
+                let h = &list[i];
+                h.edge_id != self.edge_id && !via.contains(&h.edge_id)
+            })
             .collect();
         // Spread load over holders; known-bad ones last.
         let offset = rand::random::<u32>() as usize;
@@ -248,8 +251,15 @@ impl Cluster {
             let n = v.len();
             v.rotate_left(offset % n);
         }
-        v.sort_by_key(|h| bad.contains_key(&h.addr));
-        Ok(v)
+        // Looked up under the lock (a handful of holders), never copied out: the map
+        // is read on every forwarded request. Its pauses expire as they are read.
+        let mut b = self.bad.lock();
+        if !b.is_empty() {
+            b.retain(|_, t| t.elapsed() < BAD_HOLDER_PAUSE);
+            v.sort_by_key(|&i| b.contains_key(&list[i].addr));
+        }
+        drop(b);
+        Ok(Holders { list, order: v })
     }
 
     /// Makes cached lookups of `name` ([`netbore_registry::ALL`]: of every name) stale:
@@ -290,6 +300,25 @@ impl Cluster {
             )
             .is_ok()
         })
+    }
+}
+
+/// The holders of a name in the order to try them: indexes into the cached list, so a
+/// lookup copies no holder.
+pub(crate) struct Holders {
+    list: Arc<[Holder]>,
+    order: Vec<usize>,
+}
+
+impl Holders {
+    /// True when no other edge holds the name.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    /// The holders, usable ones first.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Holder> {
+        self.order.iter().map(|&i| &self.list[i])
     }
 }
 
@@ -363,27 +392,21 @@ pub struct Forwarded<'a> {
 
 /// Forwards the request in `pending` to an edge holding the tunnel; `fallback` is what
 /// the viewer gets when no edge holds it (the request then stays in `pending`).
-pub async fn forward(
+pub(crate) async fn forward(
     edge: &Edge,
     cluster: &Cluster,
     pending: &mut Option<Request<Incoming>>,
     f: Forwarded<'_>,
     fallback: ViewerError,
-    json: bool,
-) -> Response<Body> {
+) -> Result<Response<Body>, ProxyError> {
     if f.via.len() + 1 > MAX_HOPS {
-        return fallback.response(json);
+        return Err(fallback.into());
     }
     let holders = match cluster.holders(f.name, &f.via).await {
         Ok(h) => h,
         Err(e) => {
             warn!(error = %e, tunnel = %f.name, "cannot look up a tunnel held elsewhere");
-            return error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "registry_unavailable",
-                "The edge cannot find which edge holds this tunnel right now (its registry is unreachable). Retry shortly.",
-                json,
-            );
+            return Err(ViewerError::RegistryUnavailable.into());
         }
     };
     if holders.is_empty() {
@@ -392,13 +415,13 @@ pub async fn forward(
         if fallback == ViewerError::TunnelNotFound
             && cluster.registry.known(f.name).await.unwrap_or(false)
         {
-            return ViewerError::TunnelOffline.response(json);
+            return Err(ViewerError::TunnelOffline.into());
         }
-        return fallback.response(json);
+        return Err(fallback.into());
     }
     // Taken only now: until here the caller may still read an unread body away.
     let Some(mut req) = pending.take() else {
-        return fallback.response(json);
+        return Err(fallback.into());
     };
     let mut via = f.via.clone();
     via.push(cluster.edge_id.clone());
@@ -407,13 +430,15 @@ pub async fn forward(
     let (parts, body) = req.into_parts();
     let cfg = edge.config();
     let body_empty = http_body::Body::is_end_stream(&body);
-    let mut body: Option<Body> = Some(if body_empty {
-        http_body_util::Empty::new().map_err(|n| match n {}).boxed()
-    } else {
-        crate::proxy::guard_body(body, cfg.max_body_bytes, cfg.body_idle_timeout).boxed()
-    });
+    // The holder applies the tunnel's own limit; the edge's bounds the hop.
+    let mut body: Option<Body> = Some(
+        match phases::request_body(body, !body_empty, cfg.max_body_bytes, cfg.body_idle_timeout) {
+            Some(b) => b.boxed(),
+            None => http_body_util::Empty::new().map_err(|n| match n {}).boxed(),
+        },
+    );
 
-    for h in &holders {
+    for h in holders.iter() {
         let Some(b) = body.take() else { break };
         let mut out = Request::builder().method(parts.method.clone()).uri(format!(
             "http://{}{}",
@@ -448,7 +473,7 @@ pub async fn forward(
             Ok(r) => r,
             Err(e) => {
                 debug!(error = %e, "cannot build the forwarded request");
-                return ViewerError::BadHost.response(json);
+                return Err(ViewerError::BadHost.into());
             }
         };
         let client = if f.upgrade { &cluster.h1 } else { &cluster.h2 };
@@ -458,18 +483,18 @@ pub async fn forward(
             Err(_) => {
                 warn!(holder = %h.edge_id, ?head_within, "holder sent no response head in time; trying others first for a while");
                 cluster.mark_bad(h);
-                return ViewerError::OriginTimeout.response(json);
+                return Err(ViewerError::OriginTimeout.into());
             }
         };
         match answer {
             Ok(resp) => {
                 edge.metrics().forwarded();
-                return relay(edge, resp, on_upgrade).await;
+                return Ok(relay(edge, resp, on_upgrade));
             }
             Err(e) if stalled(&e) => {
                 warn!(holder = %h.edge_id, "holder stopped answering pings; trying others first for a while");
                 cluster.mark_bad(h);
-                return ViewerError::TunnelLost.response(json);
+                return Err(ViewerError::TunnelLost.into());
             }
             Err(e) if e.is_connect() && body_empty => {
                 debug!(error = %e, holder = %h.edge_id, "holder unreachable; trying the next");
@@ -481,11 +506,11 @@ pub async fn forward(
                 if e.is_connect() {
                     cluster.mark_bad(h);
                 }
-                return ViewerError::TunnelLost.response(json);
+                return Err(ViewerError::TunnelLost.into());
             }
         }
     }
-    ViewerError::TunnelLost.response(json)
+    Err(ViewerError::TunnelLost.into())
 }
 
 /// True when a hop failed because the holder stopped answering (its HTTP/2 keep-alive
@@ -509,7 +534,7 @@ fn stalled(e: &hyper_util::client::legacy::Error) -> bool {
 /// The holder's response for the viewer; a 101 joins the two upgraded connections,
 /// under the edge's task tracker, so a drain of this (forwarding) edge waits for the
 /// session within its grace as it does for one through a local agent.
-async fn relay(
+fn relay(
     edge: &Edge,
     resp: Response<Incoming>,
     on_upgrade: Option<hyper::upgrade::OnUpgrade>,
@@ -519,16 +544,18 @@ async fn relay(
     {
         let (parts, body) = resp.into_parts();
         let inner = hyper::upgrade::on(Response::from_parts(parts.clone(), body));
-        edge.tracker().spawn(
-            async move {
-                let (Ok(v), Ok(i)) = (viewer.await, inner.await) else {
+        phases::join_upgrade(
+            edge,
+            viewer,
+            inner,
+            |mut v, inner| async move {
+                let Ok(i) = inner.await else {
                     debug!("an upgrade through another edge failed");
                     return;
                 };
-                let (mut v, mut i) = (TokioIo::new(v), TokioIo::new(i));
-                let _ = tokio::io::copy_bidirectional(&mut v, &mut i).await;
-            }
-            .in_current_span(),
+                let _ = tokio::io::copy_bidirectional(&mut v, &mut TokioIo::new(i)).await;
+            },
+            |_, _| debug!("an upgrade through another edge failed"),
         );
         let mut out = Response::new(http_body_util::Empty::new().map_err(|n| match n {}).boxed());
         *out.status_mut() = parts.status;

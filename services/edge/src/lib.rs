@@ -21,6 +21,7 @@ pub mod fair;
 pub mod forward;
 pub mod gate;
 pub mod metrics;
+pub mod phases;
 pub mod proxy;
 pub mod routes;
 pub mod sniff;

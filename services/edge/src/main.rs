@@ -65,6 +65,11 @@ struct Args {
     /// With --tls-self-signed: write the certificate here, for agents' --edge-ca.
     #[arg(long, env = "NETBORE_TLS_SELF_SIGNED_OUT")]
     tls_self_signed_out: Option<std::path::PathBuf>,
+    /// Serve the TLS certificate (--tls-cert/--tls-key or --tls-self-signed) on the
+    /// agent listener only: agents link over wss, viewers keep plain HTTP on the public
+    /// listener (TLS terminated in front of the edge, or none).
+    #[arg(long, env = "NETBORE_AGENT_TLS_ONLY")]
+    agent_tls_only: bool,
     /// Seconds between turning not ready and closing the listeners on SIGTERM, for load
     /// balancers to notice (use 0 with a Kubernetes preStop sleep).
     #[arg(long, env = "NETBORE_DRAIN_DELAY_SECS", default_value_t = 0)]
@@ -152,15 +157,26 @@ async fn main() -> anyhow::Result<()> {
         }),
         _ => None,
     };
+    if args.agent_tls_only && cert_source.is_none() {
+        anyhow::bail!(
+            "--agent-tls-only needs a certificate for the agent listener: add --tls-cert and --tls-key, or --tls-self-signed"
+        );
+    }
     let tls = match &cert_source {
-        Some(src) => Some(
-            netbore_edge::tls::Tls::new(src, &args.domain)
-                .map_err(|e| anyhow::anyhow!("TLS set-up failed: {e}"))?,
-        ),
+        Some(src) => {
+            let tls = netbore_edge::tls::Tls::new(src, &args.domain)
+                .map_err(|e| anyhow::anyhow!("TLS set-up failed: {e}"))?;
+            Some(if args.agent_tls_only {
+                tls.agents_only()
+            } else {
+                tls
+            })
+        }
         None => None,
     };
+    let agent_tls = tls.is_some();
     let config = EdgeConfig {
-        public_scheme: if tls.is_some() {
+        public_scheme: if tls.as_ref().is_some_and(|t| t.serves_public()) {
             "https".into()
         } else {
             "http".into()
@@ -266,11 +282,7 @@ async fn main() -> anyhow::Result<()> {
             }
         };
         let agent_url = args.advertise_url.clone().unwrap_or_else(|| {
-            let scheme = if edge.config().public_scheme == "https" {
-                "wss"
-            } else {
-                "ws"
-            };
+            let scheme = if agent_tls { "wss" } else { "ws" };
             format!(
                 "{scheme}://{}{}",
                 agents.local_addr().expect("bound"),

@@ -128,6 +128,7 @@ pub struct Metrics {
     draining: Gauge,
     /// `in`, `out`.
     tunnel_bytes: [SampledCounter; 2],
+    access_log_dropped: SampledCounter,
 }
 
 impl Default for Metrics {
@@ -226,7 +227,13 @@ impl Default for Metrics {
             "netbore_edge_connections_refused",
             "Connections closed at accept because their address had --max-connections-per-address open.",
         );
+        let access_log_dropped = single(
+            &mut r,
+            "netbore_edge_access_log_dropped",
+            "Access log lines dropped because the log writer was behind (never waited for on the request path).",
+        );
         Metrics {
+            access_log_dropped,
             registry: r,
             responses,
             errors,
@@ -310,6 +317,8 @@ pub fn render(edge: &Edge, format: Format) -> String {
     set(&m.draining, u64::from(edge.is_draining()));
     m.tunnel_bytes[0].observe(bytes_in);
     m.tunnel_bytes[1].observe(bytes_out);
+    m.access_log_dropped
+        .observe(netbore_telemetry::log_queue::dropped());
     prom::encode(&m.registry, format)
 }
 
@@ -344,6 +353,8 @@ mod tests {
             V::ClientOverloaded,
             V::BadChunkedEncoding,
             V::TunnelDisabled,
+            V::HeadTooLarge,
+            V::RegistryUnavailable,
         ];
         for v in all {
             assert!(
@@ -352,7 +363,7 @@ mod tests {
                 v.code()
             );
         }
-        // The rest are codes of access policies, forwarding and oversized heads.
-        assert_eq!(all.len() + 18, ERROR_CODES.len());
+        // The rest are codes of access policies and of the internal listener.
+        assert_eq!(all.len() + 16, ERROR_CODES.len());
     }
 }

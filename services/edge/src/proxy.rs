@@ -19,9 +19,9 @@ use http::{Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
+use netbore_mux::Event;
 use netbore_mux::body::{PumpEnd, StreamBody, pump_body};
-use netbore_mux::{Event, MuxError};
 use netbore_protocol::{Header, RequestHead, ResetCode};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -31,6 +31,7 @@ use crate::Edge;
 use crate::access::{Admitted, Verdict};
 use crate::config::HANDSHAKE_TIMEOUT;
 use crate::errors::{Body, ViewerError, wants_json};
+use crate::phases::{self, ProxyError, Routed};
 use crate::routes::Lookup;
 
 /// Header carrying the viewer's address to the origin. Whatever a viewer sends under
@@ -111,7 +112,11 @@ pub async fn serve_public(edge: Edge, listener: TcpListener, stop: CancellationT
         edge.tracker().spawn(
             async move {
                 let _slot = slot;
-                match edge2.tls().map(|t| t.public_acceptor()) {
+                match edge2
+                    .tls()
+                    .filter(|t| t.serves_public())
+                    .map(|t| t.public_acceptor())
+                {
                     None => serve_conn(edge2, builder, tcp, peer, stop).await,
                     Some(acceptor) => {
                         // The ClientHello is read first: an SNI naming a passthrough
@@ -517,7 +522,8 @@ impl Drop for CountRequest<'_> {
 
 /// Routes and proxies the request in `pending`. The request is taken from it only
 /// once its body goes somewhere (the agent, another edge); an early answer leaves it
-/// there for [`settle_unread_body`].
+/// there for [`settle_unread_body`]. Every refusal becomes a response in one place
+/// ([`ProxyError::response`]).
 async fn proxy(
     edge: &Edge,
     pending: &mut Option<Request<Incoming>>,
@@ -526,37 +532,38 @@ async fn proxy(
     view: ClientView,
     via: Vec<String>,
 ) -> Response<Body> {
+    let json = pending.as_ref().is_some_and(|r| wants_json(r.headers()));
+    match proxy_phases(edge, pending, host, name, view, via, json).await {
+        Ok(resp) => resp,
+        Err(e) => e.response(json),
+    }
+}
+
+/// The phases of [`proxy`] (see [`crate::phases`]), in order.
+async fn proxy_phases(
+    edge: &Edge,
+    pending: &mut Option<Request<Incoming>>,
+    host: Option<String>,
+    name: Option<String>,
+    view: ClientView,
+    via: Vec<String>,
+    json: bool,
+) -> Result<Response<Body>, ProxyError> {
     let Some(req) = pending.as_mut() else {
-        return ViewerError::TunnelLost.response(false);
+        return Err(ViewerError::TunnelLost.into());
     };
-    let json = wants_json(req.headers());
     let cfg = edge.config();
-    if let Err(e) = hygiene(cfg, req) {
-        return e.response(json);
-    }
-    let Some(host) = host else {
-        return ViewerError::BadHost.response(json);
-    };
-    let Some(name) = name else {
-        return ViewerError::TunnelNotFound.response(json);
-    };
-    if edge.gate().is_name_disabled(&name) {
-        return ViewerError::TunnelDisabled.response(json);
-    }
+    // Hygiene.
+    hygiene(cfg, req)?;
+    let host = host.ok_or(ViewerError::BadHost)?;
+    let name = name.ok_or(ViewerError::TunnelNotFound)?;
     let upgrade = is_upgrade(req);
-    let route = match edge.routes().pick(&name) {
-        Lookup::Found(_, in_flight) if in_flight >= cfg.max_streams_per_tunnel => {
-            return ViewerError::TunnelOverloaded.response(json);
-        }
-        Lookup::Found(r, _) => r,
-        // Not held here (or only by a connection going away): another edge may hold it.
-        miss => {
-            let fallback = match miss {
-                Lookup::Offline => ViewerError::TunnelOffline,
-                _ => ViewerError::TunnelNotFound,
-            };
+    // Route.
+    let route = match phases::route(edge, &name)? {
+        Routed::Local(r) => r,
+        Routed::Elsewhere { fallback } => {
             let Some(cluster) = edge.cluster() else {
-                return fallback.response(json);
+                return Err(fallback.into());
             };
             let f = crate::forward::Forwarded {
                 host: &host,
@@ -567,59 +574,68 @@ async fn proxy(
                 via,
                 upgrade,
             };
-            return crate::forward::forward(edge, cluster, pending, f, fallback, json).await;
+            return crate::forward::forward(edge, cluster, pending, f, fallback).await;
         }
     };
-    // The tunnel's access policy decides before anything is forwarded.
+    // Access: the tunnel's policy decides before anything is forwarded.
     let access = route.access.clone();
     let admitted = match access
         .check(req, view.client, view.proto == "https", upgrade, json)
         .await
     {
         Verdict::Pass(a) => a,
-        Verdict::Respond(r) => return r,
+        Verdict::Respond(r) => return Ok(r),
     };
-    // One client address gets at most its share of the tunnel's slots, so a flood of
-    // slow requests from one place leaves the rest to everyone else.
+    // Limits. One client address gets at most its share of the tunnel's slots, so a
+    // flood of slow requests from one place leaves the rest to everyone else.
     let capacity = cfg
         .max_streams_per_tunnel
         .min(edge.routes().connections(&name).max(1) * cfg.limits.max_concurrent_streams as usize);
-    let Some(slot) = edge.client_slots().try_take(
-        &name,
-        view.client,
-        crate::fair::client_cap(capacity, cfg.client_slot_share),
-    ) else {
-        return ViewerError::ClientBusy.response(json);
-    };
-    let max_body = access
-        .max_body_bytes
-        .map_or(cfg.max_body_bytes, |t| t.min(cfg.max_body_bytes));
+    let slot = edge
+        .client_slots()
+        .try_take(
+            &name,
+            view.client,
+            crate::fair::client_cap(capacity, cfg.client_slot_share),
+        )
+        .ok_or(ViewerError::ClientBusy)?;
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max_body) {
-        return ViewerError::BodyTooLarge.response(json);
-    }
+    let max_body = phases::body_limit(cfg.max_body_bytes, access.max_body_bytes, declared)?;
+    // Upstream request: the head the origin gets.
     let request_origin = req.headers().get(header::ORIGIN).cloned();
-    let mut head = request_head(req, &host, &view, upgrade, &admitted, !access.is_public());
-    crate::telemetry::forward_trace_context(&tracing::Span::current(), &mut head);
+    let strip_session = !access.is_public();
+    let build_head = |req: Parts<'_>| {
+        let mut head = request_head(req, &host, &view, upgrade, &admitted, strip_session);
+        crate::telemetry::forward_trace_context(&tracing::Span::current(), &mut head);
+        head
+    };
+    let head = build_head(Parts::of(req));
     let body_empty = http_body::Body::is_end_stream(req.body());
     let end_stream = body_empty && !upgrade;
     // Held until the response head is here: what a flood of large heads could pile up.
-    let Some(_head_bytes) = edge.head_budget().take(view.client, head_len(&head)) else {
-        return ViewerError::ClientOverloaded.response(json);
-    };
+    let _head_bytes = edge
+        .head_budget()
+        .take(view.client, head_len(&head))
+        .ok_or(ViewerError::ClientOverloaded)?;
     let chunked = req.version() <= Version::HTTP_11
         && !upgrade
         && req.headers().contains_key(header::TRANSFER_ENCODING);
     let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut *req));
-    let Some(req) = pending.take() else {
-        return ViewerError::TunnelLost.response(json);
-    };
-    let mut body = (!upgrade && !end_stream)
-        .then(|| guard_body(req.into_body(), max_body, cfg.body_idle_timeout));
+    let req = pending.take().ok_or(ViewerError::TunnelLost)?;
+    // The head stays here without its body: the rare second open below rebuilds the
+    // request head from it rather than every request cloning the one it sends.
+    let (parts, incoming) = req.into_parts();
+    let shell = Request::from_parts(parts, ());
+    let mut body = phases::request_body(
+        incoming,
+        !upgrade && !end_stream,
+        max_body,
+        cfg.body_idle_timeout,
+    );
     // A chunked body's framing is checked (sniff.rs) as it arrives: wait for its first
     // chunk, so a malformed one is refused before the head goes anywhere.
     let mut first_frame = None;
@@ -628,49 +644,48 @@ async fn proxy(
             None => {}
             Some(Ok(f)) => first_frame = Some(f),
             Some(Err(_)) => {
-                return b
-                    .failed
-                    .unwrap_or(ViewerError::BadChunkedEncoding)
-                    .response(json);
+                return Err(b.failed.unwrap_or(ViewerError::BadChunkedEncoding).into());
             }
         }
     }
 
-    // A connection can close between the lookup and the open; try the next one once.
+    // Open stream. A connection can close between the lookup and the open: a failure
+    // that is safe to retry tries the next connection once.
     let mut opened = None;
     let mut first = Some(route);
+    let mut head = Some(head);
+    let mut last = ProxyError::from(ViewerError::TunnelLost);
     for _ in 0..2 {
         let route = match first.take() {
             Some(r) => r,
             None => match edge.routes().pick(&name) {
                 Lookup::Found(r, _) => r,
-                Lookup::Offline => return ViewerError::TunnelOffline.response(json),
-                Lookup::Unknown => return ViewerError::TunnelNotFound.response(json),
+                Lookup::Offline => return Err(ViewerError::TunnelOffline.into()),
+                Lookup::Unknown => return Err(ViewerError::TunnelNotFound.into()),
             },
         };
         // Opened in the link's fair order between client addresses: a client with
         // nothing in flight goes at once, whatever another client has queued.
         let class = crate::fair::client_class(view.client);
-        match route.mux.open_fair(head.clone(), end_stream, class).await {
+        // Owned, not cloned: a failed open consumed the head, and the retry (a
+        // connection that closed in between) builds it again.
+        let head = head.take().unwrap_or_else(|| build_head(Parts::of(&shell)));
+        match route.mux.open_fair(head, end_stream, class).await {
             Ok(s) => {
                 opened = Some((s, route.tunnel_id.clone()));
                 break;
             }
-            Err(MuxError::Refused(_)) => return ViewerError::TunnelBusy.response(json),
-            Err(MuxError::TooLarge(why)) => {
-                debug!(%why, "request head too large for the tunnel");
-                return crate::errors::error_response(
-                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                    "head_too_large",
-                    "The request's head is too large to forward; send fewer or smaller headers.",
-                    json,
-                );
+            Err(e) => {
+                last = phases::open_error(&e);
+                if !last.retry {
+                    return Err(last);
+                }
             }
-            Err(_) => continue,
         }
     }
+    drop(shell);
     let Some(((tx, mut rx), tunnel_id)) = opened else {
-        return ViewerError::TunnelLost.response(json);
+        return Err(last);
     };
     // Counted for the tunnel's status (requests and errors over 5 minutes): an error
     // unless a response head below 500 arrives.
@@ -712,7 +727,7 @@ async fn proxy(
 
     let first = tokio::select! {
         biased;
-        Ok(v) = &mut body_fail => return v.response(json),
+        Ok(v) = &mut body_fail => return Err(v.into()),
         r = tokio::time::timeout(cfg.response_timeout, rx.recv()) => r,
     };
     let head = match first {
@@ -721,23 +736,24 @@ async fn proxy(
                 ResetCode::Cancel,
                 "edge gave up waiting for the response head",
             );
-            return ViewerError::OriginTimeout.response(json);
+            return Err(ViewerError::OriginTimeout.into());
         }
         Ok(Some(Event::Head(h))) => h,
         Ok(Some(Event::Reset(code, msg))) => {
             debug!(?code, %msg, "stream reset before the response head");
             // A reset we caused by failing the request body says why itself.
             if let Ok(v) = body_fail.try_recv() {
-                return v.response(json);
+                return Err(v.into());
             }
-            return reset_error(code).response(json);
+            return Err(phases::reset_error(code));
         }
         Ok(other) => {
             debug!(?other, "unexpected first event");
-            return ViewerError::OriginError.response(json);
+            return Err(ViewerError::OriginError.into());
         }
     };
 
+    // Response filters.
     counted.error = head.status >= 500;
     drop(counted);
     let mut resp = Response::new(http_body_util::Empty::new().map_err(|n| match n {}).boxed());
@@ -750,25 +766,25 @@ async fn proxy(
     }
 
     if switching {
-        let (Some(on_upgrade), Some(mut tx)) = (on_upgrade, tx) else {
+        let (Some(on_upgrade), Some(tx)) = (on_upgrade, tx) else {
             rx.reset(ResetCode::Protocol, "101 without an upgrade request");
-            return ViewerError::OriginError.response(json);
+            return Err(ViewerError::OriginError.into());
         };
-        edge.tracker().spawn(
-            async move {
-                // The upgraded stream holds the viewer's slot while it lasts.
+        // The upgraded stream holds the viewer's slot while it lasts.
+        phases::join_upgrade(
+            edge,
+            on_upgrade,
+            (slot, tx, rx),
+            |up, (slot, tx, rx)| async move {
                 let _slot = slot;
-                match on_upgrade.await {
-                    Ok(up) => netbore_mux::bridge(TokioIo::new(up), tx, rx).await,
-                    Err(e) => {
-                        debug!(error = %e, "viewer upgrade failed");
-                        tx.reset(ResetCode::Cancel, "viewer upgrade failed");
-                    }
-                }
-            }
-            .in_current_span(),
+                netbore_mux::bridge(up, tx, rx).await;
+            },
+            |e, (_slot, mut tx, _rx)| {
+                debug!(error = %e, "viewer upgrade failed");
+                tx.reset(ResetCode::Cancel, "viewer upgrade failed");
+            },
         );
-        return resp;
+        return Ok(resp);
     }
     if let Some(mut tx) = tx
         && upgrade
@@ -781,7 +797,7 @@ async fn proxy(
         _slot: slot,
     }
     .boxed();
-    resp
+    Ok(resp)
 }
 
 /// A response body that holds the request's slot until it ends or is dropped.
@@ -992,17 +1008,6 @@ impl http_body::Body for GuardedBody {
     }
 }
 
-fn reset_error(code: ResetCode) -> ViewerError {
-    match code {
-        ResetCode::OriginUnreachable => ViewerError::OriginUnreachable,
-        ResetCode::OriginTimeout => ViewerError::OriginTimeout,
-        ResetCode::Refused => ViewerError::TunnelBusy,
-        ResetCode::Cancel => ViewerError::TunnelLost,
-        ResetCode::TooLarge => ViewerError::ResponseHeadTooLarge,
-        _ => ViewerError::OriginError,
-    }
-}
-
 /// How the edge sees the viewer: the address chain, the client, and the scheme.
 pub(crate) struct ClientView {
     /// `X-Forwarded-For` for the origin.
@@ -1055,15 +1060,33 @@ fn client_view(cfg: &crate::EdgeConfig, h: &HeaderMap, peer: SocketAddr) -> Clie
     ClientView { xff, client, proto }
 }
 
+/// The parts of a request its forwarded head is built from, whatever its body.
+#[derive(Clone, Copy)]
+struct Parts<'a> {
+    method: &'a http::Method,
+    uri: &'a http::Uri,
+    headers: &'a HeaderMap,
+}
+
+impl<'a> Parts<'a> {
+    fn of<B>(req: &'a Request<B>) -> Parts<'a> {
+        Parts {
+            method: req.method(),
+            uri: req.uri(),
+            headers: req.headers(),
+        }
+    }
+}
+
 fn request_head(
-    req: &Request<Incoming>,
+    req: Parts<'_>,
     host: &str,
     view: &ClientView,
     upgrade: bool,
     admitted: &Admitted,
     strip_session: bool,
 ) -> RequestHead {
-    let h = req.headers();
+    let h = req.headers;
     let nominated = connection_tokens(h);
     let mut headers = Vec::with_capacity(h.len() + 6 + admitted.add.len());
     for (name, value) in h {
@@ -1102,7 +1125,7 @@ fn request_head(
     }
     if !h.contains_key(header::HOST) {
         // HTTP/2 carries the host in :authority; origins speaking HTTP/1.1 need Host.
-        if let Some(a) = req.uri().authority() {
+        if let Some(a) = req.uri.authority() {
             headers.push(Header::new(
                 "host",
                 Bytes::copy_from_slice(a.as_str().as_bytes()),
@@ -1134,13 +1157,13 @@ fn request_head(
         headers.push(Header::new(k.as_str(), Bytes::from(v.clone())));
     }
     let target = admitted.target.clone().unwrap_or_else(|| {
-        req.uri()
+        req.uri
             .path_and_query()
             .map(|p| p.as_str().to_string())
             .unwrap_or_else(|| "/".into())
     });
     RequestHead {
-        method: req.method().as_str().to_string(),
+        method: req.method.as_str().to_string(),
         target,
         headers,
     }

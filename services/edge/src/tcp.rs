@@ -144,7 +144,7 @@ where
     };
     let mut via = via;
     via.push(edge.config().edge_id.clone());
-    for h in holders {
+    for h in holders.iter() {
         match open_forward(cluster, &h.addr, key, client, &via.join(",")).await {
             Ok((conn, early)) => {
                 let mut io = io;

@@ -6,7 +6,7 @@
 //! self-signed certificate for `*.domain`, `domain`, `localhost` and `127.0.0.1` is
 //! generated for development, and its PEM can be written out for agents and browsers
 //! to trust. ALPN offers `h2` and `http/1.1` on the public port, `http/1.1` on the agent
-//! port (WebSocket).
+//! port (WebSocket). With `--agent-tls-only` only the agent port serves TLS.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -44,6 +44,8 @@ pub enum CertSource {
 pub struct Tls {
     public: Arc<ArcSwap<ServerConfig>>,
     agents: Arc<ArcSwap<ServerConfig>>,
+    /// False with `--agent-tls-only`: the public listener stays plain HTTP.
+    serves_public: bool,
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -124,7 +126,21 @@ impl Tls {
         Ok(Tls {
             public: Arc::new(ArcSwap::from_pointee(public)),
             agents: Arc::new(ArcSwap::from_pointee(agents)),
+            serves_public: true,
         })
+    }
+
+    /// The same certificate for the agent listener only (`--agent-tls-only`): agents
+    /// link over wss while viewers keep plain HTTP, e.g. behind a load balancer that
+    /// terminates their TLS, or to measure a wss link without viewer TLS.
+    pub fn agents_only(mut self) -> Tls {
+        self.serves_public = false;
+        self
+    }
+
+    /// True when the public listener serves TLS (false with [`Tls::agents_only`]).
+    pub fn serves_public(&self) -> bool {
+        self.serves_public
     }
 
     /// The acceptor for the public port, with the current certificate.

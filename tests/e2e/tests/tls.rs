@@ -1,6 +1,7 @@
 //! TLS on the real edge binary: a self-signed development certificate that agents
 //! trust with --edge-ca (wss) and viewers over https with ALPN h2; a certificate
-//! replaced on disk is served on the next handshake without a restart.
+//! replaced on disk is served on the next handshake without a restart; with
+//! --agent-tls-only, agents link over wss while viewers keep plain HTTP.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,7 +54,16 @@ struct Net {
 }
 
 fn start_control_and_edge(net: &Net, edge_tls: &[&str]) -> (Proc, Proc) {
-    let template = format!("https://{{name}}.{DOMAIN}:{}", net.public);
+    start_control_and_edge_serving(net, edge_tls, "https")
+}
+
+/// Control announcing tunnels at `public_scheme`://NAME.<domain>, and the edge.
+fn start_control_and_edge_serving(
+    net: &Net,
+    edge_tls: &[&str],
+    public_scheme: &str,
+) -> (Proc, Proc) {
+    let template = format!("{public_scheme}://{{name}}.{DOMAIN}:{}", net.public);
     let control = Proc::spawn(
         "netbore-control",
         &[
@@ -192,6 +202,106 @@ async fn wss_agents_and_https_h2_viewers_with_a_self_signed_certificate() {
         err.is_err(),
         "an untrusted certificate must fail the handshake"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_tls_only_links_agents_over_wss_and_serves_viewers_plain_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("edge-ca.pem");
+    let net = Net {
+        rest: free_port(),
+        grpc: free_port(),
+        public: free_port(),
+        agents: free_port(),
+    };
+    let (_c, _e) = start_control_and_edge_serving(
+        &net,
+        &[
+            "--tls-self-signed",
+            "--tls-self-signed-out",
+            ca.to_str().unwrap(),
+            "--agent-tls-only",
+        ],
+        "http",
+    );
+    wait_for_port(net.public).await;
+    let pem = std::fs::read(&ca).unwrap();
+
+    // The agent port speaks TLS (the agent is told wss://) ...
+    let agent_port =
+        tls_connect(net.agents, "localhost", client_config(&pem, &[b"http/1.1"])).await;
+    assert!(
+        agent_port.is_ok(),
+        "the agent listener must serve TLS: {agent_port:?}"
+    );
+    // ... and the public port does not.
+    let public_tls =
+        tls_connect(net.public, "localhost", client_config(&pem, &[b"http/1.1"])).await;
+    assert!(
+        public_tls.is_err(),
+        "the public listener must stay plain HTTP"
+    );
+
+    let origin = Origin::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let mut agent = Proc::spawn(
+        "netbore",
+        &[
+            "http",
+            &origin.url(),
+            "--control",
+            &format!("http://127.0.0.1:{}", net.rest),
+            "--edge-ca",
+            ca.to_str().unwrap(),
+            "--state-dir",
+            state.path().to_str().unwrap(),
+            "--json",
+        ],
+        &[("RUST_LOG", "warn")],
+    );
+    let live: Value = loop {
+        let v: Value = serde_json::from_str(&agent.line(Duration::from_secs(30)).await).unwrap();
+        if v["event"] == "live" {
+            break v;
+        }
+    };
+    let url = live["url"].as_str().unwrap();
+    assert!(url.starts_with("http://"), "{url}");
+    let host = url.trim_start_matches("http://");
+
+    // A plain HTTP/1.1 viewer reaches the origin through the wss link.
+    let viewer = netbore_testkit::Viewer::new(([127, 0, 0, 1], net.public).into());
+    let got = viewer.get(host, "/headers").await;
+    assert_eq!(got.status, 200, "{:?}", got.body);
+    let seen: Value = serde_json::from_slice(&got.body).unwrap();
+    let proto = seen["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h[0] == "x-forwarded-proto")
+        .unwrap();
+    assert_eq!(proto[1], "http");
+}
+
+#[test]
+fn agent_tls_only_without_a_certificate_is_refused_with_the_fix() {
+    let out = std::process::Command::new(netbore_testkit::bin_path("netbore-edge"))
+        .args([
+            "--agent-tls-only",
+            "--public-addr",
+            "127.0.0.1:0",
+            "--agent-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--control-grpc",
+            "",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--tls-self-signed"), "{err}");
 }
 
 fn write_cert(dir: &std::path::Path, cn: &str) -> Vec<u8> {
