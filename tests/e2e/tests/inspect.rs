@@ -767,3 +767,133 @@ async fn in_chromium_requests_appear_live_show_their_bodies_and_replay() {
     );
     b.screenshot("inspector-replay.png").await;
 }
+
+/// Waits for the viewer's side of a WebSocket close handshake to end (bounded).
+async fn close_ws(ws: &mut netbore_testkit::Ws) {
+    use tokio_tungstenite::tungstenite::protocol::{CloseFrame, frame::coding::CloseCode};
+    ws.close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "done here".into(),
+    }))
+    .await
+    .unwrap();
+    let closed = tokio::time::timeout(WAIT, async {
+        while let Some(m) = ws.next().await {
+            if matches!(m, Ok(Message::Close(_)) | Err(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the close handshake completes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_session_shows_its_messages_each_way_in_the_api_and_the_page() {
+    let stack = Stack::start().await;
+    let origin = Origin::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let (_agent, ins, host) = json_agent(&stack, &origin.url(), state.path(), &[]).await;
+
+    // A real WebSocket through the edge and the tunnel to the origin's echo.
+    let (mut ws, status) = netbore_testkit::websocket(stack.public(), &host, "/ws", &[])
+        .await
+        .expect("upgrade through the tunnel");
+    assert_eq!(status, 101);
+    let sent = ["first message", "zweite Nachricht ✓", "third"];
+    for m in sent {
+        ws.send(Message::text(m)).await.unwrap();
+        let echo = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("the echo within the limit")
+            .unwrap()
+            .unwrap();
+        assert_eq!(echo, Message::text(m), "the relayed bytes are intact");
+    }
+    // A binary message, to show as its size and hex.
+    ws.send(Message::binary(vec![0u8, 1, 2, 0xfe, 0xff]))
+        .await
+        .unwrap();
+    let echo = tokio::time::timeout(WAIT, ws.next()).await.unwrap();
+    assert_eq!(
+        echo.unwrap().unwrap(),
+        Message::binary(vec![0u8, 1, 2, 0xfe, 0xff])
+    );
+    close_ws(&mut ws).await;
+    drop(ws);
+
+    let e = wait_entry(&ins, |e| e["path"] == "/ws").await;
+    assert_eq!(
+        (e["status"].as_u64(), e["websocket"].as_bool()),
+        (Some(101), Some(true))
+    );
+    let id = e["id"].as_u64().unwrap();
+    let (status, d) = api("GET", &format!("{ins}/api/requests/{id}"), None).await;
+    assert_eq!(status, 200, "{d}");
+    let s = &d["websocket_session"];
+    assert_eq!(s["capture_stopped"], Value::Null, "{s}");
+    for (dir, who) in [("to_origin", "viewer"), ("from_origin", "origin")] {
+        let x = &s[dir];
+        assert_eq!(x["messages"], 4, "{who} sent 3 texts and 1 binary: {x}");
+        let texts: Vec<&str> = x["first"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|m| m["text"].as_str())
+            .collect();
+        assert_eq!(texts, sent, "{who}'s messages, in order: {x}");
+        let bin = &x["first"][3];
+        assert_eq!(
+            (bin["kind"].as_str(), bin["size"].as_u64()),
+            (Some("binary"), Some(5))
+        );
+        assert!(
+            bin["hex"].as_str().unwrap().contains("00 01 02 fe ff"),
+            "{bin}"
+        );
+        let payload: usize = sent.iter().map(|m| m.len()).sum::<usize>() + 5;
+        assert_eq!(x["payload_bytes"], payload as u64, "{x}");
+        // Frames carry headers (and the viewer's masks): more on the wire than in messages.
+        assert!(x["bytes"].as_u64().unwrap() > payload as u64, "{x}");
+    }
+    assert_eq!(
+        s["to_origin"]["close"],
+        json!({"code": 1000, "reason": "done here"}),
+        "the viewer's close"
+    );
+    assert_eq!(
+        s["from_origin"]["close"]["code"], 1000,
+        "the origin's reply"
+    );
+    assert!(s["duration_ms"].is_u64(), "{s}");
+
+    // The page's detail view shows the same.
+    let mut b = Browser::launch().await;
+    b.goto(&format!("{ins}/")).await;
+    b.wait("document.querySelectorAll('tr.row').length > 0")
+        .await;
+    b.eval(&format!(
+        "document.querySelector('tr.row[data-id=\"{id}\"]').click()"
+    ))
+    .await;
+    let up = b
+        .wait("document.getElementById('ws-to_origin') && document.getElementById('ws-to_origin').innerText")
+        .await;
+    let up = up.as_str().unwrap();
+    assert!(up.contains("4 messages"), "{up}");
+    for m in sent {
+        assert!(up.contains(m), "{m} not shown: {up}");
+    }
+    assert!(up.contains("closed 1000 (done here)"), "{up}");
+    let down = b
+        .eval("document.getElementById('ws-from_origin').innerText")
+        .await;
+    let down = down.as_str().unwrap();
+    assert!(
+        down.contains("zweite Nachricht ✓") && down.contains("00 01 02 fe ff"),
+        "{down}"
+    );
+    b.eval("document.getElementById('websocket').scrollIntoView(); true")
+        .await;
+    b.screenshot("inspector-websocket.png").await;
+}
