@@ -134,6 +134,20 @@ pub fn colour_logs() -> bool {
 /// Call it inside the Tokio runtime: the gRPC exporter runs on it. A second call
 /// (tests running several components in one process) keeps the first subscriber.
 pub fn init(service: &str, json: bool) -> Result<Telemetry, TelemetryError> {
+    init_with_default(service, json, DEFAULT_LOG_FILTER)
+}
+
+/// The log filter when `RUST_LOG` is not set.
+pub const DEFAULT_LOG_FILTER: &str = "info";
+
+/// Like [`init`], with `default_filter` in place of [`DEFAULT_LOG_FILTER`] when
+/// `RUST_LOG` is not set (a program that draws on the terminal keeps routine logs off
+/// it).
+pub fn init_with_default(
+    service: &str,
+    json: bool,
+    default_filter: &str,
+) -> Result<Telemetry, TelemetryError> {
     let endpoint = otlp_endpoint_from_env()?;
     let provider = match &endpoint {
         None => None,
@@ -159,7 +173,7 @@ pub fn init(service: &str, json: bool) -> Result<Telemetry, TelemetryError> {
         }
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(colour_logs());
