@@ -138,6 +138,20 @@ pub fn colour_logs() -> bool {
 /// Call it inside the Tokio runtime: the gRPC exporter runs on it. A second call
 /// (tests running several components in one process) keeps the first subscriber.
 pub fn init(service: &str, json: bool) -> Result<Telemetry, TelemetryError> {
+    init_with_default(service, json, DEFAULT_LOG_FILTER)
+}
+
+/// The log filter when `RUST_LOG` is not set.
+pub const DEFAULT_LOG_FILTER: &str = "info";
+
+/// Like [`init`], with `default_filter` in place of [`DEFAULT_LOG_FILTER`] when
+/// `RUST_LOG` is not set (a program that draws on the terminal keeps routine logs off
+/// it).
+pub fn init_with_default(
+    service: &str,
+    json: bool,
+    default_filter: &str,
+) -> Result<Telemetry, TelemetryError> {
     let endpoint = otlp_endpoint_from_env()?;
     let provider = match &endpoint {
         None => None,
@@ -162,9 +176,10 @@ pub fn init(service: &str, json: bool) -> Result<Telemetry, TelemetryError> {
             )
         }
     };
+    let default_filter = default_filter.to_string();
     let env_filter = || {
         tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&default_filter))
     };
     // Access lines go through a bounded queue to a writer thread (log_queue.rs), so a
     // slow stderr never blocks a request; every other line is written at once.

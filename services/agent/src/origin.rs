@@ -20,6 +20,7 @@ use netbore_mux::{IncomingStream, bridge};
 use netbore_protocol::{OriginState, ResetCode, ResponseHead};
 use tracing::{Instrument, debug};
 
+use crate::inspect::ws::WsTap;
 use crate::inspect::{Observer, Recording, TeeBody, classify, fix_for};
 use crate::metrics::{AgentMetrics, OriginErrorKind};
 
@@ -345,8 +346,14 @@ impl Origin {
             }
             match hyper::upgrade::on(resp).await {
                 Ok(up) => {
-                    if let Some(rx) = keep_rx {
-                        bridge(TokioIo::new(up), sender, rx).await;
+                    let io = TokioIo::new(up);
+                    match (keep_rx, rec.as_ref().and_then(|r| r.websocket_session())) {
+                        // The inspector reads a copy of each direction's frames.
+                        (Some(rx), Some(session)) => {
+                            bridge(WsTap::new(io, session), sender, rx).await
+                        }
+                        (Some(rx), None) => bridge(io, sender, rx).await,
+                        (None, _) => {}
                     }
                 }
                 Err(e) => {

@@ -18,6 +18,12 @@ use netbore_agent::inspect::{ConsoleEvent, Health, RequestLine};
 /// The window requests per second are counted over.
 pub const RATE_WINDOW: Duration = Duration::from_secs(10);
 
+/// The log filter when the console draws on a terminal and `RUST_LOG` is not set:
+/// log lines on stderr would land inside the status block and between request lines,
+/// and what they say at `info` and `warn` (links, origin failures, warnings) the
+/// console shows already.
+pub const TERMINAL_LOG_FILTER: &str = "error";
+
 /// Lines the status block takes at the top of a terminal.
 const BLOCK_LINES: usize = 7;
 

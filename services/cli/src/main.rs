@@ -534,13 +534,29 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let telemetry = match netbore_telemetry::init("netbore", common.log_json) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
+    // On a terminal the console draws a status block; routine log lines written to the
+    // same screen would tear through it, so there only errors are logged unless
+    // RUST_LOG says otherwise (stderr sent elsewhere keeps the usual `info`).
+    let console_on_terminal = {
+        use std::io::IsTerminal;
+        !common.json
+            && !common.log_json
+            && std::io::stdout().is_terminal()
+            && std::io::stderr().is_terminal()
     };
+    let log_default = if console_on_terminal {
+        netbore_cli::console::TERMINAL_LOG_FILTER
+    } else {
+        netbore_telemetry::DEFAULT_LOG_FILTER
+    };
+    let telemetry =
+        match netbore_telemetry::init_with_default("netbore", common.log_json, log_default) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        };
     if let Err(e) = netbore_telemetry::memory::return_freed_memory() {
         tracing::warn!(error = %e, "freed memory returns to the OS only while busy");
     }

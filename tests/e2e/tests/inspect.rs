@@ -614,3 +614,360 @@ async fn in_chromium_requests_appear_live_show_their_bodies_and_replay() {
     );
     b.screenshot("inspector-replay.png").await;
 }
+
+/// Waits for the viewer's side of a WebSocket close handshake to end (bounded).
+async fn close_ws(ws: &mut netbore_testkit::Ws) {
+    use tokio_tungstenite::tungstenite::protocol::{CloseFrame, frame::coding::CloseCode};
+    ws.close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "done here".into(),
+    }))
+    .await
+    .unwrap();
+    let closed = tokio::time::timeout(WAIT, async {
+        while let Some(m) = ws.next().await {
+            if matches!(m, Ok(Message::Close(_)) | Err(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the close handshake completes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_session_shows_its_messages_each_way_in_the_api_and_the_page() {
+    let stack = Stack::start().await;
+    let origin = Origin::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let (_agent, ins, host) = json_agent(&stack, &origin.url(), state.path(), &[]).await;
+
+    // A real WebSocket through the edge and the tunnel to the origin's echo.
+    let (mut ws, status) = netbore_testkit::websocket(stack.public(), &host, "/ws", &[])
+        .await
+        .expect("upgrade through the tunnel");
+    assert_eq!(status, 101);
+    let sent = ["first message", "zweite Nachricht ✓", "third"];
+    for m in sent {
+        ws.send(Message::text(m)).await.unwrap();
+        let echo = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("the echo within the limit")
+            .unwrap()
+            .unwrap();
+        assert_eq!(echo, Message::text(m), "the relayed bytes are intact");
+    }
+    // A binary message, to show as its size and hex.
+    ws.send(Message::binary(vec![0u8, 1, 2, 0xfe, 0xff]))
+        .await
+        .unwrap();
+    let echo = tokio::time::timeout(WAIT, ws.next()).await.unwrap();
+    assert_eq!(
+        echo.unwrap().unwrap(),
+        Message::binary(vec![0u8, 1, 2, 0xfe, 0xff])
+    );
+    close_ws(&mut ws).await;
+    drop(ws);
+
+    let e = wait_entry(&ins, |e| e["path"] == "/ws").await;
+    assert_eq!(
+        (e["status"].as_u64(), e["websocket"].as_bool()),
+        (Some(101), Some(true))
+    );
+    let id = e["id"].as_u64().unwrap();
+    let (status, d) = api("GET", &format!("{ins}/api/requests/{id}"), None).await;
+    assert_eq!(status, 200, "{d}");
+    let s = &d["websocket_session"];
+    assert_eq!(s["capture_stopped"], Value::Null, "{s}");
+    for (dir, who) in [("to_origin", "viewer"), ("from_origin", "origin")] {
+        let x = &s[dir];
+        assert_eq!(x["messages"], 4, "{who} sent 3 texts and 1 binary: {x}");
+        let texts: Vec<&str> = x["first"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|m| m["text"].as_str())
+            .collect();
+        assert_eq!(texts, sent, "{who}'s messages, in order: {x}");
+        let bin = &x["first"][3];
+        assert_eq!(
+            (bin["kind"].as_str(), bin["size"].as_u64()),
+            (Some("binary"), Some(5))
+        );
+        assert!(
+            bin["hex"].as_str().unwrap().contains("00 01 02 fe ff"),
+            "{bin}"
+        );
+        let payload: usize = sent.iter().map(|m| m.len()).sum::<usize>() + 5;
+        assert_eq!(x["payload_bytes"], payload as u64, "{x}");
+        // Frames carry headers (and the viewer's masks): more on the wire than in messages.
+        assert!(x["bytes"].as_u64().unwrap() > payload as u64, "{x}");
+    }
+    assert_eq!(
+        s["to_origin"]["close"],
+        json!({"code": 1000, "reason": "done here"}),
+        "the viewer's close"
+    );
+    assert_eq!(
+        s["from_origin"]["close"]["code"], 1000,
+        "the origin's reply"
+    );
+    assert!(s["duration_ms"].is_u64(), "{s}");
+
+    // The page's detail view shows the same.
+    let mut b = Browser::launch().await;
+    b.goto(&format!("{ins}/")).await;
+    b.wait("document.querySelectorAll('tr.row').length > 0")
+        .await;
+    b.eval(&format!(
+        "document.querySelector('tr.row[data-id=\"{id}\"]').click()"
+    ))
+    .await;
+    let up = b
+        .wait("document.getElementById('ws-to_origin') && document.getElementById('ws-to_origin').innerText")
+        .await;
+    let up = up.as_str().unwrap();
+    assert!(up.contains("4 messages"), "{up}");
+    for m in sent {
+        assert!(up.contains(m), "{m} not shown: {up}");
+    }
+    assert!(up.contains("closed 1000 (done here)"), "{up}");
+    let down = b
+        .eval("document.getElementById('ws-from_origin').innerText")
+        .await;
+    let down = down.as_str().unwrap();
+    assert!(
+        down.contains("zweite Nachricht ✓") && down.contains("00 01 02 fe ff"),
+        "{down}"
+    );
+    b.eval("document.getElementById('websocket').scrollIntoView(); true")
+        .await;
+    b.screenshot("inspector-websocket.png").await;
+}
+
+/// A `netbore http` whose stdout and stderr are a pseudo-terminal, as when a user runs
+/// it in a terminal; the test reads what the terminal would show.
+struct TtyAgent {
+    _child: tokio::process::Child,
+    chunks: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    /// Everything the agent wrote so far, escape codes and all.
+    screen: String,
+}
+
+impl TtyAgent {
+    fn spawn(
+        stack: &Stack,
+        origin: &str,
+        state: &std::path::Path,
+        env: &[(&str, &str)],
+    ) -> TtyAgent {
+        use rustix::pty::{OpenptFlags, grantpt, openpt, ptsname, unlockpt};
+        use std::os::unix::fs::OpenOptionsExt;
+        let master =
+            openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC).unwrap();
+        grantpt(&master).unwrap();
+        unlockpt(&master).unwrap();
+        let name = ptsname(&master, Vec::new()).unwrap();
+        let terminal = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(rustix::fs::OFlags::NOCTTY.bits() as i32)
+            .open(name.to_str().unwrap())
+            .unwrap();
+        let control = stack.control_url();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut cmd = tokio::process::Command::new(netbore_testkit::bin_path("netbore"));
+        cmd.args([
+            "http",
+            origin,
+            "--control",
+            &control,
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--inspect-addr",
+            &addr,
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(terminal.try_clone().unwrap())
+        .stderr(terminal)
+        // As a user's shell would have it: no log filter, no NO_COLOR unless given.
+        .env_remove("RUST_LOG")
+        .env_remove("NO_COLOR")
+        .envs(env.iter().copied())
+        .kill_on_drop(true);
+        // The command holds the only copies of the terminal side: once the agent exits,
+        // reading the controlling side ends.
+        let child = cmd.spawn().expect("netbore starts");
+        drop(cmd);
+        let (tx, chunks) = tokio::sync::mpsc::unbounded_channel();
+        let mut master = std::fs::File::from(master);
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 4096];
+            // Ends when the agent is gone (EIO) or the test is (send fails).
+            while let Ok(n) = master.read(&mut buf) {
+                if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        TtyAgent {
+            _child: child,
+            chunks,
+            screen: String::new(),
+        }
+    }
+
+    /// Reads until `done` holds for the output so far; panics after [`WAIT`].
+    async fn until(&mut self, what: &str, done: impl Fn(&str) -> bool) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !done(&self.screen) {
+            match tokio::time::timeout_at(deadline, self.chunks.recv()).await {
+                Ok(Some(c)) => self.screen.push_str(&String::from_utf8_lossy(&c)),
+                Ok(None) => panic!("the agent exited before {what}: {:?}", self.screen),
+                Err(_) => panic!("no {what} within {WAIT:?}: {:?}", self.screen),
+            }
+        }
+    }
+}
+
+/// The output with escape sequences removed, as lines.
+fn plain_lines(raw: &str) -> Vec<String> {
+    let mut out = String::new();
+    let mut it = raw.chars();
+    while let Some(c) = it.next() {
+        if c != '\x1b' {
+            out.push(c);
+            continue;
+        }
+        // CSI: parameters, then a final byte in @..~; ESC 7 and ESC 8 (save and
+        // restore the cursor) are the next character alone.
+        if it.next() == Some('[') {
+            for c in it.by_ref() {
+                if ('@'..='~').contains(&c) {
+                    break;
+                }
+            }
+        }
+    }
+    out.split(['\r', '\n'])
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The colour (SGR) sequences in the output: `ESC [ … m`.
+fn colour_codes(raw: &str) -> Vec<String> {
+    raw.match_indices("\x1b[")
+        .filter_map(|(i, _)| {
+            let rest = &raw[i + 2..];
+            let end = rest.find(|c: char| ('@'..='~').contains(&c))?;
+            (rest.as_bytes()[end] == b'm').then(|| format!("ESC[{}", &rest[..=end]))
+        })
+        .collect()
+}
+
+/// The public URL the status block shows, once it shows one.
+fn block_url(raw: &str) -> Option<String> {
+    plain_lines(raw)
+        .iter()
+        .rev()
+        .find_map(|l| l.strip_prefix("  URL        "))
+        .filter(|u| u.starts_with("http"))
+        .map(str::to_string)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_terminal_the_console_draws_a_coloured_status_block_and_a_line_per_request() {
+    let stack = Stack::start().await;
+    let origin = Origin::start().await;
+    for no_color in [false, true] {
+        let state = tempfile::tempdir().unwrap();
+        let env: &[(&str, &str)] = if no_color { &[("NO_COLOR", "1")] } else { &[] };
+        let mut tty = TtyAgent::spawn(&stack, &origin.url(), state.path(), env);
+        tty.until("the public URL in the status block", |s| {
+            block_url(s).is_some()
+        })
+        .await;
+        let url = block_url(&tty.screen).unwrap();
+        let host = host_of(&url);
+        let v = Viewer::new(stack.public());
+        assert_eq!(v.get(&host, "/hello").await.status, 200);
+        let echoed = collect(
+            v.send(v.request("POST", &host, "/echo", full("12345")))
+                .await,
+        )
+        .await;
+        assert_eq!(echoed.status, 200);
+        assert_eq!(v.get(&host, "/bytes/2048?token=abcdef").await.status, 200);
+        tty.until("a line per request and a redrawn rate", |s| {
+            let lines = plain_lines(s);
+            lines
+                .iter()
+                .any(|l| l.contains("/bytes/2048?token=[redacted] 200"))
+                && lines
+                    .iter()
+                    .any(|l| l.starts_with("  Requests   ") && !l.ends_with(" 0.0/s"))
+                && lines.iter().any(|l| l.contains("(answering)"))
+        })
+        .await;
+        let raw = tty.screen.clone();
+        let lines = plain_lines(&raw);
+
+        // The status block, at the top of a cleared screen above a scroll region.
+        assert!(raw.contains("\x1b[2J\x1b[8;r"), "{raw:?}");
+        let has = |prefix: &str| lines.iter().any(|l| l.starts_with(prefix));
+        assert!(has("netbore"), "{lines:#?}");
+        assert!(has(&format!("  URL        {url}")), "{lines:#?}");
+        assert!(
+            has(&format!(
+                "  Origin     {}/  (answering)",
+                origin.url().trim_end_matches('/')
+            )),
+            "{lines:#?}"
+        );
+        assert!(has("  Links      1: "), "{lines:#?}");
+        assert!(has("  Inspector  http://127.0.0.1:"), "{lines:#?}");
+        assert!(has("  Requests   "), "{lines:#?}");
+
+        // One line per request, each printed once.
+        for (what, count) in [
+            ("GET     /hello 200 ", 1),
+            ("POST    /echo 200 ", 1),
+            ("GET     /bytes/2048?token=[redacted] 200 ", 1),
+        ] {
+            let n = lines.iter().filter(|l| l.contains(what)).count();
+            assert_eq!(n, count, "{what:?} printed {n} times: {lines:#?}");
+        }
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("/echo 200 ") && l.contains("in 5 B out 5 B")),
+            "{lines:#?}"
+        );
+        assert!(!raw.contains("abcdef"), "a secret shows: {raw:?}");
+        // Nothing but the block and the request lines: no log lines on the console.
+        let stray: Vec<&String> = lines
+            .iter()
+            .filter(|l| {
+                !(l.starts_with("netbore")
+                    || l.starts_with("  ")
+                    || l.starts_with('─')
+                    || l.as_bytes().get(2) == Some(&b':') && l.as_bytes().get(5) == Some(&b':'))
+            })
+            .collect();
+        assert!(stray.is_empty(), "stray output on the console: {stray:#?}");
+
+        let colours = colour_codes(&raw);
+        if no_color {
+            assert!(
+                colours.is_empty(),
+                "colour codes with NO_COLOR=1: {colours:?}"
+            );
+        } else {
+            assert!(raw.contains("\x1b[1mnetbore\x1b[0m"), "{raw:?}");
+            assert!(raw.contains("(\x1b[32manswering\x1b[0m)"), "{raw:?}");
+            assert!(raw.contains("/hello \x1b[32m200\x1b[0m "), "{raw:?}");
+        }
+    }
+}

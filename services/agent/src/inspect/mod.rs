@@ -11,6 +11,7 @@
 //! line) redacts them unless the user asked to see them.
 
 pub mod server;
+pub mod ws;
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -86,6 +87,10 @@ pub struct InspectConfig {
     pub max_bytes: usize,
     /// Show secrets instead of redacting them.
     pub show_secrets: bool,
+    /// WebSocket messages kept each way per session.
+    pub ws_messages: usize,
+    /// Bytes kept of each WebSocket message.
+    pub ws_message_cap: usize,
 }
 
 impl Default for InspectConfig {
@@ -95,6 +100,8 @@ impl Default for InspectConfig {
             max_entries: DEFAULT_MAX_ENTRIES,
             max_bytes: DEFAULT_MAX_BYTES,
             show_secrets: false,
+            ws_messages: ws::DEFAULT_WS_MESSAGES,
+            ws_message_cap: ws::DEFAULT_WS_MESSAGE_CAP,
         }
     }
 }
@@ -260,6 +267,7 @@ impl Observer {
             resp_body: Arc::new(Mutex::new(Capture::new(cap))),
             error: None,
             websocket: false,
+            ws: None,
             event_stream: false,
         }
     }
@@ -393,6 +401,7 @@ pub struct Recording {
     resp_body: Arc<Mutex<Capture>>,
     error: Option<String>,
     websocket: bool,
+    ws: Option<Arc<Mutex<ws::WsSession>>>,
     event_stream: bool,
 }
 
@@ -434,9 +443,31 @@ impl Recording {
             .get(http::header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
         self.websocket = status == 101;
+        let upgrade_to_websocket = self.req_headers.iter().any(|(k, v)| {
+            k.eq_ignore_ascii_case("upgrade") && v.eq_ignore_ascii_case(b"websocket")
+        });
+        if let (true, true, Some(s)) = (self.websocket, upgrade_to_websocket, &self.obs.store) {
+            let extensions = headers
+                .get_all(http::header::SEC_WEBSOCKET_EXTENSIONS)
+                .iter()
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .collect::<Vec<_>>()
+                .join(", ");
+            self.ws = Some(Arc::new(Mutex::new(ws::WsSession::new(
+                s.cfg.ws_messages,
+                s.cfg.ws_message_cap,
+                Some(extensions.as_str()),
+            ))));
+        }
         if let Some(s) = &self.obs.store {
             s.file(self.entry(EntryState::InProgress));
         }
+    }
+
+    /// The WebSocket session to tap ([`ws::WsTap`]), when the origin accepted an upgrade
+    /// to WebSocket and the inspector is on.
+    pub fn websocket_session(&self) -> Option<Arc<Mutex<ws::WsSession>>> {
+        self.ws.clone()
     }
 
     /// The origin could not be used; `cause` is reported to the console once.
@@ -477,6 +508,13 @@ impl Recording {
             error: self.error.clone(),
             state,
             websocket: self.websocket,
+            ws: self.ws.as_ref().map(|w| {
+                let w = w.lock();
+                WsCapture {
+                    view: w.view(),
+                    weight: w.weight(),
+                }
+            }),
             event_stream: self.event_stream,
         }
     }
@@ -541,6 +579,16 @@ impl BodyCapture {
     }
 }
 
+/// A WebSocket session as kept: its view (see [`ws::WsSession::view`]) and the bytes
+/// it weighs.
+#[derive(Debug, Clone)]
+pub struct WsCapture {
+    /// What `/api/requests/{id}` shows as `websocket_session`.
+    pub view: Value,
+    /// The kept messages' bytes, with overhead.
+    pub weight: usize,
+}
+
 /// One request as kept, secrets included (views redact).
 #[derive(Debug, Clone)]
 pub struct Entry {
@@ -572,6 +620,8 @@ pub struct Entry {
     pub state: EntryState,
     /// A WebSocket session (101 Switching Protocols).
     pub websocket: bool,
+    /// What was captured of the WebSocket session, when it was one.
+    pub ws: Option<WsCapture>,
     /// A server-sent event stream.
     pub event_stream: bool,
 }
@@ -585,7 +635,11 @@ impl Entry {
             .chain(&self.resp_headers)
             .map(|(k, v)| k.len() + v.len() + 32)
             .sum();
-        256 + self.target.len() + heads + self.req_body.data.len() + self.resp_body.data.len()
+        256 + self.target.len()
+            + heads
+            + self.req_body.data.len()
+            + self.resp_body.data.len()
+            + self.ws.as_ref().map_or(0, |w| w.weight)
     }
 
     fn header(&self, name: &str, resp: bool) -> Option<&str> {
@@ -724,6 +778,9 @@ impl Store {
                 "headers": headers_view(&e.resp_headers, show),
                 "body": body_view(&e.resp_body, e.header("content-type", true), self.streamed(e), show),
             });
+        }
+        if let Some(w) = &e.ws {
+            v["websocket_session"] = w.view.clone();
         }
         v
     }
@@ -1050,6 +1107,7 @@ mod tests {
             error: None,
             state: EntryState::Complete,
             websocket: false,
+            ws: None,
             event_stream: false,
         }
     }
@@ -1062,6 +1120,7 @@ mod tests {
             // Two 1000-byte entries weigh 2 × (1000 + 257) = 2514 with their overhead.
             max_bytes: 2600,
             show_secrets: false,
+            ..InspectConfig::default()
         });
         for i in 1..=5 {
             s.file(entry(i, 10));
