@@ -6,10 +6,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::{SinkExt, StreamExt};
 use netbore_testkit::browser::Browser;
 use netbore_testkit::origin::Origin;
 use netbore_testkit::{Proc, Stack, Viewer, collect, empty, free_port, full};
 use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
 
 const WAIT: Duration = Duration::from_secs(30);
 
