@@ -477,7 +477,9 @@ impl Proc {
         }
         // A control the test gave no database keeps it in memory, never in the default
         // /var/lib/netbore/control.db shared by every run on the machine.
-        let asks_help = args.iter().any(|a| *a == "--help" || *a == "-h" || *a == "--version");
+        let asks_help = args
+            .iter()
+            .any(|a| *a == "--help" || *a == "-h" || *a == "--version");
         if bin == "netbore-control"
             && !asks_help
             && !has("NETBORE_DATABASE_URL")

@@ -429,7 +429,11 @@ async fn an_offline_name_gets_the_same_answer_on_every_edge() {
         })
         .await
         .unwrap_or_else(|| panic!("{id} answers 503 once the agent left"));
-        assert_eq!(r.header("netbore-error"), Some("tunnel_offline"), "{id}: {r:?}");
+        assert_eq!(
+            r.header("netbore-error"),
+            Some("tunnel_offline"),
+            "{id}: {r:?}"
+        );
     }
     // Past the lookup cache (2 s) and the lease (3 s): still the same on both.
     let until = Instant::now() + Duration::from_secs(6);
