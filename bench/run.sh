@@ -5,6 +5,11 @@
 #   bench/run.sh            # full run (about 3 minutes on 2 cores after the release build), rewrites docs/benchmarks.md
 #   bench/run.sh --quick    # shorter loads, skips the 10,000-tunnel step, prints the table only
 #
+# Every W1 and W2 also records the tunnel's CPU per request: the user+system time the
+# tunnel's own processes (edge and agent, server and client, nginx workers) spent during the
+# load, divided by the requests wrk completed. It holds better than requests/s on a noisy
+# machine.
+#
 # Needs: wrk, curl, nginx (apt-get install wrk nginx), python3. Optional: rathole
 # (`cargo install rathole`), bore (`cargo install bore-cli`); a system that is not
 # installed gets "not installed" in its rows. Every process started here is stopped on
@@ -36,6 +41,7 @@ P_NGINX=18081
 P_REST=18090 P_GRPC=18091 P_PUBLIC=18092 P_AGENTS=18093 P_ADMIN=18094
 P_RH_CTRL=18100 P_RH_SVC=18101
 P_BORE=18110
+P_TCP=18130
 P_REDIS=18120 P_PUBLIC2=18095 P_AGENTS2=18096 P_ADMIN2=18097 P_INT1=18098 P_INT2=18099
 
 log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
@@ -85,11 +91,18 @@ mem() { # system role pid: puts RSS and anonymous memory
 }
 
 # ------------------------------------------------------------------ build
-log "building (release): netbore, netbore-edge, netbore-control, netbore-bench"
-(cd "$ROOT" && cargo build --release -q --bin netbore --bin netbore-edge --bin netbore-control)
+# NETBORE_BENCH_BIN=DIR runs the netbore, netbore-edge and netbore-control found in DIR
+# instead of building them (to compare an older build in the same conditions).
+if [[ -n ${NETBORE_BENCH_BIN:-} ]]; then
+    log "building (release): netbore-bench; Netbore binaries from $NETBORE_BENCH_BIN"
+    BIN=$NETBORE_BENCH_BIN
+else
+    log "building (release): netbore, netbore-edge, netbore-control, netbore-bench"
+    (cd "$ROOT" && cargo build --release -q --bin netbore --bin netbore-edge --bin netbore-control)
+    BIN=$CARGO_TARGET_DIR/release
+fi
 (cd "$ROOT/bench" && cargo build --release -q)
-BIN=$CARGO_TARGET_DIR/release
-TOOL=$BIN/netbore-bench
+TOOL=$CARGO_TARGET_DIR/release/netbore-bench
 
 # Edges link to control with a credential control knows (docs/security.md, finding 1).
 NETBORE_EDGE_TOKEN=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
@@ -102,7 +115,7 @@ ulimit -n "$(ulimit -Hn)"
 # 256 MiB upload source (page-cached after the first read).
 head -c $((256 * 1024 * 1024)) /dev/zero >"$WORK/256m.bin"
 
-for p in $P_ORIGIN $P_NGINX $P_REST $P_GRPC $P_PUBLIC $P_AGENTS $P_ADMIN $P_RH_CTRL $P_RH_SVC $P_BORE 7835 \
+for p in $P_ORIGIN $P_NGINX $P_REST $P_GRPC $P_PUBLIC $P_AGENTS $P_ADMIN $P_RH_CTRL $P_RH_SVC $P_BORE 7835 $P_TCP \
     $P_REDIS $P_PUBLIC2 $P_AGENTS2 $P_ADMIN2 $P_INT1 $P_INT2; do
     if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
         log "port $p is in use: is another bench/run.sh (or a leftover of one) running?"
@@ -114,10 +127,33 @@ start origin "$TOOL" origin 127.0.0.1:$P_ORIGIN >/dev/null
 wait_port $P_ORIGIN
 
 # ------------------------------------------------------------------ workloads
-wrk_run() { # system label conns secs url host -> puts rps, p50, p99 (microseconds)
-    local sys=$1 label=$2 conns=$3 secs=$4 url=$5 host=$6 out
+# CPU time (clock ticks, user + system) of the processes in CPU_PIDS and their threads.
+CPU_PIDS=()
+CLK_TCK=$(getconf CLK_TCK)
+cpu_ticks() {
+    local p total=0 t
+    for p in "${CPU_PIDS[@]}"; do
+        # Fields 14 and 15 of /proc/PID/stat, counted after the command name's ')'.
+        t=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $13}') || t=0
+        total=$((total + ${t:-0}))
+    done
+    echo "$total"
+}
+
+wrk_run() { # system label conns secs url host -> puts rps, p50, p99 (microseconds), CPU/request
+    local sys=$1 label=$2 conns=$3 secs=$4 url=$5 host=$6 out before after
+    before=$(cpu_ticks)
     out=$(wrk -t1 -c"$conns" -d"${secs}s" --latency -H "Host: $host" "$url" 2>&1) || true
+    after=$(cpu_ticks)
     echo "$out" >"$WORK/wrk-$sys-$label.txt"
+    if [[ ${#CPU_PIDS[@]} -gt 0 ]]; then
+        local reqs
+        reqs=$(awk '/requests in/ {print $1}' <<<"$out")
+        if [[ -n $reqs && $reqs -gt 0 ]]; then
+            put "$sys" "${label}_cpu_us_per_req" \
+                "$(awk -v t=$((after - before)) -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}')"
+        fi
+    fi
     local rps p50 p99 errs
     rps=$(awk '/^Requests\/sec/ {printf "%.0f", $2}' <<<"$out")
     p50=$(awk '$1=="50%" {print $2}' <<<"$out" | to_us)
@@ -215,29 +251,40 @@ http {
 EOF
     nginx -c "$WORK/nginx.conf" -e "$WORK/nginx/error.log"
     wait_port $P_NGINX
+    CPU_PIDS=("$(cat "$WORK/nginx.pid")" $(pgrep -P "$(cat "$WORK/nginx.pid")"))
     all_loads nginx "http://127.0.0.1:$P_NGINX" "ws://127.0.0.1:$P_NGINX" "localhost"
     kill "$(cat "$WORK/nginx.pid")"
     rm -f "$WORK/nginx.pid"
+    CPU_PIDS=()
 else
     put nginx installed no
 fi
 
 # ------------------------------------------------------------------ netbore
-netbore_stack() { # tls(0/1) -> starts control and edge
+# Extra flags for control and the edge (the TCP row sets a port range).
+CONTROL_EXTRA=()
+EDGE_EXTRA=()
+netbore_stack() { # tls (0: none, 1: both listeners, 2: agent listener only) -> starts control and edge
     local scheme=ws edge_tls=() pub=http
     if [[ $1 == 1 ]]; then
         scheme=wss pub=https
         edge_tls=(--tls-self-signed --tls-self-signed-out "$WORK/ca.pem")
+    elif [[ $1 == 2 ]]; then
+        scheme=wss
+        edge_tls=(--agent-tls-only --tls-self-signed --tls-self-signed-out "$WORK/ca.pem")
     fi
     start control "$BIN/netbore-control" --rest-addr 127.0.0.1:$P_REST --grpc-addr 127.0.0.1:$P_GRPC \
+        --database-url sqlite::memory: \
         --domain localhost --public-url-template "$pub://{name}.localhost:$P_PUBLIC" \
-        --edge "id=edge-1,url=$scheme://127.0.0.1:$P_AGENTS/v1/connect,region=local" >/dev/null
+        --edge "id=edge-1,url=$scheme://127.0.0.1:$P_AGENTS/v1/connect,region=local" \
+        "${CONTROL_EXTRA[@]}" >/dev/null
     wait_port $P_REST
     wait_port $P_GRPC
     start edge "$BIN/netbore-edge" --public-addr 127.0.0.1:$P_PUBLIC --agent-addr 127.0.0.1:$P_AGENTS \
         --admin-addr 127.0.0.1:$P_ADMIN --domain localhost --edge-id edge-1 \
         --control-url http://127.0.0.1:$P_REST --control-grpc http://127.0.0.1:$P_GRPC \
-        --advertise-url "$scheme://127.0.0.1:$P_AGENTS/v1/connect" "${edge_tls[@]}" >/dev/null
+        --advertise-url "$scheme://127.0.0.1:$P_AGENTS/v1/connect" "${edge_tls[@]}" \
+        "${EDGE_EXTRA[@]}" >/dev/null
     wait_port $P_AGENTS
     wait_port $P_PUBLIC
     EDGE_PID=${PIDS[-1]}
@@ -247,6 +294,8 @@ netbore_run() { # system tls
     local sys=$1 tls=$2 pub=http wsp=ws ca=()
     if [[ $tls == 1 ]]; then
         pub=https wsp=wss ca=(--edge-ca "$WORK/ca.pem")
+    elif [[ $tls == 2 ]]; then
+        ca=(--edge-ca "$WORK/ca.pem")
     fi
     log "$sys"
     netbore_stack "$tls"
@@ -258,7 +307,61 @@ netbore_run() { # system tls
     sleep 1
     mem "$sys" server "$EDGE_PID"
     mem "$sys" client "$agent"
+    CPU_PIDS=("$EDGE_PID" "$agent")
     all_loads "$sys" "$pub://127.0.0.1:$P_PUBLIC" "$wsp://127.0.0.1:$P_PUBLIC" "bench.localhost"
+    put "$sys" w4_server_rss_after_load_kib "$(rss_kib "$EDGE_PID")"
+    put "$sys" w4_client_rss_after_load_kib "$(rss_kib "$agent")"
+    stop_all_but_origin
+}
+
+# The inspector's cost (issue 14): W1 and W2 with the agent's inspector on (the default,
+# as in the netbore-ws row) and with --no-inspect, alternating on one stack, twice each.
+netbore_inspect_run() {
+    log "netbore-ws: inspector on / --no-inspect"
+    netbore_stack 0
+    local round mode agent
+    for round in 1 2; do
+        for mode in on off; do
+            local flags=()
+            [[ $mode == off ]] && flags=(--no-inspect)
+            start "agent-$mode-$round" "$BIN/netbore" http $P_ORIGIN --control "http://127.0.0.1:$P_REST" \
+                --name bench --connections 1 --state-dir "$WORK/state-inspect" "${flags[@]}" >/dev/null
+            agent=${PIDS[-1]}
+            local i
+            for ((i = 0; i < 200; i++)); do
+                curl -sf -o /dev/null -H "Host: bench.localhost" "http://127.0.0.1:$P_PUBLIC/1k" && break
+                sleep 0.1
+            done
+            CPU_PIDS=("$EDGE_PID" "$agent")
+            wrk_run "netbore-inspect-$mode" "w1_r$round" 64 "$W1_SECS" "http://127.0.0.1:$P_PUBLIC/1k" bench.localhost
+            CPU_PIDS=()
+            kill "$agent"
+            wait "$agent" 2>/dev/null || true
+            unset 'PIDS[-1]'
+        done
+    done
+    stop_all_but_origin
+}
+
+# A raw TCP tunnel (`netbore tcp`), the row to set beside rathole tcp and bore: the same
+# HTTP loads, carried as bytes on CONNECT streams of the agent's link.
+netbore_tcp_run() {
+    local sys=netbore-tcp agent
+    log "$sys"
+    CONTROL_EXTRA=(--tcp-ports "$P_TCP-$P_TCP")
+    EDGE_EXTRA=(--tcp-ports "$P_TCP-$P_TCP" --tcp-host 127.0.0.1)
+    netbore_stack 0
+    CONTROL_EXTRA=()
+    EDGE_EXTRA=()
+    first_byte "$sys" "http://127.0.0.1:$P_TCP/1k" "localhost" \
+        "$BIN/netbore" tcp $P_ORIGIN --control "http://127.0.0.1:$P_REST" --name benchtcp \
+        --connections 1 --state-dir "$WORK/state-$sys"
+    agent=$FB_PID
+    sleep 1
+    mem "$sys" server "$EDGE_PID"
+    mem "$sys" client "$agent"
+    CPU_PIDS=("$EDGE_PID" "$agent")
+    all_loads "$sys" "http://127.0.0.1:$P_TCP" "ws://127.0.0.1:$P_TCP" "localhost"
     put "$sys" w4_server_rss_after_load_kib "$(rss_kib "$EDGE_PID")"
     put "$sys" w4_client_rss_after_load_kib "$(rss_kib "$agent")"
     stop_all_but_origin
@@ -269,12 +372,19 @@ stop_all_but_origin() {
     for p in "${PIDS[@]:1}"; do kill "$p" 2>/dev/null || true; done
     for p in "${PIDS[@]:1}"; do wait "$p" 2>/dev/null || true; done
     PIDS=("$keep")
+    CPU_PIDS=()
     sleep 0.5
 }
 
 netbore_idle() { # W4 with N idle tunnels, on a fresh stack
     log "netbore-ws: W4 idle tunnels ($IDLE_STEPS)"
+    # The idle tool creates its tunnels anonymously from one address, as many agents
+    # would from many addresses: lift control's per-address creation limit for it.
+    CONTROL_EXTRA=(--anonymous-create-per-minute 0)
+    EDGE_EXTRA=(--max-connections-per-address 0)
     netbore_stack 0
+    CONTROL_EXTRA=()
+    EDGE_EXTRA=()
     sleep 1
     local base have=0 n idle_pid
     base=$(rss_kib "$EDGE_PID")
@@ -308,6 +418,11 @@ netbore_idle() { # W4 with N idle tunnels, on a fresh stack
 if [[ -x $BIN/netbore-edge ]]; then
     netbore_run netbore-ws 0
     netbore_run netbore-wss 1
+    if "$BIN/netbore-edge" --help | grep -q -- --agent-tls-only; then
+        netbore_run netbore-wss-agent 2
+    fi
+    netbore_tcp_run
+    netbore_inspect_run
     netbore_idle
 fi
 
@@ -324,6 +439,7 @@ netbore_forward_run() {
     export NETBORE_INTERNAL_SECRET=bench-internal-secret-0123456789
     local redis=redis://127.0.0.1:$P_REDIS
     start control "$BIN/netbore-control" --rest-addr 127.0.0.1:$P_REST --grpc-addr 127.0.0.1:$P_GRPC \
+        --database-url sqlite::memory: \
         --domain localhost --public-url-template "http://{name}.localhost:$P_PUBLIC" \
         --edge "id=edge-1,url=ws://127.0.0.1:$P_AGENTS/v1/connect,region=local" >/dev/null
     wait_port $P_REST
@@ -347,6 +463,7 @@ netbore_forward_run() {
         curl -sf -o /dev/null -H "Host: bench.localhost" "http://127.0.0.1:$P_PUBLIC2/1k" && break
         sleep 0.2
     done
+    CPU_PIDS=("${PIDS[@]:3}")
     all_loads netbore-e2e "http://127.0.0.1:$P_PUBLIC2" "ws://127.0.0.1:$P_PUBLIC2" "bench.localhost"
     unset NETBORE_INTERNAL_SECRET
     stop_all_but_origin
@@ -389,6 +506,7 @@ EOF
     sleep 1
     mem "$sys" server "$server"
     mem "$sys" client "$client"
+    CPU_PIDS=("$server" "$client")
     all_loads "$sys" "http://127.0.0.1:$P_RH_SVC" "ws://127.0.0.1:$P_RH_SVC" localhost
     stop_all_but_origin
 }
@@ -411,6 +529,7 @@ if command -v bore >/dev/null; then
     sleep 1
     mem bore server "$server"
     mem bore client "$client"
+    CPU_PIDS=("$server" "$client")
     all_loads bore "http://127.0.0.1:$P_BORE" "ws://127.0.0.1:$P_BORE" localhost
     stop_all_but_origin
 else

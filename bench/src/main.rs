@@ -342,10 +342,18 @@ async fn idle(control: &str, count: usize, edge_ca: Option<String>) -> anyhow::R
                 .await
                 .map_err(|e| anyhow!("create: {e}"))?;
             let url = &t.candidates.first().context("no candidate edge")?.edge_url;
-            let link =
-                netbore_agent::link::connect(url, &t.ephemeral_token, &t.tunnel_id, tls, cancel)
-                    .await
-                    .map_err(|e| anyhow!("connect: {e}"))?;
+            // One agent instance per idle tunnel, as 10,000 separate agents would be.
+            let instance = format!("bench-idle-{}", t.tunnel_id);
+            let link = netbore_agent::link::connect(
+                url,
+                &t.ephemeral_token,
+                &t.tunnel_id,
+                &instance,
+                tls,
+                cancel,
+            )
+            .await
+            .map_err(|e| anyhow!("connect: {e}"))?;
             anyhow::Ok(link)
         });
     }
