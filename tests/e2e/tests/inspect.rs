@@ -334,6 +334,19 @@ async fn lines_for(p: &mut Proc, n: usize) -> Vec<String> {
     out
 }
 
+/// The three requests whose console lines the console tests look for: a GET, a POST
+/// with a body, and a GET with a token in its query (shown redacted).
+async fn three_requests(v: &Viewer, host: &str) {
+    assert_eq!(v.get(host, "/hello").await.status, 200);
+    let echoed = collect(
+        v.send(v.request("POST", host, "/echo", full("12345")))
+            .await,
+    )
+    .await;
+    assert_eq!(echoed.status, 200);
+    assert_eq!(v.get(host, "/bytes/2048?token=abcdef").await.status, 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_plain_console_prints_a_line_per_request_and_names_a_refused_certificate() {
     let stack = Stack::start().await;
@@ -341,14 +354,7 @@ async fn the_plain_console_prints_a_line_per_request_and_names_a_refused_certifi
     let state = tempfile::tempdir().unwrap();
     let (mut good, host) = text_agent(&stack, &origin.url(), state.path()).await;
     let v = Viewer::new(stack.public());
-    assert_eq!(v.get(&host, "/hello").await.status, 200);
-    let echoed = collect(
-        v.send(v.request("POST", &host, "/echo", full("12345")))
-            .await,
-    )
-    .await;
-    assert_eq!(echoed.status, 200);
-    assert_eq!(v.get(&host, "/bytes/2048?token=abcdef").await.status, 200);
+    three_requests(&v, &host).await;
     let lines = lines_for(&mut good, 3).await;
     assert_eq!(lines.len(), 3, "one line per request: {lines:#?}");
     assert!(
@@ -894,14 +900,7 @@ async fn on_a_terminal_the_console_draws_a_coloured_status_block_and_a_line_per_
         let url = block_url(&tty.screen).unwrap();
         let host = host_of(&url);
         let v = Viewer::new(stack.public());
-        assert_eq!(v.get(&host, "/hello").await.status, 200);
-        let echoed = collect(
-            v.send(v.request("POST", &host, "/echo", full("12345")))
-                .await,
-        )
-        .await;
-        assert_eq!(echoed.status, 200);
-        assert_eq!(v.get(&host, "/bytes/2048?token=abcdef").await.status, 200);
+        three_requests(&v, &host).await;
         tty.until("a line per request and a redrawn rate", |s| {
             let lines = plain_lines(s);
             lines

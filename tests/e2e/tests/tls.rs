@@ -9,7 +9,7 @@ use std::time::Duration;
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use netbore_testkit::origin::Origin;
-use netbore_testkit::{Proc, empty, free_port};
+use netbore_testkit::{Proc, empty, free_port, json_agent};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
@@ -133,27 +133,13 @@ async fn wss_agents_and_https_h2_viewers_with_a_self_signed_certificate() {
 
     let origin = Origin::start().await;
     let state = tempfile::tempdir().unwrap();
-    let mut agent = Proc::spawn(
-        "netbore",
-        &[
-            "http",
-            &origin.url(),
-            "--control",
-            &format!("http://127.0.0.1:{}", net.rest),
-            "--edge-ca",
-            ca.to_str().unwrap(),
-            "--state-dir",
-            state.path().to_str().unwrap(),
-            "--json",
-        ],
-        &[("RUST_LOG", "warn")],
+    let mut agent = json_agent(
+        &format!("http://127.0.0.1:{}", net.rest),
+        &origin.url(),
+        state.path(),
+        &["--edge-ca", ca.to_str().unwrap()],
     );
-    let live: Value = loop {
-        let v: Value = serde_json::from_str(&agent.line(Duration::from_secs(30)).await).unwrap();
-        if v["event"] == "live" {
-            break v;
-        }
-    };
+    let live = agent.next_event("live").await;
     let url = live["url"].as_str().unwrap();
     assert!(url.starts_with("https://"), "{url}");
     let host = url.trim_start_matches("https://");
@@ -244,27 +230,13 @@ async fn agent_tls_only_links_agents_over_wss_and_serves_viewers_plain_http() {
 
     let origin = Origin::start().await;
     let state = tempfile::tempdir().unwrap();
-    let mut agent = Proc::spawn(
-        "netbore",
-        &[
-            "http",
-            &origin.url(),
-            "--control",
-            &format!("http://127.0.0.1:{}", net.rest),
-            "--edge-ca",
-            ca.to_str().unwrap(),
-            "--state-dir",
-            state.path().to_str().unwrap(),
-            "--json",
-        ],
-        &[("RUST_LOG", "warn")],
+    let mut agent = json_agent(
+        &format!("http://127.0.0.1:{}", net.rest),
+        &origin.url(),
+        state.path(),
+        &["--edge-ca", ca.to_str().unwrap()],
     );
-    let live: Value = loop {
-        let v: Value = serde_json::from_str(&agent.line(Duration::from_secs(30)).await).unwrap();
-        if v["event"] == "live" {
-            break v;
-        }
-    };
+    let live = agent.next_event("live").await;
     let url = live["url"].as_str().unwrap();
     assert!(url.starts_with("http://"), "{url}");
     let host = url.trim_start_matches("http://");
