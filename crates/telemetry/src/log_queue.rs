@@ -17,6 +17,10 @@ pub const ACCESS_TARGET: &str = "netbore::access";
 pub const QUEUE_LINES: usize = 8192;
 /// Most lines the writer thread joins into one write to stderr.
 const BATCH_LINES: usize = 256;
+/// How long the writer lets lines gather after each write. A writer parked in `recv`
+/// is woken (a futex wake-up and a context switch) by every single line a request logs;
+/// one that lingers is found awake, and writes many lines at once.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(5);
 
 enum Msg {
     Line(Vec<u8>),
@@ -73,6 +77,7 @@ fn write_lines(rx: Receiver<Msg>, mut out: impl Write) {
         for done in flushes.drain(..) {
             let _ = done.send(());
         }
+        std::thread::sleep(LINGER);
     }
 }
 
