@@ -53,6 +53,18 @@ struct Net {
     agents: u16,
 }
 
+impl Net {
+    /// Four free loopback ports: control's REST and gRPC, the edge's public and agent ports.
+    fn free() -> Net {
+        Net {
+            rest: free_port(),
+            grpc: free_port(),
+            public: free_port(),
+            agents: free_port(),
+        }
+    }
+}
+
 fn start_control_and_edge(net: &Net, edge_tls: &[&str]) -> (Proc, Proc) {
     start_control_and_edge_serving(net, edge_tls, "https")
 }
@@ -115,12 +127,7 @@ async fn wait_for_port(port: u16) {
 async fn wss_agents_and_https_h2_viewers_with_a_self_signed_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("edge-ca.pem");
-    let net = Net {
-        rest: free_port(),
-        grpc: free_port(),
-        public: free_port(),
-        agents: free_port(),
-    };
+    let net = Net::free();
     let (_c, _e) = start_control_and_edge(
         &net,
         &[
@@ -194,12 +201,7 @@ async fn wss_agents_and_https_h2_viewers_with_a_self_signed_certificate() {
 async fn agent_tls_only_links_agents_over_wss_and_serves_viewers_plain_http() {
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("edge-ca.pem");
-    let net = Net {
-        rest: free_port(),
-        grpc: free_port(),
-        public: free_port(),
-        agents: free_port(),
-    };
+    let net = Net::free();
     let (_c, _e) = start_control_and_edge_serving(
         &net,
         &[
@@ -308,12 +310,7 @@ async fn served_cert(port: u16, trust: &[u8]) -> Vec<u8> {
 async fn a_certificate_replaced_on_disk_is_served_without_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let first = write_cert(dir.path(), "first");
-    let net = Net {
-        rest: free_port(),
-        grpc: free_port(),
-        public: free_port(),
-        agents: free_port(),
-    };
+    let net = Net::free();
     let (_c, mut edge) = start_control_and_edge(
         &net,
         &[
