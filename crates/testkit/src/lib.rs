@@ -905,6 +905,20 @@ pub async fn json_call(
     )
 }
 
+/// A fresh Ed25519 signing key (PKCS#8 PEM, made by `openssl genpkey`) at
+/// `DIR/signing.pem`, for controls that must share one (replicas) or survive a restart;
+/// its path.
+pub fn signing_key(dir: &std::path::Path) -> String {
+    let path = dir.join("signing.pem");
+    let st = std::process::Command::new("openssl")
+        .args(["genpkey", "-algorithm", "ed25519", "-out"])
+        .arg(&path)
+        .status()
+        .expect("openssl on PATH");
+    assert!(st.success(), "openssl genpkey failed");
+    path.to_str().expect("a UTF-8 path").to_string()
+}
+
 /// `netbore http TARGET --control CONTROL --state-dir STATE --json EXTRA…`, logging at
 /// `warn`: an agent process whose events a test reads ([`Proc::next_event`]).
 pub fn json_agent(control: &str, target: &str, state: &std::path::Path, extra: &[&str]) -> Proc {

@@ -14,6 +14,7 @@ use netbore_control::{Control, ControlConfig, EdgeEntry, EdgeStatus};
 use netbore_testkit::origin::Origin;
 use netbore_testkit::postgres::PostgresServer;
 use netbore_testkit::redis::RedisServer;
+use netbore_testkit::signing_key;
 use netbore_testkit::{ControlProc, Proc, Viewer, eventually, free_port};
 use netbore_testkit::{HttpClient, json_call as call, json_client as client};
 use netbore_tokens::{KeySet, Secret, now_unix};
@@ -232,18 +233,6 @@ async fn a_hung_redis_is_an_error_within_seconds_not_a_hang() {
 
 // ---------------------------------------------------------------------------------------
 // Real control processes.
-
-/// A signing key both replicas load, as replicas of one deployment do.
-fn signing_key(dir: &std::path::Path) -> String {
-    let path = dir.join("signing.pem");
-    let st = std::process::Command::new("openssl")
-        .args(["genpkey", "-algorithm", "ed25519", "-out"])
-        .arg(&path)
-        .status()
-        .expect("openssl on PATH");
-    assert!(st.success());
-    path.to_str().unwrap().to_string()
-}
 
 /// Two control processes on `pg` and `redis`, sharing a signing key and bootstrap
 /// credential.

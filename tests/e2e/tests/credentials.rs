@@ -212,14 +212,8 @@ async fn revoking_a_credential_closes_its_links_on_every_edge_within_5s_and_stop
     let redis = RedisServer::start();
     let pg = PostgresServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("signing.pem");
-    let st = std::process::Command::new("openssl")
-        .args(["genpkey", "-algorithm", "ed25519", "-out"])
-        .arg(&key)
-        .status()
-        .expect("openssl on PATH");
-    assert!(st.success());
-    let args = ["--signing-key", key.to_str().unwrap()];
+    let key = netbore_testkit::signing_key(dir.path());
+    let args = ["--signing-key", key.as_str()];
     let env = [("NETBORE_BOOTSTRAP_TOKEN", BOOT)];
     let a = ControlProc::spawn_replica(&pg.url_with_password(), &redis.url(), &args, &env);
     let b = ControlProc::spawn_replica(&pg.url_with_password(), &redis.url(), &args, &env);

@@ -12,6 +12,7 @@ use netbore_control::client::ControlClient;
 use netbore_testkit::origin::Origin;
 use netbore_testkit::postgres::PostgresServer;
 use netbore_testkit::redis::RedisServer;
+use netbore_testkit::signing_key;
 use netbore_testkit::{ControlProc, EdgeProc, Proc, eventually, free_port};
 use netbore_tokens::{KeySet, LEEWAY_SECS, ManagementClaims, now_unix};
 
@@ -59,17 +60,6 @@ async fn exit_of(p: &mut Proc) -> (Option<i32>, String) {
         out.push('\n');
     }
     (st.code(), out)
-}
-
-fn signing_key(dir: &Path) -> String {
-    let path = dir.join("signing.pem");
-    let st = std::process::Command::new("openssl")
-        .args(["genpkey", "-algorithm", "ed25519", "-out"])
-        .arg(&path)
-        .status()
-        .expect("openssl on PATH");
-    assert!(st.success());
-    path.to_str().unwrap().to_string()
 }
 
 /// A stranger runs `netbore http --name NAME` with no token against `control` while the

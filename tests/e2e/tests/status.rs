@@ -15,6 +15,7 @@ use netbore_testkit::grpcurl;
 use netbore_testkit::origin::Origin;
 use netbore_testkit::postgres::PostgresServer;
 use netbore_testkit::redis::RedisServer;
+use netbore_testkit::signing_key;
 use netbore_testkit::{ControlProc, EdgeProc, Proc, eventually, free_port, http_get};
 use netbore_testkit::{HttpClient, json_call as call, json_client as client};
 use serde_json::{Value, json};
@@ -28,17 +29,6 @@ async fn token(c: &HttpClient, base: &str) -> String {
     let (st, b) = call(c, base, "POST", "/auth/token", Some(BOOT), Some(json!({}))).await;
     assert_eq!(st, 200, "{b}");
     b["token"].as_str().unwrap().to_string()
-}
-
-fn signing_key(dir: &std::path::Path) -> String {
-    let path = dir.join("signing.pem");
-    let st = std::process::Command::new("openssl")
-        .args(["genpkey", "-algorithm", "ed25519", "-out"])
-        .arg(&path)
-        .status()
-        .expect("openssl on PATH");
-    assert!(st.success());
-    path.to_str().unwrap().to_string()
 }
 
 /// A real agent for `name` on `origin`, probing every second, its probes on `admin`.
