@@ -11,6 +11,9 @@
 set -u
 [[ $# == 2 ]] || { echo "usage: $0 EDGE_BEFORE EDGE_AFTER" >&2; exit 2; }
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# One benchmark at a time on this machine (see bench/run.sh).
+exec 9>/tmp/netbore-bench.lock
+flock -n 9 || { echo "[ab-edge] waiting for another benchmark (/tmp/netbore-bench.lock)" >&2; flock 9; }
 B=${CARGO_TARGET_DIR:-$ROOT/target}/release
 declare -A EDGE=([before]=$1 [after]=$2)
 W=$(mktemp -d)

@@ -30,6 +30,14 @@ fi
 WS_ECHOS=3000
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+
+# One benchmark at a time on this machine (fixed ports, and two loads at once would
+# measure each other): wait for any other bench/run.sh or bench/ab-edge.sh to finish.
+exec 9>/tmp/netbore-bench.lock
+if ! flock -n 9; then
+    printf '[bench] another benchmark holds /tmp/netbore-bench.lock; waiting for it\n' >&2
+    flock 9
+fi
 WORK=$(mktemp -d /tmp/netbore-bench.XXXXXX)
 RESULTS=$WORK/results.txt
 : >"$RESULTS"
