@@ -6,12 +6,15 @@
 #
 #   scripts/memory-flood.sh [FLOOD_SECS [AFTER_SECS]]     # defaults: 15 and 60
 #
-# Environment: MALLOC_ARENA_MAX or GLIBC_TUNABLES (inherited by the edge and the agent)
-# to compare glibc allocator settings. Ports are chosen free on loopback; every process started here
+# Environment: NETBORE_REFUSED_BYTES_PER_SECOND=0 turns the edge's pacing of refused
+# clients off (to compare); NETBORE_FLOOD_AGENT_ARGS adds agent flags. Ports are chosen free on loopback; every process started here
 # is stopped on exit.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# One measurement at a time on this machine (shared with bench/run.sh).
+exec 9>/tmp/netbore-bench.lock
+flock -n 9 || { echo "memory-flood: waiting for another benchmark (/tmp/netbore-bench.lock)" >&2; flock 9; }
 FLOOD_SECS=${1:-15}
 AFTER_SECS=${2:-60}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
@@ -47,12 +50,15 @@ wait_port $P_GRPC
     --advertise-url "ws://127.0.0.1:$P_AGENTS/v1/connect" >"$WORK/edge.log" 2>&1 & PIDS+=($!)
 EDGE_PID=$!
 wait_port $P_PUBLIC
-"$BIN/netbore" http $P_ORIGIN --control "http://127.0.0.1:$P_REST" --name flood >"$WORK/agent.log" 2>&1 & PIDS+=($!)
+# NETBORE_FLOOD_AGENT_ARGS: extra agent flags (e.g. --no-inspect: the inspector keeps
+# the last 500 requests, flood heads included, by design).
+# shellcheck disable=SC2086
+"$BIN/netbore" http $P_ORIGIN --control "http://127.0.0.1:$P_REST" --name flood ${NETBORE_FLOOD_AGENT_ARGS:-} >"$WORK/agent.log" 2>&1 & PIDS+=($!)
 AGENT_PID=$!
 for _ in $(seq 1 200); do
     curl -sf -o /dev/null -H "Host: flood.localhost" "http://127.0.0.1:$P_PUBLIC/" && break
     sleep 0.1
 done
-echo "MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX:-unset} GLIBC_TUNABLES=${GLIBC_TUNABLES:-unset}; logs in $WORK"
+echo "pacing: ${NETBORE_REFUSED_BYTES_PER_SECOND:-default}; agent flags: ${NETBORE_FLOOD_AGENT_ARGS:-none}; logs in $WORK"
 "$FLOOD" attack 127.0.0.1:$P_PUBLIC flood.localhost $EDGE_PID $AGENT_PID "$FLOOD_SECS" "$AFTER_SECS"
-curl -s "http://127.0.0.1:$P_ADMIN/metrics" | grep -E '^netbore_edge_(link_|errors_total\{code="(client_overloaded|tunnel_busy)")' || true
+curl -s "http://127.0.0.1:$P_ADMIN/metrics" | grep -E '^netbore_edge_(link_|paced_reads|errors_total\{code="(client_overloaded|tunnel_busy)")' || true

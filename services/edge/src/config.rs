@@ -113,6 +113,10 @@ pub struct EdgeConfig {
     /// Most open connections from one TCP peer address on the public port (and,
     /// separately, on the agent port); further ones are closed at accept.
     pub max_connections_per_address: usize,
+    /// Bytes of refused request heads (429 `client_overloaded` / `client_busy`) one
+    /// client address may be charged per second, 4 seconds' worth ahead, before its
+    /// connections are read at that pace (see [`crate::pace`]); 0 turns pacing off.
+    pub refused_bytes_per_second: u64,
     /// Peers whose `X-Forwarded-For` / `X-Forwarded-Proto` / `Forwarded` are believed
     /// (the load balancer); everyone else's are replaced.
     pub trusted_proxies: Vec<Cidr>,
@@ -142,6 +146,7 @@ impl Default for EdgeConfig {
             trusted_proxies: Vec::new(),
             agent_write_timeout: netbore_mux::DEFAULT_WRITE_STALL_TIMEOUT,
             max_connections_per_address: DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+            refused_bytes_per_second: crate::pace::DEFAULT_RATE,
         }
     }
 }

@@ -22,7 +22,7 @@ use parking_lot::Mutex;
 pub const DEFAULT_CLIENT_SLOT_SHARE: u8 = 50;
 
 /// The key a client is counted under: its IPv4 address, or its IPv6 /64.
-fn client_key(ip: IpAddr) -> IpAddr {
+pub(crate) fn client_key(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => ip,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {

@@ -21,6 +21,7 @@ pub mod fair;
 pub mod forward;
 pub mod gate;
 pub mod metrics;
+pub mod pace;
 pub mod phases;
 pub mod proxy;
 pub mod routes;
@@ -69,6 +70,8 @@ struct Inner {
     gate: Arc<gate::Gate>,
     /// Request-head bytes in flight per client.
     head_budget: Arc<budget::ClientBudget>,
+    /// Pacing of clients that keep being refused for overload.
+    pacer: Arc<pace::Pacer>,
     /// Open connections per peer address, on the public and the agent listener.
     public_conns: Arc<conns::PerAddress>,
     agent_conns: Arc<conns::PerAddress>,
@@ -99,6 +102,10 @@ impl Edge {
                 cluster: std::sync::OnceLock::new(),
                 gate: Arc::default(),
                 head_budget: Default::default(),
+                pacer: Arc::new(pace::Pacer::new(
+                    config.refused_bytes_per_second,
+                    config.refused_bytes_per_second.saturating_mul(4),
+                )),
                 public_conns: Arc::new(conns::PerAddress::new(config.max_connections_per_address)),
                 agent_conns: Arc::new(conns::PerAddress::new(config.max_connections_per_address)),
                 link_events: Default::default(),
@@ -156,7 +163,12 @@ impl Edge {
         &self.inner.head_budget
     }
 
-    /// Open connections per peer address on the public listener.
+    /// Pacing of clients that keep being refused for overload ([`pace`]).
+    pub fn pacer(&self) -> &Arc<pace::Pacer> {
+        &self.inner.pacer
+    }
+
+    /// Open connections per address on the public listener.
     pub fn public_conns(&self) -> &Arc<conns::PerAddress> {
         &self.inner.public_conns
     }

@@ -42,6 +42,11 @@ struct Args {
     /// and, separately, the agent port; 0 for no limit. Raise it behind a load balancer.
     #[arg(long, env = "NETBORE_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = netbore_edge::config::DEFAULT_MAX_CONNECTIONS_PER_ADDRESS)]
     max_connections_per_address: usize,
+    /// Bytes of refused request heads (429 client_overloaded / client_busy) one client
+    /// address may be charged per second, with 4 seconds' worth of tolerance, before the
+    /// edge reads its connections only at that pace; 0 turns pacing off.
+    #[arg(long, env = "NETBORE_REFUSED_BYTES_PER_SECOND", default_value_t = netbore_edge::pace::DEFAULT_RATE)]
+    refused_bytes_per_second: u64,
     /// Seconds a write to an agent may make no progress before its link is closed
     /// (the agent stopped reading).
     #[arg(long, env = "NETBORE_AGENT_WRITE_TIMEOUT_SECS", default_value_t = netbore_mux::DEFAULT_WRITE_STALL_TIMEOUT.as_secs())]
@@ -187,6 +192,7 @@ async fn main() -> anyhow::Result<()> {
         max_body_bytes: args.max_body_bytes,
         client_slot_share: args.client_slot_share,
         max_connections_per_address: args.max_connections_per_address,
+        refused_bytes_per_second: args.refused_bytes_per_second,
         agent_write_timeout: std::time::Duration::from_secs(args.agent_write_timeout_secs.max(1)),
         drain_grace: std::time::Duration::from_secs(args.drain_grace_secs),
         drain_delay: std::time::Duration::from_secs(args.drain_delay_secs),

@@ -118,6 +118,7 @@ pub struct Metrics {
     forwarded: Counter,
     registry_errors: Counter,
     connections_refused: Counter,
+    paced_reads: Counter,
     // Read from the routes at each scrape.
     tunnels: Gauge,
     agent_connections: Gauge,
@@ -227,6 +228,11 @@ impl Default for Metrics {
             "netbore_edge_connections_refused",
             "Connections closed at accept because their address had --max-connections-per-address open.",
         );
+        let paced_reads = single(
+            &mut r,
+            "netbore_edge_paced_reads",
+            "Times a viewer connection's reading was held because its client address kept being refused for overload (--refused-bytes-per-second).",
+        );
         let access_log_dropped = single(
             &mut r,
             "netbore_edge_access_log_dropped",
@@ -243,6 +249,7 @@ impl Default for Metrics {
             forwarded,
             registry_errors,
             connections_refused,
+            paced_reads,
             tunnels,
             agent_connections,
             streams_in_flight,
@@ -278,6 +285,11 @@ impl Metrics {
     /// Records a connection closed at accept for its address's cap.
     pub fn connection_refused(&self) {
         self.connections_refused.inc();
+    }
+
+    /// The count of viewer connections' reads held by [`crate::pace`].
+    pub fn paced_reads(&self) -> Counter {
+        self.paced_reads.clone()
     }
 
     /// Records a failed registry call.

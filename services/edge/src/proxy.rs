@@ -167,19 +167,38 @@ async fn serve_conn<S>(
     let idle = edge.config().header_read_timeout;
     let activity = std::sync::Arc::new(crate::conns::Activity::default());
     let act = activity.clone();
+    // A client refused for overload again and again is read at a pace (crate::pace);
+    // never a trusted proxy's connection, which carries everyone behind it.
+    let trusted = edge
+        .config()
+        .trusted_proxies
+        .iter()
+        .any(|c| c.contains(peer.ip()));
+    let held = std::sync::Arc::new(crate::pace::Held::new(edge.pacer(), peer.ip(), !trusted));
+    let account = held.clone();
+    let held_reads = edge.metrics().paced_reads();
     let svc = service_fn(move |req| {
         let edge = edge.clone();
         // Held until the response is written (or abandoned): the connection is busy.
         let busy = act.begin();
+        let cost = crate::pace::head_cost(&req);
+        let account = account.clone();
         async move {
             let resp = handle(edge, req, peer).await;
+            if resp
+                .headers()
+                .get(crate::errors::ERROR_HEADER)
+                .is_some_and(|c| c == "client_overloaded" || c == "client_busy")
+            {
+                account.charge(cost);
+            }
             Ok::<_, Infallible>(resp.map(|inner| Busy { inner, _busy: busy }))
         }
     });
     let conn_stop = stop.child_token();
     let serve = crate::serve_http(
         &builder,
-        crate::sniff::Sniff::new(io),
+        crate::pace::Paced::new(crate::sniff::Sniff::new(io), held, held_reads),
         svc,
         &conn_stop,
         "public",

@@ -24,8 +24,6 @@ const FLOOD_CONNS: usize = 8;
 const STREAMS_PER_CONN: usize = 128;
 /// Copies of one 4,000-byte header per request: 56 KiB decoded, under the 64 KiB limit.
 const PAD_COPIES: usize = 14;
-/// Honest requests for the baseline.
-const BASELINE_REQUESTS: usize = 300;
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -103,13 +101,52 @@ async fn main() {
     let flood_secs: u64 = args[6].parse().unwrap();
     let after_secs: u64 = args[7].parse().unwrap();
 
-    // Baseline.
-    let mut base = Vec::new();
-    for _ in 0..BASELINE_REQUESTS {
-        if let Some(d) = honest(public, &host).await {
-            base.push(d);
+    // The honest client runs on its own thread and runtime: sharing the attacker's runtime
+    // would add the attacker's own scheduling delay (1,024 busy tasks) to every honest
+    // request and blame it on the edge.
+    let (to_honest, from_main) = std::sync::mpsc::channel::<Option<Duration>>();
+    let (to_main, from_honest) = std::sync::mpsc::channel::<Option<Duration>>();
+    let honest_host = host.clone();
+    let honest_thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // Each command: run requests one after another for this long (None: stop).
+        while let Ok(Some(budget)) = from_main.recv() {
+            rt.block_on(async {
+                let t = Instant::now();
+                let mut n = 0;
+                while t.elapsed() < budget || n == 0 {
+                    let _ = to_main.send(Some(
+                        honest(public, &honest_host).await.unwrap_or(Duration::MAX),
+                    ));
+                    n += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let _ = to_main.send(None);
+            });
         }
-    }
+    });
+    // Runs honest requests for `budget` on the honest thread while `during` polls.
+    let honest_for = |budget: Duration, during: &mut dyn FnMut()| {
+        to_honest.send(Some(budget)).unwrap();
+        let mut ok = Vec::new();
+        let mut failed = 0;
+        loop {
+            match from_honest.recv_timeout(Duration::from_millis(50)) {
+                Ok(Some(d)) if d != Duration::MAX => ok.push(d),
+                Ok(Some(_)) => failed += 1,
+                Ok(None) => break,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => during(),
+                Err(_) => break,
+            }
+        }
+        (ok, failed)
+    };
+
+    // Baseline: six seconds of honest requests (20 ms apart, as during the flood).
+    let (mut base, _) = honest_for(Duration::from_secs(6), &mut || {});
     let (edge0, agent0) = (rss_kib(edge_pid), rss_kib(agent_pid));
 
     // Flood.
@@ -145,19 +182,15 @@ async fn main() {
             }));
         }
     }
-    let started = Instant::now();
+    // Let the flood reach its pace, then measure the honest client while it runs.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let (mut edge_peak, mut agent_peak) = (edge0, agent0);
-    let mut during = Vec::new();
-    let mut failed = 0;
-    while started.elapsed() < Duration::from_secs(flood_secs) {
-        match honest(public, &host).await {
-            Some(d) => during.push(d),
-            None => failed += 1,
-        }
-        edge_peak = edge_peak.max(rss_kib(edge_pid));
-        agent_peak = agent_peak.max(rss_kib(agent_pid));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (mut during, failed) = tokio::task::block_in_place(|| {
+        honest_for(Duration::from_secs(flood_secs), &mut || {
+            edge_peak = edge_peak.max(rss_kib(edge_pid));
+            agent_peak = agent_peak.max(rss_kib(agent_pid));
+        })
+    });
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.abort();
@@ -165,12 +198,9 @@ async fn main() {
     let flood_reqs = sent.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(after_secs)).await;
     let (edge1, agent1) = (rss_kib(edge_pid), rss_kib(agent_pid));
-    let mut after = Vec::new();
-    for _ in 0..50 {
-        if let Some(d) = honest(public, &host).await {
-            after.push(d);
-        }
-    }
+    let (mut after, _) = honest_for(Duration::from_secs(2), &mut || {});
+    drop(to_honest);
+    let _ = honest_thread.join();
 
     let fds = |pid: u32| std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
     let mib = |k: u64| k as f64 / 1024.0;
