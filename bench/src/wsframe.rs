@@ -341,6 +341,41 @@ mod tests {
         }
     }
 
+    /// A standard peer (tungstenite) on the other end: messages of every length class
+    /// both ways, and its close ends our stream.
+    #[tokio::test]
+    async fn interoperates_with_tungstenite_both_roles() {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        use tokio_tungstenite::tungstenite::protocol::Role;
+        for we_are_client in [true, false] {
+            let (a, b) = tokio::io::duplex(64 * 1024);
+            let role = if we_are_client {
+                Role::Server
+            } else {
+                Role::Client
+            };
+            let mut them = tokio_tungstenite::WebSocketStream::from_raw_socket(a, role, None).await;
+            let mut us = Link::new(b, we_are_client, 1 << 20);
+            for len in [0, 1, 125, 126, 1200, 65535, 65536, 300_000] {
+                let body: Vec<u8> = (0..len).map(|i| (i * 13) as u8).collect();
+                let (sent, got) = tokio::join!(us.send(BytesMut::from(&body[..])), them.next());
+                sent.unwrap();
+                assert_eq!(got.unwrap().unwrap(), Message::Binary(body.clone().into()));
+                let (sent, got) =
+                    tokio::join!(them.send(Message::Binary(body.clone().into())), us.recv());
+                sent.unwrap();
+                assert_eq!(got.unwrap().as_deref(), Some(&body[..]));
+            }
+            // Pings are skipped, a close ends the stream.
+            them.send(Message::Ping(Bytes::from_static(b"p")))
+                .await
+                .unwrap();
+            them.send(Message::Close(None)).await.unwrap();
+            assert_eq!(us.recv().await.unwrap(), None);
+        }
+    }
+
     #[test]
     fn mask_matches_the_bytewise_definition_at_every_length() {
         for len in 0..40 {
