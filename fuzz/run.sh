@@ -3,11 +3,12 @@
 #
 #   fuzz/run.sh [SECONDS] [TARGET...]     (default 60 seconds, all targets)
 #
-# The targets: decode_frame (the frame decoder and handshake parsers) and connection
-# (message sequences fed to one conn::Connection). SECONDS is the budget for the whole
-# run, split evenly between the targets run (at least 1 s each), so CI's fuzz time
-# (NETBORE_CI_FUZZ_SECS in .ci/run) does not grow with the number of targets. Both
-# are built once, up front.
+# The targets: decode_frame (the frame decoder and handshake parsers), connection
+# (message sequences fed to one conn::Connection) and ws_frame (the agent link's
+# WebSocket frame decoder and fragment reassembly, netbore_protocol::ws). SECONDS is
+# the budget for the whole run, split evenly between the targets run (at least 1 s
+# each), so CI's fuzz time (NETBORE_CI_FUZZ_SECS in .ci/run) does not grow with the
+# number of targets. All are built once, up front.
 #
 # Installs cargo-fuzz if it is missing. Exits 0 when the time runs out without a
 # finding, non-zero on a finding (the crashing input is left in
@@ -22,7 +23,7 @@ if ! [[ "$secs" =~ ^[1-9][0-9]*$ ]]; then
   exit 2
 fi
 shift || true
-all_targets=(decode_frame connection)
+all_targets=(decode_frame connection ws_frame)
 targets=("$@")
 if [ "${#targets[@]}" -eq 0 ]; then
   targets=("${all_targets[@]}")

@@ -11,6 +11,8 @@
 //! * `idle CONTROL_URL COUNT [EDGE_CA]` — creates COUNT tunnels at control and holds one
 //!   idle agent link to the edge for each, as `netbore http` would; prints `ready N` and
 //!   holds them until killed.
+//! * `ws-layers [ROUNDS]` — the WebSocket layers the agent link could run on, compared on
+//!   the link's traffic pattern over loopback (see [`wslayer`]); prints a Markdown table.
 //!
 //! Every loop here is bounded in count or time; it only ever talks to loopback.
 
@@ -36,8 +38,11 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 
+mod wsframe;
+mod wslayer;
+
 const USAGE: &str = "usage: netbore-bench origin ADDR | ws-echo URL HOST COUNT | \
-first-byte URL HOST TIMEOUT_S -- CMD... | idle CONTROL_URL COUNT [EDGE_CA]";
+first-byte URL HOST TIMEOUT_S -- CMD... | idle CONTROL_URL COUNT [EDGE_CA] | ws-layers [ROUNDS]";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -60,6 +65,7 @@ async fn main() -> anyhow::Result<()> {
             first_byte(a(1)?, a(2)?, a(3)?.parse()?, cmd).await
         }
         "idle" => idle(a(1)?, a(2)?.parse()?, args.get(3).cloned()).await,
+        "ws-layers" => wslayer::ws_layers(args.get(1).map_or(Ok(5), |r| r.parse())?).await,
         _ => bail!(USAGE),
     }
 }

@@ -11,6 +11,8 @@
 //! the concurrency limit, go-away, the heartbeat deadline and both credit windows, fed
 //! frames and the current time and polled for frames, events and its next timeout.
 //!
+//! [`ws`] is the WebSocket framing those messages travel in, sans-I/O as well.
+//!
 //! Everything here is plain data: feed it bytes, get frames back. The multiplexer in
 //! `netbore-mux` owns the socket; tests and fuzzers drive this crate directly.
 //! The normative description is `docs/protocol.md`.
@@ -20,6 +22,7 @@ pub mod flow;
 pub mod frame;
 pub mod handshake;
 pub mod stream;
+pub mod ws;
 
 pub use conn::{Connection, ConnectionError};
 pub use flow::{FlowError, RecvWindow, SendWindow};
