@@ -20,6 +20,7 @@
 
 pub mod body;
 pub mod fair;
+pub mod readahead;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -59,9 +60,11 @@ pub const CORK_BELOW: usize = 16 * 1024;
 /// batch ([`MAX_BATCH_BYTES`] plus a frame), so this allows links down to ~10 KB/s.
 pub const DEFAULT_WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Bytes tungstenite allocates up front per connection for reading. A trade between
-/// memory per idle tunnel and read syscalls under bulk load.
-pub const WS_READ_BUFFER: usize = 32 * 1024;
+/// Bytes tungstenite allocates up front per connection for reading, and reads at most
+/// per call. Small, so an idle link holds little: under bulk load the socket is read
+/// [`readahead::READ_AHEAD`] bytes at a time by a [`readahead::ReadAhead`] under the
+/// WebSocket, which serves these small reads from memory it holds only while data flows.
+pub const WS_READ_BUFFER: usize = 4 * 1024;
 
 /// The WebSocket settings both ends use for the tunnel link: messages bounded by
 /// `max_message` (a batch plus one frame), and a bounded write buffer so a stalled
@@ -1194,7 +1197,7 @@ async fn next_batch(shared: &Shared, buf: &mut BytesMut) -> Option<Message> {
     }
     let msg = Message::Binary(buf.split().freeze());
     if buf.capacity() > 4 * MAX_BATCH_BYTES {
-        *buf = BytesMut::with_capacity(16 * 1024);
+        *buf = BytesMut::new();
     }
     Some(msg)
 }
@@ -1212,7 +1215,8 @@ async fn drive<S>(
     let (sink, mut stream) = ws.split();
     let mut sink = Some(sink);
     let mut writing: Option<Write<S>> = None;
-    let mut buf = BytesMut::with_capacity(16 * 1024);
+    // Grows with the batches written; given back when the link is quiet (below).
+    let mut buf = BytesMut::new();
     loop {
         // Start a write when the socket is free; nothing goes before the greeting.
         if writing.is_none()
@@ -1288,6 +1292,15 @@ async fn drive<S>(
             } => {
                 let mut inner = shared.inner.lock();
                 let now = shared.now();
+                // The timer fires when the link has been quiet (a heartbeat is due): an
+                // idle link keeps no buffer or table its last burst grew.
+                inner.conn.shrink_idle();
+                if inner.slots.is_empty() {
+                    inner.slots = HashMap::new();
+                }
+                if buf.is_empty() {
+                    buf = BytesMut::new();
+                }
                 inner.conn.handle_timeout(now);
                 shared.after(&mut inner);
                 if inner.conn.is_closed() {

@@ -617,6 +617,20 @@ impl Connection {
         n
     }
 
+    /// Gives back the memory of the collections a burst grew that are empty now. A
+    /// driver calls it when the link is quiet, so an idle link holds only its state.
+    pub fn shrink_idle(&mut self) {
+        if self.streams.is_empty() {
+            self.streams = HashMap::new();
+        }
+        if self.transmit.is_empty() {
+            self.transmit = VecDeque::new();
+        }
+        if self.events.is_empty() {
+            self.events = VecDeque::new();
+        }
+    }
+
     /// Frames waiting to be written.
     pub fn queued_frames(&self) -> usize {
         self.transmit.len()

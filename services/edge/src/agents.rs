@@ -83,7 +83,9 @@ where
     let mut ws = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         tokio_tungstenite::accept_hdr_async_with_config(
-            io,
+            // A small WebSocket read buffer over a read-ahead that exists only while
+            // data flows: an idle link holds a few KiB (issue 16).
+            netbore_mux::readahead::ReadAhead::new(io),
             check_path,
             Some(ws_config(MAX_AGENT_MESSAGE)),
         ),
@@ -496,7 +498,7 @@ async fn name_held_elsewhere(edge: &Edge, name: &str, tunnel_id: &str) -> Option
 
 async fn refuse<S>(
     edge: &Edge,
-    ws: &mut WebSocketStream<S>,
+    ws: &mut WebSocketStream<netbore_mux::readahead::ReadAhead<S>>,
     code: RefusalCode,
     message: &str,
     retryable: bool,
