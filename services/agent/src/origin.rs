@@ -216,11 +216,15 @@ impl Origin {
             receiver,
         } = s;
         let mut rec = self.observer.as_ref().map(|o| {
-            let hs = head
-                .headers
-                .iter()
-                .map(|h| (h.name.clone(), h.value.clone()))
-                .collect();
+            // Headers only for the inspector: the console line shows none.
+            let hs = if o.capturing() {
+                head.headers
+                    .iter()
+                    .map(|h| (h.name.clone(), h.value.clone()))
+                    .collect()
+            } else {
+                Vec::new()
+            };
             o.begin(&head.method, &head.target, hs, None)
         });
         let upgrade = head.headers.iter().any(|h| h.name == "upgrade");

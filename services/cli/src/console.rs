@@ -27,6 +27,16 @@ pub const TERMINAL_LOG_FILTER: &str = "error";
 /// Lines the status block takes at the top of a terminal.
 const BLOCK_LINES: usize = 7;
 
+/// How long the printer waits after writing a burst of request lines before it takes the
+/// next: the lines that arrive meanwhile go out in one write (and, on a terminal, one
+/// redraw of the block) instead of one each, and requests stop waking the printer.
+/// Short enough that a line still appears at once to someone watching.
+pub const CONSOLE_LINGER: Duration = Duration::from_millis(10);
+
+/// Console events written in one burst at most, so a long burst is still printed in
+/// pieces as it comes.
+pub const CONSOLE_BURST: usize = 512;
+
 /// What the status block shows.
 #[derive(Debug, Default, Clone)]
 pub struct Status {
@@ -103,8 +113,18 @@ impl Console {
         }
     }
 
-    /// Prints a request line or an origin failure (text mode).
+    /// Prints a request line or an origin failure (text mode); on a terminal, redraws
+    /// the block.
     pub fn console_event(&mut self, ev: &ConsoleEvent, out: &mut impl Write) {
+        self.line(ev, out);
+        if self.tty {
+            self.draw(out);
+        }
+    }
+
+    /// Prints a request line or an origin failure (text mode) without redrawing the
+    /// block: a burst of lines is printed with [`Console::line`], then drawn once.
+    pub fn line(&mut self, ev: &ConsoleEvent, out: &mut impl Write) {
         match ev {
             ConsoleEvent::Request(r) => {
                 self.recent.push_back(Instant::now());
@@ -143,9 +163,6 @@ impl Console {
             && self.status.failure.is_none()
         {
             self.status.health = Some(Health::Healthy);
-        }
-        if self.tty {
-            self.draw(out);
         }
     }
 

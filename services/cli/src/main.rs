@@ -751,6 +751,7 @@ async fn main() -> ExitCode {
         // name) is printed and written again, so neither keeps a dead URL.
         let mut shown: Option<String> = None;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut burst = Vec::new();
         loop {
             let ev = tokio::select! {
                 ev = rx.recv() => match ev {
@@ -758,13 +759,34 @@ async fn main() -> ExitCode {
                     None => break,
                 },
                 Some(c) = console_rx.recv() => {
-                    let mut out = std::io::stdout().lock();
-                    if json {
-                        let _ = writeln!(out, "{}", serde_json::to_string(&c).expect("serializable"));
-                    } else {
-                        console.console_event(&c, &mut out);
+                    // The lines queued now go out in one write (one redraw of the block on
+                    // a terminal), then the printer lingers so the next burst gathers
+                    // instead of each request waking it and writing alone.
+                    burst.clear();
+                    let mut next = Some(c);
+                    let mut n = 0;
+                    while let Some(c) = next {
+                        if json {
+                            let _ = writeln!(burst, "{}", serde_json::to_string(&c).expect("serializable"));
+                        } else {
+                            console.line(&c, &mut burst);
+                        }
+                        n += 1;
+                        next = if n < netbore_cli::console::CONSOLE_BURST {
+                            console_rx.try_recv().ok()
+                        } else {
+                            None
+                        };
                     }
-                    let _ = out.flush();
+                    if console.tty && !json {
+                        console.draw(&mut burst);
+                    }
+                    {
+                        let mut out = std::io::stdout().lock();
+                        let _ = out.write_all(&burst);
+                        let _ = out.flush();
+                    }
+                    tokio::time::sleep(netbore_cli::console::CONSOLE_LINGER).await;
                     continue;
                 }
                 _ = tick.tick(), if console.tty && !json => {

@@ -225,6 +225,12 @@ impl Observer {
         self.store.as_ref()
     }
 
+    /// Are requests kept (the inspector is on)? When not, [`Observer::begin`] needs no
+    /// headers: the console line does not show them.
+    pub fn capturing(&self) -> bool {
+        self.store.is_some()
+    }
+
     /// Is the origin answering?
     pub fn health(&self) -> Health {
         *self.health.lock()
@@ -260,15 +266,16 @@ impl Observer {
             at_unix_ms: unix_ms(),
             method: method.to_string(),
             target: target.to_string(),
-            req_headers: headers,
+            req_headers: headers.into(),
             req_body: Arc::new(Mutex::new(Capture::new(cap))),
             status: None,
-            resp_headers: Vec::new(),
+            resp_headers: Arc::new([]),
             resp_body: Arc::new(Mutex::new(Capture::new(cap))),
             error: None,
             websocket: false,
             ws: None,
             event_stream: false,
+            slot: None,
         }
     }
 
@@ -321,14 +328,23 @@ impl Capture {
         }
     }
 
-    fn push(&mut self, chunk: &[u8]) {
+    /// Counts `chunk` and keeps what fits under the cap; `rest` is how many bytes the
+    /// body still has to come, when it says (a `Content-Length`).
+    fn push(&mut self, chunk: &[u8], rest: Option<u64>) {
         self.size += chunk.len() as u64;
         let room = self.cap.saturating_sub(self.data.len());
         if room > 0 {
             let take = room.min(chunk.len());
             if self.data.capacity() == 0 {
-                // One allocation of the right size for bodies that fit.
-                self.data.reserve_exact(self.cap.min(chunk.len().max(4096)));
+                // One allocation of the right size for bodies that fit: the whole body
+                // when its length is known, else a page to start with.
+                let want = match rest {
+                    Some(r) => chunk
+                        .len()
+                        .saturating_add(r.try_into().unwrap_or(usize::MAX)),
+                    None => chunk.len().max(4096),
+                };
+                self.data.reserve_exact(self.cap.min(want));
             }
             self.data.extend_from_slice(&chunk[..take]);
         }
@@ -338,7 +354,30 @@ impl Capture {
     pub fn truncated(&self) -> bool {
         self.size > self.data.len() as u64
     }
+
+    /// The kept bytes as a copy, the capture going on (an entry filed in progress).
+    fn copy(&self) -> BodyCapture {
+        BodyCapture {
+            data: Bytes::copy_from_slice(&self.data),
+            size: self.size,
+        }
+    }
+
+    /// The kept bytes, moved out without a copy (the request has ended). The buffer is
+    /// trimmed to what it holds first, so the store never keeps more than it counts.
+    fn take(&mut self) -> BodyCapture {
+        let mut data = std::mem::take(&mut self.data);
+        data.shrink_to_fit();
+        BodyCapture {
+            data: Bytes::from(data),
+            size: self.size,
+        }
+    }
 }
+
+/// Headers as kept: shared between the entry filed while the response streams and the
+/// one filed when it ends, so neither copies them.
+pub type Heads = Arc<[(String, Bytes)]>;
 
 /// A body that copies what passes through it (up to the capture's cap) into a
 /// [`Capture`], frame by frame, as it forwards: it never waits for more than the frame
@@ -370,7 +409,7 @@ where
         if let (Poll::Ready(Some(Ok(f))), Some(c)) = (&r, &self.capture)
             && let Some(d) = f.data_ref()
         {
-            c.lock().push(d);
+            c.lock().push(d, self.inner.size_hint().exact());
         }
         r
     }
@@ -394,15 +433,17 @@ pub struct Recording {
     at_unix_ms: u64,
     method: String,
     target: String,
-    req_headers: Vec<(String, Bytes)>,
+    req_headers: Heads,
     req_body: Arc<Mutex<Capture>>,
     status: Option<u16>,
-    resp_headers: Vec<(String, Bytes)>,
+    resp_headers: Heads,
     resp_body: Arc<Mutex<Capture>>,
     error: Option<String>,
     websocket: bool,
     ws: Option<Arc<Mutex<ws::WsSession>>>,
     event_stream: bool,
+    /// Where the store keeps it, once filed.
+    slot: Option<u64>,
 }
 
 impl Recording {
@@ -435,10 +476,12 @@ impl Recording {
     pub fn response(&mut self, status: u16, headers: &http::HeaderMap) {
         self.obs.answered();
         self.status = Some(status);
-        self.resp_headers = headers
-            .iter()
-            .map(|(k, v)| (k.as_str().to_string(), Bytes::copy_from_slice(v.as_bytes())))
-            .collect();
+        if self.capturing() {
+            self.resp_headers = headers
+                .iter()
+                .map(|(k, v)| (k.as_str().to_string(), Bytes::copy_from_slice(v.as_bytes())))
+                .collect();
+        }
         self.event_stream = headers
             .get(http::header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
@@ -459,8 +502,9 @@ impl Recording {
                 Some(extensions.as_str()),
             ))));
         }
-        if let Some(s) = &self.obs.store {
-            s.file(self.entry(EntryState::InProgress));
+        if let Some(s) = self.obs.store.clone() {
+            let e = self.entry(EntryState::InProgress, false);
+            self.slot = Some(s.file(e, self.slot));
         }
     }
 
@@ -481,31 +525,35 @@ impl Recording {
         });
     }
 
-    fn entry(&self, state: EntryState) -> Entry {
-        let cap = |c: &Arc<Mutex<Capture>>| {
-            let c = c.lock();
-            BodyCapture {
-                data: if self.capturing() {
-                    Bytes::copy_from_slice(&c.data)
-                } else {
-                    Bytes::new()
-                },
-                size: c.size,
-            }
+    /// The entry to file: while the response streams, bodies so far as copies; at the
+    /// end (`last`), the recording's strings and kept bytes moved into it.
+    fn entry(&mut self, state: EntryState, last: bool) -> Entry {
+        let body = |c: &Arc<Mutex<Capture>>| {
+            let mut c = c.lock();
+            if last { c.take() } else { c.copy() }
+        };
+        let (method, target, error) = if last {
+            (
+                std::mem::take(&mut self.method),
+                std::mem::take(&mut self.target),
+                self.error.take(),
+            )
+        } else {
+            (self.method.clone(), self.target.clone(), self.error.clone())
         };
         Entry {
             id: self.id,
             replay_of: self.replay_of,
             at_unix_ms: self.at_unix_ms,
             duration_ms: self.started.elapsed().as_millis() as u64,
-            method: self.method.clone(),
-            target: self.target.clone(),
+            method,
+            target,
             req_headers: self.req_headers.clone(),
-            req_body: cap(&self.req_body),
+            req_body: body(&self.req_body),
             status: self.status,
             resp_headers: self.resp_headers.clone(),
-            resp_body: cap(&self.resp_body),
-            error: self.error.clone(),
+            resp_body: body(&self.resp_body),
+            error,
             state,
             websocket: self.websocket,
             ws: self.ws.as_ref().map(|w| {
@@ -529,21 +577,24 @@ impl Drop for Recording {
         } else {
             EntryState::Aborted
         };
-        let e = self.entry(state);
+        // The console's line first, from the recording as it is; then (inspector on)
+        // the entry takes the recording's strings and bytes rather than copies.
         let line = RequestLine {
-            id: e.id,
-            at_unix_ms: e.at_unix_ms,
-            method: e.method.clone(),
-            path: redact_target(&e.target, self.obs.show_secrets),
-            status: e.status,
-            duration_ms: e.duration_ms,
-            bytes_in: e.req_body.size,
-            bytes_out: e.resp_body.size,
-            replay_of: e.replay_of,
-            error: e.error.clone(),
+            id: self.id,
+            at_unix_ms: self.at_unix_ms,
+            method: self.method.clone(),
+            path: redact_target(&self.target, self.obs.show_secrets),
+            status: self.status,
+            duration_ms: self.started.elapsed().as_millis() as u64,
+            bytes_in: self.req_body.lock().size,
+            bytes_out: self.resp_body.lock().size,
+            replay_of: self.replay_of,
+            error: self.error.clone(),
         };
-        if let Some(s) = &self.obs.store {
-            s.file(e);
+        if let Some(s) = self.obs.store.clone() {
+            let mut e = self.entry(state, true);
+            e.duration_ms = line.duration_ms;
+            s.file(e, self.slot);
         }
         self.obs.tell(ConsoleEvent::Request(line));
     }
@@ -605,13 +656,13 @@ pub struct Entry {
     /// Path and query as received.
     pub target: String,
     /// Request headers as received.
-    pub req_headers: Vec<(String, Bytes)>,
+    pub req_headers: Heads,
     /// Request body.
     pub req_body: BodyCapture,
     /// Status.
     pub status: Option<u16>,
     /// Response headers.
-    pub resp_headers: Vec<(String, Bytes)>,
+    pub resp_headers: Heads,
     /// Response body.
     pub resp_body: BodyCapture,
     /// Why it failed.
@@ -632,7 +683,7 @@ impl Entry {
         let heads: usize = self
             .req_headers
             .iter()
-            .chain(&self.resp_headers)
+            .chain(self.resp_headers.iter())
             .map(|(k, v)| k.len() + v.len() + 32)
             .sum();
         256 + self.target.len()
@@ -658,6 +709,9 @@ impl Entry {
 struct Ring {
     entries: VecDeque<Entry>,
     bytes: usize,
+    /// Entries ever dropped from the front: the entry filed as the `n`th (its slot, see
+    /// [`Store::file`]) sits at `n - dropped` while it is kept.
+    dropped: u64,
 }
 
 /// The requests kept for the inspector: a ring buffer bounded in count and bytes.
@@ -687,28 +741,48 @@ impl Store {
         self.updates.subscribe()
     }
 
-    /// Files (or updates) an entry, dropping the oldest until both caps hold.
-    fn file(&self, e: Entry) {
+    /// Files an entry, or updates the one filed in `slot` (what an earlier call
+    /// returned) if it is still kept; drops the oldest until both caps hold. Returns the
+    /// entry's slot: finding it again costs nothing, where a search through the ring
+    /// under its lock cost every request.
+    fn file(&self, e: Entry, slot: Option<u64>) -> u64 {
         let id = e.id;
-        {
+        let (slot, old) = {
             let mut r = self.ring.lock();
-            if let Some(pos) = r.entries.iter().rposition(|x| x.id == id) {
-                let old = std::mem::replace(&mut r.entries[pos], e);
-                r.bytes -= old.weight();
-                r.bytes += r.entries[pos].weight();
-            } else {
-                r.bytes += e.weight();
-                r.entries.push_back(e);
-            }
+            let at = slot.and_then(|s| {
+                let pos = usize::try_from(s.checked_sub(r.dropped)?).ok()?;
+                r.entries
+                    .get(pos)
+                    .is_some_and(|x| x.id == id)
+                    .then_some((s, pos))
+            });
+            let (slot, old) = match at {
+                Some((s, pos)) => {
+                    let w = e.weight();
+                    let old = std::mem::replace(&mut r.entries[pos], e);
+                    r.bytes = r.bytes - old.weight() + w;
+                    (s, Some(old))
+                }
+                None => {
+                    r.bytes += e.weight();
+                    r.entries.push_back(e);
+                    (r.dropped + r.entries.len() as u64 - 1, None)
+                }
+            };
             while r.entries.len() > self.cfg.max_entries
                 || (r.bytes > self.cfg.max_bytes && r.entries.len() > 1)
             {
                 if let Some(old) = r.entries.pop_front() {
                     r.bytes -= old.weight();
+                    r.dropped += 1;
                 }
             }
-        }
+            (slot, old)
+        };
+        // The replaced entry is freed outside the lock.
+        drop(old);
         let _ = self.updates.send(id);
+        slot
     }
 
     /// One entry, secrets and all (for replay).
@@ -788,6 +862,7 @@ impl Store {
     /// Drops every entry.
     pub fn clear(&self) {
         let mut r = self.ring.lock();
+        r.dropped += r.entries.len() as u64;
         r.entries.clear();
         r.bytes = 0;
     }
@@ -1096,13 +1171,13 @@ mod tests {
             duration_ms: 0,
             method: "GET".into(),
             target: "/".into(),
-            req_headers: vec![],
+            req_headers: Arc::new([]),
             req_body: BodyCapture {
                 data: Bytes::from(vec![b'x'; body]),
                 size: body as u64,
             },
             status: Some(200),
-            resp_headers: vec![],
+            resp_headers: Arc::new([]),
             resp_body: BodyCapture::default(),
             error: None,
             state: EntryState::Complete,
@@ -1123,12 +1198,12 @@ mod tests {
             ..InspectConfig::default()
         });
         for i in 1..=5 {
-            s.file(entry(i, 10));
+            s.file(entry(i, 10), None);
         }
         assert_eq!(s.usage().0, 3);
         assert!(s.get(2).is_none() && s.get(3).is_some());
         for i in 6..=9 {
-            s.file(entry(i, 1000));
+            s.file(entry(i, 1000), None);
         }
         let (n, bytes) = s.usage();
         assert!(bytes <= 2600, "{bytes}");
@@ -1137,10 +1212,40 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_filed_again_by_its_slot_is_updated_in_place_unless_dropped() {
+        let s = Store::new(InspectConfig {
+            max_entries: 3,
+            ..InspectConfig::default()
+        });
+        let one = s.file(entry(1, 10), None);
+        let two = s.file(entry(2, 10), None);
+        let mut done = entry(1, 20);
+        done.duration_ms = 7;
+        assert_eq!(s.file(done, Some(one)), one);
+        assert_eq!(s.usage().0, 2);
+        assert_eq!(s.get(1).map(|e| e.duration_ms), Some(7));
+        assert_eq!(s.get(1).map(|e| e.req_body.size), Some(20));
+        // 3 and 4 push 1 out; filing 2 by its slot still finds it.
+        s.file(entry(3, 10), None);
+        s.file(entry(4, 10), None);
+        assert!(s.get(1).is_none());
+        assert_eq!(s.file(entry(2, 30), Some(two)), two);
+        assert_eq!(s.usage().0, 3);
+        // An entry dropped meanwhile (evicted, or cleared) comes back as a new one.
+        let late = s.file(entry(1, 10), Some(one));
+        assert_ne!(late, one);
+        assert!(s.get(1).is_some() && s.get(2).is_none());
+        s.clear();
+        s.file(entry(5, 10), Some(late));
+        assert_eq!(s.usage().0, 1);
+        assert!(s.get(5).is_some());
+    }
+
+    #[test]
     fn capture_keeps_the_cap_and_counts_everything() {
         let mut c = Capture::new(5);
-        c.push(b"abc");
-        c.push(b"defgh");
+        c.push(b"abc", None);
+        c.push(b"defgh", None);
         assert_eq!(c.data, b"abcde");
         assert_eq!(c.size, 8);
         assert!(c.truncated());

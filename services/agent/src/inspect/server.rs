@@ -334,7 +334,7 @@ async fn replay(ins: &Inspector, orig: super::Entry, body: &[u8]) -> Response<Bo
     };
     // A header shown redacted and sent back unchanged keeps the original's value.
     let headers = match edit.headers {
-        None => orig.req_headers.clone(),
+        None => orig.req_headers.to_vec(),
         Some(hs) => hs
             .into_iter()
             .map(|(k, v)| {
