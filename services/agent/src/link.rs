@@ -57,6 +57,11 @@ pub struct Link {
     pub welcome: Welcome,
 }
 
+/// The agent's WebSocket read buffer. The edge reads through a small buffer over a
+/// read-ahead (`netbore_mux::readahead`), so its thousands of idle links hold little;
+/// an agent holds a few links, and reads bulk uploads in 32 KiB calls instead.
+const AGENT_WS_READ_BUFFER: usize = 32 * 1024;
+
 /// Connects to `url` (ws:// or wss://) and completes the handshake.
 pub async fn connect(
     url: &str,
@@ -73,7 +78,7 @@ pub async fn connect(
     let fut = async {
         let (mut ws, _) = tokio_tungstenite::connect_async_tls_with_config(
             url,
-            Some(ws_config(MAX_EDGE_MESSAGE)),
+            Some(ws_config(MAX_EDGE_MESSAGE).read_buffer_size(AGENT_WS_READ_BUFFER)),
             true,
             Some(Connector::Rustls(tls)),
         )
