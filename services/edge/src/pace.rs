@@ -205,6 +205,11 @@ pub fn head_cost<B>(req: &http::Request<B>) -> u64 {
     (fields + target + req.method().as_str().len()) as u64
 }
 
+/// Set on a response refused for overload (429 `client_overloaded` / `client_busy`):
+/// the refused head's [`head_cost`], which the connection charges its client.
+#[derive(Debug, Clone, Copy)]
+pub struct Refused(pub u64);
+
 /// A connection's account, held for as long as the connection is open.
 pub struct Held {
     pacer: Arc<Pacer>,

@@ -181,16 +181,11 @@ async fn serve_conn<S>(
         let edge = edge.clone();
         // Held until the response is written (or abandoned): the connection is busy.
         let busy = act.begin();
-        let cost = crate::pace::head_cost(&req);
         let account = account.clone();
         async move {
             let resp = handle(edge, req, peer).await;
-            if resp
-                .headers()
-                .get(crate::errors::ERROR_HEADER)
-                .is_some_and(|c| c == "client_overloaded" || c == "client_busy")
-            {
-                account.charge(cost);
+            if let Some(crate::pace::Refused(cost)) = resp.extensions().get() {
+                account.charge(*cost);
             }
             Ok::<_, Infallible>(resp.map(|inner| Busy { inner, _busy: busy }))
         }
@@ -554,7 +549,20 @@ async fn proxy(
     let json = pending.as_ref().is_some_and(|r| wants_json(r.headers()));
     match proxy_phases(edge, pending, host, name, view, via, json).await {
         Ok(resp) => resp,
-        Err(e) => e.response(json),
+        Err(e) => {
+            let overload = matches!(
+                e.error,
+                ViewerError::ClientBusy | ViewerError::ClientOverloaded
+            );
+            let mut resp = e.response(json);
+            // What the connection charges its client for this refusal (crate::pace);
+            // measured only here, off the path of requests that are served.
+            if overload && let Some(req) = pending.as_ref() {
+                resp.extensions_mut()
+                    .insert(crate::pace::Refused(crate::pace::head_cost(req)));
+            }
+            resp
+        }
     }
 }
 
