@@ -1,6 +1,6 @@
 //! Runs the Netbore tunnel protocol over one WebSocket connection.
 //!
-//! A [`Mux`] owns a WebSocket after the handshake and carries many concurrent streams on
+//! A [`Mux`] owns a WebSocket ([`WsLink`], framing of our own) after the handshake and carries many concurrent streams on
 //! it. The edge opens streams with [`Mux::open`]; the agent takes them from
 //! [`Incoming`]. Each stream is a [`StreamSender`] and a [`StreamReceiver`], usable from
 //! different tasks.
@@ -20,7 +20,7 @@
 
 pub mod body;
 pub mod fair;
-pub mod readahead;
+pub mod link;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -30,18 +30,19 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::{SinkExt, StreamExt};
 use netbore_protocol::conn::{
     Config as ConnConfig, Connection, ConnectionError, Event as ConnEvent, OpError, Refusal,
 };
+use netbore_protocol::ws::{MAX_HEADER_LEN, OpCode, WsMessage};
 use netbore_protocol::{AgentStatus, Header, Limits, RequestHead, ResetCode, ResponseHead};
 use parking_lot::Mutex;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{Notify, mpsc};
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
+
+pub use link::WsLink;
+use link::{Framer, Reader};
 
 pub use netbore_protocol::conn::{
     HEARTBEAT_MISSES, MAX_DATA_CHUNK, MAX_LINK_HEAD_BYTES, MAX_QUEUED_FRAMES, STREAM_ID_RETIRE,
@@ -60,15 +61,13 @@ pub const CORK_BELOW: usize = 16 * 1024;
 /// batch ([`MAX_BATCH_BYTES`] plus a frame), so this allows links down to ~10 KB/s.
 pub const DEFAULT_WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Bytes tungstenite allocates up front per connection for reading, and reads at most
-/// per call. Small, so an idle link holds little: under bulk load the socket is read
-/// [`readahead::READ_AHEAD`] bytes at a time by a [`readahead::ReadAhead`] under the
-/// WebSocket, which serves these small reads from memory it holds only while data flows.
+/// Bytes tungstenite allocates for reading during the upgrade; the link takes the
+/// socket back right after it ([`WsLink::after_upgrade`]) and reads through its own
+/// buffer ([`link::READ_COLD`] while traffic is light, none while idle).
 pub const WS_READ_BUFFER: usize = 4 * 1024;
 
-/// The WebSocket settings both ends use for the tunnel link: messages bounded by
-/// `max_message` (a batch plus one frame), and a bounded write buffer so a stalled
-/// peer cannot make us queue without limit inside tungstenite.
+/// The WebSocket settings both ends give tokio-tungstenite for the upgrade (the link's
+/// frames are read by [`WsLink`], bounded by the same `max_message`).
 pub fn ws_config(max_message: usize) -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
     tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .read_buffer_size(WS_READ_BUFFER)
@@ -536,7 +535,7 @@ impl Mux {
     /// agent role, the stream of incoming streams. The connection closes when `cancel`
     /// fires, the peer goes away, or the link dies.
     pub fn start<S>(
-        ws: WebSocketStream<S>,
+        ws: WsLink<S>,
         cfg: MuxConfig,
         cancel: CancellationToken,
     ) -> (Mux, Option<Incoming>)
@@ -551,7 +550,7 @@ impl Mux {
     /// its welcome after the tunnel is routable, so an agent never announces a URL
     /// the edge does not serve yet.
     pub fn start_with_greeting<S>(
-        ws: WebSocketStream<S>,
+        ws: WsLink<S>,
         cfg: MuxConfig,
         cancel: CancellationToken,
         greeting: String,
@@ -565,7 +564,7 @@ impl Mux {
     }
 
     fn start_inner<S>(
-        ws: WebSocketStream<S>,
+        ws: WsLink<S>,
         cfg: MuxConfig,
         cancel: CancellationToken,
         greeting: Option<(String, tokio::sync::oneshot::Receiver<()>)>,
@@ -1164,57 +1163,104 @@ impl Drop for StreamReceiver {
     }
 }
 
-type WsSink<S> = futures_util::stream::SplitSink<WebSocketStream<S>, Message>;
-type Write<S> = Pin<Box<dyn Future<Output = (WsSink<S>, Result<(), String>)> + Send>>;
+type Write<S> = Pin<Box<dyn Future<Output = (WriteHalf<S>, Result<(), String>)> + Send>>;
 
-/// One write of `msg`, bounded by the stall timeout; gives the sink back.
-fn write<S>(mut sink: WsSink<S>, msg: Message, stall: Duration) -> Write<S>
+/// One write of the whole `frame`, bounded by the stall timeout; gives the half back.
+fn write<S>(mut w: WriteHalf<S>, frame: BytesMut, stall: Duration) -> Write<S>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Send + 'static,
 {
     Box::pin(async move {
-        let r = match tokio::time::timeout(stall, sink.send(msg)).await {
+        let r = match tokio::time::timeout(stall, async {
+            w.write_all(&frame).await?;
+            w.flush().await
+        })
+        .await
+        {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(format!("write failed: {e}")),
             Err(_) => Err(format!(
                 "the peer stopped reading: a write made no progress for {stall:?}"
             )),
         };
-        (sink, r)
+        (w, r)
     })
 }
 
-/// The frames waiting, as one message of at most about [`MAX_BATCH_BYTES`]. A small
-/// batch waits one turn of the scheduler first, so frames queued right behind it
+/// The frames waiting, as one WebSocket frame of at most about [`MAX_BATCH_BYTES`],
+/// built in place: the protocol frames are encoded after room for the header, which
+/// [`Framer::seal`] fills in (masking the payload where it lies on the agent side). A
+/// small batch waits one turn of the scheduler first, so frames queued right behind it
 /// (a response's data behind its head) share its write.
-async fn next_batch(shared: &Shared, buf: &mut BytesMut) -> Option<Message> {
-    if shared.inner.lock().conn.transmit_into(buf, MAX_BATCH_BYTES) == 0 {
+async fn next_batch(shared: &Shared, buf: &mut BytesMut, framer: Framer) -> Option<BytesMut> {
+    let limit = MAX_BATCH_BYTES + MAX_HEADER_LEN;
+    Framer::start(buf);
+    if shared.inner.lock().conn.transmit_into(buf, limit) == 0 {
+        buf.clear();
         return None;
     }
     if buf.len() < CORK_BELOW {
         tokio::task::yield_now().await;
-        shared.inner.lock().conn.transmit_into(buf, MAX_BATCH_BYTES);
+        shared.inner.lock().conn.transmit_into(buf, limit);
     }
-    let msg = Message::Binary(buf.split().freeze());
+    framer.seal(OpCode::Binary, buf);
+    let batch = buf.split();
     if buf.capacity() > 4 * MAX_BATCH_BYTES {
         *buf = BytesMut::new();
     }
-    Some(msg)
+    Some(batch)
+}
+
+/// What one message read from the link means for the driver: `Some(reason)` ends it.
+fn on_message(
+    shared: &Arc<Shared>,
+    framer: Framer,
+    pong: &mut Option<BytesMut>,
+    msg: std::io::Result<Option<WsMessage>>,
+) -> Option<String> {
+    match msg {
+        Ok(None | Some(WsMessage::Close(_))) => Some("peer closed the connection".to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            Some(format!("protocol error: {e}"))
+        }
+        Err(e) => Some(format!("read failed: {e}")),
+        Ok(Some(WsMessage::Text(_))) => {
+            Some("protocol error: text message after the handshake".to_string())
+        }
+        Ok(Some(m @ (WsMessage::Ping(_) | WsMessage::Pong(_)))) => {
+            if let WsMessage::Ping(p) = m {
+                // Only the latest ping needs its pong (RFC 6455 §5.5.3).
+                *pong = Some(framer.frame(OpCode::Pong, &p));
+            }
+            let now = shared.now();
+            shared.inner.lock().conn.heard(now);
+            None
+        }
+        Ok(Some(WsMessage::Binary(data))) => {
+            let mut inner = shared.inner.lock();
+            let now = shared.now();
+            let r = inner.conn.handle_message(now, data);
+            shared.after(&mut inner);
+            r.err().map(|e| e.to_string())
+        }
+    }
 }
 
 /// The one task that owns a link's socket: it reads, writes and runs the
 /// connection's timer, so the state machine sees events in one order.
 async fn drive<S>(
     shared: Arc<Shared>,
-    ws: WebSocketStream<S>,
+    link: WsLink<S>,
     mut greeting: Option<(String, tokio::sync::oneshot::Receiver<()>)>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let stall = shared.cfg.write_stall_timeout;
-    let (sink, mut stream) = ws.split();
-    let mut sink = Some(sink);
+    let (io, mut reader, framer): (S, Reader, Framer) = link.into_parts();
+    let (mut rd, w): (ReadHalf<S>, WriteHalf<S>) = tokio::io::split(io);
+    let mut sink = Some(w);
     let mut writing: Option<Write<S>> = None;
+    let mut pong: Option<BytesMut> = None;
     // Grows with the batches written; given back when the link is quiet (below).
     let mut buf = BytesMut::new();
     loop {
@@ -1223,9 +1269,13 @@ async fn drive<S>(
             && greeting.is_none()
             && let Some(s) = sink.take()
         {
-            match next_batch(&shared, &mut buf).await {
-                Some(msg) => writing = Some(write(s, msg, stall)),
-                None => sink = Some(s),
+            if let Some(p) = pong.take() {
+                writing = Some(write(s, p, stall));
+            } else {
+                match next_batch(&shared, &mut buf, framer).await {
+                    Some(batch) => writing = Some(write(s, batch, stall)),
+                    None => sink = Some(s),
+                }
             }
         }
         let deadline = shared
@@ -1247,7 +1297,7 @@ async fn drive<S>(
                     break;
                 }
                 let s = sink.take().expect("no write before the greeting");
-                writing = Some(write(s, Message::text(text), stall));
+                writing = Some(write(s, framer.frame(OpCode::Text, text.as_bytes()), stall));
             }
             done = async { writing.as_mut().expect("guarded").await }, if writing.is_some() => {
                 writing = None;
@@ -1261,25 +1311,8 @@ async fn drive<S>(
                     break;
                 }
             }
-            msg = stream.next() => {
-                let reason = match msg {
-                    None | Some(Ok(Message::Close(_))) => Some("peer closed the connection".to_string()),
-                    Some(Err(e)) => Some(format!("read failed: {e}")),
-                    Some(Ok(Message::Text(_))) => Some("protocol error: text message after the handshake".to_string()),
-                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {
-                        let now = shared.now();
-                        shared.inner.lock().conn.heard(now);
-                        None
-                    }
-                    Some(Ok(Message::Binary(data))) => {
-                        let mut inner = shared.inner.lock();
-                        let now = shared.now();
-                        let r = inner.conn.handle_message(now, data);
-                        shared.after(&mut inner);
-                        r.err().map(|e| e.to_string())
-                    }
-                };
-                if let Some(reason) = reason {
+            msg = reader.recv(&mut rd) => {
+                if let Some(reason) = on_message(&shared, framer, &mut pong, msg) {
                     shared.close(&reason);
                     break;
                 }
@@ -1301,6 +1334,7 @@ async fn drive<S>(
                 if buf.is_empty() {
                     buf = BytesMut::new();
                 }
+                reader.shrink_idle();
                 inner.conn.handle_timeout(now);
                 shared.after(&mut inner);
                 if inner.conn.is_closed() {
@@ -1324,7 +1358,7 @@ async fn drive<S>(
     if peer_fault {
         drop(writing.take());
         drop(sink.take());
-        drop(stream);
+        drop(rd);
     }
     // Otherwise flush what is queued (a go-away, the last resets) then close politely,
     // unless the peer has stopped reading.
@@ -1340,21 +1374,24 @@ async fn drive<S>(
         if greeting.is_none() {
             loop {
                 let mut buf = BytesMut::new();
+                Framer::start(&mut buf);
                 if shared
                     .inner
                     .lock()
                     .conn
-                    .transmit_into(&mut buf, MAX_BATCH_BYTES)
+                    .transmit_into(&mut buf, MAX_BATCH_BYTES + MAX_HEADER_LEN)
                     == 0
                 {
                     break;
                 }
-                if s.send(Message::Binary(buf.freeze())).await.is_err() {
+                framer.seal(OpCode::Binary, &mut buf);
+                if s.write_all(&buf).await.is_err() {
                     return;
                 }
             }
         }
-        let _ = s.close().await;
+        let _ = s.write_all(&framer.close(1000)).await;
+        let _ = s.shutdown().await;
     })
     .await;
     shared.inner.lock().writer_done = true;

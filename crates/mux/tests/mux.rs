@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use netbore_mux::{Event, Mux, MuxConfig, Role};
+use netbore_mux::{Event, Mux, MuxConfig, Role, WsLink};
 use netbore_protocol::{Header, Limits, RequestHead, ResetCode, ResponseHead};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
@@ -11,8 +11,8 @@ use tokio_util::sync::CancellationToken;
 
 async fn pair(limits: Limits) -> (Mux, Mux, netbore_mux::Incoming) {
     let (a, b) = tokio::io::duplex(64 * 1024);
-    let edge_ws = WebSocketStream::from_raw_socket(a, WsRole::Server, None).await;
-    let agent_ws = WebSocketStream::from_raw_socket(b, WsRole::Client, None).await;
+    let edge_ws = WsLink::server(a, 1 << 20);
+    let agent_ws = WsLink::client(b, 1 << 20);
     let cfg = |role| MuxConfig {
         role,
         limits,
@@ -253,7 +253,8 @@ async fn concurrent_opens_reach_the_agent_in_id_order() {
 async fn a_head_with_too_many_fields_refuses_only_its_stream() {
     let (a, b) = tokio::io::duplex(1 << 20);
     let mut edge_ws = WebSocketStream::from_raw_socket(a, WsRole::Server, None).await;
-    let agent_ws = WebSocketStream::from_raw_socket(b, WsRole::Client, None).await;
+    // tungstenite plays the edge: the link's own framing interoperates with it.
+    let agent_ws = WsLink::client(b, 1 << 20);
     let cfg = MuxConfig {
         role: Role::Agent,
         limits: Limits::default(),

@@ -3,12 +3,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
-use netbore_mux::{Incoming, Mux, MuxConfig, Role, ws_config};
+use netbore_mux::{Incoming, Mux, MuxConfig, Role, WsLink, ws_config};
 use netbore_protocol::handshake::{CAP_H2, CAP_UPGRADE, MAX_HANDSHAKE_LEN, RefusalCode};
+use netbore_protocol::ws::WsMessage;
 use netbore_protocol::{AgentHello, EdgeReply, PROTOCOL_VERSION, Welcome};
 use tokio_tungstenite::Connector;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 /// Time allowed for TCP, TLS, the WebSocket upgrade and the hello/welcome exchange.
@@ -57,11 +56,6 @@ pub struct Link {
     pub welcome: Welcome,
 }
 
-/// The agent's WebSocket read buffer. The edge reads through a small buffer over a
-/// read-ahead (`netbore_mux::readahead`), so its thousands of idle links hold little;
-/// an agent holds a few links, and reads bulk uploads in 32 KiB calls instead.
-const AGENT_WS_READ_BUFFER: usize = 32 * 1024;
-
 /// Connects to `url` (ws:// or wss://) and completes the handshake.
 pub async fn connect(
     url: &str,
@@ -76,14 +70,17 @@ pub async fn connect(
         reason,
     };
     let fut = async {
-        let (mut ws, _) = tokio_tungstenite::connect_async_tls_with_config(
+        let (upgraded, _) = tokio_tungstenite::connect_async_tls_with_config(
             url,
-            Some(ws_config(MAX_EDGE_MESSAGE).read_buffer_size(AGENT_WS_READ_BUFFER)),
+            Some(ws_config(MAX_EDGE_MESSAGE)),
             true,
             Some(Connector::Rustls(tls)),
         )
         .await
         .map_err(|e| fail(e.to_string()))?;
+        // From here on the link's own framing (netbore_mux::link): the edge sends
+        // nothing before our hello, so tungstenite holds nothing read past the 101.
+        let mut ws = WsLink::after_upgrade(upgraded, true, MAX_EDGE_MESSAGE);
         let hello = AgentHello {
             version: PROTOCOL_VERSION,
             token: token.to_string(),
@@ -92,23 +89,31 @@ pub async fn connect(
             agent: format!("netbore/{}", env!("CARGO_PKG_VERSION")),
             instance_id: instance_id.to_string(),
         };
-        ws.send(Message::text(
-            serde_json::to_string(&hello).expect("serializable"),
-        ))
-        .await
-        .map_err(|e| fail(format!("sending hello: {e}")))?;
+        ws.send_text(&serde_json::to_string(&hello).expect("serializable"))
+            .await
+            .map_err(|e| fail(format!("sending hello: {e}")))?;
         let reply = loop {
-            match ws.next().await {
-                Some(Ok(Message::Text(t))) if t.len() <= MAX_HANDSHAKE_LEN => {
-                    break serde_json::from_str::<EdgeReply>(t.as_str())
+            match ws.recv().await {
+                Ok(Some(WsMessage::Text(t))) if t.len() <= MAX_HANDSHAKE_LEN => {
+                    break serde_json::from_slice::<EdgeReply>(&t)
                         .map_err(|e| fail(format!("edge sent an invalid handshake reply: {e}")))?;
                 }
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                Some(Ok(other)) => {
-                    return Err(fail(format!("edge sent {other:?} instead of a welcome")));
+                Ok(Some(WsMessage::Pong(_))) => continue,
+                Ok(Some(WsMessage::Close(_)) | None) => {
+                    return Err(fail("edge closed during the handshake".into()));
                 }
-                Some(Err(e)) => return Err(fail(format!("reading the welcome: {e}"))),
-                None => return Err(fail("edge closed during the handshake".into())),
+                Ok(Some(other)) => {
+                    return Err(fail(format!(
+                        "edge sent {} instead of a welcome",
+                        match other {
+                            WsMessage::Text(t) => format!("a text message of {} bytes", t.len()),
+                            WsMessage::Binary(b) =>
+                                format!("a binary message of {} bytes", b.len()),
+                            _ => "a control frame".to_string(),
+                        }
+                    )));
+                }
+                Err(e) => return Err(fail(format!("reading the welcome: {e}"))),
             }
         };
         match reply {

@@ -9,15 +9,14 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
-use netbore_mux::{Mux, MuxConfig, Role, ws_config};
+use netbore_mux::{Mux, MuxConfig, Role, WsLink, ws_config};
 use netbore_protocol::handshake::{MAX_HANDSHAKE_LEN, MAX_INSTANCE_ID_LEN, RefusalCode};
+use netbore_protocol::ws::WsMessage;
 use netbore_protocol::{AgentHello, EdgeReply, PROTOCOL_VERSION, Refusal, Welcome};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use tokio_tungstenite::tungstenite::{Message, http};
+use tokio_tungstenite::tungstenite::http;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -80,12 +79,10 @@ where
             Err(e)
         }
     };
-    let mut ws = tokio::time::timeout(
+    let upgraded = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         tokio_tungstenite::accept_hdr_async_with_config(
-            // A small WebSocket read buffer over a read-ahead that exists only while
-            // data flows: an idle link holds a few KiB (issue 16).
-            netbore_mux::readahead::ReadAhead::new(io),
+            io,
             check_path,
             Some(ws_config(MAX_AGENT_MESSAGE)),
         ),
@@ -93,46 +90,63 @@ where
     .await
     .map_err(|_| "websocket upgrade timed out".to_string())?
     .map_err(|e| format!("websocket upgrade failed: {e}"))?;
+    // From here on the link's own framing (netbore_mux::link): the agent sends its
+    // hello only once it has the 101, so tungstenite holds nothing read past it.
+    let mut ws = WsLink::after_upgrade(upgraded, false, MAX_AGENT_MESSAGE);
 
-    let hello =
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, ws.next()).await {
-            Err(_) => {
-                return refuse(
-                    &edge,
-                    &mut ws,
-                    RefusalCode::MalformedHello,
-                    "no hello within the handshake timeout",
-                    false,
-                )
-                .await;
-            }
-            Ok(None) | Ok(Some(Err(_))) => return Err("agent left during the handshake".into()),
-            Ok(Some(Ok(Message::Text(t)))) if t.len() <= MAX_HANDSHAKE_LEN => {
-                match serde_json::from_str::<AgentHello>(t.as_str()) {
-                    Ok(h) => h,
-                    Err(e) => {
-                        return refuse(
-                            &edge,
-                            &mut ws,
-                            RefusalCode::MalformedHello,
-                            &format!("the hello is not valid: {e}"),
-                            false,
-                        )
-                        .await;
-                    }
-                }
-            }
-            Ok(Some(Ok(_))) => {
-                return refuse(&edge, &mut ws,
+    let malformed =
+        format!("the first message must be a JSON hello of at most {MAX_HANDSHAKE_LEN} bytes");
+    let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, ws.recv()).await {
+        Err(_) => {
+            return refuse(
+                &edge,
+                &mut ws,
                 RefusalCode::MalformedHello,
-                &format!(
-                    "the first message must be a JSON hello of at most {MAX_HANDSHAKE_LEN} bytes"
-                ),
+                "no hello within the handshake timeout",
                 false,
             )
             .await;
+        }
+        Ok(Ok(None | Some(WsMessage::Close(_)))) => {
+            return Err("agent left during the handshake".into());
+        }
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+            return refuse(
+                &edge,
+                &mut ws,
+                RefusalCode::MalformedHello,
+                &format!("{malformed}; the WebSocket frame is not valid: {e}"),
+                false,
+            )
+            .await;
+        }
+        Ok(Err(_)) => return Err("agent left during the handshake".into()),
+        Ok(Ok(Some(WsMessage::Text(t)))) if t.len() <= MAX_HANDSHAKE_LEN => {
+            match serde_json::from_slice::<AgentHello>(&t) {
+                Ok(h) => h,
+                Err(e) => {
+                    return refuse(
+                        &edge,
+                        &mut ws,
+                        RefusalCode::MalformedHello,
+                        &format!("the hello is not valid: {e}"),
+                        false,
+                    )
+                    .await;
+                }
             }
-        };
+        }
+        Ok(Ok(Some(_))) => {
+            return refuse(
+                &edge,
+                &mut ws,
+                RefusalCode::MalformedHello,
+                &malformed,
+                false,
+            )
+            .await;
+        }
+    };
     if hello.version != PROTOCOL_VERSION {
         return refuse(&edge, &mut ws,
             RefusalCode::UnsupportedVersion,
@@ -498,7 +512,7 @@ async fn name_held_elsewhere(edge: &Edge, name: &str, tunnel_id: &str) -> Option
 
 async fn refuse<S>(
     edge: &Edge,
-    ws: &mut WebSocketStream<netbore_mux::readahead::ReadAhead<S>>,
+    ws: &mut WsLink<S>,
     code: RefusalCode,
     message: &str,
     retryable: bool,
@@ -516,11 +530,11 @@ where
         message: message.to_string(),
         retryable,
     });
-    let _ = ws
-        .send(Message::text(
-            serde_json::to_string(&reply).expect("serializable"),
-        ))
-        .await;
-    let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        ws.send_text(&serde_json::to_string(&reply).expect("serializable"))
+            .await?;
+        ws.close(1000).await
+    })
+    .await;
     Err(format!("refused ({code:?}): {message}"))
 }
