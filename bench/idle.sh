@@ -11,13 +11,16 @@
 # idle tool) ÷ tunnels, for RSS and for anonymous memory (RSS less file pages); "tool per
 # link" is the anonymous memory of the process holding the agent ends of the links
 # divided by its links. Prints
-# `name value` lines. NETBORE_BENCH_BIN=DIR runs the binaries found in DIR instead of
+# `name value` lines; `..._settled_bytes` is read IDLE_SETTLE seconds (default 30) later,
+# once the links have been quiet for a heartbeat interval and freed memory has decayed. NETBORE_BENCH_BIN=DIR runs the binaries found in DIR instead of
 # building them (to compare two builds). Uses loopback ports 18180-18185; takes the
 # machine-wide benchmark lock like bench/run.sh.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 STEPS=("$@")
+# Seconds to wait after each step before the "settled" figure (0: none).
+SETTLE=${IDLE_SETTLE:-30}
 [[ ${#STEPS[@]} == 0 ]] && STEPS=(1000 10000)
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 
@@ -52,6 +55,14 @@ wait_port() {
 }
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 anon_kib() { awk '/^Anonymous/ {print $2}' "/proc/$1/smaps_rollup"; }
+# The edge's heap as jemalloc sees it (allocated, active, metadata, resident bytes), from
+# its /metrics; zeros when the build does not export them.
+heap() {
+    curl -s "http://127.0.0.1:$P_ADMIN/metrics" | awk '
+        /^netbore_heap_allocated_bytes / {a = $2} /^netbore_heap_active_bytes / {c = $2}
+        /^netbore_heap_metadata_bytes / {m = $2} /^netbore_heap_resident_bytes / {r = $2}
+        END {printf "%d %d %d %d\n", a, c, m, r}'
+}
 
 P_ORIGIN=18180 P_REST=18181 P_GRPC=18182 P_PUBLIC=18183 P_AGENTS=18184 P_ADMIN=18185
 if [[ -n ${NETBORE_BENCH_BIN:-} ]]; then
@@ -100,6 +111,7 @@ echo "agent_anon_kib $(anon_kib "$AGENT")"
 base_rss=$(rss_kib "$EDGE") base_anon=$(anon_kib "$EDGE")
 echo "edge_base_rss_kib $base_rss"
 echo "edge_base_anon_kib $base_anon"
+read -r base_alloc base_active base_meta base_res <<<"$(heap)"
 have=0 prev=0
 for n in "${STEPS[@]}"; do
     start "idle-$n" "$TOOL" idle "http://127.0.0.1:$P_REST" $((n - have))
@@ -120,6 +132,20 @@ for n in "${STEPS[@]}"; do
     echo "edge_rss_${n}_kib $rss"
     echo "edge_per_tunnel_rss_${n}_bytes $(((rss - base_rss) * 1024 / n))"
     echo "edge_per_tunnel_anon_${n}_bytes $(((anon - base_anon) * 1024 / n))"
+    # Idle for real: past a heartbeat interval (15 s: the links give their burst's
+    # buffers back) and jemalloc's 10 s decay (freed handshake memory leaves RSS).
+    if [[ $SETTLE -gt 0 ]]; then
+        sleep "$SETTLE"
+        rss=$(rss_kib "$EDGE")
+        echo "edge_per_tunnel_rss_${n}_settled_bytes $(((rss - base_rss) * 1024 / n))"
+        # Where it goes: live allocations, the pages holding them, bookkeeping, and
+        # all the resident pages jemalloc maps.
+        read -r alloc active meta res <<<"$(heap)"
+        echo "edge_per_tunnel_heap_allocated_${n}_bytes $(((alloc - base_alloc) / n))"
+        echo "edge_per_tunnel_heap_active_${n}_bytes $(((active - base_active) / n))"
+        echo "edge_per_tunnel_heap_metadata_${n}_bytes $(((meta - base_meta) / n))"
+        echo "edge_per_tunnel_heap_resident_${n}_bytes $(((res - base_res) / n))"
+    fi
     # Each step's tool holds only the links it opened (its own start-up memory included).
     echo "tool_per_link_anon_${n}_bytes $(($(anon_kib "$t") * 1024 / (n - prev)))"
     prev=$n

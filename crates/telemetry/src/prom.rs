@@ -447,7 +447,34 @@ impl Collector for ProcessCollector {
             "process_start_time_seconds",
             "Start time of the process since unix epoch in seconds.",
             s.start_time_seconds,
-        )
+        )?;
+        if let Some(h) = crate::memory::heap_stats() {
+            for (name, help, v) in [
+                (
+                    "netbore_heap_allocated_bytes",
+                    "Bytes in live heap allocations (jemalloc stats.allocated).",
+                    h.allocated,
+                ),
+                (
+                    "netbore_heap_active_bytes",
+                    "Bytes in heap pages holding live allocations, rounding included (jemalloc stats.active).",
+                    h.active,
+                ),
+                (
+                    "netbore_heap_metadata_bytes",
+                    "Bytes of the allocator's own bookkeeping (jemalloc stats.metadata).",
+                    h.metadata,
+                ),
+                (
+                    "netbore_heap_resident_bytes",
+                    "Bytes of resident pages the allocator maps, freed pages not yet purged included (jemalloc stats.resident).",
+                    h.resident,
+                ),
+            ] {
+                gauge(&mut encoder, name, help, int(v))?;
+            }
+        }
+        Ok(())
     }
 }
 

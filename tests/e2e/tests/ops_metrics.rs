@@ -538,6 +538,20 @@ async fn scrape_both(what: &str, addr: SocketAddr) -> HashMap<String, f64> {
         .samples[0]
         .1;
     assert!(rss > 1e6, "{what}: resident memory {rss} bytes");
+    // jemalloc's view of the heap: live allocations within the pages holding them,
+    // within all the resident pages it maps (an upper bound, so not held to RSS).
+    let heap = |name: &str| {
+        assert_eq!(kind(&c, name), "gauge", "{what}: {name}");
+        c.iter().find(|f| f.name == name).unwrap().samples[0].1
+    };
+    let allocated = heap("netbore_heap_allocated_bytes");
+    let active = heap("netbore_heap_active_bytes");
+    let resident = heap("netbore_heap_resident_bytes");
+    assert!(heap("netbore_heap_metadata_bytes") > 0.0, "{what}");
+    assert!(
+        allocated > 1e5 && allocated <= active && active <= resident,
+        "{what}: heap allocated {allocated}, active {active}, resident {resident}"
+    );
 
     // The same series in both formats, with the same names and labels.
     let keys = |fams: &[Family]| {
