@@ -28,6 +28,12 @@ pub const READ_COLD: usize = 2 * 1024;
 /// Spare bytes a read is offered after a read that filled what it was offered.
 pub const READ_HOT: usize = 64 * 1024;
 
+/// Spare bytes a read is offered on a link that has been quiet for a heartbeat
+/// interval ([`Reader::shrink_idle`]), until a read fills them: heartbeats fit, and an
+/// idle link holds this much rather than [`READ_COLD`]. The first burst after the quiet
+/// costs one extra read.
+pub const READ_IDLE: usize = 256;
+
 /// The read half of a link: the buffer, the fragment reassembly and the limits.
 #[derive(Debug)]
 pub struct Reader {
@@ -39,6 +45,8 @@ pub struct Reader {
     max: usize,
     /// The last read filled all it was offered.
     hot: bool,
+    /// Quiet since the last [`Reader::shrink_idle`]: reads are offered [`READ_IDLE`].
+    idle: bool,
 }
 
 impl Reader {
@@ -49,6 +57,7 @@ impl Reader {
             masked,
             max,
             hot: false,
+            idle: false,
         }
     }
 
@@ -64,7 +73,13 @@ impl Reader {
                 return Ok(Some(m));
             }
             let want = needed(&self.buf, self.masked, self.max);
-            let offer = want.max(if self.hot { READ_HOT } else { READ_COLD });
+            let offer = want.max(if self.hot {
+                READ_HOT
+            } else if self.idle {
+                READ_IDLE
+            } else {
+                READ_COLD
+            });
             self.buf.reserve(offer);
             let spare = self.buf.capacity() - self.buf.len();
             let n = io.read_buf(&mut self.buf).await?;
@@ -72,6 +87,7 @@ impl Reader {
                 return Ok(None);
             }
             self.hot = n == spare;
+            self.idle &= !self.hot;
         }
     }
 
@@ -86,11 +102,13 @@ impl Reader {
         Ok(None)
     }
 
-    /// Gives the buffer's memory back when nothing is in it (an idle link).
+    /// Gives the buffer's memory back when nothing is in it (an idle link); reads are
+    /// then offered [`READ_IDLE`] until one fills it.
     pub fn shrink_idle(&mut self) {
         if self.buf.is_empty() {
             self.buf = BytesMut::new();
             self.hot = false;
+            self.idle = true;
         }
     }
 
@@ -330,5 +348,22 @@ mod tests {
         );
         us.reader.shrink_idle();
         assert_eq!(us.reader.held(), 0);
+        // Quiet: a heartbeat-sized message is read into READ_IDLE bytes, and stays so.
+        for _ in 0..3 {
+            them.send(Message::Binary(vec![2u8; 20].into()))
+                .await
+                .unwrap();
+            us.recv().await.unwrap();
+            assert!(us.reader.held() <= READ_IDLE, "{}", us.reader.held());
+        }
+        // A burst after the quiet is read whole (the filled read turns the link hot).
+        them.send(Message::Binary(vec![3u8; 5000].into()))
+            .await
+            .unwrap();
+        assert_eq!(
+            us.recv().await.unwrap(),
+            Some(WsMessage::Binary(vec![3u8; 5000].into()))
+        );
+        assert!(us.reader.hot || us.reader.held() >= 5000);
     }
 }

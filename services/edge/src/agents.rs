@@ -42,17 +42,7 @@ pub async fn serve_agents(edge: Edge, listener: TcpListener, stop: CancellationT
         edge.tracker().spawn(
             async move {
                 let _slot = slot;
-                let r = match edge2.tls().map(|t| t.agent_acceptor()) {
-                    None => handle_agent(edge2, tcp, peer).await,
-                    Some(acceptor) => {
-                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                            Ok(Ok(tls)) => handle_agent(edge2, tls, peer).await,
-                            Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
-                            Err(_) => Err("TLS handshake timed out".into()),
-                        }
-                    }
-                };
-                if let Err(reason) = r {
+                if let Err(reason) = run_agent(&edge2, tcp, peer).await {
                     debug!(%reason, "agent connection ended");
                 }
             }
@@ -61,8 +51,91 @@ pub async fn serve_agents(edge: Edge, listener: TcpListener, stop: CancellationT
     }
 }
 
-/// Runs one agent connection from the WebSocket upgrade to its close.
-pub async fn handle_agent<S>(edge: Edge, io: S, peer: SocketAddr) -> Result<(), String>
+/// Runs one agent connection from the TLS handshake (if any) to its close.
+///
+/// The TLS handshake and the WebSocket handshake are boxed futures of their own, freed
+/// once the link is up: a task's future is as large as its largest state, and theirs
+/// (rustls's connection state, the upgrade, token verification, registry calls) is
+/// several KiB that an idle link would otherwise hold for its whole life (issue 16
+/// item 4). What stays is [`Linked`] and its wait for the link to close.
+async fn run_agent(
+    edge: &Edge,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+) -> Result<(), String> {
+    let linked = Box::pin(connect_agent(edge.clone(), tcp, peer)).await?;
+    linked.serve(edge).await;
+    Ok(())
+}
+
+/// TLS (when the agent listener has it), then the WebSocket handshake.
+async fn connect_agent(
+    edge: Edge,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+) -> Result<Linked, String> {
+    match edge.tls().map(|t| t.agent_acceptor()) {
+        None => handshake(edge, tcp, peer).await,
+        Some(acceptor) => {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => handshake(edge, tls, peer).await,
+                Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
+                Err(_) => Err("TLS handshake timed out".into()),
+            }
+        }
+    }
+}
+
+/// What a link that passed its handshake holds until it closes.
+struct Linked {
+    mux: Mux,
+    route: Route,
+    route_key: String,
+    conn_id: u64,
+    name: String,
+    lease: Option<(
+        std::sync::Arc<crate::forward::Cluster>,
+        netbore_registry::Holder,
+    )>,
+    /// The token's place in the per-token link count, given back on drop.
+    _slot: crate::gate::LinkSlot,
+    /// The token's place in the cluster-wide link count, given back on drop.
+    _cluster_place: ClusterPlace,
+}
+
+impl Linked {
+    /// Serves the link until it closes, then takes the route down.
+    async fn serve(self, edge: &Edge) {
+        let Linked {
+            mux,
+            route,
+            route_key,
+            conn_id,
+            name,
+            lease,
+            ..
+        } = &self;
+        loop {
+            tokio::select! {
+                _ = mux.closed() => break,
+                // The origin turned healthy or not: control hears it now, not at the next
+                // report, so the tunnel's status follows within a probe interval or two.
+                _ = mux.agent_status_changed() => edge.link_events().report_soon(),
+            }
+        }
+        edge.routes().remove(route_key, *conn_id);
+        edge.link_events().record(route, false, &mux.close_reason());
+        if let Some((cluster, holder)) = lease {
+            // Boxed: a registry call's state is not kept for the link's life.
+            Box::pin(cluster.unregister(route_key, holder)).await;
+        }
+        edge.metrics().agent_disconnect();
+        info!(tunnel = %route.tunnel_id, name = %name, session = %route.session_id, reason = %mux.close_reason(), "agent disconnected");
+    }
+}
+
+/// The upgrade and the hello: a [`Linked`] link, or the reason it was refused.
+async fn handshake<S>(edge: Edge, io: S, peer: SocketAddr) -> Result<Linked, String>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -452,23 +525,16 @@ where
         mux.go_away("edge is shutting down");
     }
     info!(tunnel = %grant.tunnel_id, name = %grant.name, session = %session_id, agent = %hello.agent, instance = %hello.instance_id, credential = grant.credential.as_deref().unwrap_or(""), "agent connected");
-    loop {
-        tokio::select! {
-            _ = mux.closed() => break,
-            // The origin turned healthy or not: control hears it now, not at the next
-            // report, so the tunnel's status follows within a probe interval or two.
-            _ = mux.agent_status_changed() => edge.link_events().report_soon(),
-        }
-    }
-    edge.routes().remove(&route_key, conn_id);
-    edge.link_events()
-        .record(&route, false, &mux.close_reason());
-    if let Some((cluster, holder)) = &lease {
-        cluster.unregister(&route_key, holder).await;
-    }
-    edge.metrics().agent_disconnect();
-    info!(tunnel = %grant.tunnel_id, name = %grant.name, session = %session_id, reason = %mux.close_reason(), "agent disconnected");
-    Ok(())
+    Ok(Linked {
+        mux,
+        route,
+        route_key,
+        conn_id,
+        name: grant.name,
+        lease,
+        _slot,
+        _cluster_place,
+    })
 }
 
 /// Longest agent self-description (the hello's `agent`) kept for reports.
@@ -510,13 +576,13 @@ async fn name_held_elsewhere(edge: &Edge, name: &str, tunnel_id: &str) -> Option
         .map(|h| h.tunnel_id)
 }
 
-async fn refuse<S>(
+async fn refuse<S, T>(
     edge: &Edge,
     ws: &mut WsLink<S>,
     code: RefusalCode,
     message: &str,
     retryable: bool,
-) -> Result<(), String>
+) -> Result<T, String>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
