@@ -1,20 +1,17 @@
-//! The `own` candidate of `ws-layers`: the link's WebSocket framing
-//! (`netbore_protocol::ws`, sans-I/O) driven over a socket. A frame goes out as header +
-//! payload in one vectored write (the payload never copied; a client masks it in place);
-//! frames come in unmasked in place in the read buffer and leave as `Bytes` sharing it.
-//! Only what the benchmark needs: binary messages out; pings and pongs skipped, a close
-//! ends the stream.
+//! The `own` candidate of `ws-layers`: the link's WebSocket framing. Frames are read by
+//! the link's own reader (`netbore_mux::link::Reader`: unmasked in place, handed out as
+//! `Bytes` sharing the read buffer). A frame goes out as header + payload in one
+//! vectored write (the payload never copied; a client masks it in place): the benchmark
+//! hands over a bare payload, where the link seals a batch built after room for the
+//! header. Only what the benchmark needs: binary messages out; pings and pongs skipped, a
+//! close ends the stream.
 
 use std::io::{self, IoSlice};
 
 use bytes::{Bytes, BytesMut};
-use netbore_protocol::ws::{
-    MAX_HEADER_LEN, OpCode, Reassembly, WsMessage, apply_mask, decode, encode_header, needed,
-};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-
-/// The read buffer grows by at least this much per read.
-const READ_CHUNK: usize = 32 * 1024;
+use netbore_mux::link::{Reader, WsLink};
+use netbore_protocol::ws::{MAX_HEADER_LEN, OpCode, WsMessage, apply_mask, encode_header};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 /// Writes `head` then `body` with as few vectored writes as the socket allows.
 async fn write_all_vectored<W: AsyncWrite + Unpin>(
@@ -37,22 +34,20 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
 /// One end of a WebSocket connection after the handshake.
 pub struct Link<S> {
     io: S,
-    rbuf: BytesMut,
-    joined: Reassembly,
+    reader: Reader,
     client: bool,
-    max: usize,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
     /// Takes over `io`; `client` masks what it sends and expects unmasked frames.
     pub fn new(io: S, client: bool, max: usize) -> Self {
-        Link {
-            io,
-            rbuf: BytesMut::with_capacity(READ_CHUNK),
-            joined: Reassembly::default(),
-            client,
-            max,
-        }
+        let link = if client {
+            WsLink::client(io, max)
+        } else {
+            WsLink::server(io, max)
+        };
+        let (io, reader, _) = link.into_parts();
+        Link { io, reader, client }
     }
 
     /// Sends `payload` as one binary frame; a client masks it in place first.
@@ -68,23 +63,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
 
     /// The next binary message; `None` on close or end of stream.
     pub async fn recv(&mut self) -> io::Result<Option<Bytes>> {
-        let bad = |e: netbore_protocol::ws::WsError| io::Error::new(io::ErrorKind::InvalidData, e);
         loop {
-            match decode(&mut self.rbuf, !self.client, self.max).map_err(bad)? {
-                Some(f) => match self.joined.push(f, self.max).map_err(bad)? {
-                    Some(WsMessage::Binary(b)) => return Ok(Some(b)),
-                    Some(WsMessage::Close(_)) => return Ok(None),
-                    Some(WsMessage::Ping(_) | WsMessage::Pong(_)) | None => {}
-                    Some(WsMessage::Text(_)) => {
-                        return Err(io::Error::new(io::ErrorKind::InvalidData, "text message"));
-                    }
-                },
-                None => {
-                    let n = needed(&self.rbuf, !self.client, self.max);
-                    self.rbuf.reserve(n.max(READ_CHUNK));
-                    if self.io.read_buf(&mut self.rbuf).await? == 0 {
-                        return Ok(None);
-                    }
+            match self.reader.recv(&mut self.io).await? {
+                Some(WsMessage::Binary(b)) => return Ok(Some(b)),
+                Some(WsMessage::Close(_)) | None => return Ok(None),
+                Some(WsMessage::Ping(_) | WsMessage::Pong(_)) => {}
+                Some(WsMessage::Text(_)) => {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "text message"));
                 }
             }
         }
@@ -95,10 +80,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
 mod tests {
     use super::*;
 
-    /// A standard peer (tungstenite) on the other end: messages of every length class
-    /// both ways, and its close ends our stream.
+    /// A standard peer (tungstenite) reads what the vectored send writes, in both roles
+    /// and every length class, and its close ends our stream. (Reading is the link's own
+    /// `Reader`, tested in `netbore_mux::link`.)
     #[tokio::test]
-    async fn interoperates_with_tungstenite_both_roles() {
+    async fn tungstenite_reads_what_we_send_in_both_roles() {
         use futures_util::{SinkExt, StreamExt};
         use tokio_tungstenite::tungstenite::Message;
         use tokio_tungstenite::tungstenite::protocol::Role;
@@ -115,11 +101,7 @@ mod tests {
                 let body: Vec<u8> = (0..len).map(|i| (i * 13) as u8).collect();
                 let (sent, got) = tokio::join!(us.send(BytesMut::from(&body[..])), them.next());
                 sent.unwrap();
-                assert_eq!(got.unwrap().unwrap(), Message::Binary(body.clone().into()));
-                let (sent, got) =
-                    tokio::join!(them.send(Message::Binary(body.clone().into())), us.recv());
-                sent.unwrap();
-                assert_eq!(got.unwrap().as_deref(), Some(&body[..]));
+                assert_eq!(got.unwrap().unwrap(), Message::Binary(body.into()));
             }
             // Pings are skipped, a close ends the stream.
             them.send(Message::Ping(Bytes::from_static(b"p")))

@@ -15,7 +15,7 @@
 
 use std::io;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 use netbore_protocol::ws::{
     MAX_HEADER_LEN, OpCode, Reassembly, WsError, WsMessage, apply_mask, decode, encode_header,
     needed,
@@ -242,21 +242,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsLink<S> {
     pub fn into_parts(self) -> (S, Reader, Framer) {
         (self.io, self.reader, self.framer)
     }
-
-    /// The socket.
-    pub fn get_ref(&self) -> &S {
-        &self.io
-    }
-}
-
-/// A close frame's status code, if it carries one.
-pub fn close_code(payload: &Bytes) -> Option<u16> {
-    (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
     use tokio_tungstenite::tungstenite::protocol::Role;
@@ -327,6 +318,22 @@ mod tests {
         }
     }
 
+    /// `them` sends `len` bytes of `fill` as one binary message; `us` reads it whole.
+    async fn pass<S: AsyncRead + AsyncWrite + Unpin>(
+        them: &mut tokio_tungstenite::WebSocketStream<tokio::io::DuplexStream>,
+        us: &mut WsLink<S>,
+        fill: u8,
+        len: usize,
+    ) {
+        them.send(Message::Binary(vec![fill; len].into()))
+            .await
+            .unwrap();
+        assert_eq!(
+            us.recv().await.unwrap(),
+            Some(WsMessage::Binary(vec![fill; len].into()))
+        );
+    }
+
     /// The read buffer grows for bulk and is given back when idle.
     #[tokio::test]
     async fn the_read_buffer_follows_the_traffic() {
@@ -334,36 +341,18 @@ mod tests {
         let mut them =
             tokio_tungstenite::WebSocketStream::from_raw_socket(a, Role::Client, None).await;
         let mut us = WsLink::server(b, 1 << 20);
-        them.send(Message::Binary(vec![1u8; 10].into()))
-            .await
-            .unwrap();
-        us.recv().await.unwrap();
+        pass(&mut them, &mut us, 1, 10).await;
         assert!(us.reader.held() <= 2 * READ_COLD, "{}", us.reader.held());
-        them.send(Message::Binary(vec![1u8; 500_000].into()))
-            .await
-            .unwrap();
-        assert_eq!(
-            us.recv().await.unwrap(),
-            Some(WsMessage::Binary(vec![1u8; 500_000].into()))
-        );
+        pass(&mut them, &mut us, 1, 500_000).await;
         us.reader.shrink_idle();
         assert_eq!(us.reader.held(), 0);
         // Quiet: a heartbeat-sized message is read into READ_IDLE bytes, and stays so.
         for _ in 0..3 {
-            them.send(Message::Binary(vec![2u8; 20].into()))
-                .await
-                .unwrap();
-            us.recv().await.unwrap();
+            pass(&mut them, &mut us, 2, 20).await;
             assert!(us.reader.held() <= READ_IDLE, "{}", us.reader.held());
         }
         // A burst after the quiet is read whole (the filled read turns the link hot).
-        them.send(Message::Binary(vec![3u8; 5000].into()))
-            .await
-            .unwrap();
-        assert_eq!(
-            us.recv().await.unwrap(),
-            Some(WsMessage::Binary(vec![3u8; 5000].into()))
-        );
+        pass(&mut them, &mut us, 3, 5000).await;
         assert!(us.reader.hot || us.reader.held() >= 5000);
     }
 }
